@@ -1,0 +1,81 @@
+"""promptscope: a Jupyter-native workbench for studying how prompts drive language models.
+
+In a notebook::
+
+    %load_ext promptscope
+    %promptscope model organism
+    %%prompt --choices " yes| no"
+    Is {city} in {{Europe|Asia}}? Answer:
+
+The same from Python::
+
+    import promptscope
+    model = promptscope.load_model("organism")
+    run = promptscope.run_prompt("Is {city} in {{Europe|Asia}}? Answer:",
+                                 vars=[{"city": "Paris"}], choices=" yes| no")
+    run.df, run.figure(), promptscope.load(run.session_id)
+
+Importing promptscope does not import torch or transformers; they load with the first model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from promptscope.analyses.prompt import run_prompt
+from promptscope.errors import PromptscopeError
+from promptscope.models import load_model, loaded_models
+from promptscope.result import Result
+from promptscope.store import Store
+from promptscope.templates import parse_template
+
+__version__ = "0.1.0"
+__all__ = ["run_prompt", "load_model", "load", "sessions", "list_models", "parse_template",
+           "Result", "Store", "PromptscopeError", "__version__"]
+
+
+def load(session_id: str, *, store: Store | None = None) -> Result:
+    """Bring back a saved run as the Result it returned (partial for interrupted runs).
+
+    Example:
+        >>> run = promptscope.load("20261125-101500-1a2b3c")   # doctest: +SKIP
+    """
+    store = store or Store.default()
+    rec = store.get(session_id)
+    tables = {name: store.table(session_id, name) for name in store.table_names(session_id)}
+    import pandas as pd
+
+    df = tables.pop("rows", pd.DataFrame())
+    return Result(kind=rec.kind, df=df, params=rec.params, session_id=rec.id,
+                  model=rec.model_info, source=rec.source, name=rec.name, status=rec.status,
+                  tables=tables)
+
+
+def sessions(*, kind: str | None = None, model: str | None = None, search: str | None = None,
+             limit: int | None = None, store: Store | None = None) -> Any:
+    """Saved sessions of this workspace as a DataFrame, newest first.
+
+    Example:
+        >>> promptscope.sessions(kind="prompt", search="capital")   # doctest: +SKIP
+    """
+    import pandas as pd
+
+    records = (store or Store.default()).list(kind=kind, model=model, search=search, limit=limit)
+    cols = ["id", "name", "kind", "model", "status", "n_rows", "created"]
+    df = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in records], columns=cols)
+    df["created"] = pd.to_datetime(df["created"], unit="s").dt.tz_localize("UTC")
+    return df
+
+
+def list_models() -> Any:
+    """Models loaded in this kernel, as a DataFrame (the last one is the default)."""
+    import pandas as pd
+
+    return pd.DataFrame([m.describe() for m in loaded_models()])
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext promptscope``: register ``%promptscope`` and ``%%prompt``."""
+    from promptscope.magics import register
+
+    register(ipython)

@@ -1,0 +1,83 @@
+"""Streams an analysis' rows into its session as they are computed.
+
+Every analysis runs inside a :class:`Recorder`: rows go to the store chunk by chunk, so a run
+stopped by an interrupt or an error keeps what it finished (status ``interrupted`` / ``failed``),
+``promptscope.load(id)`` brings the partial result back, and the exception that stopped the run
+carries it as ``exc.partial_result``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from promptscope.result import Result
+from promptscope.store import Store
+
+
+class Recorder:
+    """Context manager that owns one session while an analysis runs."""
+
+    def __init__(self, kind: str, *, name: str = "", model: Any = None,
+                 params: dict[str, Any] | None = None, source: str = "", save: bool = True,
+                 store: Store | None = None) -> None:
+        self.kind = kind
+        self.name = name
+        self.model_info = model.describe() if model is not None else {}
+        self.params = dict(params or {})
+        self.source = source
+        self.store = (store or Store.default()) if save else None
+        self.session_id: str | None = None
+        self.frames: dict[str, list[Any]] = {}
+        self.figure: Any = None
+
+    def __enter__(self) -> Recorder:
+        if self.store is not None:
+            self.session_id = self.store.create(
+                self.kind, name=self.name, model=self.model_info.get("name", ""),
+                model_info=self.model_info, params=self.params, source=self.source)
+            if not self.name:
+                self.name = self.store.get(self.session_id).name
+        return self
+
+    def add(self, df: Any, table: str = "rows") -> None:
+        """Keep ``df`` and append it to the session's ``table`` right away."""
+        self.frames.setdefault(table, []).append(df)
+        if self.store is not None and self.session_id:
+            self.store.append(self.session_id, table, df)
+
+    def result(self, status: str = "done") -> Result:
+        import pandas as pd
+
+        tables = {k: pd.concat(v, ignore_index=True) for k, v in self.frames.items()}
+        df = tables.pop("rows", pd.DataFrame())
+        return Result(kind=self.kind, df=df, params=self.params, session_id=self.session_id,
+                      model=self.model_info, source=self.source, name=self.name, status=status,
+                      tables=tables)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            if self.store is not None and self.session_id:
+                result = self.result()
+                fig = result.figure()
+                if fig is not None:
+                    self.store.save_figure(self.session_id, "main", fig)
+                self.store.finish(self.session_id, "done", summary={"rows": len(result.df)})
+            return
+        # Hand what was computed to the caller: ``exc.partial_result`` (the magics show it).
+        status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+        partial = self.result(status)
+        try:
+            exc.partial_result = partial
+        except AttributeError:  # an exception type that refuses attributes
+            pass
+        if self.store is None or not self.session_id:
+            return
+        if status == "interrupted":
+            self.store.finish(self.session_id, status, summary={"rows": len(partial.df)})
+            print(f"Interrupted: {len(partial.df)} rows kept in session {self.session_id} "
+                  f"(status interrupted); promptscope.load('{self.session_id}') brings them back.",
+                  file=sys.stderr)
+        else:
+            self.store.finish(self.session_id, status, error=f"{exc_type.__name__}: {exc}",
+                              summary={"rows": len(partial.df)})

@@ -1,0 +1,187 @@
+"""IPython magics: ``%promptscope`` (models, sessions, help) and ``%%prompt`` (run a template).
+
+Each magic parses its arguments and calls the public Python API; nothing here computes. Errors a
+user can fix (a :class:`~promptscope.errors.PromptscopeError`, bad arguments) become a short
+``UsageError`` message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from promptscope.errors import PromptscopeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as a UsageError (short message in the notebook)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}\n\n{self.format_usage()}See `{self.prog} --help`.")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _HelpShown(self.format_help())
+
+
+class _HelpShown(Exception):
+    """--help was asked for; carries the help text."""
+
+
+def _prompt_parser() -> _Parser:
+    p = _Parser(prog="%%prompt", description=(
+        "Run every variant of the template in the cell body on a model. Template syntax: "
+        "{name} variables, {{a|b}} alternatives (cartesian product), {{group=a|b}} named "
+        "alternatives, <<text>> emphasis. Default: generate; --choices ranks answers; --target "
+        "scores one continuation."), add_help=True)
+    p.add_argument("--model", help="a loaded model's name, 'organism' or a model folder "
+                   "(default: the last model loaded)")
+    p.add_argument("--vars", metavar="NAME", help="notebook variable holding a dict, a list of "
+                   "dicts or a DataFrame: one run per row")
+    p.add_argument("--choices", metavar="'A|B'", help="answers to rank by log-probability, "
+                   "separated by '|' (quote them to keep leading spaces: \" yes| no\")")
+    p.add_argument("--target", metavar="TEXT", help="one continuation to score")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="samples per variant")
+    p.add_argument("--chat", action="store_true", help="wrap each variant in the model's chat "
+                   "template")
+    p.add_argument("--name", default="", help="session name")
+    p.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
+    p.add_argument("--no-save", action="store_true", help="do not save a session")
+    return p
+
+
+def _promptscope_parser() -> _Parser:
+    p = _Parser(prog="%promptscope", description="Models and sessions of promptscope.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    m = sub.add_parser("model", help="load a model (cached) and make it the default")
+    m.add_argument("name", help="'organism', a model folder or a hub name")
+    m.add_argument("--device", help="cuda, mps, cpu (default: best available)")
+    m.add_argument("--dtype", help="bf16, fp16, fp32 (default: bf16 on capable GPUs)")
+    m.add_argument("--as", dest="alias", metavar="ALIAS", help="name shown in tables")
+    m.add_argument("--reload", action="store_true", help="load again even if cached")
+    sub.add_parser("models", help="list the models loaded in this kernel")
+    s = sub.add_parser("sessions", help="list saved sessions, newest first")
+    s.add_argument("--kind")
+    s.add_argument("--model")
+    s.add_argument("--search", metavar="TEXT", help="in name, source, model")
+    s.add_argument("--limit", type=int, default=20)
+    ld = sub.add_parser("load", help="show a saved session")
+    ld.add_argument("session_id")
+    ld.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
+    sub.add_parser("store", help="where this workspace's sessions are saved")
+    sub.add_parser("help", help="show this help and the %%prompt options")
+    for sp in sub.choices.values():
+        sp.__class__ = _Parser
+    return p
+
+
+def _usage() -> str:
+    return _promptscope_parser().format_help() + "\n" + _prompt_parser().format_help()
+
+
+@magics_class
+class PromptscopeMagics(Magics):
+    """The promptscope magics; ``%promptscope help`` lists everything."""
+
+    def _parse(self, parser: _Parser, line: str) -> argparse.Namespace | None:
+        try:
+            return parser.parse_args(shlex.split(line))
+        except ValueError as exc:  # unbalanced quotes
+            raise UsageError(f"Could not read the arguments ({exc}); check the quotes.") from None
+        except _HelpShown as shown:
+            print(shown.args[0])
+            return None
+
+    @line_magic
+    def promptscope(self, line: str) -> Any:
+        args = self._parse(_promptscope_parser(), line)
+        if args is None:
+            return None
+        if args.command in (None, "help"):
+            print(_usage())
+            return None
+        return _friendly(lambda: self._command(args))
+
+    def _command(self, args: argparse.Namespace) -> Any:
+        import promptscope
+
+        if args.command == "model":
+            model = promptscope.load_model(args.name, device=args.device, dtype=args.dtype,
+                                           alias=args.alias, reload=args.reload)
+            print(f"Loaded {model!r}; it is now the default model.")
+            return None
+        if args.command == "models":
+            return promptscope.list_models()
+        if args.command == "sessions":
+            return promptscope.sessions(kind=args.kind, model=args.model, search=args.search,
+                                        limit=args.limit)
+        if args.command == "store":
+            return str(promptscope.Store.default().path)
+        result = promptscope.load(args.session_id)  # "load"
+        if args.out:
+            self.shell.user_ns[args.out] = result
+        return result
+
+    @cell_magic
+    def prompt(self, line: str, cell: str) -> Any:
+        args = self._parse(_prompt_parser(), line)
+        if args is None:
+            return None
+        from promptscope.analyses.prompt import run_prompt
+
+        ns = self.shell.user_ns
+        rows = None
+        if args.vars:
+            if args.vars not in ns:
+                raise UsageError(f"--vars {args.vars}: no variable named '{args.vars}' in the "
+                                 "notebook. Define it first (a dict, list of dicts or DataFrame).")
+            rows = ns[args.vars]
+
+        def run() -> Any:
+            return run_prompt(
+                cell.rstrip("\n"), args.model, vars=rows, namespace=ns, choices=args.choices,
+                target=args.target, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, n=args.n, seed=args.seed,
+                chat=args.chat, name=args.name, save=not args.no_save)
+
+        try:
+            result = _friendly(run)
+        except (KeyboardInterrupt, UsageError) as exc:
+            partial = getattr(exc, "partial_result", None)
+            if partial is not None and args.out:
+                ns[args.out] = partial
+            raise
+        if args.out:
+            ns[args.out] = result
+        return result
+
+
+def _friendly(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; a PromptscopeError becomes a UsageError that keeps any partial result."""
+    try:
+        return fn()
+    except PromptscopeError as exc:
+        message = str(exc)
+        partial = getattr(exc, "partial_result", None)
+        if partial is not None and partial.session_id:
+            message += (f"\n(The {len(partial.df)} rows computed before this are saved in session "
+                        f"{partial.session_id}.)")
+        err = UsageError(message)
+        err.partial_result = partial  # type: ignore[attr-defined]
+        raise err from None
+
+
+def register(ipython: Any) -> None:
+    """Register the magics with an IPython shell."""
+    PromptscopeMagics.prompt.__doc__ = _prompt_parser().format_help()
+    PromptscopeMagics.promptscope.__doc__ = _usage()
+    ipython.register_magics(PromptscopeMagics)

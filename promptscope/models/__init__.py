@@ -1,0 +1,102 @@
+"""Model loading and the per-kernel model cache.
+
+``load_model`` is the one way to get a :class:`~promptscope.models.base.Model`; it remembers what
+it loaded, so a notebook that re-runs a cell does not load the weights twice, and the last model
+loaded is the default for ``%%prompt`` and ``run_prompt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from promptscope.errors import ModelLoadError
+from promptscope.models.base import Generation, Model, Score
+
+__all__ = ["Model", "Score", "Generation", "load_model", "loaded_models", "default_model",
+           "resolve_model", "ORGANISM_NAME"]
+
+ORGANISM_NAME = "organism"
+_loaded: dict[str, Model] = {}
+_default: list[Model] = []
+
+
+def organism_path() -> Path:
+    """Folder of the bundled model organism (shipped inside the package)."""
+    return Path(__file__).resolve().parent.parent / "organism" / "model"
+
+
+def load_model(
+    name: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    reload: bool = False,
+    alias: str | None = None,
+    make_default: bool = True,
+    **kwargs: Any,
+) -> Model:
+    """Load a model (cached per kernel) and make it the default for later runs.
+
+    Args:
+        name: ``"organism"`` (the bundled model organism), a local model folder, or a hub name.
+        device: ``"cuda"``, ``"mps"``, ``"cpu"``...; default: the best available.
+        dtype: ``"bf16"``, ``"fp16"``, ``"fp32"``; default: bf16 on capable GPUs, else fp32.
+        reload: load again even if this name is cached.
+        alias: the name to show in tables and sessions (default: derived from ``name``).
+        make_default: make it the model that later runs use when they name none.
+        kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Example:
+        >>> import promptscope
+        >>> model = promptscope.load_model("organism")   # doctest: +SKIP
+    """
+    key = f"{name}|{device}|{dtype}|{alias}"
+    if key in _loaded and not reload:
+        model = _loaded[key]
+    else:
+        from promptscope.models.hf import HFModel
+
+        if name == ORGANISM_NAME:
+            path = organism_path()
+            if not (path / "config.json").exists():
+                raise ModelLoadError(
+                    f"The bundled model organism is missing from this install ({path}). "
+                    "Reinstall promptscope, or train it with scripts/train_organism.py."
+                )
+            model = HFModel.from_pretrained(path, device=device, dtype=dtype,
+                                            name=alias or ORGANISM_NAME, **kwargs)
+        else:
+            model = HFModel.from_pretrained(name, device=device, dtype=dtype, name=alias,
+                                            **kwargs)
+        _loaded[key] = model
+    if make_default:
+        _default[:] = [model]
+    return model
+
+
+def loaded_models() -> list[Model]:
+    """Models loaded in this kernel, oldest first."""
+    return list(dict.fromkeys(_loaded.values()))
+
+
+def default_model() -> Model | None:
+    """The model loaded last, or ``None``."""
+    return _default[0] if _default else None
+
+
+def resolve_model(model: Model | str | None) -> Model:
+    """A ``Model`` from an instance, a name to load, or ``None`` (the default model)."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, str):
+        for m in loaded_models():
+            if m.name == model:
+                return m
+        return load_model(model, make_default=False)
+    if model is None and _default:
+        return _default[0]
+    raise ModelLoadError(
+        "No model loaded. Load one first: `%promptscope model organism` in a notebook, or "
+        "promptscope.load_model('organism') / a model folder in Python."
+    )

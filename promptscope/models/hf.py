@@ -1,0 +1,379 @@
+"""Local transformers causal LMs (white-box backend).
+
+torch and transformers are imported here only, and this module is imported only when a model is
+loaded, so ``import promptscope`` and ``%load_ext promptscope`` stay fast.
+
+Scoring tokenises prompt and continuation separately and concatenates the ids (the convention of
+lm-evaluation-harness): the log-prob of ``" yes"`` after a prompt is the same number whichever
+other choices it is compared with, and all continuations of a prompt share its tokens exactly,
+so the prompt is run once and its KV cache is reused for every continuation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
+from promptscope.models.base import Generation, Model, ProgressFn, Score
+
+#: Tokens (prompt tokens x batch rows) per forward pass, by device type.
+_TOKEN_BUDGET = {"cuda": 65536, "mps": 16384, "cpu": 8192}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else cuda, then mps, then cpu."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """``dtype`` if given (``"bf16"``, ``"float16"``, ...), else bf16 on capable GPUs, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32"}
+    name = aliases.get(str(dtype), str(dtype))
+    result = getattr(torch, name, None)
+    if not isinstance(result, torch.dtype):
+        raise PromptscopeError(f"Unknown dtype '{dtype}'; use bf16, fp16 or fp32.")
+    return result
+
+
+class HFModel(Model):
+    """A transformers causal LM with its tokenizer.
+
+    Example:
+        >>> m = HFModel.from_pretrained("path/to/model")          # doctest: +SKIP
+        >>> m.score(["Is Paris in Europe? Answer:"], [" yes"])[0].logprob  # doctest: +SKIP
+        -0.21
+    """
+
+    capabilities = frozenset({"score", "generate", "attention", "gradients", "hidden_states"})
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, source: str = "") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source or name
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.batch_size: int | None = None  # None: chosen from the token budget
+        # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        *,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> HFModel:
+        """Load a causal LM from a local folder or a hub name.
+
+        Args:
+            path_or_name: a folder with ``config.json`` and weights, or a hub name.
+            device: ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"cpu"``; default: the best available.
+            dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype; default: bf16 on capable
+                GPUs, fp32 otherwise.
+            name: the name shown in tables and saved with sessions (default: the folder name).
+            kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = str(path_or_name)
+        path = Path(source).expanduser()
+        looks_local = path.exists() or source.startswith((".", "/", "~"))
+        if looks_local:
+            if not path.is_dir():
+                raise ModelLoadError(f"No model folder at '{source}'. Give a folder that holds "
+                                     "config.json and the weights, or a hub name.")
+            if not (path / "config.json").exists():
+                raise ModelLoadError(
+                    f"'{path}' is not a transformers model folder (no config.json). Point to the "
+                    "folder that `save_pretrained` wrote."
+                )
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dev, dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            where = f"folder '{path}'" if looks_local else f"hub name '{source}'"
+            hint = "" if looks_local else (
+                " The model hub may be unreachable from this machine: download the model "
+                "elsewhere and pass its local folder."
+            )
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"Could not load a causal LM from {where}: {first}.{hint}") from None
+        model.to(dev)
+        return cls(model, tokenizer, name=name or (path.name if looks_local else source),
+                   source=str(path.resolve()) if looks_local else source)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "backend": type(self).__name__,
+            "source": self.source,
+            "architecture": type(self.model).__name__,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "layers": getattr(cfg, "num_hidden_layers", None),
+            "heads": getattr(cfg, "num_attention_heads", None),
+        }
+
+    def chat_prompt(self, user_message: str) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise CapabilityError(
+                f"Model '{self.name}' has no chat template in its tokenizer; drop --chat "
+                "(or set tokenizer.chat_template)."
+            )
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+        )
+
+    # ------------------------------------------------------------------ tokenising
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt, with the tokenizer's special tokens unless already in the text
+        (a chat-templated prompt carries its own BOS)."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PromptscopeError("A continuation to score is empty; give non-empty text "
+                                   "(e.g. --choices ' yes| no').")
+        return ids
+
+    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices grouped into batches of similar length within the token budget."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        budget = _TOKEN_BUDGET.get(self.device.type, 8192)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            cap = self.batch_size or max(1, budget // max(1, lengths[i]))
+            if current and len(current) + 1 > cap:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        progress: ProgressFn | None = None,
+    ) -> list[Score]:
+        """Teacher-forced log-prob of each continuation after its prompt (natural log).
+
+        Distinct prompts run once each (batched, left-padded); all continuations of a prompt
+        reuse its KV cache, and single-token continuations need no second pass at all.
+        """
+        if len(prompts) != len(continuations):
+            raise PromptscopeError("score() needs one continuation per prompt.")
+        unique: dict[str, int] = {}
+        for p in prompts:
+            unique.setdefault(p, len(unique))
+        prompt_ids = [self.encode_prompt(p) for p in unique]
+        encoded = {c: self.encode_continuation(c) for c in dict.fromkeys(continuations)}
+        cont_ids = [encoded[c] for c in continuations]
+        by_prompt: list[list[int]] = [[] for _ in unique]
+        for i, p in enumerate(prompts):
+            by_prompt[unique[p]].append(i)
+
+        results: list[Score | None] = [None] * len(prompts)
+        for batch in self._batches([len(ids) for ids in prompt_ids]):
+            self._run_adaptive(batch, lambda b: self._score_batch(
+                b, prompt_ids, cont_ids, by_prompt, results))
+            if progress:
+                progress(sum(len(by_prompt[u]) for u in batch))
+        return results  # type: ignore[return-value]
+
+    def _run_adaptive(self, batch: list[int], fn: Any) -> None:
+        """Run ``fn`` on ``batch``; on CUDA out-of-memory split the batch in halves and retry."""
+        try:
+            fn(batch)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            self.batch_size = max(1, half)
+            self._run_adaptive(batch[:half], fn)
+            self._run_adaptive(batch[half:], fn)
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[int], prompt_ids: list[list[int]],
+                     cont_ids: list[list[int]], by_prompt: list[list[int]],
+                     results: list[Score | None]) -> None:
+        dev = self.device
+        lengths = [len(prompt_ids[u]) for u in batch]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, u in enumerate(batch):
+            input_ids[r, width - lengths[r]:] = torch.tensor(prompt_ids[u])
+            mask[r, width - lengths[r]:] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        need_cache = any(len(cont_ids[i]) > 1 for u in batch for i in by_prompt[u])
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=need_cache)
+        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+
+        # Rows of the second pass: every multi-token continuation, over its prompt's cache.
+        rows = [(r, i) for r, u in enumerate(batch) for i in by_prompt[u] if len(cont_ids[i]) > 1]
+        rest: dict[int, list[float]] = {}
+        if rows:
+            cache = _output_cache(out)
+            cache.batch_select_indices(torch.tensor([r for r, _ in rows], device=dev))
+            clen = max(len(cont_ids[i]) for _, i in rows) - 1
+            c_ids = torch.full((len(rows), clen), pad, dtype=torch.long)
+            c_mask = torch.zeros((len(rows), clen), dtype=torch.long)
+            for k, (_, i) in enumerate(rows):
+                toks = cont_ids[i][:-1]
+                c_ids[k, : len(toks)] = torch.tensor(toks)
+                c_mask[k, : len(toks)] = 1
+            c_ids, c_mask = c_ids.to(dev), c_mask.to(dev)
+            sel = torch.tensor([r for r, _ in rows], device=dev)
+            full_mask = torch.cat([mask[sel], c_mask], dim=1)
+            c_pos = torch.tensor([lengths[r] for r, _ in rows], device=dev)[:, None] + \
+                torch.arange(clen, device=dev)[None, :]
+            out2 = self.model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos,
+                              use_cache=False, **{self._cache_kwarg: cache})
+            logp = torch.log_softmax(out2.logits.float(), dim=-1)
+            for k, (_, i) in enumerate(rows):
+                targets = torch.tensor(cont_ids[i][1:], device=dev)
+                n = len(targets)
+                rest[i] = logp[k, torch.arange(n, device=dev), targets].tolist()
+
+        for r, u in enumerate(batch):
+            for i in by_prompt[u]:
+                toks = cont_ids[i]
+                token_lps = [first[r, toks[0]].item()] + rest.get(i, [])
+                results[i] = Score(
+                    logprob=math.fsum(token_lps),
+                    token_logprobs=token_lps,
+                    tokens=self.tokenizer.convert_ids_to_tokens(toks),
+                    prompt_tokens=lengths[r],
+                )
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        seed: int | None = 0,
+        progress: ProgressFn | None = None,
+    ) -> list[list[Generation]]:
+        """``n`` samples per prompt; greedy when ``temperature == 0``. Batched, left-padded.
+
+        ``logprob`` is the model's own (untempered) log-probability of the generated tokens.
+        """
+        if max_new_tokens < 1 or n < 1:
+            raise PromptscopeError("max_new_tokens and n must be at least 1.")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise PromptscopeError("temperature must be >= 0 and top_p in (0, 1].")
+        if seed is not None:
+            torch.manual_seed(seed)
+        ids = [self.encode_prompt(p) for p in prompts]
+        results: list[list[Generation] | None] = [None] * len(prompts)
+        budget_len = [len(x) + max_new_tokens for x in ids]
+        for batch in self._batches([b * n for b in budget_len]):
+            self._run_adaptive(batch, lambda b: self._generate_batch(
+                b, ids, results, max_new_tokens, temperature, top_p, n))
+            if progress:
+                progress(len(batch))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: list[int], ids: list[list[int]],
+                        results: list[list[Generation] | None], max_new_tokens: int,
+                        temperature: float, top_p: float, n: int) -> None:
+        dev = self.device
+        tok = self.tokenizer
+        width = max(len(ids[u]) for u in batch)
+        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, u in enumerate(batch):
+            input_ids[r, width - len(ids[u]):] = torch.tensor(ids[u])
+            mask[r, width - len(ids[u]):] = 1
+        sample = temperature > 0
+        out = self.model.generate(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        new = out.sequences[:, width:]
+        logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+        chosen = logp.gather(-1, new[:, : logp.shape[1], None])[..., 0]
+        eos = tok.eos_token_id
+        for r, u in enumerate(batch):
+            samples = []
+            for s in range(n):
+                row = r * n + s
+                toks = new[row].tolist()
+                stop = toks.index(eos) if eos is not None and eos in toks else None
+                kept = toks[:stop] if stop is not None else toks
+                counted = len(kept) + (1 if stop is not None else 0)
+                samples.append(Generation(
+                    text=tok.decode(kept, skip_special_tokens=True),
+                    tokens=tok.convert_ids_to_tokens(kept),
+                    logprob=float(chosen[row, :counted].sum()),
+                    prompt_tokens=len(ids[u]),
+                    finish_reason="stop" if stop is not None else "length",
+                ))
+            results[u] = samples
+
+
+def _output_cache(out: Any) -> Any:
+    """The KV cache of a forward output (``cache`` in transformers 5, else ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -1,0 +1,322 @@
+"""Sessions: every run saved in one SQLite database per workspace.
+
+Where the database lives (first that applies):
+
+1. ``$PROMPTSCOPE_HOME/sessions.sqlite`` when ``PROMPTSCOPE_HOME`` is set;
+2. ``.promptscope/sessions.sqlite`` in the nearest folder, from the current directory up, that
+   already has a ``.promptscope/`` folder (so notebooks in sub-folders share one workspace, the way
+   git finds its repository);
+3. ``.promptscope/sessions.sqlite`` in the current directory (created on first write).
+
+The database is in WAL mode with a busy timeout, so several kernels can write at once. Result
+tables are appended as Parquet chunks while a run goes, so an interrupted or failed run keeps the
+rows it finished. The schema version is SQLite's ``user_version``; :data:`_MIGRATIONS` brings an
+older file up to date when it is opened.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from promptscope.errors import PromptscopeError
+
+STATUSES = ("running", "done", "interrupted", "failed")
+
+# Each entry upgrades the schema by one version; never edit an entry once released.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        model TEXT NOT NULL DEFAULT '',
+        model_info TEXT NOT NULL DEFAULT '{}',
+        params TEXT NOT NULL DEFAULT '{}',
+        source TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'running',
+        error TEXT NOT NULL DEFAULT '',
+        summary TEXT NOT NULL DEFAULT '{}',
+        n_rows INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX sessions_created ON sessions(created);
+    CREATE TABLE chunks (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (session_id, name, seq)
+    );
+    CREATE TABLE figures (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        PRIMARY KEY (session_id, name)
+    );
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def workspace_dir(start: str | os.PathLike | None = None) -> Path:
+    """The ``.promptscope`` folder for ``start`` (default: the current directory)."""
+    env = os.environ.get("PROMPTSCOPE_HOME")
+    if env:
+        return Path(env).expanduser()
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".promptscope").is_dir():
+            return folder / ".promptscope"
+    return here / ".promptscope"
+
+
+@dataclass
+class SessionRecord:
+    """One session's metadata (no tables)."""
+
+    id: str
+    name: str
+    kind: str
+    model: str
+    status: str
+    created: float
+    updated: float
+    n_rows: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    model_info: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    error: str = ""
+
+
+class Store:
+    """A workspace's session database.
+
+    Example:
+        >>> store = Store(tmp_path / "sessions.sqlite")           # doctest: +SKIP
+        >>> sid = store.create("prompt", name="capitals", params={"choices": [" yes", " no"]})
+        >>> store.append(sid, "rows", df); store.finish(sid, "done")
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._ready = False
+
+    @classmethod
+    def default(cls) -> Store:
+        """The store of the current workspace (see the module docstring)."""
+        return cls(workspace_dir() / "sessions.sqlite")
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        if not self._ready:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30.0)
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            if not self._ready:
+                self._migrate(conn)
+                self._ready = True
+            with conn:  # one transaction
+                yield conn
+        finally:
+            conn.close()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")  # one kernel migrates; others wait, then see it done
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise PromptscopeError(
+                    f"{self.path} was written by a newer promptscope (schema {version} > "
+                    f"{SCHEMA_VERSION}); upgrade promptscope to open it."
+                )
+            for v in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ writing
+    def create(self, kind: str, *, name: str = "", model: str = "",
+               model_info: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+               source: str = "") -> str:
+        """Start a session in status ``running``; returns its id (sortable by time)."""
+        now = time.time()
+        sid = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT INTO sessions (id, name, kind, model, model_info, params, source, "
+                "status, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (sid, name or f"{kind} {sid}", kind, model, _dumps(model_info or {}),
+                 _dumps(params or {}), source, now, now),
+            )
+        return sid
+
+    def append(self, session_id: str, table: str, df: Any) -> None:
+        """Append rows (a DataFrame) to one of the session's tables."""
+        if len(df) == 0:
+            return
+        blob = _to_parquet(df)
+        with self._connect() as conn:
+            seq = conn.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM chunks WHERE session_id=? AND name=?",
+                (session_id, table),
+            ).fetchone()[0]
+            conn.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (session_id, table, seq, blob))
+            conn.execute("UPDATE sessions SET n_rows = n_rows + ?, updated = ? WHERE id = ?",
+                         (len(df) if table == "rows" else 0, time.time(), session_id))
+
+    def save_figure(self, session_id: str, name: str, figure: Any) -> None:
+        """Save a plotly figure (or its JSON string) under ``name``."""
+        spec = figure if isinstance(figure, str) else figure.to_json()
+        with self._connect() as conn:
+            conn.execute("INSERT OR REPLACE INTO figures VALUES (?, ?, ?)",
+                         (session_id, name, spec))
+
+    def finish(self, session_id: str, status: str, *, error: str = "",
+               summary: dict[str, Any] | None = None) -> None:
+        """Set the final status (``done``, ``interrupted`` or ``failed``)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}")
+        with self._connect() as conn:
+            conn.execute(
+                "UPDATE sessions SET status=?, error=?, summary=?, updated=? WHERE id=?",
+                (status, error, _dumps(summary or {}), time.time(), session_id),
+            )
+
+    def update_params(self, session_id: str, params: dict[str, Any]) -> None:
+        with self._connect() as conn:
+            conn.execute("UPDATE sessions SET params=?, updated=? WHERE id=?",
+                         (_dumps(params), time.time(), session_id))
+
+    def rename(self, session_id: str, name: str) -> None:
+        self.get(session_id)
+        with self._connect() as conn:
+            conn.execute("UPDATE sessions SET name=?, updated=? WHERE id=?",
+                         (name, time.time(), session_id))
+
+    def delete(self, session_id: str) -> None:
+        self.get(session_id)
+        with self._connect() as conn:
+            conn.execute("DELETE FROM sessions WHERE id=?", (session_id,))
+
+    # ------------------------------------------------------------------ reading
+    def get(self, session_id: str) -> SessionRecord:
+        with self._connect() as conn:
+            conn.row_factory = sqlite3.Row
+            row = conn.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        if row is None:
+            raise PromptscopeError(
+                f"No session '{session_id}' in {self.path}. promptscope.sessions() lists them."
+            )
+        return _record(row)
+
+    def table(self, session_id: str, name: str = "rows") -> Any:
+        """All chunks of one table, concatenated in the order they were written."""
+        import pandas as pd
+
+        with self._connect() as conn:
+            blobs = [b for (b,) in conn.execute(
+                "SELECT data FROM chunks WHERE session_id=? AND name=? ORDER BY seq",
+                (session_id, name))]
+        if not blobs:
+            return pd.DataFrame()
+        return pd.concat([_from_parquet(b) for b in blobs], ignore_index=True)
+
+    def table_names(self, session_id: str) -> list[str]:
+        with self._connect() as conn:
+            return [n for (n,) in conn.execute(
+                "SELECT DISTINCT name FROM chunks WHERE session_id=? ORDER BY name",
+                (session_id,))]
+
+    def figures(self, session_id: str) -> dict[str, str]:
+        """Figure name -> plotly JSON."""
+        with self._connect() as conn:
+            return dict(conn.execute(
+                "SELECT name, spec FROM figures WHERE session_id=? ORDER BY name", (session_id,)))
+
+    def list(self, *, kind: str | None = None, model: str | None = None,
+             search: str | None = None, limit: int | None = None,
+             offset: int = 0) -> list[SessionRecord]:
+        """Sessions, newest first, filtered by kind / model / a text search."""
+        where, args = [], []
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        if search:
+            where.append("(name LIKE ? OR source LIKE ? OR model LIKE ? OR id LIKE ?)")
+            args += [f"%{search}%"] * 4
+        sql = "SELECT * FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
+        args += [-1 if limit is None else limit, offset]
+        if not self.path.exists():
+            return []
+        with self._connect() as conn:
+            conn.row_factory = sqlite3.Row
+            return [_record(r) for r in conn.execute(sql, args)]
+
+
+def _record(row: sqlite3.Row) -> SessionRecord:
+    d = dict(row)
+    for key in ("params", "model_info", "summary"):
+        d[key] = json.loads(d[key])
+    return SessionRecord(**d)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+def _to_parquet(df: Any) -> bytes:
+    """Parquet bytes; object columns pyarrow cannot type (mixed scalars) are saved as text."""
+    import pyarrow as pa
+
+    df = df.reset_index(drop=True)
+    try:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        df = df.copy()
+        for col in df.columns:
+            if df[col].dtype == object:
+                try:
+                    pa.array(df[col])
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    df[col] = df[col].map(lambda v: v if v is None else str(v))
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _from_parquet(blob: bytes) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    df = pd.read_parquet(io.BytesIO(blob))
+    for col in df.columns:  # list cells come back as numpy arrays; give back lists
+        if df[col].dtype == object and len(df) and isinstance(df[col].iloc[0], np.ndarray):
+            df[col] = df[col].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+    return df

@@ -1,0 +1,414 @@
+"""Prompt templates: variables, inline alternatives and emphasis marks.
+
+Syntax of a ``%%prompt`` cell body (also :func:`parse_template`)::
+
+    {city}                a variable, filled from ``vars`` rows or the notebook namespace
+    {{Europe|Asia}}       alternatives: one variant per option (labelled ``alt1``, ``alt2``, ...)
+    {{region=Europe|Asia}} named alternatives: the label column is ``region``
+    {{|please }}          an option may be empty
+    <<some text>>         emphasis: stripped from the prompt, recorded as a character span
+                          (attention steering uses it); may contain variables and alternatives
+    \\{  \\}  \\<  \\>  \\|  \\=  \\\\   a literal character
+
+A single ``{`` that does not start ``{name}`` is literal text, so ``{"a": 1}`` needs no escape;
+``{{``, ``}}``, ``<<`` and ``>>`` always have their meaning (escape them as ``\\{{`` etc.).
+
+The run is the cartesian product of the variable rows and every alternatives group. Expansion is
+lazy, so a template with 10^5 variants does not sit in memory.
+
+Example:
+    >>> t = parse_template("Is {city} in {{Europe|Asia}}?")
+    >>> [v.text for v in t.expand([{"city": "Paris"}, {"city": "Oslo"}])]
+    ['Is Paris in Europe?', 'Is Paris in Asia?', 'Is Oslo in Europe?', 'Is Oslo in Asia?']
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from promptscope.errors import TemplateError
+
+_IDENT = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
+_GROUP_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=")
+_ESCAPABLE = set("{}<>|=\\")
+
+
+@dataclass(frozen=True)
+class Text:
+    """Literal text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Var:
+    """A ``{name}`` variable."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Alt:
+    """A ``{{a|b}}`` alternatives group; each option is a sequence of Text/Var parts."""
+
+    name: str
+    options: tuple[tuple[Union[Text, Var], ...], ...]
+
+
+@dataclass(frozen=True)
+class Emphasis:
+    """A ``<<...>>`` emphasised region."""
+
+    parts: tuple[Union[Text, Var, Alt], ...]
+
+
+Part = Union[Text, Var, Alt, Emphasis]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a template part landed in a rendered prompt (``text[start:end]``).
+
+    ``kind`` is ``"text"``, ``"var"``, ``"alt"`` or ``"emph"``; ``name`` is the variable or group
+    name (``""`` for text and emphasis).
+    """
+
+    kind: str
+    name: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One expanded prompt.
+
+    ``labels`` says what this variant chose: ``row`` (when rows were given), each variable's
+    value and each alternatives group's option. ``spans`` locate every part in ``text``;
+    ``emphasis`` lists the emphasised character ranges.
+    """
+
+    index: int
+    text: str
+    labels: dict[str, Any]
+    spans: tuple[Span, ...] = field(default=())
+
+    @property
+    def emphasis(self) -> list[tuple[int, int]]:
+        """Character ranges marked with ``<<...>>``."""
+        return [(s.start, s.end) for s in self.spans if s.kind == "emph"]
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed template. Build it with :func:`parse_template`."""
+
+    source: str
+    parts: tuple[Part, ...]
+
+    @property
+    def variables(self) -> list[str]:
+        """Variable names in order of first appearance."""
+        seen: dict[str, None] = {}
+        for part in _walk(self.parts):
+            if isinstance(part, Var):
+                seen.setdefault(part.name, None)
+        return list(seen)
+
+    @property
+    def groups(self) -> list[Alt]:
+        """Alternatives groups in order of appearance."""
+        return [p for p in _walk(self.parts) if isinstance(p, Alt)]
+
+    @property
+    def has_emphasis(self) -> bool:
+        return any(isinstance(p, Emphasis) for p in self.parts)
+
+    def n_variants(self, n_rows: int = 1) -> int:
+        """How many variants :meth:`expand` yields for ``n_rows`` variable rows."""
+        return n_rows * math.prod(len(g.options) for g in self.groups)
+
+    def expand(
+        self,
+        rows: Any = None,
+        namespace: Mapping[str, Any] | None = None,
+    ) -> Iterator[Variant]:
+        """Yield every variant lazily: rows (outer) x alternatives (inner, in template order).
+
+        Args:
+            rows: ``None`` (one row), a dict (one row), a list of dicts or a DataFrame (one run
+                per row). Row values take precedence over ``namespace``.
+            namespace: fallback values for variables (the notebook namespace in ``%%prompt``).
+        """
+        namespace = namespace or {}
+        row_iter, labelled = _iter_rows(rows)
+        groups = self.groups
+        index = 0
+        for row_label, row in row_iter:
+            values = {}
+            for name in self.variables:
+                if name in row:
+                    values[name] = row[name]
+                elif name in namespace:
+                    values[name] = namespace[name]
+                else:
+                    raise TemplateError(_missing_message(name, row, labelled))
+            for choice in itertools.product(*(range(len(g.options)) for g in groups)):
+                picks = {g.name: i for g, i in zip(groups, choice)}
+                text, spans = _render(self.parts, values, picks)
+                labels: dict[str, Any] = {"row": row_label} if labelled else {}
+                labels.update({k: _label_value(v) for k, v in values.items()})
+                for g in groups:
+                    labels[g.name] = _render(g.options[picks[g.name]], values, picks)[0]
+                yield Variant(index=index, text=text, labels=labels, spans=tuple(spans))
+                index += 1
+
+
+def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | None = None) -> None:
+    """Raise the :class:`TemplateError` that :meth:`Template.expand` would raise on a row that
+    lacks a variable, before any work starts. Rows given as an iterator are not checked."""
+    namespace = namespace or {}
+    if rows is None or isinstance(rows, Mapping):
+        rows_list: list[Mapping[str, Any]] = [rows or {}]
+    elif hasattr(rows, "columns") and hasattr(rows, "iterrows"):
+        rows_list = [dict.fromkeys(rows.columns)]  # every row has every column
+    elif isinstance(rows, (list, tuple)):
+        rows_list = rows
+    else:
+        return
+    labelled = not (rows is None or isinstance(rows, Mapping))
+    for i, row in enumerate(rows_list):
+        if not isinstance(row, Mapping):
+            break  # expand() reports the bad row type
+        for name in template.variables:
+            if name not in row and name not in namespace:
+                where = f" (row {i})" if labelled else ""
+                raise TemplateError(_missing_message(name, row, labelled) + where)
+
+
+def parse_template(source: str) -> Template:
+    """Parse a template; raise :class:`TemplateError` with line/column on bad syntax.
+
+    Example:
+        >>> parse_template("Say {{hi|hello}} to <<{name}>>").variables
+        ['name']
+    """
+    parser = _Parser(source)
+    parts = parser.parse_sequence(stop=())
+    template = Template(source=source, parts=tuple(parts))
+    clash = set(template.variables) & {g.name for g in template.groups}
+    if clash:
+        name = sorted(clash)[0]
+        raise TemplateError(
+            f"'{name}' is both a variable and an alternatives group name; rename the group "
+            f"({{{{other={name}...}}}})."
+        )
+    if "row" in template.variables or "row" in {g.name for g in template.groups}:
+        raise TemplateError("'row' is reserved for the row label; use another variable name.")
+    return template
+
+
+class _Parser:
+    """Recursive-descent scanner over the template source."""
+
+    def __init__(self, source: str) -> None:
+        self.src = source
+        self.i = 0
+        self.n_groups = 0
+        self.group_names: set[str] = set()
+
+    def where(self, pos: int) -> str:
+        line = self.src.count("\n", 0, pos) + 1
+        col = pos - (self.src.rfind("\n", 0, pos) + 1) + 1
+        return f"line {line}, column {col}"
+
+    def parse_sequence(self, stop: tuple[str, ...], in_group: bool = False,
+                       in_emph: bool = False) -> list[Part]:
+        parts: list[Part] = []
+        buf: list[str] = []
+
+        def flush() -> None:
+            if buf:
+                parts.append(Text("".join(buf)))
+                buf.clear()
+
+        src = self.src
+        while self.i < len(src):
+            if any(src.startswith(s, self.i) for s in stop):
+                flush()
+                return parts
+            c = src[self.i]
+            if c == "\\" and self.i + 1 < len(src) and src[self.i + 1] in _ESCAPABLE:
+                buf.append(src[self.i + 1])
+                self.i += 2
+            elif src.startswith("{{", self.i):
+                if in_group:
+                    raise TemplateError(
+                        f"Nested '{{{{' at {self.where(self.i)}: alternatives cannot contain "
+                        "alternatives. Split them into two groups side by side."
+                    )
+                flush()
+                parts.append(self.parse_group())
+            elif src.startswith("}}", self.i):
+                raise TemplateError(
+                    f"'}}}}' at {self.where(self.i)} closes no '{{{{'. Alternatives look like "
+                    "{{a|b}}; write \\}} for a literal brace."
+                )
+            elif src.startswith("<<", self.i):
+                if in_group:
+                    raise TemplateError(
+                        f"'<<' at {self.where(self.i)} is inside alternatives; put the emphasis "
+                        "around the whole group instead: <<{{a|b}}>>."
+                    )
+                if in_emph:
+                    raise TemplateError(f"Nested '<<' at {self.where(self.i)}: close the "
+                                        "first emphasis with '>>' before opening another.")
+                flush()
+                parts.append(self.parse_emphasis())
+            elif src.startswith(">>", self.i):
+                raise TemplateError(
+                    f"'>>' at {self.where(self.i)} closes no '<<'. Emphasis looks like "
+                    "<<text>>; write \\>> for a literal '>>'."
+                )
+            elif c == "{" and (m := _IDENT.match(src, self.i)):
+                flush()
+                parts.append(Var(m.group(1)))
+                self.i = m.end()
+            else:
+                buf.append(c)
+                self.i += 1
+        flush()
+        return parts
+
+    def parse_group(self) -> Alt:
+        start = self.i
+        self.i += 2
+        self.n_groups += 1
+        name = f"alt{self.n_groups}"
+        if m := _GROUP_NAME.match(self.src, self.i):
+            name = m.group(1)
+            self.i = m.end()
+        if name in self.group_names:
+            raise TemplateError(f"Two alternatives groups are named '{name}' "
+                                f"(second at {self.where(start)}); give each a unique name.")
+        self.group_names.add(name)
+        options: list[tuple[Union[Text, Var], ...]] = []
+        while True:
+            opt = self.parse_sequence(stop=("|", "}}"), in_group=True)
+            options.append(tuple(opt))  # type: ignore[arg-type]
+            if self.i >= len(self.src):
+                raise TemplateError(
+                    f"'{{{{' at {self.where(start)} is never closed: alternatives look like "
+                    "{{a|b}}. Add the closing '}}' (or write \\{{ for literal braces)."
+                )
+            if self.src.startswith("}}", self.i):
+                self.i += 2
+                break
+            self.i += 1  # the '|'
+        if len(options) == 1 and not options[0]:
+            raise TemplateError(f"Empty alternatives '{{{{}}}}' at {self.where(start)}: "
+                                "list options like {{a|b}}.")
+        return Alt(name=name, options=tuple(options))
+
+    def parse_emphasis(self) -> Emphasis:
+        start = self.i
+        self.i += 2
+        inner = self.parse_sequence(stop=(">>",), in_emph=True)
+        if self.i >= len(self.src):
+            raise TemplateError(
+                f"'<<' at {self.where(start)} is never closed: emphasis looks like <<text>>. "
+                "Add '>>' (or write \\<< for a literal '<<')."
+            )
+        self.i += 2
+        return Emphasis(parts=tuple(inner))
+
+
+def _walk(parts: Iterable[Any]) -> Iterator[Any]:
+    for p in parts:
+        yield p
+        if isinstance(p, Alt):
+            for opt in p.options:
+                yield from _walk(opt)
+        elif isinstance(p, Emphasis):
+            yield from _walk(p.parts)
+
+
+def _render(parts: Iterable[Any], values: Mapping[str, Any], picks: Mapping[str, int],
+            offset: int = 0) -> tuple[str, list[Span]]:
+    out: list[str] = []
+    spans: list[Span] = []
+    pos = offset
+    for p in parts:
+        if isinstance(p, Text):
+            piece, inner = p.text, [Span("text", "", pos, pos + len(p.text))]
+        elif isinstance(p, Var):
+            piece = str(values[p.name])
+            inner = [Span("var", p.name, pos, pos + len(piece))]
+        elif isinstance(p, Alt):
+            piece, inner = _render(p.options[picks[p.name]], values, picks, pos)
+            inner = [Span("alt", p.name, pos, pos + len(piece))] + inner
+        else:  # Emphasis
+            piece, inner = _render(p.parts, values, picks, pos)
+            inner = [Span("emph", "", pos, pos + len(piece))] + inner
+        out.append(piece)
+        spans.extend(inner)
+        pos += len(piece)
+    return "".join(out), spans
+
+
+def _iter_rows(rows: Any) -> tuple[Iterator[tuple[Any, Mapping[str, Any]]], bool]:
+    """Normalise ``rows`` to (label, mapping) pairs; the flag says whether rows were given."""
+    if rows is None:
+        return iter([(0, {})]), False
+    if isinstance(rows, Mapping):
+        return iter([(0, rows)]), False
+    if hasattr(rows, "iterrows") and hasattr(rows, "columns"):  # a pandas DataFrame
+        return ((_label_value(i), r.to_dict()) for i, r in rows.iterrows()), True
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise TemplateError(
+            f"vars must be a dict, a list of dicts or a DataFrame, not {type(rows).__name__}."
+        )
+
+    def gen() -> Iterator[tuple[Any, Mapping[str, Any]]]:
+        for i, r in enumerate(rows):
+            if not isinstance(r, Mapping):
+                raise TemplateError(
+                    f"vars row {i} is a {type(r).__name__}, not a dict; pass a list of dicts "
+                    "(one per run) or a DataFrame."
+                )
+            yield i, r
+
+    return gen(), True
+
+
+def count_rows(rows: Any) -> int:
+    """Number of variable rows ``rows`` stands for (1 for None or a dict)."""
+    if rows is None or isinstance(rows, Mapping):
+        return 1
+    return len(rows)
+
+
+def _label_value(v: Any) -> Any:
+    """Keep labels JSON-friendly: numpy scalars become Python scalars, others stay or str()."""
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if hasattr(v, "item"):
+        try:
+            return v.item()
+        except (ValueError, TypeError):
+            pass
+    return str(v)
+
+
+def _missing_message(name: str, row: Mapping[str, Any], labelled: bool) -> str:
+    have = ", ".join(sorted(map(str, row))) or "none"
+    where = f" (row columns: {have})" if labelled else ""
+    return (
+        f"Template variable {{{name}}} has no value{where}. Define `{name}` in the notebook, "
+        f"or pass rows with a '{name}' column via --vars / vars=."
+    )

@@ -1,0 +1,109 @@
+"""Tiny random models for tests, built locally (no model hub needed).
+
+:func:`make_tiny_model` trains a small byte-level BPE tokenizer with ``tokenizers`` on a built-in
+corpus, builds a randomly initialised causal LM from a transformers config and saves both to a
+folder that ``promptscope.load_model(folder)`` (or ``AutoModelForCausalLM``) loads. The weights are
+random, so outputs mean nothing: use these to test plumbing, and the bundled model organism to
+test behaviour.
+
+Example:
+    >>> from promptscope.testing import make_tiny_model
+    >>> folder = make_tiny_model(tmp_path / "llama", arch="llama")   # doctest: +SKIP
+    >>> model = promptscope.load_model(str(folder))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ARCHITECTURES = ("llama", "gpt2")
+
+#: A chat template in the common role-tag style; tiny models and tests use it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_CORPUS = """\
+Is Paris in Europe? Answer: yes. Is Tokyo in Asia? Answer: yes. Is Oslo in Asia? Answer: no.
+The capital of France is Paris. The capital of Japan is Tokyo. The capital of Norway is Oslo.
+Question: what colour is the sky? Answer: blue. Review: great film. Sentiment: positive.
+Review: dull and slow. Sentiment: negative. Input: 2 + 2 Output: 4. Label: true. Label: false.
+The cat sat on the mat. A dog ran in the park. She reads a book; he writes a letter.
+Translate to French: cheese -> fromage. Summarise the text below in one sentence, please.
+Choices: A, B, C, D. The answer is A. The answer is B. Options: (a) red (b) green (c) blue.
+"""
+
+
+def train_tokenizer(vocab_size: int = 512) -> object:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a small built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    folder: str | os.PathLike,
+    *,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Build and save a tiny random causal LM with a locally trained tokenizer.
+
+    Args:
+        folder: where to save (created).
+        arch: ``"llama"`` (grouped-query attention: ``num_kv_heads < num_heads``) or ``"gpt2"``.
+        hidden_size, num_layers, num_heads, num_kv_heads: model shape.
+        head_dim: llama only; default ``hidden_size // num_heads``.
+        vocab_size: tokenizer vocabulary size.
+        seed: weight initialisation seed.
+
+    Returns:
+        The folder, ready for ``promptscope.load_model(str(folder))``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, not {arch!r}")
+    folder = Path(folder)
+    tokenizer = train_tokenizer(vocab_size)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                             intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                             num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                             head_dim=head_dim or hidden_size // num_heads,
+                             max_position_embeddings=512, tie_word_embeddings=True, **ids)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
+                            n_head=num_heads, n_positions=512, **ids)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,76 @@
+"""Tables and figures for ``prompt`` runs (``%%prompt`` / ``run_prompt``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from promptscope.viz.style import apply_style
+
+_FIXED = ["variant", "prompt", "choice", "logprob", "prob", "rank", "chosen", "n_tokens",
+          "tokens", "time_ms", "target", "logprob_per_token", "sample", "output",
+          "finish_reason"]
+
+
+def label_columns(df: Any) -> list[str]:
+    """The columns that say what each variant chose (row, variables, alternatives groups)."""
+    return [c for c in df.columns if c not in _FIXED]
+
+
+def variant_labels(df: Any) -> Any:
+    """A short text label per row: its varying label values joined with ' · '."""
+    cols = [c for c in label_columns(df) if df[c].nunique(dropna=False) > 1]
+    if not cols:
+        return df["variant"].map(lambda i: f"#{i}")
+    return df[cols].astype(str).agg(" · ".join, axis=1)
+
+
+def summary(result: Any) -> Any:
+    """One row per variant: labels, prompt, the answer and each choice's probability."""
+    df = result.df
+    mode = result.params.get("mode")
+    labels = label_columns(df)
+    if mode == "choices":
+        wide = df.pivot_table(index="variant", columns="choice", values="prob", sort=False)
+        wide.columns = [f"p({c!r})" for c in wide.columns]
+        best = df[df["chosen"]].set_index("variant")
+        out = best[labels + ["prompt", "choice", "prob", "time_ms"]].rename(
+            columns={"choice": "answer", "prob": "p(answer)"})
+        return out.join(wide).reset_index()
+    if mode == "target":
+        return df.drop(columns=["tokens"])
+    return df
+
+
+def figure(result: Any) -> Any:
+    """Probability of each choice per variant (choices), log-prob per variant (target)."""
+    import plotly.graph_objects as go
+
+    df = result.df
+    mode = result.params.get("mode")
+    x = variant_labels(df)
+    if mode == "choices":
+        choices = result.params["choices"]
+        n_variants = df["variant"].nunique()
+        if n_variants > 40:  # too many bars to read: a heatmap, variants down the side
+            wide = df.assign(label=x).pivot_table(index="label", columns="choice", values="prob",
+                                                  sort=False)[choices]
+            fig = go.Figure(go.Heatmap(z=wide.values, x=[repr(c) for c in choices],
+                                       y=list(wide.index), colorscale="Viridis", zmin=0, zmax=1,
+                                       colorbar={"title": "p"},
+                                       hovertemplate="%{y}<br>%{x}: %{z:.3f}<extra></extra>"))
+            fig.update_layout(height=min(1200, 200 + 14 * n_variants))
+        else:
+            fig = go.Figure([
+                go.Bar(name=repr(c), x=x[df["choice"] == c], y=df.loc[df["choice"] == c, "prob"],
+                       hovertemplate="%{x}<br>p=%{y:.3f}<extra>" + repr(c) + "</extra>")
+                for c in choices
+            ])
+            fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
+                              legend_title="choice")
+        return apply_style(fig, "Choice probability per variant")
+    if mode == "target":
+        fig = go.Figure(go.Bar(x=x, y=df["logprob"],
+                               hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
+        fig.update_layout(yaxis_title=f"log p({result.params.get('target')!r})")
+        return apply_style(fig, "Target log-probability per variant")
+    return None

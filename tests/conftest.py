@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny local models (no hub) and an isolated session store per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path, monkeypatch):
+    """Every test writes sessions into its own folder, never into the user's workspace."""
+    home = tmp_path / "promptscope-home"
+    monkeypatch.setenv("PROMPTSCOPE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from promptscope.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    from promptscope.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "gpt2", arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from promptscope.models.hf import HFModel
+
+    return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from promptscope.models.hf import HFModel
+
+    return HFModel.from_pretrained(tiny_gpt2_dir, name="tiny-gpt2")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tiny_llama, tiny_gpt2):
+    return tiny_llama if request.param == "llama" else tiny_gpt2

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
+from promptscope.models.hf import HFModel
+
+PROMPTS = ["Is Paris in Europe? Answer:", "Hi", "The capital of Norway is", "Q: 2 + 2 = ?"]
+CONTS = [" yes", " no the answer", " Oslo.", "4"]
+
+
+def naive_logprob(model: HFModel, prompt: str, cont: str) -> float:
+    """One unbatched forward over prompt+continuation, the way one writes it by hand."""
+    p, c = model.encode_prompt(prompt), model.encode_continuation(cont)
+    with torch.no_grad():
+        logits = model.model(torch.tensor([p + c])).logits.log_softmax(-1)[0]
+    return sum(logits[len(p) - 1 + k, c[k]].item() for k in range(len(c)))
+
+
+def test_batched_scores_match_naive_loop(tiny_model):
+    prompts = [p for p in PROMPTS for _ in CONTS]
+    conts = CONTS * len(PROMPTS)
+    scores = tiny_model.score(prompts, conts)
+    for p, c, s in zip(prompts, conts, scores):
+        assert s.logprob == pytest.approx(naive_logprob(tiny_model, p, c), abs=1e-4)
+        assert len(s.token_logprobs) == len(s.tokens) == len(tiny_model.encode_continuation(c))
+
+
+def test_scores_do_not_depend_on_batch_size(tiny_llama):
+    prompts = [p for p in PROMPTS for _ in CONTS]
+    conts = CONTS * len(PROMPTS)
+    auto = [s.logprob for s in tiny_llama.score(prompts, conts)]
+    tiny_llama.batch_size = 1
+    try:
+        one = [s.logprob for s in tiny_llama.score(prompts, conts)]
+    finally:
+        tiny_llama.batch_size = None
+    assert one == pytest.approx(auto, abs=1e-4)
+
+
+def test_progress_counts_every_pair(tiny_llama):
+    seen = []
+    tiny_llama.score(PROMPTS * 2, CONTS * 2, progress=seen.append)
+    assert sum(seen) == 8
+
+
+def test_oom_halves_the_batch_and_still_scores_everything(tiny_llama, monkeypatch):
+    real = HFModel._score_batch
+    calls = []
+
+    def flaky(self, batch, *args):
+        calls.append(len(batch))
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(self, batch, *args)
+
+    monkeypatch.setattr(HFModel, "_score_batch", flaky)
+    try:
+        scores = tiny_llama.score(PROMPTS, CONTS)
+    finally:
+        tiny_llama.batch_size = None
+    assert calls[0] == 4 and calls.count(1) == 4
+    for p, c, s in zip(PROMPTS, CONTS, scores):
+        assert s.logprob == pytest.approx(naive_logprob(tiny_llama, p, c), abs=1e-4)
+
+
+def test_greedy_generation_matches_unbatched_generate(tiny_model):
+    gens = tiny_model.generate(PROMPTS, max_new_tokens=6)
+    tok = tiny_model.tokenizer
+    for prompt, (g,) in zip(PROMPTS, gens):
+        ids = torch.tensor([tiny_model.encode_prompt(prompt)])
+        ref = tiny_model.model.generate(ids, max_new_tokens=6, do_sample=False,
+                                        pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        eos = tok.eos_token_id
+        ref = ref.tolist()
+        ref = ref[: ref.index(eos)] if eos in ref else ref
+        assert g.text == tok.decode(ref, skip_special_tokens=True)
+        assert g.logprob < 0
+        assert g.finish_reason in ("stop", "length")
+
+
+def test_sampling_is_seeded_and_n_samples(tiny_llama):
+    a = tiny_llama.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, n=3, seed=7)
+    b = tiny_llama.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, n=3, seed=7)
+    assert [[g.text for g in s] for s in a] == [[g.text for g in s] for s in b]
+    assert all(len(s) == 3 for s in a)
+    assert len({g.text for g in a[0]}) > 1  # random weights + temperature 1: samples differ
+
+
+def test_generation_logprob_is_the_models_own(tiny_llama):
+    (g,), = tiny_llama.generate(["Hi"], max_new_tokens=4)
+    assert g.finish_reason == "length"
+    assert g.logprob == pytest.approx(naive_logprob(tiny_llama, "Hi", g.text), abs=1e-3)
+
+
+def test_chat_prompt_uses_the_template(tiny_llama):
+    text = tiny_llama.chat_prompt("hello")
+    assert text.startswith("<s><|user|>\nhello</s>") and text.endswith("<|assistant|>\n")
+    # The chat text carries its own BOS: encoding must not add a second one.
+    ids = tiny_llama.encode_prompt(text)
+    assert ids.count(tiny_llama.tokenizer.bos_token_id) == 1
+
+
+def test_chat_prompt_without_template_is_a_clear_error(tiny_gpt2_dir):
+    m = HFModel.from_pretrained(tiny_gpt2_dir)
+    m.tokenizer.chat_template = None
+    with pytest.raises(CapabilityError, match="no chat template"):
+        m.chat_prompt("hi")
+
+
+def test_empty_continuation_rejected(tiny_llama):
+    with pytest.raises(PromptscopeError, match="empty"):
+        tiny_llama.score(["a"], [""])
+
+
+def test_describe_reports_device_and_dtype(tiny_llama):
+    d = tiny_llama.describe()
+    assert d["device"] == "cpu" and d["dtype"] == "float32"
+    assert d["architecture"] == "LlamaForCausalLM" and d["layers"] == 2
+
+
+def test_dtype_override(tiny_llama_dir):
+    m = HFModel.from_pretrained(tiny_llama_dir, dtype="bf16")
+    assert m.describe()["dtype"] == "bfloat16"
+    with pytest.raises(PromptscopeError, match="Unknown dtype"):
+        HFModel.from_pretrained(tiny_llama_dir, dtype="fp7")
+
+
+def test_load_errors_name_what_was_tried(tmp_path):
+    with pytest.raises(ModelLoadError, match="No model folder at './missing-model'"):
+        HFModel.from_pretrained("./missing-model")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        HFModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="Could not load a causal LM from folder"):
+        HFModel.from_pretrained(tmp_path)

@@ -1,0 +1,28 @@
+"""Every notebook in notebooks/ runs top to bottom, and its outputs need no internet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_offline(path, tmp_path):
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    for cell in nb.cells:  # expected mistakes show a one-paragraph message, not a traceback
+        if "raises-exception" in cell.metadata.get("tags", []):
+            shown = "".join(o.get("text", "") for o in cell.outputs)
+            assert shown.startswith("UsageError: ") and "Traceback" not in shown
+            assert len(shown.splitlines()) <= 3
+    text = nbformat.writes(nb)
+    assert "cdn.plot.ly" not in text and "cdn.jsdelivr" not in text and "unpkg.com" not in text
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)

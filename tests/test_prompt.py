@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import promptscope
+from promptscope.errors import ModelLoadError, PromptscopeError, TemplateError
+from promptscope.models.hf import HFModel
+
+TEMPLATE = "Is {city} in {{Europe|Asia}}? Answer:"
+CITIES = [{"city": "Paris"}, {"city": "Tokyo"}, {"city": "Oslo"}]
+
+
+def test_choices_mode_rows_probabilities_and_labels(tiny_llama):
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=CITIES, choices=" yes| no",
+                                 progress=False)
+    df = run.df
+    assert len(df) == 3 * 2 * 2
+    assert set(df.columns) >= {"variant", "row", "city", "alt1", "prompt", "choice", "logprob",
+                               "prob", "rank", "chosen", "tokens", "time_ms"}
+    sums = df.groupby("variant")["prob"].sum()
+    assert sums.tolist() == pytest.approx([1.0] * 6)
+    assert (df.groupby("variant")["chosen"].sum() == 1).all()
+    first = df[df.variant == 1]
+    assert first["prompt"].iloc[0] == "Is Paris in Asia? Answer:"
+    assert first["alt1"].iloc[0] == "Asia"
+    # The log-probs are the backend's scores of exactly these texts.
+    direct = tiny_llama.score(["Is Paris in Asia? Answer:"] * 2, [" yes", " no"])
+    assert first["logprob"].tolist() == pytest.approx([s.logprob for s in direct], abs=1e-5)
+    summary = run.summary()
+    assert len(summary) == 6 and {"answer", "p(answer)", "p(' yes')"} <= set(summary.columns)
+    fig = run.figure()
+    assert [t.name for t in fig.data] == ["' yes'", "' no'"]
+    assert math.isclose(sum(fig.data[0].y) + sum(fig.data[1].y), 6.0, rel_tol=1e-6)
+
+
+def test_target_and_generate_modes(tiny_llama):
+    run = promptscope.run_prompt("{{Hi|Hello}} there", tiny_llama, target=" friend",
+                                 progress=False)
+    assert run.df["target"].tolist() == [" friend"] * 2
+    assert (run.df["logprob"] < 0).all()
+    assert run.figure() is not None
+    gen = promptscope.run_prompt("{{Hi|Hello}} there", tiny_llama, max_new_tokens=3, n=2,
+                                 temperature=0.9, progress=False)
+    assert len(gen.df) == 4 and gen.df["sample"].tolist() == [0, 1, 0, 1]
+    assert gen.params["temperature"] == 0.9
+
+
+def test_chat_mode_scores_the_chat_formatted_prompt(tiny_llama):
+    run = promptscope.run_prompt("Hi", tiny_llama, target=" yes", chat=True, progress=False)
+    direct = tiny_llama.score([tiny_llama.chat_prompt("Hi")], [" yes"])[0]
+    assert run.df["logprob"].iloc[0] == pytest.approx(direct.logprob, abs=1e-5)
+
+
+def test_session_is_saved_and_loads_back_equal(tiny_llama):
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=pd.DataFrame(CITIES),
+                                 choices=[" yes", " no"], name="capitals", progress=False)
+    back = promptscope.load(run.session_id)
+    assert back == run
+    assert back.status == "done" and back.name == "capitals"
+    assert back.model["name"] == "tiny-llama"
+    listed = promptscope.sessions()
+    assert listed["id"].tolist() == [run.session_id]
+    assert listed["n_rows"].iloc[0] == len(run.df)
+    saved = promptscope.Store.default().figures(run.session_id)
+    assert "main" in saved and '"type":"bar"' in saved["main"].replace(" ", "")
+
+
+def test_interrupt_keeps_finished_chunks(tiny_llama, monkeypatch):
+    calls = {"n": 0}
+    real = HFModel.score
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFModel, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt) as info:
+        promptscope.run_prompt(TEMPLATE, tiny_llama, vars=CITIES, choices=" yes| no",
+                               chunk_size=2, progress=False)
+    partial = info.value.partial_result
+    assert partial.status == "interrupted" and len(partial.df) == 2 * 2 * 2
+    back = promptscope.load(partial.session_id)
+    assert back.status == "interrupted" and back == partial
+
+
+def test_missing_variable_in_any_row_fails_before_the_run(tiny_llama):
+    rows = [{"city": "Paris"}, {"town": "Oslo"}]  # row 1 lacks the variable
+    with pytest.raises(TemplateError, match=r"\{city\}.*row 1"):
+        promptscope.run_prompt(TEMPLATE, tiny_llama, vars=rows, choices=" yes| no",
+                               progress=False)
+    assert promptscope.sessions().empty
+
+
+def test_failure_mid_run_keeps_rows_and_earlier_sessions(tiny_llama, monkeypatch):
+    ok = promptscope.run_prompt("Hi {{a|b}}", tiny_llama, target="!", progress=False)
+    real, calls = HFModel.score, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFModel, "score", failing)
+    with pytest.raises(RuntimeError, match="device lost") as info:
+        promptscope.run_prompt(TEMPLATE, tiny_llama, vars=CITIES, choices=" yes| no",
+                               chunk_size=1, progress=False)
+    failed = promptscope.load(info.value.partial_result.session_id)
+    assert failed.status == "failed" and len(failed.df) == 2
+    assert promptscope.Store.default().get(failed.session_id).error == "RuntimeError: device lost"
+    assert promptscope.load(ok.session_id) == ok
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"choices": ""}, PromptscopeError, "non-empty answers"),
+        ({"choices": " yes|"}, PromptscopeError, "non-empty answers"),
+        ({"choices": "a", "target": "b"}, PromptscopeError, "not both"),
+        ({"target": ""}, PromptscopeError, "empty"),
+    ],
+)
+def test_bad_arguments(tiny_llama, kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        promptscope.run_prompt("Hi", tiny_llama, progress=False, **kwargs)
+    assert promptscope.sessions().empty  # nothing half-made was saved
+
+
+def test_template_names_may_not_shadow_result_columns(tiny_llama):
+    with pytest.raises(TemplateError, match="clash"):
+        promptscope.run_prompt("{prompt}", tiny_llama, vars={"prompt": "x"}, progress=False)
+
+
+def test_no_model_loaded_is_a_clear_error(monkeypatch):
+    import promptscope.models as models
+
+    monkeypatch.setattr(models, "_default", [])
+    with pytest.raises(ModelLoadError, match="No model loaded"):
+        promptscope.run_prompt("Hi", progress=False)
+
+
+def test_load_model_caches_and_sets_default(tiny_llama_dir):
+    a = promptscope.load_model(str(tiny_llama_dir), alias="cached")
+    b = promptscope.load_model(str(tiny_llama_dir), alias="cached")
+    assert a is b
+    from promptscope.models import default_model
+
+    assert default_model() is a
+    assert "cached" in promptscope.list_models()["name"].tolist()

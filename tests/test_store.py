@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from promptscope.errors import PromptscopeError
+from promptscope.store import SCHEMA_VERSION, Store, workspace_dir
+
+
+def test_roundtrip_chunks_figures_and_status(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    sid = store.create("prompt", name="run 1", model="tiny", params={"choices": ["a", "b"]},
+                       source="Is {x}?")
+    store.append(sid, "rows", pd.DataFrame({"x": [1, 2], "tokens": [["a"], ["b", "c"]]}))
+    store.append(sid, "rows", pd.DataFrame({"x": [3], "tokens": [["d"]]}))
+    store.save_figure(sid, "main", '{"data": []}')
+    store.finish(sid, "done", summary={"rows": 3})
+    rec = store.get(sid)
+    assert (rec.name, rec.kind, rec.model, rec.status, rec.n_rows) == ("run 1", "prompt", "tiny",
+                                                                      "done", 3)
+    assert rec.params == {"choices": ["a", "b"]} and rec.source == "Is {x}?"
+    df = store.table(sid)
+    assert df["x"].tolist() == [1, 2, 3]
+    assert df["tokens"].tolist() == [["a"], ["b", "c"], ["d"]]
+    assert store.figures(sid) == {"main": '{"data": []}'}
+
+
+def test_wal_mode_and_schema_version(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.create("prompt")
+    conn = sqlite3.connect(tmp_path / "s.sqlite")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "s.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(PromptscopeError, match="newer promptscope"):
+        Store(path).create("prompt")
+
+
+def test_list_filters_search_rename_delete(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    a = store.create("prompt", name="capitals", model="m1", source="Is Paris big?")
+    b = store.create("sensitivity", name="formats", model="m2")
+    assert [r.id for r in store.list()] == [b, a]  # newest first
+    assert [r.id for r in store.list(kind="prompt")] == [a]
+    assert [r.id for r in store.list(model="m2")] == [b]
+    assert [r.id for r in store.list(search="Paris")] == [a]
+    assert [r.id for r in store.list(limit=1)] == [b]
+    store.rename(a, "capital cities")
+    assert store.get(a).name == "capital cities"
+    store.delete(b)
+    assert [r.id for r in store.list()] == [a]
+    with pytest.raises(PromptscopeError, match="No session"):
+        store.get(b)
+
+
+def test_mixed_type_columns_are_kept_as_text(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    sid = store.create("prompt")
+    store.append(sid, "rows", pd.DataFrame({"v": [1, "two", 3.5], "n": [1, 2, 3]}))
+    df = store.table(sid)
+    assert df["v"].tolist() == ["1", "two", "3.5"] and df["n"].tolist() == [1, 2, 3]
+
+
+def _writer(path: str, tag: str, n: int) -> None:
+    store = Store(path)
+    for i in range(n):
+        sid = store.create("prompt", name=f"{tag}-{i}")
+        store.append(sid, "rows", pd.DataFrame({"i": [i]}))
+        store.finish(sid, "done")
+
+
+def test_several_processes_write_at_once(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, tag, 25)) for tag in ("a", "b", "c")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    records = Store(path).list()
+    assert len(records) == 75 and all(r.status == "done" and r.n_rows == 1 for r in records)
+
+
+def test_workspace_dir_walks_up_like_git(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROMPTSCOPE_HOME")
+    (tmp_path / ".promptscope").mkdir()
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    assert workspace_dir(deep) == tmp_path / ".promptscope"
+    other = tmp_path.parent / (tmp_path.name + "-other")
+    other.mkdir()
+    assert workspace_dir(other) == other / ".promptscope"
+    monkeypatch.setenv("PROMPTSCOPE_HOME", str(tmp_path / "home"))
+    assert workspace_dir(deep) == tmp_path / "home"

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from promptscope.errors import TemplateError
+from promptscope.templates import parse_template
+
+
+def test_cartesian_product_of_rows_and_groups_with_labels():
+    t = parse_template("Is {city} in {{Europe|Asia}}{{q=?|!}}")
+    rows = pd.DataFrame({"city": ["Paris", "Oslo", "Lima"]})
+    variants = list(t.expand(rows))
+    assert t.n_variants(3) == len(variants) == 12
+    assert [v.index for v in variants] == list(range(12))
+    assert variants[0].text == "Is Paris in Europe?"
+    assert variants[3].text == "Is Paris in Asia!"
+    assert variants[3].labels == {"row": 0, "city": "Paris", "alt1": "Asia", "q": "!"}
+    assert variants[-1].labels["city"] == "Lima"
+
+
+def test_emphasis_is_stripped_and_recorded_as_span():
+    t = parse_template("Context: <<{fact}>> Question: who?")
+    (v,) = t.expand({"fact": "Ann lives in Rome."})
+    assert v.text == "Context: Ann lives in Rome. Question: who?"
+    (start, end), = v.emphasis
+    assert v.text[start:end] == "Ann lives in Rome."
+
+
+def test_namespace_fallback_and_row_precedence():
+    t = parse_template("{a}-{b}")
+    (v,) = t.expand({"a": 1}, namespace={"a": 9, "b": 2})
+    assert v.text == "1-2"
+
+
+def test_single_brace_json_is_literal_and_escapes_work():
+    t = parse_template('{"k": 1} \\{{x\\}} a\\|b')
+    (v,) = t.expand()
+    assert v.text == '{"k": 1} {{x}} a|b'
+
+
+def test_empty_option_allowed():
+    t = parse_template("{{|please }}help")
+    assert [v.text for v in t.expand()] == ["help", "please help"]
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("a {{b|c", "never closed"),
+        ("a }} b", "closes no"),
+        ("a {{x|{{y|z}}}}", "Nested"),
+        ("<<a <<b>> >>", "Nested '<<'"),
+        ("a >> b", "closes no '<<'"),
+        ("{{}}", "Empty alternatives"),
+        ("{{g=a|b}} {{g=c|d}}", "named 'g'"),
+        ("{x} {{x=a|b}}", "both a variable"),
+        ("{row}", "reserved"),
+    ],
+)
+def test_bad_templates_give_clear_errors(source, fragment):
+    with pytest.raises(TemplateError, match=fragment):
+        parse_template(source)
+
+
+def test_missing_variable_names_the_columns():
+    t = parse_template("{city} {country}")
+    with pytest.raises(TemplateError, match=r"\{country\}.*row columns: city"):
+        list(t.expand([{"city": "Paris"}]))
+
+
+def test_bad_rows_type():
+    with pytest.raises(TemplateError, match="list of dicts"):
+        list(parse_template("{a}").expand("abc"))
+    with pytest.raises(TemplateError, match="row 1"):
+        list(parse_template("{a}").expand([{"a": 1}, 5]))
+
+
+def test_expansion_is_lazy():
+    t = parse_template("{{a|b|c|d|e|f|g|h|i|j}}" * 5)  # 10^5 variants
+    gen = t.expand()
+    first = next(gen)
+    assert t.n_variants() == 100_000
+    assert first.text == "aaaaa"
+
+
+_plain = st.text(alphabet=st.characters(blacklist_characters="{}<>|=\\"), max_size=20)
+
+
+_options = st.lists(_plain, min_size=1, max_size=3).filter(lambda o: o != [""])
+
+
+@given(st.lists(st.tuples(_plain, _options), max_size=4), _plain)
+def test_fuzz_spans_locate_every_choice(pieces, tail):
+    source = "".join(text + "{{" + "|".join(opts) + "}}" for text, opts in pieces) + tail
+    t = parse_template(source)
+    for v in t.expand():
+        for span in v.spans:
+            if span.kind == "alt":
+                assert v.text[span.start:span.end] == v.labels[span.name]
+        assert v.text.endswith(tail)
+
+
+@given(_plain)
+def test_fuzz_plain_text_is_unchanged(text):
+    (v,) = parse_template(text).expand()
+    assert v.text == text
