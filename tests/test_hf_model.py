@@ -136,3 +136,14 @@ def test_load_errors_name_what_was_tried(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="Could not load a causal LM from folder"):
         HFModel.from_pretrained(tmp_path)
+
+
+def test_unreachable_hub_fails_fast_with_a_clear_message(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="'some-org/some-model' is not a local folder.*cannot "
+                                             "be reached"):
+        HFModel.from_pretrained("some-org/some-model")
+    assert time.perf_counter() - t0 < 10

@@ -112,6 +112,12 @@ class HFModel(Model):
                     f"'{path}' is not a transformers model folder (no config.json). Point to the "
                     "folder that `save_pretrained` wrote."
                 )
+        elif not _cached_on_disk(source) and not _hub_reachable():
+            raise ModelLoadError(
+                f"'{source}' is not a local folder, is not in the Hugging Face cache, and the "
+                f"model hub ({_hub_endpoint()}) cannot be reached from this machine. Download the "
+                "model elsewhere and pass its local folder (or 'organism' for the bundled model)."
+            )
         dev = pick_device(device)
         torch_dtype = pick_dtype(dev, dtype)
         try:
@@ -123,7 +129,7 @@ class HFModel(Model):
                 " The model hub may be unreachable from this machine: download the model "
                 "elsewhere and pass its local folder."
             )
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
             raise ModelLoadError(
                 f"Could not load a causal LM from {where}: {first}.{hint}") from None
         model.to(dev)
@@ -377,3 +383,33 @@ def _output_cache(out: Any) -> Any:
     """The KV cache of a forward output (``cache`` in transformers 5, else ``past_key_values``)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _cached_on_disk(name: str) -> bool:
+    """Whether the hub cache already holds this model's config (loads with no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an invalid repo id, an old huggingface_hub: let transformers decide
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds rather than after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(_hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
