@@ -1,0 +1,238 @@
+"""Read-only, schema-safe access to a workspace's session store for the Jupyter server.
+
+The server reads the same SQLite file that kernels write while they run. Three things differ
+from :class:`promptscope.store.Store`, which a kernel uses:
+
+- Opening never creates, migrates or locks the file (``mode=rw`` URI, plain ``SELECT``s), so a
+  listing neither leaves a stray database behind nor waits on a kernel that is writing. In WAL
+  mode readers see the last committed state: a session whose run is half written shows as
+  ``running`` with the rows committed so far.
+- A missing, empty, corrupt or too-new file is reported as a :class:`StoreUnavailable` with a
+  message the panel shows, never as a traceback.
+- Listing returns a total count and the kinds / models present, which the panel needs for
+  paging and its filter menus.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from promptscope.store import SCHEMA_VERSION, STATUSES, Store
+
+# Ids are made by Store.create ("20261125-101500-1a2b3c"); allowing only this alphabet rules out
+# path tricks in URLs and code injection when the panel writes an id into a notebook cell.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LIST_FIELDS = ("id", "name", "kind", "model", "status", "created", "updated", "n_rows")
+MAX_LIMIT = 500
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read; ``str(exc)`` is a message for the user."""
+
+
+def valid_name(value: str) -> bool:
+    """Whether ``value`` is a safe session id, table name or figure name."""
+    return bool(NAME_RE.match(value)) and ".." not in value
+
+
+class StoreReader(Store):
+    """A :class:`Store` whose connections only read (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, timeout: float = 10.0) -> None:
+        super().__init__(path)
+        self.timeout = timeout
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        if not self.path.is_file():
+            raise StoreUnavailable(f"No sessions yet: {self.path} does not exist.")
+        try:
+            # mode=rw: never create the file (mode=ro cannot open a WAL file nobody has open).
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True,
+                                   timeout=self.timeout, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"Cannot open the session store {self.path}: {exc}.") from exc
+        try:
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailable(
+                    f"The session store {self.path} is damaged or not a promptscope store "
+                    f"({exc}). Move it aside; the next run starts a new one.") from exc
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"{self.path} was written by a newer promptscope (schema {version} > "
+                    f"{SCHEMA_VERSION}); upgrade promptscope in the Jupyter server's "
+                    f"environment to browse it.")
+            if version < SCHEMA_VERSION:
+                if version == 0:  # created but not set up yet: a kernel is about to
+                    raise StoreUnavailable(f"No sessions yet in {self.path}.")
+                Store(self.path).list(limit=0)  # an older schema: upgrade it as a kernel would
+            try:
+                yield conn
+            except sqlite3.DatabaseError as exc:
+                raise StoreUnavailable(
+                    f"The session store {self.path} could not be read ({exc}).") from exc
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ queries
+    @staticmethod
+    def _where(kind: str | None, model: str | None, status: str | None,
+               search: str | None) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        args: list[Any] = []
+        for column, value in (("kind", kind), ("model", model), ("status", status)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        # Every word must match somewhere; LIKE wildcards typed by the user match literally.
+        for word in (search or "").split():
+            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
+            where.append("(name LIKE ? ESCAPE '\\' OR source LIKE ? ESCAPE '\\' "
+                         "OR model LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\')")
+            args += [pattern] * 4
+        return (" WHERE " + " AND ".join(where)) if where else "", args
+
+    def page(self, *, kind: str | None = None, model: str | None = None,
+             status: str | None = None, search: str | None = None, limit: int = 50,
+             offset: int = 0) -> dict[str, Any]:
+        """One page of sessions, newest first, with the total and the filter choices."""
+        if status and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+        limit = max(0, min(int(limit), MAX_LIMIT))
+        offset = max(0, int(offset))
+        where, args = self._where(kind, model, status, search)
+        cols = ", ".join(LIST_FIELDS)
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"SELECT {cols} FROM sessions{where} ORDER BY created DESC, id DESC "
+                "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+            total = conn.execute(f"SELECT COUNT(*) FROM sessions{where}", args).fetchone()[0]
+            kinds = [k for (k,) in conn.execute("SELECT DISTINCT kind FROM sessions ORDER BY kind")]
+            models = [m for (m,) in conn.execute(
+                "SELECT DISTINCT model FROM sessions WHERE model != '' ORDER BY model")]
+        return {"sessions": [dict(zip(LIST_FIELDS, r)) for r in rows], "total": total,
+                "limit": limit, "offset": offset, "kinds": kinds, "models": models}
+
+    def table_sizes(self, session_id: str) -> dict[str, int]:
+        """Table name -> number of chunks (a cheap 'is there anything' check)."""
+        with self._connect() as conn:
+            return dict(conn.execute(
+                "SELECT name, COUNT(*) FROM chunks WHERE session_id=? GROUP BY name ORDER BY name",
+                (session_id,)))
+
+    def figure_names(self, session_id: str) -> list[str]:
+        with self._connect() as conn:
+            return [n for (n,) in conn.execute(
+                "SELECT name FROM figures WHERE session_id=? ORDER BY name", (session_id,))]
+
+    def figure(self, session_id: str, name: str) -> str | None:
+        """One figure's plotly JSON, or None."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT spec FROM figures WHERE session_id=? AND name=?",
+                               (session_id, name)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------------ views
+    def detail(self, session_id: str, *, max_rows: int = 200) -> dict[str, Any]:
+        """Everything the panel's detail view shows, as JSON-ready values."""
+        record = self.get(session_id)
+        out = asdict(record)
+        out["tables"] = list(self.table_sizes(session_id))
+        out["figures"] = self.figure_names(session_id)
+        out["summary_table"] = None
+        out["summary_error"] = ""
+        try:
+            table = self.summary_frame(session_id)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # a plot module that cannot summarise a partial run
+            out["summary_error"] = f"{type(exc).__name__}: {exc}"
+            table = None
+        if table is not None and len(table.columns):
+            out["summary_table"] = frame_to_json(table, max_rows=max_rows)
+        return out
+
+    def summary_frame(self, session_id: str) -> Any:
+        """The session's summary table (what its Result shows), or None."""
+        import promptscope
+
+        if not self.table_sizes(session_id):
+            return None
+        return promptscope.load(session_id, store=self).summary()
+
+
+def frame_to_json(df: Any, *, max_rows: int = 200) -> dict[str, Any]:
+    """A DataFrame as ``{columns, rows, total}``: cells JSON-safe, at most ``max_rows`` rows."""
+    import pandas as pd
+
+    if not isinstance(df.index, pd.RangeIndex):
+        df = df.reset_index()
+    head = df.head(max_rows)
+    data = json.loads(head.to_json(orient="split", date_format="iso", default_handler=str,
+                                   index=False))
+    return {"columns": [str(c) for c in data["columns"]], "rows": data["data"],
+            "total": int(len(df))}
+
+
+def session_html(reader: StoreReader, session_id: str) -> str:
+    """A standalone HTML report of one session: metadata, summary and figures, plotly.js inline.
+
+    Every user-supplied string (name, source, params) is escaped; tables go through
+    ``DataFrame.to_html`` which escapes cells.
+    """
+    import html
+
+    import plotly.io as pio
+
+    rec = reader.get(session_id)
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{e(rec.name)} - promptscope</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:left}pre{background:#f6f6f6;padding:8px;overflow:auto}"
+        "dt{font-weight:600}</style></head><body>",
+        f"<h1>{e(rec.name)}</h1><dl>",
+    ]
+    for label, value in (("Session", rec.id), ("Kind", rec.kind), ("Model", rec.model),
+                         ("Status", rec.status), ("Rows", rec.n_rows),
+                         ("Created", _iso(rec.created))):
+        parts.append(f"<dt>{e(label)}</dt><dd>{e(str(value))}</dd>")
+    parts.append("</dl>")
+    if rec.error:
+        parts.append(f"<h2>Error</h2><pre>{e(rec.error)}</pre>")
+    if rec.source:
+        parts.append(f"<h2>Source</h2><pre>{e(rec.source)}</pre>")
+    parts.append("<h2>Parameters</h2><pre>"
+                 f"{e(json.dumps(rec.params, indent=2, default=str, ensure_ascii=False))}</pre>")
+    first = True
+    for name, spec in reader.figures(session_id).items():
+        fig = pio.from_json(spec, skip_invalid=True)
+        parts.append(f"<h2>Figure: {e(name)}</h2>")
+        # plotly.js goes in once, inline: the report must open with no network.
+        parts.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))
+        first = False
+    try:
+        table = reader.summary_frame(session_id)
+    except Exception:  # the report still has the figures and raw tables
+        table = None
+    if table is not None and len(table.columns):
+        parts.append("<h2>Summary</h2>" + table.to_html(index=False, escape=True, border=0))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _iso(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="seconds")
