@@ -1,0 +1,746 @@
+"""OpenAI-compatible HTTP models (OpenAI, vLLM, llama.cpp server): the black-box backend.
+
+An :class:`OpenAIModel` runs every black-box analysis through the official ``openai`` client:
+requests go out concurrently (at most ``max_concurrency`` in flight), each with a timeout, and
+are retried with exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and
+malformed responses (a ``Retry-After`` header is honoured). A request that still fails becomes a
+failed row (its ``error`` column says why); the run goes on.
+
+Scoring a continuation uses, in this order, whichever the server supports (decided once per model
+and recorded in the run's ``params["api"]["scoring"]``; a run never mixes methods):
+
+- ``echo``: the completions endpoint with ``echo`` and ``logprobs`` returns the log-prob of every
+  prompt token, so the continuation's log-prob is exact (vLLM does this);
+- ``top_logprobs``: the first answer token's ``top_logprobs`` (chat models such as OpenAI's): a
+  choice's log-prob is that of the top tokens equal to it (ignoring surrounding whitespace), or
+  else those it starts with; ``-inf`` when none is among the top ``top_logprobs``;
+- ``generated``: the greedy answer; the choice it starts with gets probability 1.
+
+Deterministic responses (scoring, and generation at temperature 0) are cached on disk (see
+:mod:`promptscope.models.cache`), so re-running a notebook sends no requests. The API key lives
+only inside the client: it is never in ``describe()``, a session, a log or an error message.
+
+Example:
+    >>> import promptscope
+    >>> m = promptscope.load_model("openai:gpt-4o-mini")                    # doctest: +SKIP
+    >>> m = promptscope.load_model("openai:my-model",
+    ...                            base_url="http://localhost:8000/v1")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
+from promptscope.models.base import Generation, Model, ProgressFn, Score
+
+#: OpenAI's own endpoint (the default ``base_url``).
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+#: Scoring methods, best first.
+SCORING_METHODS = {
+    "echo": "completions echo + logprobs (exact continuation log-probs)",
+    "top_logprobs": "top_logprobs of the first answer token (approximate)",
+    "generated": "the greedy answer (probability 1 for the choice it starts with)",
+}
+
+#: Tokens requested for the ``generated`` scoring method.
+_ANSWER_TOKENS = 16
+
+
+class APIRequestError(PromptscopeError):
+    """The server refused every request of a run (bad key, unknown model, no such endpoint)."""
+
+
+class ChatText(str):
+    """A user message to send to the chat endpoint (what ``OpenAIModel.chat_prompt`` returns).
+
+    The server applies the model's chat template; the text itself is the bare message.
+    """
+
+
+@dataclass
+class _Tally:
+    """Requests, tokens and cost of one run (thread-safe)."""
+
+    requests: int = 0
+    cached: int = 0
+    failed: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+_local = threading.local()  # per worker thread: the stop event of the run it works for
+
+
+class _Failed(Exception):
+    """A request that failed for good; the message is safe to show (no key)."""
+
+
+class _Fatal(Exception):
+    """A failure that every further request would repeat (auth, unknown model)."""
+
+
+class OpenAIModel(Model):
+    """A model served by an OpenAI-compatible HTTP API.
+
+    Args:
+        model: the model id the server knows (``gpt-4o-mini``, or vLLM's served model name).
+        base_url: the API root, e.g. ``http://localhost:8000/v1``; default
+            ``$OPENAI_BASE_URL``, else OpenAI's.
+        api_key: the key; default: the environment variable ``api_key_env``.
+        api_key_env: where to read the key. Default ``OPENAI_API_KEY``, which is only sent to
+            OpenAI itself (or to ``$OPENAI_BASE_URL``); other servers get no key unless you name
+            the variable (``api_key_env="MY_SERVER_KEY"``) or pass ``api_key``.
+        max_concurrency: requests in flight at once.
+        timeout: seconds per request.
+        max_retries: retries of a request on 429, 5xx, timeouts, dropped connections and
+            malformed responses, with exponential backoff (``backoff`` seconds doubled each time,
+            at most ``max_backoff``, with jitter) or the server's ``Retry-After``.
+        cache: cache deterministic responses on disk (scores; generations at temperature 0).
+        cache_path: the cache file (default: ``api_cache.sqlite`` in the workspace folder).
+        scoring: ``"auto"`` (the best the server supports) or one of :data:`SCORING_METHODS`.
+        top_logprobs: how many top tokens to ask for (``top_logprobs`` scoring).
+        prices: USD per million tokens, ``{"input": 0.15, "output": 0.60}``, for the cost tally.
+        name: the name shown in tables (default ``openai:MODEL``).
+        check: contact the server now (list its models) so a wrong URL, key or model name fails
+            here with a clear message.
+
+    Example:
+        >>> m = OpenAIModel("tiny", base_url="http://127.0.0.1:8000/v1")   # doctest: +SKIP
+        >>> m.score(["Is Paris in Europe? Answer:"], [" yes"])[0].logprob   # doctest: +SKIP
+        -0.21
+    """
+
+    capabilities = frozenset({"score", "generate"})
+    per_request_errors = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        max_concurrency: int = 16,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        cache: bool = True,
+        cache_path: str | os.PathLike | None = None,
+        scoring: str = "auto",
+        top_logprobs: int = 20,
+        prices: dict[str, float] | None = None,
+        name: str | None = None,
+        check: bool = True,
+    ) -> None:
+        import openai
+
+        if not model:
+            raise ModelLoadError("Give the API model's id, e.g. 'openai:gpt-4o-mini'.")
+        if scoring != "auto" and scoring not in SCORING_METHODS:
+            raise PromptscopeError(f"scoring must be 'auto' or one of {list(SCORING_METHODS)}.")
+        if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise PromptscopeError("max_concurrency must be >= 1, max_retries >= 0, timeout > 0.")
+        from_env = base_url is None and bool(os.environ.get("OPENAI_BASE_URL"))
+        url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        _check_url(url)
+        is_openai = urlparse(url).hostname == "api.openai.com"
+        key = api_key
+        if key is None:
+            env = api_key_env or ("OPENAI_API_KEY" if is_openai or from_env else None)
+            key = os.environ.get(env) if env else None
+            if key is None and (is_openai or api_key_env):
+                raise ModelLoadError(
+                    f"No API key: set the {env} environment variable (or pass api_key=...)."
+                    + ("" if api_key_env else " For a local server, give base_url=... "
+                       "(--base-url)."))
+        self._secrets = [s for s in (key,) if s]
+        self.model_id = model
+        self.base_url = url
+        self.name = name or f"openai:{model}"
+        self.max_concurrency = max_concurrency
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.cache_enabled = cache
+        self._cache_path = cache_path
+        self._cache_obj: Any = None
+        self.scoring = scoring
+        self.top_logprobs = top_logprobs
+        self.prices = dict(prices) if prices else None
+        self._methods: dict[bool, str] = {}  # chat? -> scoring method, decided once
+        self._echo_max_tokens = 0
+        self._tally = _Tally()
+        self._last_scoring: str | None = None
+        self._is_openai = is_openai
+        # The key goes into the client and nowhere else; retries are ours, not the client's.
+        self._client = openai.OpenAI(api_key=key or "EMPTY", base_url=url, timeout=self.timeout,
+                                     max_retries=0)
+        if check:
+            self._check_server()
+
+    # ------------------------------------------------------------------ facts
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": type(self).__name__, "model": self.model_id,
+                "base_url": _public_url(self.base_url), "max_concurrency": self.max_concurrency,
+                "timeout": self.timeout, "max_retries": self.max_retries}
+
+    def chat_prompt(self, user_message: str) -> str:
+        """The message itself, marked for the chat endpoint (the server applies the template)."""
+        return ChatText(user_message)
+
+    # ------------------------------------------------------------------ runs
+    def begin_run(self, mode: str, chat: bool) -> None:
+        """Reset the tally and settle how this run scores (before its first request)."""
+        self._tally = _Tally()
+        self._last_scoring = None
+        if mode == "choices":
+            self._last_scoring = self._scoring_method(chat)
+        elif mode == "target":
+            if chat:
+                raise CapabilityError(
+                    "--target with --chat needs the log-prob of a given assistant reply, which "
+                    f"the chat API of '{self.name}' does not return. Drop --chat (completions "
+                    "endpoint), or rank answers with --choices.")
+            if self._scoring_method(False) != "echo":
+                raise CapabilityError(
+                    f"--target needs exact continuation log-probs (completions with echo + "
+                    f"logprobs), which the server at {_public_url(self.base_url)} does not "
+                    "provide for this model. Use --choices instead.")
+            self._last_scoring = "echo"
+
+    def run_info(self) -> dict[str, Any]:
+        """Requests, failures, cache hits, tokens and cost since :meth:`begin_run`."""
+        t = self._tally
+        info: dict[str, Any] = {
+            "endpoint": _public_url(self.base_url), "requests": t.requests, "cached": t.cached,
+            "failed": t.failed, "retries": t.retries, "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens}
+        if self._last_scoring:
+            info["scoring"] = self._last_scoring
+        if self.prices:
+            info["cost_usd"] = round(
+                t.prompt_tokens * self.prices.get("input", 0.0) / 1e6
+                + t.completion_tokens * self.prices.get("output", 0.0) / 1e6, 6)
+        return info
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+        progress: ProgressFn | None = None,
+    ) -> list[Score]:
+        """Log-prob of ``continuations[i]`` after ``prompts[i]``; failed pairs carry ``error``.
+
+        One request per distinct prompt (all its continuations together), run concurrently.
+        """
+        if len(prompts) != len(continuations):
+            raise PromptscopeError("score() needs one continuation per prompt.")
+        if any(c == "" for c in continuations):
+            raise PromptscopeError("A continuation to score is empty; give non-empty text "
+                                   "(e.g. --choices ' yes| no').")
+        if not prompts:
+            return []
+        chat = isinstance(prompts[0], ChatText)
+        method = self._scoring_method(chat)
+        if self._last_scoring is None:
+            self._last_scoring = method
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        results: list[Score | None] = [None] * len(prompts)
+
+        def job(prompt: str, idx: list[int]) -> Callable[[], None]:
+            conts = list(dict.fromkeys(continuations[i] for i in idx))
+
+            def run() -> None:
+                try:
+                    scores = self._score_prompt(method, prompt, conts)
+                except _Failed as exc:
+                    scores = {c: _failed_score(str(exc)) for c in conts}
+                for i in idx:
+                    results[i] = scores[continuations[i]]
+            return run
+
+        self._run_jobs([(job(p, idx), len(idx)) for p, idx in groups.items()], progress)
+        return results  # type: ignore[return-value]
+
+    def _score_prompt(self, method: str, prompt: str, conts: list[str]) -> dict[str, Score]:
+        if method == "echo":
+            return self._score_echo(prompt, conts)
+        if method == "top_logprobs":
+            return self._score_top(prompt, conts)
+        return self._score_generated(prompt, conts)
+
+    def _score_echo(self, prompt: str, conts: list[str]) -> dict[str, Score]:
+        body = {"model": self.model_id, "prompt": [prompt + c for c in conts], "echo": True,
+                "logprobs": 1, "max_tokens": self._echo_max_tokens, "temperature": 0.0}
+        data = self._request("completions", body, cacheable=True)
+        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+        if len(choices) != len(conts):
+            raise _Failed(f"malformed response: {len(choices)} choices for {len(conts)} prompts")
+        return {c: _echo_score(prompt, c, ch.get("logprobs") or {}, self._echo_max_tokens)
+                for c, ch in zip(conts, choices)}
+
+    def _score_top(self, prompt: str, conts: list[str]) -> dict[str, Score]:
+        chat = isinstance(prompt, ChatText)
+        if chat:
+            body = {"model": self.model_id, "messages": [{"role": "user", "content": prompt}],
+                    "logprobs": True, "top_logprobs": self.top_logprobs, "temperature": 0.0,
+                    self._chat_max_key: 1}
+        else:
+            body = {"model": self.model_id, "prompt": prompt, "logprobs": self.top_logprobs,
+                    "max_tokens": 1, "temperature": 0.0}
+        data = self._request("chat" if chat else "completions", body, cacheable=True)
+        top = _first_top_logprobs(data, chat)
+        if top is None:
+            raise _Failed("the response has no top_logprobs")
+        return {c: _match_top(c, top) for c in conts}
+
+    def _score_generated(self, prompt: str, conts: list[str]) -> dict[str, Score]:
+        gen = self._generate_one(prompt, max_new_tokens=_ANSWER_TOKENS, temperature=0.0,
+                                 top_p=1.0, n=1, seed=0, logprobs=False)[0]
+        answer = gen.text.strip()
+        hits = [c for c in conts if c.strip() and answer.startswith(c.strip())]
+        best = max(hits, key=lambda c: len(c.strip())) if hits else None
+        if best is None:
+            return {c: _failed_score(f"the answer {answer[:60]!r} starts with no choice")
+                    for c in conts}
+        return {c: Score(logprob=0.0 if c == best else -math.inf,
+                         token_logprobs=[], tokens=[answer], prompt_tokens=gen.prompt_tokens)
+                for c in conts}
+
+    def _scoring_method(self, chat: bool) -> str:
+        """The scoring method for chat or plain prompts, found once by asking the server."""
+        if chat not in self._methods:
+            self._methods[chat] = self._probe_scoring(chat)
+        return self._methods[chat]
+
+    def _probe_scoring(self, chat: bool) -> str:
+        wanted = [self.scoring] if self.scoring != "auto" else list(SCORING_METHODS)
+        if chat and "echo" in wanted:
+            if self.scoring == "echo":
+                raise CapabilityError("scoring='echo' needs plain prompts (the completions "
+                                      "endpoint); drop --chat or use scoring='top_logprobs'.")
+            wanted.remove("echo")
+        for method in wanted:
+            if method == "generated" or self._probe(method, chat):
+                return method
+        raise CapabilityError(f"The server at {_public_url(self.base_url)} cannot score with "
+                              f"{self.scoring!r} for '{self.model_id}'.")
+
+    def _probe(self, method: str, chat: bool) -> bool:
+        """Whether the server answers a tiny request of this method (retried, cached)."""
+        try:
+            if method == "echo":
+                for max_tokens in (0, 1):  # some servers refuse max_tokens=0
+                    try:
+                        data = self._request("completions", {
+                            "model": self.model_id, "prompt": "Hi there", "echo": True,
+                            "logprobs": 1, "max_tokens": max_tokens, "temperature": 0.0},
+                            cacheable=True, probe=True)
+                    except _Refused:
+                        continue
+                    lps = ((data.get("choices") or [{}])[0].get("logprobs") or {})
+                    if len(lps.get("token_logprobs") or []) >= 2 + max_tokens:
+                        self._echo_max_tokens = max_tokens
+                        return True
+                return False
+            body = {"model": self.model_id, "temperature": 0.0}
+            if chat:
+                body.update(messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                            top_logprobs=self.top_logprobs, **{self._chat_max_key: 1})
+            else:
+                body.update(prompt="Hi there", logprobs=self.top_logprobs, max_tokens=1)
+            data = self._request("chat" if chat else "completions", body, cacheable=True,
+                                 probe=True)
+            return bool(_first_top_logprobs(data, chat))
+        except _Refused:
+            return False
+        except (_Failed, _Fatal) as exc:
+            raise APIRequestError(f"The server at {_public_url(self.base_url)} did not answer a "
+                                  f"first request: {exc}.") from None
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        seed: int | None = 0,
+        progress: ProgressFn | None = None,
+    ) -> list[list[Generation]]:
+        """``n`` samples per prompt (completions endpoint, or chat for ``ChatText`` prompts).
+
+        A prompt whose request fails gets ``n`` generations with ``error`` set.
+        """
+        if max_new_tokens < 1 or n < 1:
+            raise PromptscopeError("max_new_tokens and n must be at least 1.")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise PromptscopeError("temperature must be >= 0 and top_p in (0, 1].")
+        results: list[list[Generation] | None] = [None] * len(prompts)
+
+        def job(i: int) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    results[i] = self._generate_one(prompts[i], max_new_tokens=max_new_tokens,
+                                                    temperature=temperature, top_p=top_p, n=n,
+                                                    seed=seed, logprobs=True)
+                except _Failed as exc:
+                    results[i] = [Generation(text="", tokens=[], logprob=math.nan,
+                                             prompt_tokens=0, finish_reason="error",
+                                             error=str(exc)) for _ in range(n)]
+            return run
+
+        self._run_jobs([(job(i), 1) for i in range(len(prompts))], progress)
+        return results  # type: ignore[return-value]
+
+    def _generate_one(self, prompt: str, *, max_new_tokens: int, temperature: float,
+                      top_p: float, n: int, seed: int | None, logprobs: bool) -> list[Generation]:
+        chat = isinstance(prompt, ChatText)
+        body: dict[str, Any] = {"model": self.model_id, "temperature": temperature,
+                                "top_p": top_p, "n": n}
+        if seed is not None:
+            body["seed"] = seed
+        if chat:
+            body.update(messages=[{"role": "user", "content": prompt}],
+                        **{self._chat_max_key: max_new_tokens})
+            if logprobs:
+                body["logprobs"] = True
+        else:
+            body.update(prompt=prompt, max_tokens=max_new_tokens)
+            if logprobs:
+                body["logprobs"] = 1
+        data = self._request("chat" if chat else "completions", body,
+                             cacheable=temperature == 0)
+        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+        if len(choices) != n:
+            raise _Failed(f"malformed response: {len(choices)} choices, expected {n}")
+        prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        return [_generation(ch, chat, prompt_tokens) for ch in choices]
+
+    @property
+    def _chat_max_key(self) -> str:
+        # OpenAI's newer models refuse max_tokens; other servers may not know the new name.
+        return "max_completion_tokens" if self._is_openai else "max_tokens"
+
+    # ------------------------------------------------------------------ requests
+    def _run_jobs(self, jobs: list[tuple[Callable[[], None], int]],
+                  progress: ProgressFn | None) -> None:
+        """Run jobs with at most ``max_concurrency`` in flight; report each job's weight."""
+        if not jobs:
+            return
+        stop = threading.Event()
+
+        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                _local.stop = stop
+                fn()
+            return run
+
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs)),
+                                  thread_name_prefix="promptscope-api")
+        pending: set[Future[None]] = set()
+        weight: dict[Future[None], int] = {}
+        try:
+            for fn, w in jobs:
+                fut = pool.submit(guarded(fn))
+                weight[fut] = w
+                pending.add(fut)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()  # a _Fatal (or a bug) stops the run here
+                    if progress:
+                        progress(weight[fut])
+        except _Fatal as exc:
+            raise APIRequestError(str(exc)) from None
+        finally:
+            stop.set()  # requests still waiting to retry give up
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _cache(self) -> Any:
+        if not self.cache_enabled:
+            return None
+        if self._cache_obj is None:
+            from promptscope.models.cache import ResponseCache
+
+            self._cache_obj = (ResponseCache(self._cache_path) if self._cache_path
+                               else ResponseCache.default())
+        return self._cache_obj
+
+    def _request(self, kind: str, body: dict[str, Any], *, cacheable: bool,
+                 probe: bool = False) -> dict[str, Any]:
+        """One request through the cache, with retries; raises ``_Failed`` or ``_Fatal``.
+
+        A probe (a request that finds out what the server supports) is not tallied, and a
+        refusal other than 401/403 comes back as ``_Refused``.
+        """
+        tally = _Tally() if probe else self._tally
+        cache = self._cache if cacheable else None
+        key = cache.key(self.base_url, self.model_id, kind, body) if cache is not None else None
+        if key is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                tally.add(requests=1, cached=1)
+                return hit
+        stop: threading.Event = getattr(_local, "stop", None) or threading.Event()
+        attempt = 0
+        while True:
+            try:
+                data = self._send(kind, body)
+                break
+            except _Retryable as exc:
+                if attempt >= self.max_retries:
+                    tally.add(requests=1, failed=1)
+                    raise _Failed(f"{exc} (after {attempt + 1} attempt"
+                                  f"{'s' if attempt else ''})") from None
+                if exc.retry_after is not None:  # the server's word, within reason
+                    delay = min(exc.retry_after, 4 * self.max_backoff)
+                else:  # exponential backoff with jitter
+                    delay = min(self.max_backoff, self.backoff * 2 ** attempt)
+                    delay *= random.uniform(0.5, 1.0)
+                attempt += 1
+                tally.add(retries=1)
+                if stop.wait(delay):
+                    tally.add(requests=1, failed=1)
+                    raise _Failed("cancelled") from None
+            except _Refused as exc:
+                tally.add(requests=1, failed=1)
+                if exc.status in (401, 403) or exc.status == 404 and not probe:
+                    raise _Fatal(str(exc)) from None
+                if probe:
+                    raise
+                raise _Failed(str(exc)) from None
+        usage = data.get("usage") or {}
+        tally.add(requests=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                        completion_tokens=int(usage.get("completion_tokens") or 0))
+        if key is not None:
+            cache.put(key, data)
+        return data
+
+    def _send(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One HTTP request; raises ``_Retryable`` or ``_Refused`` with a key-free message."""
+        import openai
+
+        endpoint = self._client.chat.completions if kind == "chat" else self._client.completions
+        try:
+            resp = endpoint.create(**body)
+        except openai.APITimeoutError:
+            raise _Retryable(f"timed out after {self.timeout:g} s") from None
+        except openai.APIConnectionError as exc:
+            raise _Retryable(f"connection failed ({self._redact(_root_cause(exc))})") from None
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            if status in (408, 409, 429) or status >= 500:
+                raise _Retryable(f"HTTP {status}", _retry_after(exc.response.headers)) from None
+            if status == 401:
+                raise _Refused(401, f"the server at {_public_url(self.base_url)} rejected the "
+                               "API key (HTTP 401); check the key") from None
+            raise _Refused(status, f"HTTP {status}: {self._redact(_message(exc))}") from None
+        except (json.JSONDecodeError, openai.APIResponseValidationError):
+            raise _Retryable("malformed response (not JSON)") from None
+        if not hasattr(resp, "model_dump"):  # a body that was not JSON at all
+            raise _Retryable("malformed response (not JSON)")
+        return resp.model_dump()
+
+    def _redact(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def _check_server(self) -> None:
+        """List the server's models: a clear error for a bad URL, key or model name."""
+        import openai
+
+        where = _public_url(self.base_url)
+        try:
+            served = [m.id for m in self._client.models.list(timeout=min(self.timeout, 15.0))]
+        except openai.APIConnectionError as exc:
+            raise ModelLoadError(
+                f"Cannot reach the API server at {where} ({self._redact(_root_cause(exc))}). "
+                "Is it running? Check --base-url.") from None
+        except openai.AuthenticationError:
+            raise ModelLoadError(f"The server at {where} rejected the API key (HTTP 401).") \
+                from None
+        except openai.APIStatusError as exc:
+            hint = "" if self.base_url.endswith("/v1") else " (most servers want it to end in /v1)"
+            raise ModelLoadError(f"The server at {where} did not list its models (HTTP "
+                                 f"{exc.status_code}); check the URL{hint}.") from None
+        except (json.JSONDecodeError, openai.APIResponseValidationError):
+            raise ModelLoadError(f"{where} did not answer like an OpenAI-compatible API; "
+                                 "check the URL.") from None
+        if served and self.model_id not in served:
+            shown = ", ".join(served[:10]) + (" ..." if len(served) > 10 else "")
+            raise ModelLoadError(f"The server at {where} does not serve '{self.model_id}'; it "
+                                 f"serves: {shown}.")
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_url(url: str) -> None:
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ModelLoadError(f"'{_public_url(url)}' is not an http(s) URL; give the API root, "
+                             "e.g. http://localhost:8000/v1.")
+
+
+def _public_url(url: str) -> str:
+    """The URL without user info, query or fragment (they may carry credentials)."""
+    try:
+        p = urlparse(url)
+        host = p.hostname or ""
+        netloc = f"{host}:{p.port}" if p.port else host
+        return urlunparse((p.scheme, netloc, p.path, "", "", ""))
+    except ValueError:
+        return "<invalid URL>"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from ``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``."""
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _message(exc: Any) -> str:
+    """The server's error message (first line, shortened)."""
+    body = getattr(exc, "body", None)
+    msg = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message") if isinstance(err, dict) else body.get("message")
+    msg = msg or getattr(exc, "message", "") or type(exc).__name__
+    return (str(msg).splitlines() or [""])[0][:300]
+
+
+def _failed_score(error: str) -> Score:
+    return Score(logprob=math.nan, token_logprobs=[], tokens=[], prompt_tokens=0, error=error)
+
+
+def _echo_score(prompt: str, cont: str, lp: dict[str, Any], generated: int) -> Score:
+    """The continuation's tokens and log-probs out of an echoed ``prompt + cont``."""
+    tokens = list(lp.get("tokens") or [])
+    values = list(lp.get("token_logprobs") or [])
+    offsets = list(lp.get("text_offset") or [])
+    if generated:
+        tokens, values, offsets = tokens[:-generated], values[:-generated], offsets[:-generated]
+    if not tokens or len(values) != len(tokens):
+        return _failed_score("malformed response: no echoed log-probs")
+    # Walk back from the end until the tokens spell the continuation.
+    text = ""
+    start = len(tokens)
+    while start > 0 and len(text) < len(cont):
+        start -= 1
+        text = tokens[start] + text
+    if text != cont and len(offsets) == len(tokens):
+        # Token strings may not spell the text (partial UTF-8): use the character offsets.
+        end = offsets[-1] + len(tokens[-1])
+        cut = end - len(cont)
+        start = next((k for k, o in enumerate(offsets) if o >= cut), len(tokens))
+        text = cont if start < len(tokens) and offsets[start] == cut else text
+    if text != cont:
+        return _failed_score("the server's tokenizer merges the end of the prompt with the "
+                             "continuation; end the prompt before a space or start the "
+                             "continuation with one")
+    picked = values[start:]
+    if start == 0 or any(v is None for v in picked):
+        return _failed_score("malformed response: missing echoed log-probs")
+    return Score(logprob=math.fsum(picked), token_logprobs=[float(v) for v in picked],
+                 tokens=tokens[start:], prompt_tokens=start)
+
+
+def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[str, float] | None:
+    """``{token: logprob}`` of the first generated token, or ``None``."""
+    try:
+        lp = data["choices"][0]["logprobs"]
+        if chat:
+            return {t["token"]: t["logprob"] for t in lp["content"][0]["top_logprobs"]}
+        return dict(lp["top_logprobs"][0])
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _match_top(choice: str, top: dict[str, float]) -> Score:
+    """A choice's log-prob among the first token's top log-probs (see module docs)."""
+    want = choice.strip()
+    hits = [t for t in top if t.strip() == want] or \
+        [t for t in top if t.strip() and want.startswith(t.strip())]
+    if not hits:
+        return Score(logprob=-math.inf, token_logprobs=[], tokens=[], prompt_tokens=0)
+    vals = [top[t] for t in hits]
+    best = max(vals)
+    total = best + math.log(math.fsum(math.exp(v - best) for v in vals))
+    return Score(logprob=total, token_logprobs=vals, tokens=hits, prompt_tokens=0)
+
+
+def _generation(ch: dict[str, Any], chat: bool, prompt_tokens: int) -> Generation:
+    lp = ch.get("logprobs") or {}
+    if chat:
+        text = (ch.get("message") or {}).get("content") or ""
+        items = lp.get("content") or []
+        tokens = [t.get("token", "") for t in items]
+        values = [t.get("logprob") for t in items]
+    else:
+        text = ch.get("text") or ""
+        tokens = list(lp.get("tokens") or [])
+        values = list(lp.get("token_logprobs") or [])
+    logprob = math.fsum(v for v in values if v is not None) if values else math.nan
+    return Generation(text=text, tokens=tokens, logprob=logprob, prompt_tokens=prompt_tokens,
+                      finish_reason=ch.get("finish_reason") or "length")
+
+

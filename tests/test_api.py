@@ -1,0 +1,342 @@
+"""The OpenAI-compatible backend against a real vLLM server (CPU), white-box vs black-box.
+
+The server (a tiny llama with head_dim 64) starts once per test session on 127.0.0.1. Faults a
+real server does not produce on demand come from ``fault_proxy.FaultProxy`` in front of it; the
+``openai`` client is never mocked. Without ``PROMPTSCOPE_VLLM_PYTHON`` the server tests skip
+locally (``.ci/run`` installs vLLM and sets it; in CI they must run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fault_proxy import FaultProxy
+from IPython.core.error import UsageError
+from vllm_server import ENV_PYTHON, server_model_dir, vllm_python, vllm_server
+
+import promptscope
+from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
+from promptscope.models.openai_api import APIRequestError, OpenAIModel
+
+TEMPLATE = "Is {city} in {{Europe|Asia}}? Answer:"
+CITIES = [{"city": c} for c in ("Paris", "Tokyo", "Oslo")]
+SECRET = "sk-test-0123456789abcdefSECRETkey"
+NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "07_api_models.ipynb"
+
+
+# ---------------------------------------------------------------------- no server needed
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_url_missing_key_and_unreachable_server_are_clear(monkeypatch):
+    with pytest.raises(ModelLoadError, match="not an http"):
+        promptscope.load_model("openai:m", base_url="localhost:8000")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ModelLoadError, match="OPENAI_API_KEY"):
+        promptscope.load_model("openai:gpt-4o-mini")
+    with pytest.raises(ModelLoadError, match="MY_KEY"):
+        OpenAIModel("m", base_url="http://127.0.0.1:9/v1", api_key_env="MY_KEY")
+    port = _closed_port()
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="Cannot reach") as err:
+        promptscope.load_model("openai:m", base_url=f"http://user:{SECRET}@127.0.0.1:{port}/v1",
+                               api_key=SECRET)
+    assert time.perf_counter() - t0 < 10
+    assert SECRET not in str(err.value)
+    with pytest.raises(ModelLoadError, match="for API models"):
+        promptscope.load_model("some-folder", base_url="http://127.0.0.1:1/v1")
+
+
+def test_api_model_states_what_it_cannot_do():
+    model = OpenAIModel("m", base_url=f"http://127.0.0.1:{_closed_port()}/v1", check=False)
+    assert model.capabilities == {"score", "generate"}
+    for capability, word in [("attention", "attention"), ("hidden_states", "steering"),
+                             ("gradients", "gradients")]:
+        with pytest.raises(CapabilityError, match=word) as err:
+            model.require(capability, "This analysis")
+        assert "OpenAIModel" in str(err.value)
+    assert "api_key" not in str(model.describe()) and model.per_request_errors
+
+
+# ---------------------------------------------------------------------- the real server
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """(base_url, model folder, served name) of one vLLM server for the whole session.
+
+    ``PROMPTSCOPE_TEST_VLLM_URL`` + ``PROMPTSCOPE_TEST_VLLM_MODEL_DIR`` reuse a running server
+    (serving the folder as ``tiny``) while developing.
+    """
+    if os.environ.get("PROMPTSCOPE_TEST_VLLM_URL"):
+        yield (os.environ["PROMPTSCOPE_TEST_VLLM_URL"],
+               Path(os.environ["PROMPTSCOPE_TEST_VLLM_MODEL_DIR"]), "tiny")
+        return
+    if not vllm_python():
+        if os.environ.get("CI"):
+            pytest.fail(f"{ENV_PYTHON} is not set in CI: .ci/run must install vLLM.")
+        pytest.skip(f"no vLLM environment: set {ENV_PYTHON} to its python (see .ci/run)")
+    root = tmp_path_factory.mktemp("vllm")
+    folder, served = server_model_dir(root)
+    t0 = time.perf_counter()
+    with vllm_server(folder, served_name=served, log_path=root / "vllm.log") as url:
+        print(f"\nvLLM server ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        yield url, folder, served
+
+
+@pytest.fixture(scope="session")
+def hf(server):
+    from promptscope.models.hf import HFModel
+
+    return HFModel.from_pretrained(server[1], name="white-box", device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def api(server):
+    return OpenAIModel(server[2], base_url=server[0], name="black-box")
+
+
+@pytest.fixture
+def proxy(server):
+    with FaultProxy(server[0].removesuffix("/v1")) as p:
+        yield p
+
+
+def _proxied(proxy, server, **kwargs):
+    kwargs.setdefault("backoff", 0.05)
+    kwargs.setdefault("cache", False)
+    model = OpenAIModel(server[2], base_url=proxy.url, name="proxied", **kwargs)
+    model.begin_run("choices", chat=False)  # its probe of the server, before any fault
+    return model
+
+
+def test_choices_and_target_agree_with_the_white_box_model(hf, api):
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES, choices=" yes| no| maybe so",
+                                   progress=False)
+    black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, choices=" yes| no| maybe so",
+                                   progress=False)
+    assert black.params["api"]["scoring"] == "echo"
+    assert black.df["prompt"].tolist() == white.df["prompt"].tolist()
+    assert black.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
+    assert black.df["prob"].tolist() == pytest.approx(white.df["prob"].tolist(), abs=1e-3)
+    assert black.df["n_tokens"].tolist() == white.df["n_tokens"].tolist()
+    assert black.df["error"].isna().all() and "error" not in white.df.columns
+    chosen = [run.df[run.df["chosen"]]["choice"].tolist() for run in (black, white)]
+    assert chosen[0] == chosen[1] and len(black.summary()) == 6
+
+    white_t = promptscope.run_prompt("{{Hi|Hello}} there", hf, target=" friend of mine",
+                                     progress=False)
+    black_t = promptscope.run_prompt("{{Hi|Hello}} there", api, target=" friend of mine",
+                                     progress=False)
+    assert black_t.df["logprob"].tolist() == pytest.approx(white_t.df["logprob"].tolist(),
+                                                           abs=1e-3)
+    assert black_t.df["n_tokens"].tolist() == white_t.df["n_tokens"].tolist()
+    assert min(black_t.df["n_tokens"]) > 1
+    back = promptscope.load(black_t.session_id)
+    assert back == black_t and back.params["api"]["requests"] == 2
+
+
+def test_greedy_generation_agrees_plain_and_chat(hf, api):
+    template = "{{Hi|Hello|The cat|Question: what colour is the sky?}} {{there|now}}"
+    for chat in (False, True):
+        white = promptscope.run_prompt(template, hf, max_new_tokens=8, chat=chat, progress=False)
+        black = promptscope.run_prompt(template, api, max_new_tokens=8, chat=chat,
+                                       progress=False)
+        readable = ~white.df["output"].str.contains("\ufffd")  # partial UTF-8: servers differ
+        assert readable.sum() >= 6
+        assert black.df["output"][readable].tolist() == white.df["output"][readable].tolist()
+        assert black.df["finish_reason"].tolist() == white.df["finish_reason"].tolist()
+        assert black.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(),
+                                                             abs=1e-3)
+
+
+def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, server):
+    import torch
+
+    top_k = 300  # within the vocabulary (vLLM's server fails on more)
+    api = OpenAIModel(server[2], base_url=server[0], top_logprobs=top_k)
+    black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, choices="yes|no", chat=True,
+                                   progress=False)
+    assert black.params["api"]["scoring"] == "top_logprobs"
+    tok = hf.tokenizer
+    vocab = [tok.decode([i]) for i in range(len(tok))]
+    for prompt, group in black.df.groupby("prompt", sort=False):
+        ids = hf.encode_prompt(hf.chat_prompt(prompt))
+        with torch.no_grad():
+            logits = hf.model(torch.tensor([ids])).logits[0, -1]
+        logp = torch.log_softmax(logits.float(), -1)
+        top = set(torch.topk(logp, top_k).indices.tolist())
+        for choice, got in zip(group["choice"], group["logprob"]):
+            hits = [i for i in top if vocab[i].strip() == choice] or [
+                i for i in top if vocab[i].strip() and choice.startswith(vocab[i].strip())]
+            expected = torch.logsumexp(logp[hits], 0).item() if hits else -math.inf
+            assert got == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(CapabilityError, match="--target with --chat"):
+        promptscope.run_prompt("Hi", api, target=" yes", chat=True, progress=False)
+
+
+def test_the_magic_runs_an_api_model(server, hf, capsys):
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython()
+    ip.run_line_magic("load_ext", "promptscope")
+    os.environ["PROMPTSCOPE_TEST_KEY"] = SECRET
+    try:
+        ip.run_line_magic("promptscope", f"model openai:{server[2]} --base-url {server[0]} "
+                          "--api-key-env PROMPTSCOPE_TEST_KEY --max-concurrency 4 --as magic-api")
+    finally:
+        del os.environ["PROMPTSCOPE_TEST_KEY"]
+    out = capsys.readouterr()
+    assert "magic-api" in out.out and SECRET not in out.out + out.err
+    ip.user_ns["cities"] = CITIES
+    run = ip.run_cell_magic("prompt", '--vars cities --choices " yes| no" -o run', TEMPLATE)
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES, choices=" yes| no",
+                                   progress=False)
+    assert run.model["name"] == "magic-api" and run.params["api"]["scoring"] == "echo"
+    assert run.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
+    with pytest.raises(CapabilityError, match="attention"):
+        promptscope.models.default_model().require("attention", "Attention capture")
+    if importlib.util.find_spec("promptscope.models.steering"):  # steering landed: it says so
+        with pytest.raises(UsageError, match="Attention steering needs attention weights"):
+            ip.run_cell_magic("prompt", '--steer --choices " yes| no"', "Is <<Paris>> big?")
+
+
+def test_concurrency_is_bounded_and_progress_is_reported(server, proxy):
+    model = _proxied(proxy, server, max_concurrency=3)
+    prompts = [f"Question {i}: is it" for i in range(24)]
+    seen: list[int] = []
+    scores = model.score(prompts, [" yes"] * 24, progress=seen.append)
+    assert sum(seen) == 24 and all(s.error is None for s in scores)
+    assert proxy.counts["/v1/completions"] >= 24
+    assert 2 <= proxy.max_in_flight <= 3
+
+
+def test_cache_makes_a_rerun_free_and_can_be_turned_off(server, proxy, capsys):
+    model = _proxied(proxy, server, cache=True)
+    first = promptscope.run_prompt(TEMPLATE, model, vars=CITIES, choices=" yes| no")
+    sent = proxy.counts["/v1/completions"]
+    assert first.params["api"]["cached"] == 0 and first.params["api"]["requests"] == 6
+    again = promptscope.run_prompt(TEMPLATE, model, vars=CITIES, choices=" yes| no")
+    assert proxy.counts["/v1/completions"] == sent  # not one request
+    assert again.params["api"]["cached"] == again.params["api"]["requests"] == 6
+    assert again.df["logprob"].tolist() == first.df["logprob"].tolist()
+    assert "all from the cache" in capsys.readouterr().err
+    greedy = promptscope.run_prompt("Hi {{a|b}}", model, max_new_tokens=3, progress=False)
+    promptscope.run_prompt("Hi {{a|b}}", model, max_new_tokens=3, progress=False)
+    assert greedy.params["api"]["cached"] == 0
+    sampled = [promptscope.run_prompt("Hi {{a|b}}", model, max_new_tokens=3, temperature=0.8,
+                                      progress=False) for _ in range(2)]
+    assert sampled[1].params["api"]["cached"] == 0  # sampling is never cached
+    off = _proxied(proxy, server, cache=False)
+    before = proxy.counts["/v1/completions"]
+    promptscope.run_prompt(TEMPLATE, off, vars=CITIES, choices=" yes| no", progress=False)
+    assert proxy.counts["/v1/completions"] == before + 6
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "slow:3", "badjson", "drop"])
+def test_transient_faults_are_retried(server, proxy, hf, fault):
+    model = _proxied(proxy, server, timeout=1.5)
+    proxy.inject(fault, fault)
+    t0 = time.perf_counter()
+    run = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
+                                 progress=False)
+    took = time.perf_counter() - t0
+    info = run.params["api"]
+    assert info["retries"] == 2 and info["failed"] == 0 and run.df["error"].isna().all()
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES[:1], choices=" yes| no",
+                                   progress=False)
+    assert run.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
+    if fault == "429":  # Retry-After: 1 was honoured (twice, on whichever requests got it)
+        assert took >= 1.0
+
+
+def test_a_request_that_keeps_failing_is_a_failed_row_and_the_run_goes_on(server, proxy,
+                                                                          capsys):
+    model = _proxied(proxy, server, max_retries=2, max_concurrency=1, prices={"input": 1.0,
+                                                                              "output": 2.0})
+    proxy.inject("500", "500", "500")  # the first request fails three times: for good
+    run = promptscope.run_prompt(TEMPLATE, model, vars=CITIES, choices=" yes| no",
+                                 progress=False)
+    info = run.params["api"]
+    assert info["failed"] == 1 and info["retries"] == 2 and info["requests"] == 6
+    assert info["cost_usd"] == pytest.approx(
+        (info["prompt_tokens"] * 1.0 + info["completion_tokens"] * 2.0) / 1e6)
+    failed = run.df[run.df["error"].notna()]
+    assert len(failed) == 2 and failed["variant"].nunique() == 1
+    assert "HTTP 500" in failed["error"].iloc[0] and failed["prob"].isna().all()
+    assert run.df["error"].isna().sum() == 10 and run.status == "done"
+    assert "1 FAILED" in capsys.readouterr().err
+    assert len(run.summary()) == 5  # the failed variant has no answer
+    back = promptscope.load(run.session_id)
+    assert back.params["api"]["failed"] == 1 and len(back.df) == 12
+
+    impatient = _proxied(proxy, server, timeout=0.5, max_retries=0)
+    proxy.inject("slow:2", path="/v1/completions")
+    gen = promptscope.run_prompt("Hi {{a|b}}", impatient, max_new_tokens=2, progress=False)
+    assert gen.df["error"].notna().sum() == 1
+    assert "timed out" in gen.df["error"].dropna().iloc[0]
+
+
+def test_the_key_reaches_no_store_output_log_or_error(server, proxy, capsys, caplog,
+                                                      _isolated_store):
+    model = _proxied(proxy, server, api_key=SECRET, cache=True, max_retries=0)
+    run = promptscope.run_prompt(TEMPLATE, model, vars=CITIES, choices=" yes| no")
+    proxy.inject("500")
+    promptscope.run_prompt("Hi {{a|b}}", model, max_new_tokens=2)
+    proxy.inject(f"401:Incorrect API key provided: {SECRET}.")
+    with pytest.raises(APIRequestError) as err:
+        promptscope.run_prompt("Hello {{a|b}}", model, target=" x", progress=False)
+    assert "API key" in str(err.value) and SECRET not in str(err.value)
+    partial = err.value.partial_result
+    assert partial.status == "failed"
+    text = repr(model) + str(model.describe()) + run._repr_html_() + str(run.params)
+    out = capsys.readouterr()
+    text += out.out + out.err + caplog.text
+    assert SECRET not in text
+    files = [p for p in Path(_isolated_store).rglob("*") if p.is_file()]
+    assert any(p.name.startswith("api_cache") for p in files)
+    for path in files:
+        assert SECRET.encode() not in path.read_bytes(), path
+        assert b"SECRETkey" not in path.read_bytes(), path
+
+
+def test_unknown_model_and_fatal_errors_are_short(server, proxy):
+    with pytest.raises(ModelLoadError, match="does not serve 'nope'.*tiny|does not serve"):
+        OpenAIModel("nope", base_url=server[0])
+    model = _proxied(proxy, server)
+    proxy.inject("401:bad key")
+    with pytest.raises(PromptscopeError, match="rejected the API key"):
+        model.score(["Hi"], [" there"])
+
+
+def test_notebook_runs_against_the_server(server, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("PROMPTSCOPE_API_BASE_URL", server[0])
+    monkeypatch.setenv("PROMPTSCOPE_API_MODEL", server[2])
+    monkeypatch.setenv("PROMPTSCOPE_API_MODEL_DIR", str(server[1]))
+    monkeypatch.setenv("PROMPTSCOPE_API_KEY", SECRET)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert nb.metadata.get("promptscope", {}).get("needs") == "api-server"
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = nbformat.writes(nb)
+    assert SECRET not in text
+    assert "cdn.plot.ly" not in text and "application/vnd.plotly.v1+json" in text
+    assert "agree" in text and "from the cache" in text
+    for folder in (tmp_path, Path(os.environ["PROMPTSCOPE_HOME"])):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
