@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from promptscope.analyses.attention import attention
+from promptscope.analyses.heads import profile_heads
 from promptscope.analyses.prompt import run_prompt
 from promptscope.errors import PromptscopeError
 from promptscope.models import load_model, loaded_models
@@ -30,8 +32,22 @@ from promptscope.store import Store
 from promptscope.templates import parse_template
 
 __version__ = "0.1.0"
-__all__ = ["run_prompt", "load_model", "load", "sessions", "list_models", "parse_template",
-           "Result", "Store", "PromptscopeError", "__version__"]
+__all__ = ["run_prompt", "attention", "profile_heads", "load_model", "load", "sessions",
+           "list_models", "parse_template", "steer", "Result", "Store", "PromptscopeError",
+           "__version__"]
+
+
+def steer(model: Any, **kwargs: Any) -> Any:
+    """Steer a model's attention (PASTA) inside a ``with`` block; see
+    :func:`promptscope.models.steering.steer` (imported lazily: it needs torch).
+
+    Example:
+        >>> with promptscope.steer(model, heads="all", alpha=0.01, emphasis="Ann lives in Rome."):
+        ...     run = promptscope.run_prompt(...)                       # doctest: +SKIP
+    """
+    from promptscope.models.steering import steer as _steer
+
+    return _steer(model, **kwargs)
 
 
 def load(session_id: str, *, store: Store | None = None) -> Result:

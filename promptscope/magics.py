@@ -53,6 +53,21 @@ def _prompt_parser() -> _Parser:
     p.add_argument("--n", type=int, default=1, help="samples per variant")
     p.add_argument("--chat", action="store_true", help="wrap each variant in the model's chat "
                    "template")
+    p.add_argument("--attention", action="store_true", help="capture attention instead of "
+                   "scoring: explorer widget, mass on each template part per layer and head")
+    p.add_argument("--layers", default="all", help="with --attention: layers to capture, e.g. "
+                   "'0,3' (default: all)")
+    p.add_argument("--steer", action="store_true", help="steer attention to the <<emphasised>> "
+                   "spans (PASTA)")
+    p.add_argument("--heads", default="all", help="heads to steer: 'all', '3.1,4.0' "
+                   "(layer.head) or 'L3' (default: all)")
+    p.add_argument("--alpha", type=float, default=0.01, help="PASTA's scaling of the "
+                   "non-emphasised tokens, in (0, 1] (default 0.01)")
+    p.add_argument("--steer-mode", default="exclude", choices=["exclude", "include"])
+    p.add_argument("--auto-emphasis", action="store_true", help="with --steer: AutoPASTA, the "
+                   "model names the key sentence inside <<...>> (or the prompt) to steer")
+    p.add_argument("--compare", action="store_true", help="with --steer: run each variant "
+                   "unsteered and steered")
     p.add_argument("--name", default="", help="session name")
     p.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
     p.add_argument("--no-save", action="store_true", help="do not save a session")
@@ -63,11 +78,23 @@ def _promptscope_parser() -> _Parser:
     p = _Parser(prog="%promptscope", description="Models and sessions of promptscope.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     m = sub.add_parser("model", help="load a model (cached) and make it the default")
-    m.add_argument("name", help="'organism', a model folder or a hub name")
+    m.add_argument("name", help="'organism', a model folder, a hub name, or openai:MODEL for a "
+                   "model behind an OpenAI-compatible API (OpenAI, vLLM, llama.cpp server)")
     m.add_argument("--device", help="cuda, mps, cpu (default: best available)")
     m.add_argument("--dtype", help="bf16, fp16, fp32 (default: bf16 on capable GPUs)")
     m.add_argument("--as", dest="alias", metavar="ALIAS", help="name shown in tables")
     m.add_argument("--reload", action="store_true", help="load again even if cached")
+    m.add_argument("--base-url", metavar="URL", help="openai:MODEL only: the API root, e.g. "
+                   "http://localhost:8000/v1 (default: OpenAI)")
+    m.add_argument("--api-key-env", metavar="VAR", help="openai:MODEL only: the environment "
+                   "variable holding the API key (default OPENAI_API_KEY, sent only to OpenAI); "
+                   "keys are never typed into a notebook")
+    m.add_argument("--max-concurrency", type=int, metavar="N", help="openai:MODEL only: "
+                   "requests in flight at once (default 16)")
+    m.add_argument("--timeout", type=float, metavar="S", help="openai:MODEL only: seconds per "
+                   "request (default 60)")
+    m.add_argument("--no-cache", action="store_true", help="openai:MODEL only: do not cache "
+                   "responses on disk")
     sub.add_parser("models", help="list the models loaded in this kernel")
     s = sub.add_parser("sessions", help="list saved sessions, newest first")
     s.add_argument("--kind")
@@ -115,8 +142,17 @@ class PromptscopeMagics(Magics):
         import promptscope
 
         if args.command == "model":
+            api = {k: v for k, v in [("base_url", args.base_url),
+                                     ("api_key_env", args.api_key_env),
+                                     ("max_concurrency", args.max_concurrency),
+                                     ("timeout", args.timeout),
+                                     ("cache", False if args.no_cache else None)]
+                   if v is not None}
+            if api and not args.name.startswith("openai:"):
+                raise UsageError("--base-url, --api-key-env, --max-concurrency, --timeout and "
+                                 "--no-cache are for API models: name them openai:MODEL.")
             model = promptscope.load_model(args.name, device=args.device, dtype=args.dtype,
-                                           alias=args.alias, reload=args.reload)
+                                           alias=args.alias, reload=args.reload, **api)
             print(f"Loaded {model!r}; it is now the default model.")
             return None
         if args.command == "models":
@@ -146,12 +182,27 @@ class PromptscopeMagics(Magics):
                                  "notebook. Define it first (a dict, list of dicts or DataFrame).")
             rows = ns[args.vars]
 
+        steer = None
+        if args.steer:
+            steer = {"heads": args.heads, "alpha": args.alpha, "mode": args.steer_mode,
+                     "compare": args.compare, "auto": args.auto_emphasis}
+        elif args.compare or args.auto_emphasis:
+            raise UsageError("--compare and --auto-emphasis go with --steer.")
+
         def run() -> Any:
+            if args.attention:
+                from promptscope.analyses.attention import attention
+
+                return attention(cell.rstrip("\n"), args.model, vars=rows, namespace=ns,
+                                 layers=args.layers, chat=args.chat, name=args.name,
+                                 save=not args.no_save,
+                                 steer={k: v for k, v in (steer or {}).items()
+                                        if k not in ("compare", "auto")} or None)
             return run_prompt(
                 cell.rstrip("\n"), args.model, vars=rows, namespace=ns, choices=args.choices,
                 target=args.target, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, n=args.n, seed=args.seed,
-                chat=args.chat, name=args.name, save=not args.no_save)
+                chat=args.chat, name=args.name, save=not args.no_save, steer=steer)
 
         try:
             result = _friendly(run)

@@ -80,9 +80,12 @@ class Result:
         from IPython.display import HTML, display
 
         display(HTML(self._repr_html_()))
-        fig = self.figure()
-        if fig is not None:
-            display(fig)
+        make_widget = getattr(_viz(self.kind), "widget", None)
+        shown = make_widget(self) if make_widget and len(self.df) else None
+        if shown is None:
+            shown = self.figure()
+        if shown is not None:
+            display(shown)
 
     def __repr__(self) -> str:
         return (f"<Result {self.kind} rows={len(self.df)} status={self.status} "

@@ -137,6 +137,7 @@ class Template:
         self,
         rows: Any = None,
         namespace: Mapping[str, Any] | None = None,
+        carry: Iterable[str] | None = None,
     ) -> Iterator[Variant]:
         """Yield every variant lazily: rows (outer) x alternatives (inner, in template order).
 
@@ -144,6 +145,8 @@ class Template:
             rows: ``None`` (one row), a dict (one row), a list of dicts or a DataFrame (one run
                 per row). Row values take precedence over ``namespace``.
             namespace: fallback values for variables (the notebook namespace in ``%%prompt``).
+            carry: also copy these other row columns into the labels (scalar values only), so
+                gold answers and metadata travel with each variant.
         """
         namespace = namespace or {}
         row_iter, labelled = _iter_rows(rows)
@@ -165,6 +168,9 @@ class Template:
                 labels.update({k: _label_value(v) for k, v in values.items()})
                 for g in groups:
                     labels[g.name] = _render(g.options[picks[g.name]], values, picks)[0]
+                for k in carry or ():
+                    if k in row and k not in labels and _is_scalar(row[k]):
+                        labels[k] = _label_value(row[k])
                 yield Variant(index=index, text=text, labels=labels, spans=tuple(spans))
                 index += 1
 
@@ -391,6 +397,10 @@ def count_rows(rows: Any) -> int:
     if rows is None or isinstance(rows, Mapping):
         return 1
     return len(rows)
+
+
+def _is_scalar(v: Any) -> bool:
+    return not isinstance(v, (list, tuple, dict, set)) and getattr(v, "ndim", 0) == 0
 
 
 def _label_value(v: Any) -> Any:

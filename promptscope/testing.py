@@ -68,6 +68,7 @@ def make_tiny_model(
     num_kv_heads: int = 2,
     head_dim: int | None = None,
     vocab_size: int = 512,
+    max_positions: int = 512,
     seed: int = 0,
 ) -> Path:
     """Build and save a tiny random causal LM with a locally trained tokenizer.
@@ -78,6 +79,7 @@ def make_tiny_model(
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: llama only; default ``hidden_size // num_heads``.
         vocab_size: tokenizer vocabulary size.
+        max_positions: longest sequence the model accepts.
         seed: weight initialisation seed.
 
     Returns:
@@ -97,10 +99,11 @@ def make_tiny_model(
                              intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
                              num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                              head_dim=head_dim or hidden_size // num_heads,
-                             max_position_embeddings=512, tie_word_embeddings=True, **ids)
+                             max_position_embeddings=max_positions, tie_word_embeddings=True,
+                             **ids)
     else:
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
-                            n_head=num_heads, n_positions=512, **ids)
+                            n_head=num_heads, n_positions=max_positions, **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -48,3 +48,15 @@ def tiny_gpt2(tiny_gpt2_dir):
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request, tiny_llama, tiny_gpt2):
     return tiny_llama if request.param == "llama" else tiny_gpt2
+
+
+@pytest.fixture(scope="session")
+def ip():
+    """The test IPython shell with promptscope's magics loaded (one per test session)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+
+    start_ipython()  # returns None when a test already started it; the singleton is the same
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "promptscope")
+    return shell

@@ -147,3 +147,13 @@ def test_unreachable_hub_fails_fast_with_a_clear_message(monkeypatch):
                                              "be reached"):
         HFModel.from_pretrained("some-org/some-model")
     assert time.perf_counter() - t0 < 10
+
+
+def test_generation_stops_at_any_end_token_of_the_generation_config(tiny_llama_dir):
+    m = HFModel.from_pretrained(tiny_llama_dir)
+    (free,), = m.generate(["Hi"], max_new_tokens=4)
+    second = m.tokenizer.convert_tokens_to_ids(free.tokens[1])  # make the 2nd token an end token
+    m.model.generation_config.eos_token_id = [m.tokenizer.eos_token_id, second]
+    (g,), = m.generate(["Hi"], max_new_tokens=4)
+    assert g.finish_reason == "stop"
+    assert g.tokens == free.tokens[: free.tokens.index(free.tokens[1])]

@@ -10,15 +10,6 @@ from IPython.core.error import UsageError
 import promptscope
 
 
-@pytest.fixture(scope="module")
-def ip():
-    from IPython.testing.globalipapp import start_ipython
-
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "promptscope")
-    return shell
-
-
 def test_load_ext_is_fast_and_imports_no_torch():
     code = textwrap.dedent("""
         import sys, time

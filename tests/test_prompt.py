@@ -30,7 +30,8 @@ def test_choices_mode_rows_probabilities_and_labels(tiny_llama):
     direct = tiny_llama.score(["Is Paris in Asia? Answer:"] * 2, [" yes", " no"])
     assert first["logprob"].tolist() == pytest.approx([s.logprob for s in direct], abs=1e-5)
     summary = run.summary()
-    assert len(summary) == 6 and {"answer", "p(answer)", "p(' yes')"} <= set(summary.columns)
+    assert len(summary) == 6
+    assert {"top_choice", "p(top_choice)", "p(' yes')"} <= set(summary.columns)
     fig = run.figure()
     assert [t.name for t in fig.data] == ["' yes'", "' no'"]
     assert math.isclose(sum(fig.data[0].y) + sum(fig.data[1].y), 6.0, rel_tol=1e-6)
@@ -152,3 +153,13 @@ def test_load_model_caches_and_sets_default(tiny_llama_dir):
 
     assert default_model() is a
     assert "cached" in promptscope.list_models()["name"].tolist()
+
+
+def test_row_columns_travel_with_their_variants(tiny_llama):
+    rows = pd.DataFrame({"city": ["Paris", "Tokyo"], "gold": [" yes", " no"],
+                         "options": [[1], [2]], "prompt": ["x", "y"]})
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=rows, choices=" yes| no",
+                                 progress=False)
+    assert run.df.groupby("variant")["gold"].first().tolist() == [" yes", " yes", " no", " no"]
+    assert "options" not in run.df.columns  # not a scalar
+    assert run.df["prompt"].iloc[0] == "Is Paris in Europe? Answer:"  # the result column wins

@@ -5,8 +5,10 @@ This is what ``%%prompt`` calls; it works the same from plain Python.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,9 +25,9 @@ from promptscope.templates import Template, Variant, check_rows, count_rows, par
 CHUNK_SIZE = 256
 
 #: Columns every prompt run has; template variables and groups may not reuse these names.
-RESERVED = {"variant", "prompt", "choice", "logprob", "prob", "rank", "chosen", "n_tokens",
-            "tokens", "time_ms", "target", "logprob_per_token", "sample", "output",
-            "finish_reason"}
+RESERVED = {"variant", "steered", "prompt", "choice", "logprob", "prob", "rank", "chosen",
+            "n_tokens", "tokens", "time_ms", "target", "logprob_per_token", "sample", "output",
+            "finish_reason", "error", "key_sentence", "key_similarity"}
 
 
 def parse_choices(choices: str | Sequence[str] | None) -> list[str] | None:
@@ -62,6 +64,7 @@ def run_prompt(
     store: Store | None = None,
     progress: bool = True,
     chunk_size: int | None = None,
+    steer: dict[str, Any] | None = None,
 ) -> Result:
     """Expand ``template`` into variants and run them all on ``model``.
 
@@ -71,7 +74,8 @@ def run_prompt(
     Args:
         template: template text (see :mod:`promptscope.templates`) or a parsed Template.
         model: a loaded model, a name to load, or ``None`` for the last model loaded.
-        vars: a dict, list of dicts or DataFrame: one run per row.
+        vars: a dict, list of dicts or DataFrame: one run per row. Columns the template does not
+            use (gold answers, ids) are carried into the result's rows.
         namespace: fallback values for variables (the notebook namespace in ``%%prompt``).
         choices: answers to rank, as ``" yes| no"`` or a list.
         target: one continuation to score.
@@ -82,6 +86,12 @@ def run_prompt(
         progress: show a progress bar.
         chunk_size: variants per step (default :data:`CHUNK_SIZE`); each step's rows are saved
             before the next starts, so an interrupt loses at most one step.
+        steer: attention steering (PASTA) of the ``<<emphasised>>`` spans: the keyword arguments
+            of :func:`promptscope.steer` (``heads``, ``alpha``, ``mode``), plus
+            ``compare=True`` to run every variant unsteered and steered (column ``steered``),
+            and ``auto=True`` for AutoPASTA: the model names the key sentence inside the
+            ``<<region>>`` (or the whole prompt) and that sentence is steered (columns
+            ``key_sentence``, ``key_similarity``; ``question`` overrides how it is asked).
 
     Returns:
         A :class:`~promptscope.result.Result` whose ``df`` has one row per variant x choice
@@ -109,7 +119,7 @@ def run_prompt(
     mode = "choices" if picks is not None else "target" if target is not None else "generate"
     check_rows(tpl, vars, namespace)  # a missing variable fails before a session exists
     total = tpl.n_variants(count_rows(vars))
-    variants = tpl.expand(vars, namespace)
+    variants = tpl.expand(vars, namespace, carry=_extra_columns(vars, tpl))
     chunk_size = chunk_size or CHUNK_SIZE
     params: dict[str, Any] = {"mode": mode, "template": tpl.source, "n_variants": total,
                               "chat": chat}
@@ -120,29 +130,145 @@ def run_prompt(
     else:
         params.update(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       n=n, seed=seed)
-    bar = _progress_bar(total, progress, mode)
-    with Recorder("prompt", name=name, model=mdl, params=params, source=tpl.source,
-                  save=save, store=store) as rec:
+    conditions: list[bool] = [False]
+    if steer is not None:
+        steer = dict(steer)
+        compare = steer.pop("compare", False)
+        auto = steer.pop("auto", False)
+        question = steer.pop("question", None)
+        if not auto and not tpl.has_emphasis and not steer.get("emphasis"):
+            raise TemplateError("Steering needs something to emphasise: mark it in the template "
+                                "with <<...>> (e.g. <<the key sentence>>).")
+        conditions = [False, True] if compare else [True]
+    mdl.begin_run(mode, chat)  # an API model settles how it scores, or says it cannot
+    bar = _progress_bar(total * len(conditions), progress, mode)
+    with contextlib.ExitStack() as stack:
+        steering = None
+        if steer is not None:  # validated (heads, alpha) before a session exists
+            steering = stack.enter_context(_steering(mdl, steer))
+            params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2,
+                               "auto": auto}
+        rec = stack.enter_context(Recorder("prompt", name=name, model=mdl, params=params,
+                                           source=tpl.source, save=save, store=store))
         try:
             while chunk := list(itertools.islice(variants, chunk_size)):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
-                t0 = time.perf_counter()
-                if mode == "generate":
-                    gens = mdl.generate(texts, max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, n=n, seed=seed,
-                                        progress=bar.update)
-                    rows = _generation_rows(chunk, gens, time.perf_counter() - t0)
-                else:
-                    conts = picks if picks is not None else [target]
-                    scores = mdl.score([t for t in texts for _ in conts], conts * len(texts),
-                                       progress=_every(len(conts), bar.update))
-                    elapsed = time.perf_counter() - t0
-                    rows = (_choice_rows(chunk, picks, scores, elapsed) if picks is not None
-                            else _target_rows(chunk, target, scores, elapsed))
-                rec.add(rows)
+                keys = None
+                if steering is not None:
+                    for v, text in zip(chunk, texts):
+                        steering.spans[text] = _shift_spans(v, text)
+                    if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
+                        keys = _auto_spans(mdl, texts, steering.spans, question)
+                for steered in conditions:
+                    if steering is not None:
+                        mdl.steering = steering if steered else None
+                    rows = _run_chunk(mdl, mode, chunk, texts, picks, target, bar,
+                                      dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_p=top_p, n=n, seed=seed))
+                    if steer is not None:
+                        rows.insert(1, "steered", steered)
+                    if keys is not None:
+                        sentence = {v.index: k.sentence for v, k in zip(chunk, keys)}
+                        similarity = {v.index: k.similarity for v, k in zip(chunk, keys)}
+                        rows["key_sentence"] = rows["variant"].map(sentence)
+                        rows["key_similarity"] = rows["variant"].map(similarity)
+                    rec.add(rows)
+                if steering is not None:
+                    steering.spans.clear()  # keep memory flat over long runs
+                    mdl.steering = steering
         finally:
             bar.close()
+            _record_run_info(rec, mdl, progress)
     return rec.result()
+
+
+def _record_run_info(rec: Recorder, mdl: Model, verbose: bool) -> None:
+    """Save the backend's per-run facts (API requests, failures, cache hits, tokens, cost)."""
+    info = mdl.run_info()
+    if not info:
+        return
+    rec.params["api"] = info
+    if rec.store is not None and rec.session_id:
+        rec.store.update_params(rec.session_id, rec.params)
+    if verbose or info.get("failed"):
+        print(api_note(info), file=sys.stderr)
+
+
+def api_note(info: Mapping[str, Any]) -> str:
+    """One line on an API run: requests, failures, cache hits, tokens, cost, scoring method."""
+    parts = [f"{info['requests']} requests"]
+    if info.get("cached"):
+        parts.append("all from the cache (no cost)" if info["cached"] == info["requests"]
+                     else f"{info['cached']} from the cache")
+    if info.get("failed"):
+        parts.append(f"{info['failed']} FAILED after retries (see the 'error' column)")
+    if info.get("retries"):
+        parts.append(f"{info['retries']} retries")
+    parts.append(f"{info.get('prompt_tokens', 0)} prompt + {info.get('completion_tokens', 0)} "
+                 "completion tokens")
+    if "cost_usd" in info:
+        parts.append(f"${info['cost_usd']:.4f}")
+    if info.get("scoring"):
+        parts.append(f"choices scored by {info['scoring']}")
+    return "API: " + ", ".join(parts) + "."
+
+
+def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],
+               picks: list[str] | None, target: str | None, bar: Any,
+               gen: dict[str, Any]) -> Any:
+    """Score or generate one chunk of variants; returns its rows."""
+    t0 = time.perf_counter()
+    if mode == "generate":
+        gens = mdl.generate(texts, progress=bar.update, **gen)
+        return _generation_rows(chunk, gens, time.perf_counter() - t0, mdl.per_request_errors)
+    conts = picks if picks is not None else [target]
+    scores = mdl.score([t for t in texts for _ in conts], conts * len(texts),
+                       progress=_every(len(conts), bar.update))
+    elapsed = time.perf_counter() - t0
+    if picks is not None:
+        return _choice_rows(chunk, picks, scores, elapsed, mdl.per_request_errors)
+    return _target_rows(chunk, target, scores, elapsed, mdl.per_request_errors)
+
+
+def _extra_columns(rows: Any, tpl: Template) -> list[str]:
+    """Row columns the template does not use, carried into the results (gold answers, ids...);
+    those named like a result column are left out."""
+    if hasattr(rows, "columns"):
+        names = [str(c) for c in rows.columns]
+    elif isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], Mapping):
+        names = list(dict.fromkeys(k for r in rows if isinstance(r, Mapping) for k in r))
+    else:
+        return []
+    used = set(tpl.variables) | {g.name for g in tpl.groups} | RESERVED | {"row"}
+    return [n for n in names if n not in used]
+
+
+def _auto_spans(mdl: Model, texts: list[str], spans: dict[str, list[tuple[int, int]]],
+                question: str | None) -> list[Any]:
+    """Replace each text's emphasis by the key sentence the model names (AutoPASTA)."""
+    from promptscope.analyses.autopasta import DEFAULT_QUESTION, key_sentences
+
+    regions = [spans[t][0] if spans.get(t) else None for t in texts]
+    keys = key_sentences(mdl, texts, regions, question or DEFAULT_QUESTION)
+    for t, k in zip(texts, keys):
+        spans[t] = [k.span]
+    return keys
+
+
+def _steering(mdl: Model, options: dict[str, Any]) -> Any:
+    from promptscope.models.steering import steer
+
+    return steer(mdl, **options)
+
+
+def _shift_spans(v: Variant, text: str) -> list[tuple[int, int]]:
+    """The variant's emphasis spans in ``text`` (the variant itself, or it inside a chat
+    template)."""
+    offset = text.rfind(v.text) if text != v.text else 0
+    if offset < 0:
+        raise TemplateError("Cannot find the prompt inside its chat-templated text to place the "
+                            "emphasis; the chat template changes the message. Drop --chat.")
+    return [(a + offset, b + offset) for a, b in v.emphasis]
 
 
 def _progress_bar(total: int, enabled: bool, mode: str) -> Any:
@@ -169,7 +295,7 @@ def _base(v: Variant) -> dict[str, Any]:
 
 
 def _choice_rows(chunk: list[Variant], choices: list[str], scores: list[Any],
-                 elapsed: float) -> Any:
+                 elapsed: float, errors: bool = False) -> Any:
     import pandas as pd
 
     rows = []
@@ -177,36 +303,51 @@ def _choice_rows(chunk: list[Variant], choices: list[str], scores: list[Any],
     for j, v in enumerate(chunk):
         mine = scores[j * len(choices):(j + 1) * len(choices)]
         lps = [s.logprob for s in mine]
+        failed = next((s.error for s in mine if getattr(s, "error", None)), None)
+        if failed is None and not any(math.isfinite(lp) for lp in lps):
+            failed = "no choice has a finite log-prob"
+        if failed is not None:  # a variant with a failed score has no probabilities
+            for c, s in zip(choices, mine):
+                rows.append({**_base(v), "choice": c, "logprob": s.logprob, "prob": math.nan,
+                             "rank": math.nan, "chosen": False, "n_tokens": len(s.tokens),
+                             "tokens": s.tokens, "time_ms": per, "error": failed})
+            continue
         top = max(lps)
         z = math.log(math.fsum(math.exp(lp - top) for lp in lps)) + top
         order = sorted(range(len(lps)), key=lambda i: -lps[i])
         rank = {i: r + 1 for r, i in enumerate(order)}
         for i, (c, s) in enumerate(zip(choices, mine)):
-            rows.append({**_base(v), "choice": c, "logprob": s.logprob,
-                         "prob": math.exp(s.logprob - z), "rank": rank[i], "chosen": rank[i] == 1,
-                         "n_tokens": len(s.tokens), "tokens": s.tokens, "time_ms": per})
+            row = {**_base(v), "choice": c, "logprob": s.logprob,
+                   "prob": math.exp(s.logprob - z), "rank": rank[i], "chosen": rank[i] == 1,
+                   "n_tokens": len(s.tokens), "tokens": s.tokens, "time_ms": per}
+            if errors:
+                row["error"] = None
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _target_rows(chunk: list[Variant], target: str | None, scores: list[Any],
-                 elapsed: float) -> Any:
+                 elapsed: float, errors: bool = False) -> Any:
     import pandas as pd
 
     per = elapsed * 1000 / max(1, len(chunk))
     return pd.DataFrame([
         {**_base(v), "target": target, "logprob": s.logprob,
-         "logprob_per_token": s.logprob / len(s.tokens), "n_tokens": len(s.tokens),
-         "tokens": s.tokens, "time_ms": per}
+         "logprob_per_token": s.logprob / len(s.tokens) if s.tokens else math.nan,
+         "n_tokens": len(s.tokens), "tokens": s.tokens, "time_ms": per,
+         **({"error": s.error} if errors else {})}
         for v, s in zip(chunk, scores)
     ])
 
 
-def _generation_rows(chunk: list[Variant], gens: list[Any], elapsed: float) -> Any:
+def _generation_rows(chunk: list[Variant], gens: list[Any], elapsed: float,
+                     errors: bool = False) -> Any:
     import pandas as pd
 
     per = elapsed * 1000 / max(1, len(chunk))
     return pd.DataFrame([
         {**_base(v), "sample": k, "output": g.text, "logprob": g.logprob,
-         "n_tokens": len(g.tokens), "finish_reason": g.finish_reason, "time_ms": per}
+         "n_tokens": len(g.tokens), "finish_reason": g.finish_reason, "time_ms": per,
+         **({"error": g.error} if errors else {})}
         for v, samples in zip(chunk, gens) for k, g in enumerate(samples)
     ])

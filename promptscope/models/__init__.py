@@ -17,6 +17,8 @@ __all__ = ["Model", "Score", "Generation", "load_model", "loaded_models", "defau
            "resolve_model", "ORGANISM_NAME"]
 
 ORGANISM_NAME = "organism"
+#: Prefix of API model names: ``"openai:MODEL"`` (OpenAI, vLLM, llama.cpp server...).
+API_PREFIX = "openai:"
 _loaded: dict[str, Model] = {}
 _default: list[Model] = []
 
@@ -34,23 +36,37 @@ def load_model(
     reload: bool = False,
     alias: str | None = None,
     make_default: bool = True,
+    base_url: str | None = None,
+    api_key: str | None = None,
     **kwargs: Any,
 ) -> Model:
     """Load a model (cached per kernel) and make it the default for later runs.
 
     Args:
-        name: ``"organism"`` (the bundled model organism), a local model folder, or a hub name.
+        name: ``"organism"`` (the bundled model organism), a local model folder, a hub name, or
+            ``"openai:MODEL"`` for a model behind an OpenAI-compatible API (OpenAI, vLLM,
+            llama.cpp server; see :class:`~promptscope.models.openai_api.OpenAIModel`).
         device: ``"cuda"``, ``"mps"``, ``"cpu"``...; default: the best available.
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"``; default: bf16 on capable GPUs, else fp32.
         reload: load again even if this name is cached.
         alias: the name to show in tables and sessions (default: derived from ``name``).
         make_default: make it the model that later runs use when they name none.
-        kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+        base_url: API models only: the server's API root, e.g. ``http://localhost:8000/v1``.
+        api_key: API models only: the key (default: ``$OPENAI_API_KEY`` for OpenAI).
+        kwargs: passed to ``AutoModelForCausalLM.from_pretrained``, or for API models to
+            ``OpenAIModel`` (``max_concurrency``, ``timeout``, ``cache``, ``prices``...).
 
     Example:
         >>> import promptscope
         >>> model = promptscope.load_model("organism")   # doctest: +SKIP
+        >>> api = promptscope.load_model("openai:gpt-4o-mini")   # doctest: +SKIP
     """
+    if name.startswith(API_PREFIX):
+        return _load_api_model(name, base_url=base_url, api_key=api_key, alias=alias,
+                               reload=reload, make_default=make_default, **kwargs)
+    if base_url is not None or api_key is not None:
+        raise ModelLoadError("base_url and api_key are for API models: name them "
+                             "'openai:MODEL' (e.g. 'openai:gpt-4o-mini').")
     key = f"{name}|{device}|{dtype}|{alias}"
     if key in _loaded and not reload:
         model = _loaded[key]
@@ -69,6 +85,27 @@ def load_model(
         else:
             model = HFModel.from_pretrained(name, device=device, dtype=dtype, name=alias,
                                             **kwargs)
+        _loaded[key] = model
+    if make_default:
+        _default[:] = [model]
+    return model
+
+
+def _load_api_model(name: str, *, base_url: str | None, api_key: str | None,
+                    alias: str | None, reload: bool, make_default: bool, **kwargs: Any) -> Model:
+    """``load_model`` for ``openai:MODEL`` names (cached per kernel like local models)."""
+    import hashlib
+
+    from promptscope.models.openai_api import OpenAIModel
+
+    # The cache key holds a hash of the key, never the key (a changed key loads afresh).
+    secret = hashlib.sha256((api_key or "").encode()).hexdigest()[:12]
+    key = f"{name}|{base_url}|{secret}|{alias}|{sorted(kwargs.items())!r}"
+    if key in _loaded and not reload:
+        model = _loaded[key]
+    else:
+        model = OpenAIModel(name[len(API_PREFIX):], base_url=base_url, api_key=api_key,
+                            name=alias, **kwargs)
         _loaded[key] = model
     if make_default:
         _default[:] = [model]

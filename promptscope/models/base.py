@@ -34,6 +34,8 @@ class Score:
     token_logprobs: list[float]
     tokens: list[str]
     prompt_tokens: int
+    #: Why this score could not be computed (an API request that failed for good), else None.
+    error: str | None = None
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Generation:
     prompt_tokens: int
     finish_reason: str = "length"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Why this sample could not be generated (an API request that failed for good), else None.
+    error: str | None = None
 
 
 class Model(ABC):
@@ -56,6 +60,9 @@ class Model(ABC):
 
     name: str = "model"
     capabilities: frozenset[str] = frozenset()
+    #: Whether single scores/generations can fail without stopping the run (their ``error`` is
+    #: set); runs on such a backend have an ``error`` column.
+    per_request_errors: bool = False
 
     def require(self, capability: str, analysis: str) -> None:
         """Raise a clear error if this backend cannot do ``capability`` for ``analysis``."""
@@ -89,6 +96,17 @@ class Model(ABC):
         progress: ProgressFn | None = None,
     ) -> list[list[Generation]]:
         """``n`` samples per prompt (greedy when ``temperature == 0``)."""
+
+    def begin_run(self, mode: str, chat: bool) -> None:
+        """Called before a run's first request (``mode``: choices, target or generate).
+
+        A backend may check here that it can do the run and reset its per-run tally.
+        """
+        return None
+
+    def run_info(self) -> dict[str, Any]:
+        """Per-run facts to save in the run's params (requests, tokens, cost); ``{}`` if none."""
+        return {}
 
     def chat_prompt(self, user_message: str) -> str:
         """Wrap a user message in the model's chat template (ready for the assistant turn)."""

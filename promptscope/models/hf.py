@@ -11,6 +11,7 @@ so the prompt is run once and its KV cache is reused for every continuation.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -74,6 +75,7 @@ class HFModel(Model):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.batch_size: int | None = None  # None: chosen from the token budget
+        self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -155,6 +157,16 @@ class HFModel(Model):
             "heads": getattr(cfg, "num_attention_heads", None),
         }
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a generation: the generation config's (a chat model may list its
+        end-of-turn token there) and the tokenizer's end-of-sequence token."""
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return list(dict.fromkeys(ids))
+
     def chat_prompt(self, user_message: str) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise CapabilityError(
@@ -169,9 +181,87 @@ class HFModel(Model):
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt, with the tokenizer's special tokens unless already in the text
         (a chat-templated prompt carries its own BOS)."""
+        return self._encode(text)["input_ids"]
+
+    def _encode(self, text: str, offsets: bool = False) -> Any:
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
-        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=add_special,
+                              return_offsets_mapping=offsets)
+
+    def _emphasis_flags(self, texts: Sequence[str]) -> list[list[bool]] | None:
+        """Per prompt, which tokens are emphasised (None when not steering)."""
+        if self.steering is None:
+            return None
+        from promptscope.models.steering import token_emphasis
+
+        flags = []
+        for text in texts:
+            enc = self._encode(text, offsets=True)
+            flags.append(token_emphasis(enc["offset_mapping"], self.steering.spans_for(text),
+                                        text))
+        return flags
+
+    def _forward_state(self, flags: list[list[bool]] | None, rows: list[int], width: int,
+                       capture: Any = None, layers: frozenset[int] = frozenset(),
+                       extra: int = 0) -> Any:
+        """The attention-function state for a left-padded batch of prompts ``rows``: the
+        steering key bias (when steering) and the attention capture (when asked)."""
+        if flags is None and capture is None:
+            return contextlib.nullcontext()
+        from promptscope.models.steering import _Forward, forward_context, key_bias
+
+        bias = {}
+        if flags is not None:
+            emph = torch.zeros((len(rows), width), dtype=torch.bool)
+            real = torch.zeros((len(rows), width), dtype=torch.bool)
+            for r, u in enumerate(rows):
+                n = len(flags[u])
+                emph[r, width - n:] = torch.tensor(flags[u], dtype=torch.bool)
+                real[r, width - n:] = True
+            bias = key_bias(self.steering, emph, real, self.model.config.num_attention_heads,
+                            extra, next(self.model.parameters()).dtype, self.device)
+        return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers))
+
+    @torch.inference_mode()
+    def forward_with_attention(
+        self,
+        prompts: Sequence[str],
+        layers: Sequence[int],
+        on_weights: Any,
+        progress: ProgressFn | None = None,
+    ) -> list[list[str]]:
+        """Run each prompt once and hand its attention weights to ``on_weights``.
+
+        Only ``layers`` compute their weights explicitly (the others stay on SDPA), and nothing is
+        kept here: ``on_weights(index, layer, weights)`` gets one prompt's ``[H, L, L]`` float32
+        tensor (padding removed) and keeps what it needs. Active steering applies.
+
+        Returns:
+            The tokens of each prompt.
+        """
+        from promptscope.models.steering import use_promptscope_attention
+
+        use_promptscope_attention(self.model)
+        ids = [self.encode_prompt(p) for p in prompts]
+        flags = self._emphasis_flags(prompts)
+        for batch in self._batches([len(x) for x in ids]):
+            width = max(len(ids[u]) for u in batch)
+            input_ids, mask = self._left_pad([ids[u] for u in batch], width)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+            def capture(layer: int, weights: torch.Tensor, batch: list[int] = batch,
+                        width: int = width) -> None:
+                for r, u in enumerate(batch):
+                    pad = width - len(ids[u])
+                    on_weights(u, layer, weights[r, :, pad:, pad:].float().cpu())
+
+            with self._forward_state(flags, batch, width, capture, frozenset(layers)):
+                self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           use_cache=False)
+            if progress:
+                progress(len(batch))
+        return [self.tokenizer.convert_ids_to_tokens(x) for x in ids]
 
     def encode_continuation(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -179,6 +269,15 @@ class HFModel(Model):
             raise PromptscopeError("A continuation to score is empty; give non-empty text "
                                    "(e.g. --choices ' yes| no').")
         return ids
+
+    def _left_pad(self, rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and attention mask on the model's device."""
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        return input_ids.to(self.device), mask.to(self.device)
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices grouped into batches of similar length within the token budget."""
@@ -220,10 +319,11 @@ class HFModel(Model):
         for i, p in enumerate(prompts):
             by_prompt[unique[p]].append(i)
 
+        flags = self._emphasis_flags(list(unique))
         results: list[Score | None] = [None] * len(prompts)
         for batch in self._batches([len(ids) for ids in prompt_ids]):
             self._run_adaptive(batch, lambda b: self._score_batch(
-                b, prompt_ids, cont_ids, by_prompt, results))
+                b, prompt_ids, cont_ids, by_prompt, results, flags))
             if progress:
                 progress(sum(len(by_prompt[u]) for u in batch))
         return results  # type: ignore[return-value]
@@ -244,21 +344,17 @@ class HFModel(Model):
     @torch.inference_mode()
     def _score_batch(self, batch: list[int], prompt_ids: list[list[int]],
                      cont_ids: list[list[int]], by_prompt: list[list[int]],
-                     results: list[Score | None]) -> None:
+                     results: list[Score | None], flags: list[list[bool]] | None) -> None:
         dev = self.device
         lengths = [len(prompt_ids[u]) for u in batch]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, u in enumerate(batch):
-            input_ids[r, width - lengths[r]:] = torch.tensor(prompt_ids[u])
-            mask[r, width - lengths[r]:] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        input_ids, mask = self._left_pad([prompt_ids[u] for u in batch], width)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         need_cache = any(len(cont_ids[i]) > 1 for u in batch for i in by_prompt[u])
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=need_cache)
+        with self._forward_state(flags, batch, width):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=need_cache)
         first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
         # Rows of the second pass: every multi-token continuation, over its prompt's cache.
@@ -279,8 +375,10 @@ class HFModel(Model):
             full_mask = torch.cat([mask[sel], c_mask], dim=1)
             c_pos = torch.tensor([lengths[r] for r, _ in rows], device=dev)[:, None] + \
                 torch.arange(clen, device=dev)[None, :]
-            out2 = self.model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos,
-                              use_cache=False, **{self._cache_kwarg: cache})
+            rows_of = [batch[r] for r, _ in rows]
+            with self._forward_state(flags, rows_of, width):
+                out2 = self.model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos,
+                                  use_cache=False, **{self._cache_kwarg: cache})
             logp = torch.log_softmax(out2.logits.float(), dim=-1)
             for k, (_, i) in enumerate(rows):
                 targets = torch.tensor(cont_ids[i][1:], device=dev)
@@ -321,11 +419,12 @@ class HFModel(Model):
         if seed is not None:
             torch.manual_seed(seed)
         ids = [self.encode_prompt(p) for p in prompts]
+        flags = self._emphasis_flags(prompts)
         results: list[list[Generation] | None] = [None] * len(prompts)
         budget_len = [len(x) + max_new_tokens for x in ids]
         for batch in self._batches([b * n for b in budget_len]):
             self._run_adaptive(batch, lambda b: self._generate_batch(
-                b, ids, results, max_new_tokens, temperature, top_p, n))
+                b, ids, results, max_new_tokens, temperature, top_p, n, flags))
             if progress:
                 progress(len(batch))
         return results  # type: ignore[return-value]
@@ -333,40 +432,39 @@ class HFModel(Model):
     @torch.inference_mode()
     def _generate_batch(self, batch: list[int], ids: list[list[int]],
                         results: list[list[Generation] | None], max_new_tokens: int,
-                        temperature: float, top_p: float, n: int) -> None:
-        dev = self.device
+                        temperature: float, top_p: float, n: int,
+                        flags: list[list[bool]] | None) -> None:
         tok = self.tokenizer
         width = max(len(ids[u]) for u in batch)
-        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for r, u in enumerate(batch):
-            input_ids[r, width - len(ids[u]):] = torch.tensor(ids[u])
-            mask[r, width - len(ids[u]):] = 1
+        input_ids, mask = self._left_pad([ids[u] for u in batch], width)
         sample = temperature > 0
-        out = self.model.generate(
-            input_ids=input_ids.to(dev),
-            attention_mask=mask.to(dev),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=None,
-            num_return_sequences=n,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+        # generate() expands the batch n times (row-major), so the steering rows repeat too.
+        with self._forward_state(flags, [u for u in batch for _ in range(n)], width,
+                                 extra=max_new_tokens):
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
+                top_k=None,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=self.stop_ids or None,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
         new = out.sequences[:, width:]
         logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
         chosen = logp.gather(-1, new[:, : logp.shape[1], None])[..., 0]
-        eos = tok.eos_token_id
+        stops = set(self.stop_ids)
         for r, u in enumerate(batch):
             samples = []
             for s in range(n):
                 row = r * n + s
                 toks = new[row].tolist()
-                stop = toks.index(eos) if eos is not None and eos in toks else None
+                stop = next((k for k, t in enumerate(toks) if t in stops), None)
                 kept = toks[:stop] if stop is not None else toks
                 counted = len(kept) + (1 if stop is not None else 0)
                 samples.append(Generation(

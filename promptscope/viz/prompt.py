@@ -8,7 +8,7 @@ from promptscope.viz.style import apply_style
 
 _FIXED = ["variant", "prompt", "choice", "logprob", "prob", "rank", "chosen", "n_tokens",
           "tokens", "time_ms", "target", "logprob_per_token", "sample", "output",
-          "finish_reason"]
+          "finish_reason", "error", "key_sentence", "key_similarity"]
 
 
 def label_columns(df: Any) -> list[str]:
@@ -21,20 +21,25 @@ def variant_labels(df: Any) -> Any:
     cols = [c for c in label_columns(df) if df[c].nunique(dropna=False) > 1]
     if not cols:
         return df["variant"].map(lambda i: f"#{i}")
-    return df[cols].astype(str).agg(" · ".join, axis=1)
+    shown = df[cols].astype(str)
+    if "steered" in cols:
+        shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
+    return shown.agg(" · ".join, axis=1)
 
 
 def summary(result: Any) -> Any:
-    """One row per variant: labels, prompt, the answer and each choice's probability."""
+    """One row per variant (and steering condition): labels, prompt, the answer and each
+    choice's probability."""
     df = result.df
     mode = result.params.get("mode")
-    labels = label_columns(df)
+    keys = ["variant"] + (["steered"] if "steered" in df.columns else [])
+    labels = [c for c in label_columns(df) if c not in keys]
     if mode == "choices":
-        wide = df.pivot_table(index="variant", columns="choice", values="prob", sort=False)
+        wide = df.pivot_table(index=keys, columns="choice", values="prob", sort=False)
         wide.columns = [f"p({c!r})" for c in wide.columns]
-        best = df[df["chosen"]].set_index("variant")
+        best = df[df["chosen"]].set_index(keys)
         out = best[labels + ["prompt", "choice", "prob", "time_ms"]].rename(
-            columns={"choice": "answer", "prob": "p(answer)"})
+            columns={"choice": "top_choice", "prob": "p(top_choice)"})
         return out.join(wide).reset_index()
     if mode == "target":
         return df.drop(columns=["tokens"])
@@ -50,7 +55,7 @@ def figure(result: Any) -> Any:
     x = variant_labels(df)
     if mode == "choices":
         choices = result.params["choices"]
-        n_variants = df["variant"].nunique()
+        n_variants = len(x.unique())
         if n_variants > 40:  # too many bars to read: a heatmap, variants down the side
             wide = df.assign(label=x).pivot_table(index="label", columns="choice", values="prob",
                                                   sort=False)[choices]

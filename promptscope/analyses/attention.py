@@ -1,0 +1,188 @@
+"""Where the model attends: per-layer, per-head attention over every variant of a template.
+
+Only the layers asked for compute their weights (explicitly, inside promptscope's attention
+function); the rest of the model stays on SDPA, and the full token x token matrices are kept only
+when ``matrices=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from promptscope.analyses._recorder import Recorder
+from promptscope.errors import PromptscopeError
+from promptscope.models import resolve_model
+from promptscope.models.base import Model
+from promptscope.result import Result
+from promptscope.store import Store
+from promptscope.templates import Template, Variant, check_rows, count_rows, parse_template
+
+#: Variants per forward step (their rows are saved before the next step).
+CHUNK_SIZE = 16
+
+
+def _pick(spec: Any, n: int, what: str) -> list[int]:
+    """``None`` / ``"all"`` -> everything; ``"0,2"`` or ``[0, 2]`` -> those, checked."""
+    if spec is None or spec == "all":
+        return list(range(n))
+    items = [int(x) for x in str(spec).split(",")] if isinstance(spec, str) else list(spec)
+    bad = [i for i in items if not 0 <= int(i) < n]
+    if bad:
+        raise PromptscopeError(f"{what} {bad} out of range: the model has {what}s 0..{n - 1}.")
+    return sorted({int(i) for i in items})
+
+
+def token_parts(offsets: Sequence[tuple[int, int]], v: Variant, shift: int = 0) -> list[str]:
+    """The template part each token belongs to: ``emphasis``, a variable or alternatives-group
+    name, ``text``, or ``special`` (no characters, e.g. BOS); ``template`` for chat-template text
+    around the prompt."""
+    parts = []
+    for a, b in offsets:
+        if b <= a:
+            parts.append("special")
+            continue
+        a, b = a - shift, b - shift
+        if b <= 0 or a >= len(v.text):
+            parts.append("template")
+            continue
+        label = "text"
+        for span in v.spans:
+            if span.kind != "text" and span.start < b and span.end > a:
+                if span.kind == "emph":
+                    label = "emphasis"
+                    break
+                label = span.name
+        parts.append(label)
+    return parts
+
+
+def attention(
+    template: str | Template,
+    model: Model | str | None = None,
+    *,
+    vars: Any = None,
+    namespace: Mapping[str, Any] | None = None,
+    layers: Any = None,
+    heads: Any = None,
+    chat: bool = False,
+    matrices: bool = True,
+    steer: dict[str, Any] | None = None,
+    name: str = "",
+    save: bool = True,
+    store: Store | None = None,
+    progress: bool = True,
+) -> Result:
+    """Capture attention for every variant of ``template``.
+
+    Args:
+        template, vars, namespace, chat: as in :func:`promptscope.run_prompt`.
+        layers: layers to capture (``None``/``"all"``, ``"0,3"``, ``[0, 3]``).
+        heads: heads to keep within those layers (default all).
+        matrices: keep the full token x token weights (table ``weights``); ``False`` keeps only
+            the summary, for long prompts or many variants.
+        steer: capture under attention steering (``promptscope.steer`` keyword arguments).
+
+    Returns:
+        A Result of kind ``attention``: ``df`` has, per variant, layer and head, the attention
+        mass the last prompt token puts on each template part (``emphasis``, each variable and
+        alternatives group, ``text``, ``special``); tables ``tokens`` (each token and its part)
+        and, with ``matrices``, ``weights`` (variant, layer, head, query, key, weight).
+
+    Example:
+        >>> att = promptscope.attention("Context: <<Ann lives in Rome.>> Where is Ann?",
+        ...                             layers="0,1")                      # doctest: +SKIP
+        >>> promptscope.widgets.AttentionExplorer(att)                      # doctest: +SKIP
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    tpl = template if isinstance(template, Template) else parse_template(template)
+    mdl = resolve_model(model)
+    mdl.require("attention", "Attention capture")
+    cfg = mdl.model.config  # type: ignore[attr-defined]
+    layer_ids = _pick(layers, cfg.num_hidden_layers, "layer")
+    head_ids = _pick(heads, cfg.num_attention_heads, "head")
+    check_rows(tpl, vars, namespace)
+    total = tpl.n_variants(count_rows(vars))
+    params = {"template": tpl.source, "layers": layer_ids, "heads": head_ids, "chat": chat,
+              "matrices": matrices, "n_variants": total}
+    variants = tpl.expand(vars, namespace)
+    bar = tqdm(total=total, disable=not progress or total < 2, desc="attention",
+               unit="variant", leave=False)
+    with contextlib.ExitStack() as stack:
+        steering = stack.enter_context(_steer_block(mdl, steer, tpl))
+        if steering is not None:
+            params["steer"] = steering.to_json()
+        rec = stack.enter_context(Recorder("attention", name=name, model=mdl, params=params,
+                                           source=tpl.source, save=save, store=store))
+        try:
+            while chunk := list(itertools.islice(variants, CHUNK_SIZE)):
+                texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
+                shifts = [t.rfind(v.text) if t != v.text else 0 for v, t in zip(chunk, texts)]
+                if steering is not None:
+                    for v, t, sh in zip(chunk, texts, shifts):
+                        steering.spans[t] = [(a + sh, b + sh) for a, b in v.emphasis]
+                tokens_rows, mass_rows, weight_frames = [], [], []
+                parts_of: dict[int, list[str]] = {}
+                for j, (v, t, sh) in enumerate(zip(chunk, texts, shifts)):
+                    enc = mdl._encode(t, offsets=True)  # type: ignore[attr-defined]
+                    parts_of[j] = token_parts(enc["offset_mapping"], v, sh)
+
+                def keep(j: int, layer: int, weights: Any, chunk: list[Variant] = chunk,
+                         parts_of: dict[int, list[str]] = parts_of,
+                         mass_rows: list[dict[str, Any]] = mass_rows,
+                         weight_frames: list[Any] = weight_frames) -> None:
+                    v = chunk[j]
+                    w = weights[head_ids]  # [H, L, L]
+                    last = w[:, -1, :]
+                    for part in dict.fromkeys(parts_of[j]):
+                        cols = [i for i, p in enumerate(parts_of[j]) if p == part]
+                        sums = last[:, cols].sum(dim=1).tolist()
+                        for h, m in zip(head_ids, sums):
+                            mass_rows.append({"variant": v.index, **v.labels, "layer": layer,
+                                              "head": h, "part": part, "mass": m})
+                    if matrices:
+                        weight_frames.append(_weights_frame(v.index, layer, head_ids, w))
+
+                tokens = mdl.forward_with_attention(  # type: ignore[attr-defined]
+                    texts, layer_ids, keep, progress=bar.update)
+                for j, v in enumerate(chunk):
+                    for pos, (tok, part) in enumerate(zip(tokens[j], parts_of[j])):
+                        tokens_rows.append({"variant": v.index, "position": pos, "token": tok,
+                                            "part": part})
+                rec.add(pd.DataFrame(tokens_rows), "tokens")
+                if weight_frames:
+                    rec.add(pd.concat(weight_frames, ignore_index=True), "weights")
+                rec.add(pd.DataFrame(mass_rows))
+                if steering is not None:
+                    steering.spans.clear()
+        finally:
+            bar.close()
+    return rec.result()
+
+
+def _weights_frame(variant: int, layer: int, heads: list[int], w: Any) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    n_h, n_q, n_k = w.shape
+    h, q, k = np.meshgrid(np.arange(n_h), np.arange(n_q), np.arange(n_k), indexing="ij")
+    keep = (k <= q).ravel()  # causal: the upper triangle is all zeros
+    return pd.DataFrame({
+        "variant": variant, "layer": layer,
+        "head": np.asarray(heads)[h.ravel()[keep]], "query": q.ravel()[keep],
+        "key": k.ravel()[keep], "weight": w.numpy().ravel()[keep].astype("float32"),
+    })
+
+
+def _steer_block(mdl: Model, steer: dict[str, Any] | None, tpl: Template) -> Any:
+    if steer is None:
+        return contextlib.nullcontext(None)
+    if not tpl.has_emphasis and not steer.get("emphasis"):
+        raise PromptscopeError("Steering needs something to emphasise: mark it with <<...>>.")
+    from promptscope.models.steering import steer as _steer
+
+    return _steer(mdl, **steer)

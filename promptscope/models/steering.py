@@ -1,0 +1,328 @@
+"""Attention steering (PASTA) and attention capture inside transformers' attention interface.
+
+PASTA scales the post-softmax attention that selected heads pay to the prompt tokens outside the
+emphasised spans by ``alpha`` and renormalises. Since
+``softmax(s + log(alpha) * 1[k outside]) == renormalise(alpha^1[k outside] * softmax(s))``, that
+is the same as adding ``log(alpha)`` to those keys' pre-softmax scores. So steering is an additive
+per-head key bias, applied by one attention function registered with transformers'
+``AttentionInterface`` (name :data:`ATTENTION_NAME`) that adds the bias to the mask and calls
+transformers' own SDPA attention: no eager attention, grouped-query attention and KV-cached
+generation work unchanged, and generated keys (beyond the prompt) get no bias.
+
+The same function captures attention weights of the layers asked for (computing them explicitly
+only there), so capture needs no global switch to eager attention either.
+
+The backend (:class:`~promptscope.models.hf.HFModel`) computes the per-batch key bias from token
+offsets and publishes it with :func:`forward_context` around each forward / generate call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from promptscope.errors import CapabilityError, PromptscopeError
+
+ATTENTION_NAME = "promptscope_sdpa"
+MODES = ("exclude", "include")
+
+
+@dataclass
+class AttentionSteering:
+    """A PASTA steering: which heads, how strongly, and what is emphasised.
+
+    Attributes:
+        heads: layer -> head indices to steer.
+        alpha: ``exclude`` mode: 0 < alpha <= 1 scales attention to the non-emphasised prompt
+            tokens (default 0.01, PASTA's). ``include`` mode: alpha > 0 scales attention to the
+            emphasised tokens (alpha > 1 up-weights them).
+        mode: ``"exclude"`` (PASTA's default) or ``"include"``.
+        emphasis: substrings to emphasise wherever they occur in a prompt.
+        spans: exact prompt text -> emphasised character spans (``%%prompt``'s ``<<...>>``).
+    """
+
+    heads: dict[int, list[int]]
+    alpha: float = 0.01
+    mode: str = "exclude"
+    emphasis: tuple[str, ...] = ()
+    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PromptscopeError(f"Steering mode must be 'exclude' or 'include', not "
+                                   f"{self.mode!r}.")
+        if self.mode == "exclude" and not 0 < self.alpha <= 1:
+            raise PromptscopeError(
+                f"alpha={self.alpha} is outside (0, 1]: PASTA's exclude mode multiplies the "
+                "attention to non-emphasised tokens by alpha (0.01 is the usual value). Use "
+                "mode='include' with alpha > 1 to up-weight the emphasised tokens instead."
+            )
+        if self.mode == "include" and not self.alpha > 0:
+            raise PromptscopeError(f"alpha={self.alpha} must be > 0 in include mode.")
+        if not any(self.heads.values()):
+            raise PromptscopeError("No heads to steer; pick at least one (e.g. heads='all').")
+
+    def spans_for(self, text: str) -> list[tuple[int, int]]:
+        """Emphasised character spans of ``text``: registered spans, else substring matches."""
+        if text in self.spans:
+            return self.spans[text]
+        found = []
+        for sub in self.emphasis:
+            start = text.find(sub)
+            while sub and start != -1:
+                found.append((start, start + len(sub)))
+                start = text.find(sub, start + len(sub))
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        """PASTA's head config (``{"layer": [heads]}``) plus alpha and mode."""
+        return {"heads": {str(k): v for k, v in sorted(self.heads.items())},
+                "alpha": self.alpha, "mode": self.mode}
+
+    def n_heads(self) -> int:
+        return sum(len(v) for v in self.heads.values())
+
+
+def parse_heads(spec: Any, n_layers: int, n_heads: int) -> dict[int, list[int]]:
+    """Turn a head selection into ``{layer: [heads]}``, checked against the model's shape.
+
+    Accepts ``"all"``, ``"3.1,4.0"`` (layer.head), ``"L3"`` (every head of layer 3), PASTA's
+    head-config dict ``{"3": [1, 2]}``, or pairs ``[(3, 1), (4, 0)]``.
+    """
+    out: dict[int, set[int]] = {}
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec == "all":
+            return {layer: list(range(n_heads)) for layer in range(n_layers)}
+        pairs: list[tuple[int, int | None]] = []
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            try:
+                if item.upper().startswith("L"):
+                    pairs.append((int(item[1:]), None))
+                else:
+                    layer_s, head_s = item.split(".")
+                    pairs.append((int(layer_s), int(head_s)))
+            except ValueError:
+                raise PromptscopeError(
+                    f"Cannot read head '{item}'. Write heads as layer.head (e.g. '3.1,4.0'), "
+                    "'L3' for every head of layer 3, or 'all'."
+                ) from None
+    elif isinstance(spec, dict):
+        pairs = [(int(k), int(h)) for k, hs in spec.items() for h in hs]
+    elif isinstance(spec, Iterable):
+        pairs = [(int(p[0]), int(p[1])) for p in spec]
+    else:
+        raise PromptscopeError(f"Unknown head selection {spec!r}.")
+    for layer, head in pairs:
+        if not 0 <= layer < n_layers:
+            raise PromptscopeError(f"Layer {layer} is out of range: the model has layers "
+                                   f"0..{n_layers - 1}.")
+        if head is not None and not 0 <= head < n_heads:
+            raise PromptscopeError(f"Head {layer}.{head} is out of range: each layer has heads "
+                                   f"0..{n_heads - 1}.")
+        out.setdefault(layer, set()).update(range(n_heads) if head is None else [head])
+    return {layer: sorted(hs) for layer, hs in sorted(out.items())}
+
+
+# ---------------------------------------------------------------------- forward-time state
+@dataclass
+class _Forward:
+    """What the attention function needs during one forward / generate call."""
+
+    key_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, 1, L]
+    capture: Callable[[int, torch.Tensor], None] | None = None  # (layer, weights [B,H,Lq,Lk])
+    capture_layers: frozenset[int] = frozenset()
+
+
+_local = threading.local()
+
+
+def _current() -> _Forward | None:
+    return getattr(_local, "forward", None)
+
+
+@contextlib.contextmanager
+def forward_context(state: _Forward) -> Iterator[None]:
+    """Make ``state`` visible to the attention function while the block runs."""
+    previous = _current()
+    _local.forward = state
+    try:
+        yield
+    finally:
+        _local.forward = previous
+
+
+def token_emphasis(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]],
+                   text: str = "") -> list[bool]:
+    """Which tokens overlap an emphasised character span.
+
+    A token that straddles a span edge (a BPE merge across it) counts as emphasised. Special
+    tokens (offset ``(0, 0)``) never are. A span that covers no token is an error.
+    """
+    flags = [False] * len(offsets)
+    for start, end in spans:
+        hit = False
+        for i, (a, b) in enumerate(offsets):
+            if b > a and a < end and b > start:
+                flags[i] = hit = True
+        if not hit:
+            shown = repr(text[start:end]) if text else f"{start}:{end}"
+            raise PromptscopeError(f"The emphasised span {shown} covers no token; emphasise "
+                                   "some text (e.g. <<the key sentence>>).")
+    return flags
+
+
+def key_bias(steering: AttentionSteering, emphasised: torch.Tensor, real: torch.Tensor,
+             n_heads: int, extra: int = 0, dtype: torch.dtype = torch.float32,
+             device: Any = None) -> dict[int, torch.Tensor]:
+    """Per-layer additive key bias ``[B, H, 1, L + extra]`` for a left-padded batch of prompts.
+
+    Args:
+        emphasised: bool ``[B, L]``, token is inside an emphasised span.
+        real: bool ``[B, L]``, token is a real prompt token (not padding).
+        extra: zero columns for the keys that follow the prompt (generated or scored tokens),
+            so each decoding step only slices the bias.
+    """
+    log_alpha = math.log(steering.alpha)
+    if steering.mode == "exclude":
+        target = real & ~emphasised & emphasised.any(dim=1, keepdim=True)  # rows w/o spans: none
+    else:
+        target = real & emphasised
+    per_key = torch.nn.functional.pad(target.float() * log_alpha, (0, extra))  # [B, L + extra]
+    out = {}
+    for layer, heads in steering.heads.items():
+        bias = torch.zeros(per_key.shape[0], n_heads, 1, per_key.shape[1])
+        bias[:, heads, 0, :] = per_key[:, None, :]
+        out[layer] = bias.to(device=device, dtype=dtype)
+    return out
+
+
+# ---------------------------------------------------------------------- the attention function
+def _float_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                causal: bool) -> torch.Tensor:
+    """An additive float mask ``[B|1, 1, Lq, Lk]``, with causality when transformers passed none.
+
+    transformers hands ``None`` for unpadded input and expects the attention function to be
+    causal itself (as SDPA's ``is_causal``); a bias-only mask would silently drop causality.
+    """
+    lq, lk = query.shape[2], key.shape[2]
+    neg = torch.finfo(query.dtype).min
+    if mask is None:
+        if not causal or lq == 1:
+            return torch.zeros(1, 1, lq, lk, dtype=query.dtype, device=query.device)
+        q_pos = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
+        allowed = q_pos >= torch.arange(lk, device=query.device)[None, :]
+        return torch.where(allowed, 0.0, neg).to(query.dtype)[None, None]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, neg).to(query.dtype)
+    return mask.to(query.dtype)
+
+
+def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None,
+                          **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """SDPA attention plus the active key bias / capture for this layer (else plain SDPA)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    state = _current()
+    layer = getattr(module, "layer_idx", None)
+    bias = state.key_bias.get(layer) if state is not None else None
+    capture = state is not None and state.capture is not None and layer in state.capture_layers
+    if bias is None and not capture:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    lk = key.shape[2]
+    if bias is not None and bias.shape[-1] < lk:  # more keys than the bias was padded for
+        bias = torch.nn.functional.pad(bias, (0, lk - bias.shape[-1]))
+    b = bias[..., :lk] if bias is not None else None  # a view: [B, H, 1, Lk]
+    if b is not None and attention_mask is None and query.shape[2] == 1:
+        mask = b  # a decoding step without padding: the bias is the whole mask
+    else:
+        mask = _float_mask(attention_mask, query, key, getattr(module, "is_causal", True))
+        if b is not None:
+            mask = mask + b
+    if not capture:
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    # Capture: this layer's weights computed explicitly (the other layers stay on SDPA).
+    groups = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling + mask
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    state.capture(layer, weights.detach())
+    out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+    return out, None
+
+
+def register() -> None:
+    """Register :data:`ATTENTION_NAME` with transformers (attention and its mask; idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, promptscope_attention)
+    # Without a registered mask function transformers builds no mask at all for a custom
+    # attention name, and padding would be attended to.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_promptscope_attention(model: Any) -> None:
+    """Switch a transformers model to :data:`ATTENTION_NAME` (same numbers as SDPA)."""
+    register()
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == ATTENTION_NAME:
+        return
+    can_set = getattr(model, "_can_set_attn_implementation", lambda: False)()
+    if not can_set:
+        raise CapabilityError(
+            f"{type(model).__name__} does not route attention through transformers' "
+            "AttentionInterface, so promptscope cannot steer or capture its attention. Use a "
+            "model whose attention calls ALL_ATTENTION_FUNCTIONS (llama, mistral, qwen, gpt2...)."
+        )
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
+@contextlib.contextmanager
+def steer(model: Any, *, heads: Any = "all", alpha: float = 0.01, mode: str = "exclude",
+          emphasis: str | Sequence[str] | None = None) -> Iterator[AttentionSteering]:
+    """Steer ``model``'s attention (PASTA) for everything run inside the block.
+
+    Args:
+        model: a local transformers model (``HFModel``).
+        heads: ``"all"``, ``"3.1,4.0"`` (layer.head), ``"L3"``, PASTA's head config
+            ``{"3": [1, 2]}``, ``[(layer, head), ...]``, or from a saved head profile:
+            ``"top:8"`` (this model's newest profile) or ``"profile:NAME"`` / ``"profile:NAME:8"``.
+        alpha: PASTA's scaling of the non-emphasised tokens (exclude mode, 0 < alpha <= 1), or of
+            the emphasised tokens (include mode).
+        mode: ``"exclude"`` (default) or ``"include"``.
+        emphasis: substring(s) to emphasise wherever they occur; ``run_prompt`` adds the spans of
+            ``<<...>>`` markers itself.
+
+    Example:
+        >>> with promptscope.steer(model, heads="1.0,2.3", emphasis="Ann lives in Rome."):
+        ...     model.score([prompt], [" Rome"])                     # doctest: +SKIP
+    """
+    model.require("attention", "Attention steering")
+    if getattr(model, "steering", None) is not None:
+        raise PromptscopeError("This model is already being steered; leave the other "
+                               "`steer(...)` block first.")
+    cfg = model.model.config
+    if isinstance(heads, str) and heads.startswith(("top:", "profile:")):
+        from promptscope.analyses.heads import resolve_profile_heads
+
+        heads = resolve_profile_heads(heads, model.name)
+    subs = (emphasis,) if isinstance(emphasis, str) else tuple(emphasis or ())
+    steering = AttentionSteering(parse_heads(heads, cfg.num_hidden_layers,
+                                             cfg.num_attention_heads), alpha, mode, subs)
+    use_promptscope_attention(model.model)
+    model.steering = steering
+    try:
+        yield steering
+    finally:
+        model.steering = None

@@ -1,0 +1,20 @@
+"""Interactive widgets (ipywidgets + plotly FigureWidget); each composes an analysis result and
+its plots and holds no analysis logic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["AttentionExplorer", "SteeringWidget"]
+
+
+def __getattr__(name: str) -> Any:  # imported lazily: ipywidgets and plotly are not light
+    if name == "AttentionExplorer":
+        from promptscope.widgets.attention import AttentionExplorer
+
+        return AttentionExplorer
+    if name == "SteeringWidget":
+        from promptscope.widgets.steering import SteeringWidget
+
+        return SteeringWidget
+    raise AttributeError(name)

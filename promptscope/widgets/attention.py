@@ -1,0 +1,76 @@
+"""The attention explorer: pick variants, a layer and a head; see token x token heatmaps side by
+side and the layer x head map of attention on a template part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as w
+import plotly.graph_objects as go
+
+from promptscope.viz.attention import default_part, mass_heatmap, token_heatmap
+
+
+class AttentionExplorer(w.VBox):
+    """Explore a :func:`promptscope.attention` result.
+
+    Example:
+        >>> att = promptscope.attention("Q: <<Ann lives in Rome.>> Where is Ann?")  # doctest: +SKIP
+        >>> AttentionExplorer(att)                                                  # doctest: +SKIP
+    """
+
+    def __init__(self, result: Any, variants: list[int] | None = None) -> None:
+        if result.kind != "attention":
+            raise ValueError("AttentionExplorer needs a promptscope.attention(...) result.")
+        if "weights" not in result.tables:
+            raise ValueError("This result kept no matrices; run attention(..., matrices=True).")
+        self.result = result
+        df = result.df
+        all_variants = sorted(df["variant"].unique().tolist())
+        chosen = variants or all_variants[:2]
+        labels = _variant_labels(result)
+        self.variants = w.SelectMultiple(
+            options=[(labels[v], v) for v in all_variants], value=tuple(chosen),
+            description="variants", rows=min(4, len(all_variants)))
+        self.layer = w.Dropdown(options=sorted(df["layer"].unique().tolist()),
+                                description="layer")
+        heads = sorted(df["head"].unique().tolist())
+        self.head = w.Dropdown(options=[("mean", None)] + [(f"h{h}", h) for h in heads],
+                               description="head")
+        parts = list(dict.fromkeys(df["part"]))
+        self.part = w.Dropdown(options=parts, value=default_part(df), description="mass on")
+        self.mass = go.FigureWidget(mass_heatmap(result, self.part.value))
+        self.tokens = w.HBox()
+        for control in (self.variants, self.layer, self.head):
+            control.observe(self._draw_tokens, names="value")
+        self.part.observe(self._draw_mass, names="value")
+        self._draw_tokens()
+        super().__init__([
+            w.HBox([self.variants, w.VBox([self.layer, self.head])]),
+            self.tokens,
+            w.HBox([self.part]),
+            self.mass,
+        ])
+
+    def _draw_tokens(self, _: Any = None) -> None:
+        self.tokens.children = [
+            go.FigureWidget(token_heatmap(self.result, v, self.layer.value, self.head.value))
+            for v in self.variants.value
+        ]
+
+    def _draw_mass(self, _: Any = None) -> None:
+        fresh = mass_heatmap(self.result, self.part.value)
+        with self.mass.batch_update():
+            self.mass.data[0].z = fresh.data[0].z
+            self.mass.data[0].hovertemplate = fresh.data[0].hovertemplate
+            self.mass.layout.title = fresh.layout.title
+
+
+def _variant_labels(result: Any) -> dict[int, str]:
+    df = result.df
+    label_cols = [c for c in df.columns
+                  if c not in ("variant", "layer", "head", "part", "mass")
+                  and df[c].nunique() > 1]
+    first = df.drop_duplicates("variant").set_index("variant")
+    return {v: f"#{v} " + " · ".join(str(first.loc[v, c]) for c in label_cols)
+            for v in first.index}

@@ -1,0 +1,107 @@
+"""The steering widget: an alpha slider and a head-set picker, with the answer probabilities and
+the attention on the emphasised span before and after PASTA steering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as w
+import plotly.graph_objects as go
+
+from promptscope.viz.style import apply_style
+
+
+def head_options(model: Any) -> list[str]:
+    """Head sets to offer: all heads, and the top-k of this model's newest saved profile."""
+    from promptscope.analyses.heads import KIND
+    from promptscope.store import Store
+
+    options = ["all"]
+    if any(r.status == "done" for r in Store.default().list(kind=KIND, model=model.name)):
+        options += [f"top:{k}" for k in (1, 2, 4, 8, 16)]
+    return options
+
+
+class SteeringWidget(w.VBox):
+    """Try PASTA steering interactively on a template with ``<<emphasis>>``.
+
+    Args:
+        template: the template (with ``<<...>>`` around what to emphasise).
+        model: a loaded local model.
+        choices: the answers to compare (``" yes| no"`` or a list).
+        vars: rows for the template's variables.
+        heads: the head sets offered (default: ``all`` and the top-k of a saved profile).
+
+    Example:
+        >>> SteeringWidget("<<Ann lives in Rome.>> Ann lives in", model,
+        ...                choices=" Rome| Paris")                        # doctest: +SKIP
+    """
+
+    def __init__(self, template: str, model: Any, *, choices: Any, vars: Any = None,
+                 heads: list[str] | None = None) -> None:
+        self.template, self.model, self.choices, self.rows = template, model, choices, vars
+        self.alpha = w.FloatLogSlider(value=0.01, base=10, min=-3, max=0, step=0.25,
+                                      description="alpha", continuous_update=False,
+                                      readout_format=".3f")
+        self.heads = w.Dropdown(options=heads or head_options(model), description="heads")
+        self.status = w.HTML()
+        self.answers = go.FigureWidget()
+        self.attention = go.FigureWidget()
+        self.alpha.observe(self.update, names="value")
+        self.heads.observe(self.update, names="value")
+        self.update()
+        super().__init__([w.HBox([self.alpha, self.heads]), self.status,
+                          w.HBox([self.answers, self.attention])])
+
+    def steering(self) -> dict[str, Any]:
+        return {"heads": self.heads.value, "alpha": self.alpha.value}
+
+    def update(self, _: Any = None) -> None:
+        """Re-run plain and steered on the current settings and redraw both figures."""
+        import promptscope
+
+        run = promptscope.run_prompt(self.template, self.model, vars=self.rows,
+                                     choices=self.choices, save=False, progress=False,
+                                     steer={**self.steering(), "compare": True})
+        plain = promptscope.attention(self.template, self.model, vars=self.rows,
+                                      matrices=False, save=False, progress=False)
+        steered = promptscope.attention(self.template, self.model, vars=self.rows,
+                                        matrices=False, save=False, progress=False,
+                                        steer=self.steering())
+        self.last = run
+        self._draw(self.answers, _answer_figure(run))
+        self._draw(self.attention, _mass_figure(plain, steered))
+        acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
+        self.status.value = (f"<b>{run.params['steer']['heads']}</b> · answers plain: "
+                             f"{acc.get(False)} → steered: {acc.get(True)}")
+
+    @staticmethod
+    def _draw(target: go.FigureWidget, fig: go.Figure) -> None:
+        with target.batch_update():
+            target.data = []
+            for trace in fig.data:
+                target.add_trace(trace)
+            target.layout = fig.layout
+
+
+def _answer_figure(run: Any) -> go.Figure:
+    from promptscope.viz.prompt import variant_labels
+
+    df = run.df.assign(label=variant_labels(run.df.assign(steered=False)))
+    fig = go.Figure([
+        go.Bar(name=f"{'steered' if s else 'plain'} {c!r}", x=part["label"], y=part["prob"],
+               hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>")
+        for (s, c), part in df.groupby(["steered", "choice"], sort=True)
+    ])
+    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]})
+    return apply_style(fig, "Answer probabilities, plain vs steered")
+
+
+def _mass_figure(plain: Any, steered: Any) -> go.Figure:
+    fig = go.Figure()
+    for name, res in (("plain", plain), ("steered", steered)):
+        d = res.df[res.df["part"] == "emphasis"].groupby("layer")["mass"].mean()
+        fig.add_trace(go.Bar(name=name, x=[f"L{i}" for i in d.index], y=d.values,
+                             hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_layout(barmode="group", yaxis={"title": "mass on emphasis", "range": [0, 1]})
+    return apply_style(fig, "Last token's attention on the emphasis (mean over heads)")

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import promptscope
+from promptscope.errors import PromptscopeError
+
+TEMPLATE = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+ROWS = [{"name": "Ann", "city": "Rome"}, {"name": "Eve", "city": "Lima"}]
+
+
+def _eager_attentions(model, text):
+    """What transformers' eager attention reports with output_attentions=True."""
+    model.model.set_attn_implementation("eager")
+    try:
+        ids = torch.tensor([model.encode_prompt(text)])
+        with torch.no_grad():
+            return model.model(ids, output_attentions=True).attentions
+    finally:
+        model.model.set_attn_implementation("sdpa")
+
+
+def test_captured_weights_equal_eager_attention(tiny_model):
+    att = promptscope.attention(TEMPLATE, tiny_model, vars=ROWS, layers="1", heads=[0, 2],
+                                progress=False)
+    eager = _eager_attentions(tiny_model, "Context: Eve lives in Lima. Bob lives in Oslo. "
+                                          "Where does Eve live?")
+    w = att.tables["weights"]
+    one = w[(w.variant == 1) & (w.layer == 1) & (w["head"] == 2)]
+    ref = eager[1][0, 2]
+    got = torch.zeros_like(ref)
+    q, k = one["query"].to_numpy().copy(), one["key"].to_numpy().copy()
+    got[q, k] = torch.tensor(one["weight"].to_numpy().copy())
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert set(w["layer"]) == {1} and set(w["head"]) == {0, 2}
+
+
+def test_span_mass_sums_to_one_and_parts_follow_the_template(tiny_llama):
+    att = promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS, progress=False)
+    df = att.df
+    totals = df.groupby(["variant", "layer", "head"])["mass"].sum()
+    assert totals.to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert {"emphasis", "name", "text", "special"} <= set(df["part"])
+    tokens = att.tables["tokens"]
+    first = tokens[tokens.variant == 0]
+    emphasised = "".join(first[first.part == "emphasis"]["token"]).replace("Ġ", " ")
+    assert emphasised.strip() == "Ann lives in Rome."
+    fig = att.figure()
+    assert fig.data[0].type == "heatmap" and "emphasis" in fig.layout.title.text
+    assert len(att.summary()) == 2
+
+
+def test_capture_does_not_change_the_model_output(tiny_llama):
+    text = "Context: Ann lives in Rome. Where does Ann live?"
+    before = tiny_llama.score([text], [" Rome"])[0].logprob
+    seen = []
+    tiny_llama.forward_with_attention([text], [0, 1], lambda *a: seen.append(a[1]))
+    assert sorted(seen) == [0, 1]
+    assert tiny_llama.score([text], [" Rome"])[0].logprob == pytest.approx(before, abs=1e-6)
+
+
+def test_steering_moves_attention_to_the_emphasis(tiny_llama):
+    plain = promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS[:1], matrices=False,
+                                  progress=False)
+    steered = promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS[:1], matrices=False,
+                                    steer={"heads": "1.0", "alpha": 0.01}, progress=False)
+    assert "weights" not in plain.tables and steered.params["steer"]["heads"] == {"1": [0]}
+
+    def mass(r, layer, head):
+        d = r.df
+        return d[(d.layer == layer) & (d["head"] == head) & (d.part == "emphasis")]["mass"].item()
+
+    assert mass(steered, 1, 0) > 0.9 > mass(plain, 1, 0)  # PASTA at work on the steered head
+    assert mass(steered, 1, 1) == pytest.approx(mass(plain, 1, 1), abs=1e-5)  # others untouched
+
+
+def test_explorer_widget_follows_its_controls(tiny_llama):
+    from promptscope.widgets import AttentionExplorer
+
+    att = promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS, progress=False)
+    ex = AttentionExplorer(att)
+    assert len(ex.tokens.children) == 2  # two variants side by side
+    z0 = ex.tokens.children[0].data[0].z
+    ex.layer.value = 1
+    ex.head.value = 3
+    assert not (ex.tokens.children[0].data[0].z == z0).all()
+    assert "head 3" in ex.tokens.children[0].layout.title.text
+    ex.variants.value = (1,)
+    assert len(ex.tokens.children) == 1
+    ex.part.value = "name"
+    assert "'name'" in ex.mass.layout.title.text
+
+
+def test_bad_layers_and_heads(tiny_llama):
+    with pytest.raises(PromptscopeError, match="layer.*out of range"):
+        promptscope.attention("hi", tiny_llama, layers=[7], progress=False)
+    with pytest.raises(PromptscopeError, match="head.*out of range"):
+        promptscope.attention("hi", tiny_llama, heads="9", progress=False)
+
+
+def test_prompt_magic_attention(ip, tiny_llama_dir):
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as att-llama")
+    att = ip.run_cell_magic("prompt", "--attention --layers 0", "Say <<{{hi|yo}}>> now")
+    assert att.kind == "attention" and set(att.df["layer"]) == {0}
+    assert att.df["variant"].nunique() == 2
+    steered = ip.run_cell_magic("prompt", "--attention --steer --heads 0.1", "Say <<hi>> now")
+    assert steered.params["steer"]["heads"] == {"0": [1]}

@@ -1,0 +1,401 @@
+"""PASTA as a key bias inside the attention interface == PASTA's eager post-softmax scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import promptscope
+from promptscope.errors import CapabilityError, PromptscopeError
+from promptscope.models.steering import (
+    AttentionSteering,
+    parse_heads,
+    token_emphasis,
+    use_promptscope_attention,
+)
+
+PROMPTS = [
+    "Context: Ann lives in Rome. Bob lives in Oslo. Question: where does Ann live? Answer:",
+    "Is Paris in Europe? Answer:",
+    "The cat sat on the mat. The dog ran in the park. Where is the cat?",
+]
+EMPHASIS = ["Ann lives in Rome.", "Paris", "The cat sat on the mat."]
+HEADS = {0: [1, 3], 1: [0]}
+ALPHA = 0.01
+
+
+# ------------------------------------------------------------- the reference implementation
+_REF: dict = {}
+
+
+def pasta_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    **kwargs):
+    """PASTA as its paper writes it: eager softmax, then on the steered heads multiply the
+    attention to non-emphasised prompt tokens by alpha and renormalise."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query, k.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
+    lq, lk = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        causal = torch.arange(lq)[:, None] + (lk - lq) >= torch.arange(lk)[None, :]
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores.float(), dim=-1)
+    heads = _REF["heads"].get(module.layer_idx, [])
+    if heads:
+        down = _REF["down"]  # bool [B, L_prompt]: prompt keys to scale by alpha
+        scale = torch.ones(weights.shape[0], lk)
+        scale[:, : down.shape[1]] = torch.where(down, _REF["alpha"], 1.0)
+        for h in heads:
+            w = weights[:, h] * scale[:, None, :]
+            weights[:, h] = w / w.sum(-1, keepdim=True)
+    out = torch.matmul(weights.to(v.dtype), v).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _register_reference():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("pasta_reference", pasta_reference)
+    AttentionMaskInterface.register("pasta_reference", sdpa_mask)
+
+
+def _batch(model, prompts, emphasis):
+    """Left-padded ids, mask, positions, and the keys PASTA down-weights."""
+    encs = [model._encode(p, offsets=True) for p in prompts]
+    width = max(len(e["input_ids"]) for e in encs)
+    ids = torch.full((len(prompts), width), model.tokenizer.pad_token_id)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    down = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for r, (p, e, sub) in enumerate(zip(prompts, encs, emphasis)):
+        n = len(e["input_ids"])
+        ids[r, width - n:] = torch.tensor(e["input_ids"])
+        mask[r, width - n:] = 1
+        start = p.index(sub)
+        for i, (a, b) in enumerate(e["offset_mapping"]):
+            inside = b > a and a < start + len(sub) and b > start
+            down[r, width - n + i] = not inside
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), down
+
+
+def _logits(model, impl, ids, mask, pos, padded=True):
+    model.model.set_attn_implementation(impl)
+    with torch.no_grad():
+        kwargs = {"attention_mask": mask, "position_ids": pos} if padded else {}
+        return model.model(input_ids=ids, **kwargs).logits.float()
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["batch-with-padding", "unpadded-mask-none"])
+def test_key_bias_equals_eager_pasta(tiny_model, padded):
+    _register_reference()
+    prompts, emphasis = (PROMPTS, EMPHASIS) if padded else (PROMPTS[:1], EMPHASIS[:1])
+    ids, mask, pos, down = _batch(tiny_model, prompts, emphasis)
+    _REF.update(heads=HEADS, alpha=ALPHA, down=down)
+    try:
+        reference = _logits(tiny_model, "pasta_reference", ids, mask, pos, padded)
+        plain = _logits(tiny_model, "sdpa", ids, mask, pos, padded)
+        with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS):
+            from promptscope.models.steering import _Forward, forward_context, key_bias
+
+            bias = key_bias(tiny_model.steering, ~down & mask.bool(), mask.bool(),
+                            tiny_model.model.config.num_attention_heads)
+            with forward_context(_Forward(key_bias=bias)):
+                ours = _logits(tiny_model, "promptscope_sdpa", ids, mask, pos, padded)
+    finally:
+        tiny_model.model.set_attn_implementation("sdpa")
+    real = mask.bool()
+    assert torch.allclose(ours[real], reference[real], atol=1e-4)
+    # ...and steering changes the model's output (the check above is not vacuous).
+    assert (ours[real] - plain[real]).abs().max() > 1e-2
+
+
+def test_steered_scores_match_reference_through_the_backend(tiny_llama):
+    """HFModel.score under steer(): batched, padded, multi-token continuations over the cache."""
+    _register_reference()
+    conts = [" Rome and more", " yes", " on the mat"]
+    with promptscope.steer(tiny_llama, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS):
+        steered = tiny_llama.score(PROMPTS, conts)
+    for prompt, sub, cont, s in zip(PROMPTS, EMPHASIS, conts, steered):
+        ids, mask, pos, down = _batch(tiny_llama, [prompt], [sub])
+        c = tiny_llama.encode_continuation(cont)
+        full = torch.cat([ids, torch.tensor([c])], dim=1)
+        _REF.update(heads=HEADS, alpha=ALPHA, down=down)  # continuation keys are not scaled
+        try:
+            logits = _logits(tiny_llama, "pasta_reference", full, None, None, padded=False)
+        finally:
+            tiny_llama.model.set_attn_implementation("sdpa")
+        logp = logits[0].log_softmax(-1)
+        n = ids.shape[1]
+        expected = sum(logp[n - 1 + k, t].item() for k, t in enumerate(c))
+        assert s.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_steered_generation_with_kv_cache_matches_reference(tiny_model):
+    """Greedy generation: cached steps (queries of generated tokens steered, their keys not)
+    equal a full recompute with the eager reference at every step."""
+    _register_reference()
+    prompts, emphasis = PROMPTS[:2], EMPHASIS[:2]
+    with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=emphasis):
+        gens = tiny_model.generate(prompts, max_new_tokens=5)
+    unsteered = tiny_model.generate(prompts, max_new_tokens=5)
+    for prompt, sub, (g,) in zip(prompts, emphasis, gens):
+        ids, _, _, down = _batch(tiny_model, [prompt], [sub])
+        _REF.update(heads=HEADS, alpha=ALPHA, down=down)
+        seq = ids
+        try:
+            for _ in range(5):
+                logits = _logits(tiny_model, "pasta_reference", seq, None, None, padded=False)
+                seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        finally:
+            tiny_model.model.set_attn_implementation("sdpa")
+        new = seq[0, ids.shape[1]:].tolist()
+        eos = tiny_model.tokenizer.eos_token_id
+        new = new[: new.index(eos)] if eos in new else new
+        assert g.text == tiny_model.tokenizer.decode(new, skip_special_tokens=True)
+    moved = [abs(a[0].logprob - b[0].logprob) for a, b in zip(gens, unsteered)]
+    assert max(moved) > 1e-3  # steering did change the generation's probabilities
+
+
+def test_rows_without_emphasis_are_not_steered(tiny_llama):
+    base = tiny_llama.score(PROMPTS[1:], [" yes", " no"])
+    with promptscope.steer(tiny_llama, heads="all", alpha=ALPHA, emphasis="Ann lives"):
+        mixed = tiny_llama.score(PROMPTS, [" Rome", " yes", " no"])
+    assert [s.logprob for s in mixed[1:]] == pytest.approx([s.logprob for s in base], abs=1e-5)
+
+
+def test_alpha_one_changes_nothing_and_include_mode_upweights(tiny_llama):
+    base = tiny_llama.score(PROMPTS[:1], [" Rome"])[0].logprob
+    with promptscope.steer(tiny_llama, heads="all", alpha=1.0, emphasis=EMPHASIS[0]):
+        same = tiny_llama.score(PROMPTS[:1], [" Rome"])[0].logprob
+    assert same == pytest.approx(base, abs=1e-5)
+    with promptscope.steer(tiny_llama, heads="all", alpha=100.0, mode="include",
+                           emphasis=EMPHASIS[0]):
+        up = tiny_llama.score(PROMPTS[:1], [" Rome"])[0].logprob
+    assert abs(up - base) > 1e-3
+
+
+def test_token_emphasis_at_span_edges(tiny_llama):
+    text = "Ann lives in Rome."
+    enc = tiny_llama._encode(text, offsets=True)
+    # A span that cuts a token in half still emphasises that whole token.
+    cut = text.index("Rome") + 2
+    flags = token_emphasis(enc["offset_mapping"], [(cut, len(text))], text)
+    tok_of_cut = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= cut < b)
+    assert flags[tok_of_cut] and not flags[0]  # BOS (a special token) is never emphasised
+    with pytest.raises(PromptscopeError, match="covers no token"):
+        token_emphasis(enc["offset_mapping"], [(3, 3)], text)
+
+
+def test_emphasis_in_a_chat_template(tiny_llama):
+    chat = tiny_llama.chat_prompt(PROMPTS[0])
+    with promptscope.steer(tiny_llama, heads="all", emphasis=EMPHASIS[0]):
+        (flags,) = tiny_llama._emphasis_flags([chat])
+    enc = tiny_llama._encode(chat, offsets=True)
+    marked = "".join(chat[a:b] for (a, b), f in zip(enc["offset_mapping"], flags) if f)
+    assert marked.strip() == EMPHASIS[0]
+
+
+def test_parse_heads_forms_and_errors():
+    assert parse_heads("all", 2, 3) == {0: [0, 1, 2], 1: [0, 1, 2]}
+    assert parse_heads("1.2, 0.1,1.0", 2, 3) == {0: [1], 1: [0, 2]}
+    assert parse_heads("L1", 2, 3) == {1: [0, 1, 2]}
+    assert parse_heads({"0": [2]}, 2, 3) == {0: [2]}
+    assert parse_heads([(1, 1)], 2, 3) == {1: [1]}
+    with pytest.raises(PromptscopeError, match="Layer 5 is out of range"):
+        parse_heads("5.0", 2, 3)
+    with pytest.raises(PromptscopeError, match="Head 1.7 is out of range"):
+        parse_heads("1.7", 2, 3)
+    with pytest.raises(PromptscopeError, match="Cannot read head"):
+        parse_heads("one.two", 2, 3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, 1.5])
+def test_alpha_outside_range_is_refused(alpha):
+    with pytest.raises(PromptscopeError, match=r"outside \(0, 1\]"):
+        AttentionSteering({0: [0]}, alpha=alpha)
+
+
+def test_head_config_json_round_trip():
+    s = AttentionSteering({3: [1, 2], 0: [4]}, alpha=0.05)
+    assert s.to_json() == {"heads": {"0": [4], "3": [1, 2]}, "alpha": 0.05, "mode": "exclude"}
+    assert parse_heads(s.to_json()["heads"], 4, 8) == {0: [4], 3: [1, 2]}
+    assert math.isclose(s.alpha, 0.05)
+
+
+def test_model_without_attention_interface_is_refused():
+    class Legacy(torch.nn.Module):
+        def _can_set_attn_implementation(self):
+            return False
+
+        config = type("C", (), {"_attn_implementation": "eager"})()
+
+    with pytest.raises(CapabilityError, match="AttentionInterface"):
+        use_promptscope_attention(Legacy())
+
+
+def test_nested_steering_is_refused(tiny_llama):
+    with promptscope.steer(tiny_llama, heads="0.0", emphasis="x"):
+        with pytest.raises(PromptscopeError, match="already being steered"):
+            with promptscope.steer(tiny_llama, heads="0.1", emphasis="y"):
+                pass
+    assert tiny_llama.steering is None
+
+
+def test_run_prompt_compare_steered_and_plain(tiny_llama):
+    template = "Context: <<Ann lives in {city}.>> Bob lives in Oslo. Where does Ann live?"
+    run = promptscope.run_prompt(template, tiny_llama, vars=[{"city": "Rome"}, {"city": "Lima"}],
+                                 choices=" Rome| Oslo| Lima", progress=False,
+                                 steer={"heads": "0.1,1.0", "alpha": 0.05, "compare": True})
+    df = run.df
+    assert sorted(df["steered"].unique()) == [False, True] and len(df) == 2 * 2 * 3
+    assert run.params["steer"] == {"heads": {"0": [1], "1": [0]}, "alpha": 0.05,
+                                   "mode": "exclude", "compare": True, "auto": False}
+    prompt = "Context: Ann lives in Rome. Bob lives in Oslo. Where does Ann live?"
+    plain = tiny_llama.score([prompt] * 3, [" Rome", " Oslo", " Lima"])
+    with promptscope.steer(tiny_llama, heads="0.1,1.0", alpha=0.05,
+                           emphasis="Ann lives in Rome."):
+        steered = tiny_llama.score([prompt] * 3, [" Rome", " Oslo", " Lima"])
+    got = df[df["city"] == "Rome"]
+    assert got[~got.steered]["logprob"].tolist() == pytest.approx([s.logprob for s in plain],
+                                                                  abs=1e-5)
+    assert got[got.steered]["logprob"].tolist() == pytest.approx([s.logprob for s in steered],
+                                                                 abs=1e-5)
+    summary = run.summary()
+    assert len(summary) == 4 and set(summary["steered"]) == {False, True}
+    assert any("steered" in str(x) for x in run.figure().data[0].x)
+    assert promptscope.load(run.session_id) == run
+
+
+def test_steering_without_emphasis_is_a_clear_error(tiny_llama):
+    from promptscope.errors import TemplateError
+
+    with pytest.raises(TemplateError, match="<<...>>"):
+        promptscope.run_prompt("No marks here", tiny_llama, target="!", progress=False,
+                               steer={"heads": "all"})
+
+
+def test_prompt_magic_steer_flags(ip, tiny_llama_dir):
+    from IPython.core.error import UsageError
+
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as steer-llama")
+    run = ip.run_cell_magic("prompt", '--steer --compare --heads 1.0 --alpha 0.1 --target " x"',
+                            "Say <<{{hi|yo}}>> now")
+    assert len(run.df) == 4 and run.params["steer"]["heads"] == {"1": [0]}
+    with pytest.raises(UsageError, match="out of range"):
+        ip.run_cell_magic("prompt", "--steer --heads 9.0 --target x", "<<a>> b")
+    with pytest.raises(UsageError, match=r"outside \(0, 1\]"):
+        ip.run_cell_magic("prompt", "--steer --alpha 2 --target x", "<<a>> b")
+    with pytest.raises(UsageError, match="go with --steer"):
+        ip.run_cell_magic("prompt", "--compare --target x", "<<a>> b")
+
+
+def _profile_data():
+    return [{"name": n, "city": c, "answer": f" {c}", "choices": [f" {c}", " Oslo"]}
+            for n, c in [("Ann", "Rome"), ("Eve", "Lima"), ("Max", "Kyiv")]]
+
+
+def test_profile_heads_scores_each_head_alone(tiny_llama):
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    prof = promptscope.profile_heads(template, _profile_data(), tiny_llama, layers=[1],
+                                     name="ctx-profile", progress=False)
+    df = prof.df
+    assert len(df) == 4 and set(df["layer"]) == {1}
+    # Each row is exactly the metric under steer() of that head alone.
+    row = df[df["head"] == 2].iloc[0]
+    prompts = [f"Context: {d['name']} lives in {d['city']}. Bob lives in Oslo. Where does "
+               f"{d['name']} live?" for d in _profile_data()]
+    with promptscope.steer(tiny_llama, heads="1.2", alpha=0.01,
+                           emphasis=[f"{d['name']} lives in {d['city']}." for d in
+                                     _profile_data()]):
+        right = tiny_llama.score(prompts, [d["answer"] for d in _profile_data()])
+    assert row["logprob"] == pytest.approx(sum(s.logprob for s in right) / 3, abs=1e-5)
+    assert row["d_logprob"] == pytest.approx(row["logprob"] - prof.params["baseline"]["logprob"])
+    ranked = prof.summary()
+    assert ranked["d_accuracy"].is_monotonic_decreasing or ranked["d_accuracy"].nunique() == 1
+    assert prof.figure().data[0].type == "heatmap"
+    assert promptscope.load(prof.session_id) == prof
+
+
+def test_heads_from_a_saved_profile(tiny_llama):
+    from promptscope.analyses.heads import top_heads
+
+    template = "Context: <<{name} lives in {city}.>> Where does {name} live?"
+    prof = promptscope.profile_heads(template, _profile_data(), tiny_llama, layers=[0, 1],
+                                     top_k=3, name="my-profile", progress=False)
+    helpful = prof.df[(prof.df.d_accuracy > 0) |
+                      ((prof.df.d_accuracy == 0) & (prof.df.d_logprob > 0))]
+    assert not helpful.empty  # seeded tiny model: some heads do help
+    expected = top_heads(prof.df, 3)
+    with promptscope.steer(tiny_llama, heads="profile:my-profile", emphasis="x") as s:
+        assert s.heads == expected
+    with promptscope.steer(tiny_llama, heads="top:1", emphasis="x") as s:
+        assert s.n_heads() == 1
+    with pytest.raises(PromptscopeError, match="No head profile named 'nope'"):
+        with promptscope.steer(tiny_llama, heads="profile:nope", emphasis="x"):
+            pass
+
+
+def test_profile_errors(tiny_llama):
+    with pytest.raises(PromptscopeError, match="<<...>>"):
+        promptscope.profile_heads("{name}", _profile_data(), tiny_llama, progress=False)
+    bad = [{"name": "Ann", "city": "Rome", "answer": " Paris", "choices": [" Rome"]}]
+    with pytest.raises(PromptscopeError, match="not among"):
+        promptscope.profile_heads("<<{name}>> {city}", bad, tiny_llama, progress=False)
+
+
+def test_autopasta_sentence_matching():
+    from promptscope.analyses.autopasta import match_sentence, sentences
+
+    text = "Intro. Context: Ann lives in Rome. Bob lives in Oslo. Question: where is Ann?"
+    region = (text.index("Context"), text.index(" Question"))
+    spans = sentences(text, *region)
+    assert [text[a:b] for a, b in spans] == ["Context: Ann lives in Rome.", "Bob lives in Oslo."]
+    (a, b), score = match_sentence("bob lives in oslo\nmore text", text, spans)
+    assert text[a:b] == "Bob lives in Oslo." and score > 0.9
+    (a, b), score = match_sentence("Ann, who lives in Rome", text, spans)  # paraphrase
+    assert text[a:b] == "Context: Ann lives in Rome." and score < 0.9
+
+
+def test_autopasta_run_emphasises_the_sentence_the_model_names(tiny_llama):
+    from promptscope.analyses.autopasta import DEFAULT_QUESTION, key_sentences
+
+    template = "<<Ann lives in Rome. Bob lives in Oslo. Eve lives in Lima.>> Where is Ann?"
+    run = promptscope.run_prompt(template, tiny_llama, target=" Rome", progress=False,
+                                 steer={"heads": "all", "auto": True, "compare": True})
+    prompt = "Ann lives in Rome. Bob lives in Oslo. Eve lives in Lima. Where is Ann?"
+    (key,) = key_sentences(tiny_llama, [prompt], [(0, prompt.index(" Where"))],
+                           DEFAULT_QUESTION)
+    assert set(run.df["key_sentence"]) == {key.sentence}
+    assert key.sentence in {"Ann lives in Rome.", "Bob lives in Oslo.", "Eve lives in Lima."}
+    with promptscope.steer(tiny_llama, heads="all", emphasis=key.sentence):
+        expected = tiny_llama.score([prompt], [" Rome"])[0].logprob
+    steered = run.df[run.df.steered]["logprob"].item()
+    assert steered == pytest.approx(expected, abs=1e-5)
+    assert run.params["steer"]["auto"] is True
+
+
+def test_steering_widget_reruns_on_its_controls(tiny_llama):
+    from promptscope.widgets import SteeringWidget
+
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": "Ann", "city": "Rome"}, {"name": "Eve", "city": "Lima"}]
+    wid = SteeringWidget(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows)
+    first = wid.last
+    assert len(wid.answers.data) == 6 and len(wid.attention.data) == 2
+    plain_mass = wid.attention.data[0].y
+    steered_mass = wid.attention.data[1].y
+    assert all(s > p for s, p in zip(steered_mass, plain_mass))  # steering all heads, alpha .01
+    wid.alpha.value = 1.0  # alpha 1 is no steering at all
+    assert wid.attention.data[1].y == pytest.approx(wid.attention.data[0].y, abs=1e-5)
+    same = wid.last.df.groupby("steered")["prob"].apply(list)
+    assert same[True] == pytest.approx(same[False], abs=1e-5)
+    assert not first.df.equals(wid.last.df)
+    assert "steered" in wid.status.value
