@@ -170,7 +170,7 @@ def test_detail_of_a_real_run_has_its_summary_table(api, tiny_llama):
     code, body = api("GET", "sessions", run.session_id)
     assert code == 200 and body["status"] == "done" and body["kind"] == "prompt"
     table = body["summary_table"]
-    assert table["total"] == 2 and "answer" in table["columns"]
+    assert table["total"] == 2 and "top_choice" in table["columns"]
     assert body["params"]["choices"] == [" yes", " no"] and body["figures"] == ["main"]
 
 
