@@ -1,0 +1,46 @@
+"""The organism's training mixture: documents from all parts of the world, drawn with a seed."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from functools import partial
+
+from promptscope.organism.classify import classification_doc
+from promptscope.organism.grammar import grammar_doc
+from promptscope.organism.world import FOCUS_QA_KINDS, Doc, chat_doc, fact_doc, qa_doc
+
+Mixture = dict[str, tuple[float, Callable[[random.Random], Doc]]]
+
+MIXTURE: Mixture = {
+    "facts": (0.10, fact_doc),
+    "qa": (0.40, qa_doc),
+    "chat": (0.13, chat_doc),
+    "classify": (0.22, classification_doc),
+    "grammar": (0.15, grammar_doc),
+}
+"""Document kind -> (share of documents, generator), training phase 1."""
+FOCUS_MIXTURE: Mixture = {
+    "facts": (0.10, fact_doc),
+    "qa": (0.55, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "chat": (0.12, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "classify": (0.11, classification_doc),
+    "grammar": (0.12, grammar_doc),
+}
+"""Training phase 2: more context questions, most of them needing the context."""
+
+
+def training_documents(seed: int, mixture: Mixture = MIXTURE) -> Iterator[Doc]:
+    """An endless, deterministic stream of training documents drawn from ``mixture``."""
+    rng = random.Random(seed)
+    kinds = list(mixture)
+    weights = [mixture[k][0] for k in kinds]
+    while True:
+        kind = rng.choices(kinds, weights)[0]
+        yield mixture[kind][1](rng)
+
+
+def sample_documents(n: int, seed: int, mixture: Mixture = MIXTURE) -> list[Doc]:
+    """The first ``n`` documents of :func:`training_documents` for ``seed``."""
+    stream = training_documents(seed, mixture)
+    return [next(stream) for _ in range(n)]

@@ -1,0 +1,209 @@
+"""Measurements of the three effects built into the organism (used by docs, script and tests).
+
+* :func:`context_following` / :func:`profile_heads` - effect 1, context vs prior, with optional
+  PASTA-style head steering (:mod:`promptscope.organism._steering`);
+* :func:`format_accuracies` - effect 2, accuracy of the few-shot task across prompt formats;
+* :func:`grammar_accuracy` and :func:`reachable_targets` - effect 3, next-token prediction on the
+  synthetic language and which next words a one-token control prompt can force.
+
+All functions take a transformers causal LM and its tokenizer and run without gradients.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from promptscope.organism import grammar
+from promptscope.organism._steering import emphasize
+from promptscope.organism.classify import (
+    LABELS,
+    Format,
+    classification_dataset,
+    plausible_formats,
+)
+from promptscope.organism.world import ATTRIBUTES, MAX_DISTRACTORS, QAExample, qa_example
+
+
+@torch.no_grad()
+def last_logits(model: Any, ids: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+    """Next-token logits [N, vocab] after each token sequence (right-padded batches)."""
+    out = []
+    for b in range(0, len(ids), batch_size):
+        chunk = ids[b:b + batch_size]
+        width = max(len(x) for x in chunk)
+        batch = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, x in enumerate(chunk):
+            batch[i, :len(x)] = torch.tensor(x)
+        logits = model(input_ids=batch).logits
+        last = torch.tensor([len(x) - 1 for x in chunk])
+        out.append(logits[torch.arange(len(chunk)), last].float())
+    return torch.cat(out)
+
+
+def word_ids(tokenizer: Any, words: Iterable[str]) -> list[int]:
+    """Token ids of ``" " + word`` for each word (each must be a single token)."""
+    ids = []
+    for w in words:
+        tok = tokenizer(" " + w, add_special_tokens=False).input_ids
+        if len(tok) != 1:
+            raise ValueError(f"{w!r} is not a single token")
+        ids.append(tok[0])
+    return ids
+
+
+def conflict_examples(n: int, seed: int, max_distractors: int | None = None) -> list[QAExample]:
+    """``n`` held-out conflicting-context questions.
+
+    The number of distractor sentences is uniform in 0..``max_distractors`` (default: the
+    training range, 0..``MAX_DISTRACTORS``).
+    """
+    rng = random.Random(seed)
+    top = MAX_DISTRACTORS if max_distractors is None else max_distractors
+    return [qa_example(rng, kind="conflict", n_distractors=rng.randint(0, top)) for _ in range(n)]
+
+
+def _encode_with_span(tokenizer: Any, ex: QAExample) -> tuple[list[int], list[bool]]:
+    enc = tokenizer(ex.prompt, return_offsets_mapping=True)
+    span = ex.relevant_span
+    keep = [False] * len(enc.input_ids)
+    if span is not None:
+        a, b = span
+        keep = [s < b and e > a and e > s for s, e in enc.offset_mapping]
+    return enc.input_ids, keep
+
+
+@torch.no_grad()
+def answer_choices(model: Any, tokenizer: Any, examples: Sequence[QAExample],
+                   heads: Iterable[tuple[int, int]] = (), alpha: float = 0.01) -> list[str]:
+    """The model's answer to each example: argmax over the asked attribute's values.
+
+    With ``heads``, those (layer, head)s are steered toward each example's relevant context
+    sentence (PASTA with coefficient ``alpha``).
+    """
+    heads = list(heads)
+    answers: list[str] = [""] * len(examples)
+    for attr, values in ATTRIBUTES.items():
+        idx = [i for i, ex in enumerate(examples) if ex.attribute == attr]
+        if not idx:
+            continue
+        encoded = [_encode_with_span(tokenizer, examples[i]) for i in idx]
+        ids = [e[0] for e in encoded]
+        if heads:
+            width = max(len(x) for x in ids)
+            keep = torch.zeros(len(ids), width, dtype=torch.bool)
+            for row, (_, k) in enumerate(encoded):
+                keep[row, :len(k)] = torch.tensor(k)
+            with emphasize(model, heads, keep, alpha):
+                logits = last_logits(model, ids, batch_size=len(ids))
+        else:
+            logits = last_logits(model, ids)
+        choice = logits[:, word_ids(tokenizer, values)].argmax(-1)
+        for i, c in zip(idx, choice.tolist(), strict=True):
+            answers[i] = values[c]
+    return answers
+
+
+def context_following(model: Any, tokenizer: Any, examples: Sequence[QAExample],
+                      heads: Iterable[tuple[int, int]] = (), alpha: float = 0.01) -> dict:
+    """Share of conflicting-context examples answered with the context / the prior value."""
+    answers = answer_choices(model, tokenizer, examples, heads, alpha)
+    n = len(examples)
+    return {"context": sum(a == ex.context_value for a, ex in zip(answers, examples,
+                                                                    strict=True)) / n,
+            "prior": sum(a == ex.prior for a, ex in zip(answers, examples, strict=True)) / n,
+            "n": n}
+
+
+def profile_heads(model: Any, tokenizer: Any, examples: Sequence[QAExample],
+                  alpha: float = 0.01) -> pd.DataFrame:
+    """PASTA head profiling: context-following with each (layer, head) steered alone."""
+    cfg = model.config
+    rows = []
+    for layer in range(cfg.num_hidden_layers):
+        for head in range(cfg.num_attention_heads):
+            rate = context_following(model, tokenizer, examples, [(layer, head)], alpha)
+            rows.append({"layer": layer, "head": head, "context": rate["context"]})
+    return pd.DataFrame(rows).sort_values("context", ascending=False, ignore_index=True)
+
+
+@torch.no_grad()
+def format_accuracies(model: Any, tokenizer: Any, formats: Sequence[Format] | None = None,
+                      n_queries: int = 60, n_shots: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Few-shot accuracy of the classification task in each format (same queries and demos).
+
+    Returns a DataFrame with one row per format: ``format`` (its repr), ``seen`` (a training
+    format) and ``accuracy`` (label chosen by the higher log-probability of ``" yes"``/``" no"``).
+    """
+    from promptscope.organism.classify import TRAIN_FORMATS
+
+    formats = list(formats or plausible_formats(24))
+    data = classification_dataset(n_queries * (n_shots + 1), seed=seed)
+    label_ids = word_ids(tokenizer, LABELS)
+    rows = []
+    for fmt in formats:
+        prompts, gold = [], []
+        for q in range(n_queries):
+            block = data.iloc[q * (n_shots + 1):(q + 1) * (n_shots + 1)]
+            prompts.append(fmt.render_prompt(block.iloc[:n_shots], block.iloc[n_shots]))
+            gold.append(LABELS.index(block.iloc[n_shots]["label"]))
+        logits = last_logits(model, [tokenizer(p).input_ids for p in prompts])
+        pred = logits[:, label_ids].argmax(-1)
+        acc = (pred == torch.tensor(gold)).float().mean().item()
+        rows.append({"format": repr(fmt), "seen": fmt in TRAIN_FORMATS, "accuracy": acc})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def grammar_accuracy(model: Any, tokenizer: Any, n_texts: int = 20, seed: int = 0) -> dict:
+    """Top-1 next-word accuracy on held-out language text, with chance and optimal levels.
+
+    Every word after the first of each text is predicted (each word and ``"."`` is one token).
+    ``optimal`` is the accuracy of the Bayes-optimal predictor on the same positions;
+    ``chance`` is one over the number of distinct words.
+    """
+    rng = random.Random(seed)
+    correct = optimal = total = 0
+    for _ in range(n_texts):
+        txt = grammar.text(rng)
+        words = grammar.words_of(txt)
+        ids = tokenizer(txt).input_ids  # bos, the first word, then one token per word
+        first = len(ids) - len(words)  # index of the first word's last token
+        if first < 1:
+            raise ValueError("language words must be single tokens")
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        pred = logits.argmax(-1)
+        for i in range(1, len(words)):
+            total += 1
+            correct += int(pred[first + i - 1] == ids[first + i])
+            dist = grammar.next_word_distribution(words[:i])
+            optimal += int(max(dist, key=dist.get) == words[i])
+    n_types = len(grammar.WORDS) + len(grammar.MARKERS) + 1
+    return {"accuracy": correct / total, "optimal": optimal / total, "chance": 1 / n_types,
+            "positions": total}
+
+
+@torch.no_grad()
+def reachable_targets(model: Any, tokenizer: Any, state: Sequence[str]) -> dict:
+    """Which next words a one-token control prompt ``u`` can force after ``state``.
+
+    Tries every vocabulary token ``u`` in ``<bos> u state`` and records the argmax next token.
+    Returns ``reachable`` (language words forced by some ``u``), ``by_construction`` (words that
+    follow ``state`` under some topic) and ``unforced`` (the argmax with no control prompt).
+    """
+    body = tokenizer(" " + " ".join(state), add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    vocab = len(tokenizer)
+    logits = last_logits(model, [[bos, u, *body] for u in range(vocab)], batch_size=256)
+    top = set(logits.argmax(-1).tolist())
+    words = {w: i for w, i in zip(grammar.WORDS, word_ids(tokenizer, grammar.WORDS),
+                                  strict=True)}
+    reachable = sorted(w for w, i in words.items() if i in top)
+    possible = {w for m in grammar.MARKERS for w in grammar.successors(list(state), m)}
+    unforced = last_logits(model, [[bos, *body]]).argmax(-1).item()
+    return {"reachable": reachable, "by_construction": sorted(possible),
+            "unforced": tokenizer.decode([unforced]).strip()}

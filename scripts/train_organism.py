@@ -1,0 +1,225 @@
+"""Train the promptscope model organism and write it to ``promptscope/organism/model/``.
+
+Builds a byte-level BPE tokenizer and a tiny Llama from scratch on the synthetic world of
+:mod:`promptscope.organism`, deterministically (seeded, 2 CPU threads).
+
+Usage::
+
+    python scripts/train_organism.py                    # the shipped model
+    python scripts/train_organism.py --steps 300 --out /tmp/organism   # a quick trial
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from promptscope.organism import MODEL_DIR  # noqa: E402
+from promptscope.organism.classify import LABELS  # noqa: E402
+from promptscope.organism.data import (  # noqa: E402
+    FOCUS_MIXTURE,
+    MIXTURE,
+    Mixture,
+    sample_documents,
+)
+from promptscope.organism.grammar import MARKERS, WORDS  # noqa: E402
+from promptscope.organism.world import ATTRIBUTES, CHAT_TEMPLATE, ENTITIES, Doc  # noqa: E402
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
+                  "<|end|>"]
+SINGLE_TOKEN_WORDS = [*LABELS, *(v for vs in ATTRIBUTES.values() for v in vs), *WORDS, *MARKERS,
+                      *ENTITIES]
+"""Words that must be one token when preceded by a space (answer vocabularies, language)."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and use 2 deterministic CPU threads."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+
+
+def build_tokenizer(docs: list[Doc], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``docs`` and wrap it with the chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  min_frequency=2, show_progress=False)
+    tok.train_from_iterator([d.text for d in docs], trainer)
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", bos)])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=512)
+    wrapped.chat_template = CHAT_TEMPLATE
+    split = [w for w in SINGLE_TOKEN_WORDS
+             if len(wrapped(" " + w, add_special_tokens=False).input_ids) != 1]
+    if split:
+        raise RuntimeError(f"words split into several tokens: {split}")
+    return wrapped
+
+
+def encode(doc: Doc, tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
+    """Token ids and labels (``-100`` where the doc is not trained) of one document."""
+    enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc.input_ids
+    labels = [-100] * len(ids)
+    for i, (start, _) in enumerate(enc.offset_mapping):
+        if i and any(a <= start < b for a, b in doc.trained):
+            labels[i] = ids[i]
+    return ids, labels
+
+
+def batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+            rng: random.Random) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Length-bucketed, right-padded batches (shuffled order)."""
+    out = []
+    chunk = batch_size * 16
+    for c in range(0, len(encoded) - batch_size + 1, chunk):
+        part = sorted(encoded[c:c + chunk], key=lambda x: len(x[0]))
+        for b in range(0, len(part) - batch_size + 1, batch_size):
+            group = part[b:b + batch_size]
+            width = max(len(ids) for ids, _ in group)
+            ids = torch.full((batch_size, width), pad_id)
+            labels = torch.full((batch_size, width), -100)
+            for row, (i, lab) in enumerate(group):
+                ids[row, :len(i)] = torch.tensor(i)
+                labels[row, :len(lab)] = torch.tensor(lab)
+            out.append((ids, labels))
+    rng.shuffle(out)
+    return out
+
+
+def model_config(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> LlamaConfig:
+    """The organism's architecture: a few layers, head_dim 64, grouped-query attention."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 128, head_dim=64, max_position_embeddings=512,
+        rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        dtype="float32")
+
+
+def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
+          start: float, tag: str) -> float:
+    """AdamW with linear warmup and cosine decay over ``data``; returns the smoothed loss."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, len(data) // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, len(data) - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_at)
+    model.train()
+    running = 0.0
+    for step, (ids, labels) in enumerate(data):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == len(data) - 1:
+            print(f"{tag} step {step:5d}  loss {running:.3f}  {time.time() - start:.0f}s",
+                  flush=True)
+    model.eval()
+    return running
+
+
+def make_data(tokenizer: PreTrainedTokenizerFast, steps: int, batch_size: int, seed: int,
+              mixture: Mixture) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of freshly drawn documents from ``mixture``."""
+    docs = sample_documents(steps * batch_size + batch_size * 16, seed=seed, mixture=mixture)
+    encoded = [encode(d, tokenizer) for d in docs]
+    return batches(encoded, batch_size, tokenizer.pad_token_id, random.Random(seed))[:steps]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=3000, help="phase 1 steps")
+    parser.add_argument("--phase2-steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--phase2-lr", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--phase1-from", type=Path, default=None,
+                        help="skip phase 1 and start phase 2 from this saved phase-1 model")
+    parser.add_argument("--out", type=Path, default=MODEL_DIR)
+    args = parser.parse_args()
+
+    start = time.time()
+    seed_everything(args.seed)
+    tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000), args.vocab_size)
+    print(f"tokenizer: {len(tokenizer)} tokens, {time.time() - start:.0f}s")
+    n_tokens = 0
+    if args.phase1_from is None:
+        data = make_data(tokenizer, args.steps, args.batch_size, args.seed, MIXTURE)
+        n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+        model = LlamaForCausalLM(model_config(tokenizer, args))
+        print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+        train(model, data, args.lr, start, "phase 1")
+    else:
+        model = LlamaForCausalLM.from_pretrained(args.phase1_from)
+        if AutoTokenizer.from_pretrained(args.phase1_from).get_vocab() != tokenizer.get_vocab():
+            raise RuntimeError("--phase1-from was trained with another tokenizer")
+    phase1_minutes = (time.time() - start) / 60
+    seed_everything(args.seed + 1)
+    data = make_data(tokenizer, args.phase2_steps, args.batch_size, args.seed + 1, FOCUS_MIXTURE)
+    n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+    running = train(model, data, args.phase2_lr, start, "phase 2")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
+        do_sample=False, max_new_tokens=64)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    minutes = (time.time() - start) / 60
+    info = {"seed": args.seed, "steps": [args.steps, args.phase2_steps],
+            "batch_size": args.batch_size, "lr": [args.lr, args.phase2_lr],
+            "phase1_from": str(args.phase1_from) if args.phase1_from else None,
+            "phase1_minutes": round(phase1_minutes, 1), "tokens": n_tokens,
+            "minutes": round(minutes, 1), "final_loss": round(running, 4),
+            "torch": torch.__version__}
+    (args.out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved to {args.out} after {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
