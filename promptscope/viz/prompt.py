@@ -21,10 +21,15 @@ def variant_labels(df: Any) -> Any:
     cols = [c for c in label_columns(df) if df[c].nunique(dropna=False) > 1]
     if not cols:
         return df["variant"].map(lambda i: f"#{i}")
-    shown = df[cols].astype(str)
+    shown = df[cols].astype(str).apply(lambda col: col.map(_short))
     if "steered" in cols:
         shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
     return shown.agg(" · ".join, axis=1)
+
+
+def _short(text: str, width: int = 24) -> str:
+    """Long label values (a whole context sentence) cut to fit an axis."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def summary(result: Any) -> Any:
