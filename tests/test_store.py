@@ -102,3 +102,62 @@ def test_workspace_dir_walks_up_like_git(tmp_path, monkeypatch):
     assert workspace_dir(other) == other / ".promptscope"
     monkeypatch.setenv("PROMPTSCOPE_HOME", str(tmp_path / "home"))
     assert workspace_dir(deep) == tmp_path / "home"
+
+
+def _run_and_die(path: str) -> None:
+    """A 'kernel' that starts a run, saves a chunk and dies without finishing it."""
+    store = Store(path)
+    sid = store.create("prompt", name="dies")
+    store.append(sid, "rows", pd.DataFrame({"x": [1, 2]}))
+    import os
+
+    os._exit(0)
+
+
+def test_a_run_whose_process_died_shows_as_interrupted_and_keeps_rows(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    proc = multiprocessing.get_context("spawn").Process(target=_run_and_die, args=(path,))
+    proc.start()
+    proc.join(60)
+    store = Store(path)
+    live = store.create("prompt", name="alive")  # this process is still running it
+    by_name = {r.name: r for r in store.list()}
+    assert by_name["dies"].status == "interrupted" and "kernel" in by_name["dies"].error
+    assert by_name["alive"].status == "running"
+    assert store.table(by_name["dies"].id)["x"].tolist() == [1, 2]
+    # create() wrote the verdict, so every reader (the panel's too) sees it
+    raw = sqlite3.connect(path).execute("SELECT name, status FROM sessions").fetchall()
+    assert dict(raw) == {"dies": "interrupted", "alive": "running"}
+    store.finish(live, "done")
+
+
+def test_a_schema_1_file_is_upgraded_and_its_sessions_kept(tmp_path):
+    from promptscope.store import _MIGRATIONS
+
+    path = tmp_path / "s.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_MIGRATIONS[0])
+    conn.execute("INSERT INTO sessions (id, name, kind, status, created, updated) "
+                 "VALUES ('20260101-000000-abcdef', 'old', 'prompt', 'running', 0, 0)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = Store(path)
+    (old,) = store.list()
+    assert (old.name, old.status, old.owner) == ("old", "running", "")  # unknown owner: left be
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_the_panel_reader_shows_a_dead_run_as_interrupted_without_writing(tmp_path):
+    from promptscope.server.reader import StoreReader
+
+    path = str(tmp_path / "s.sqlite")
+    proc = multiprocessing.get_context("spawn").Process(target=_run_and_die, args=(path,))
+    proc.start()
+    proc.join(60)
+    page = StoreReader(path).page()
+    assert [s["status"] for s in page["sessions"]] == ["interrupted"]
+    sid = page["sessions"][0]["id"]
+    assert StoreReader(path).detail(sid)["status"] == "interrupted"
+    raw = sqlite3.connect(path).execute("SELECT status FROM sessions").fetchone()[0]
+    assert raw == "running"  # the reader never writes

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from promptscope.store import SCHEMA_VERSION, STATUSES, Store
+from promptscope.store import SCHEMA_VERSION, STATUSES, Store, orphaned
 
 # Ids are made by Store.create ("20261125-101500-1a2b3c"); allowing only this alphabet rules out
 # path tricks in URLs and code injection when the panel writes an id into a notebook cell.
@@ -110,7 +110,7 @@ class StoreReader(Store):
         limit = max(0, min(int(limit), MAX_LIMIT))
         offset = max(0, int(offset))
         where, args = self._where(kind, model, status, search)
-        cols = ", ".join(LIST_FIELDS)
+        cols = ", ".join((*LIST_FIELDS, "owner"))
         with self._connect() as conn:
             rows = conn.execute(
                 f"SELECT {cols} FROM sessions{where} ORDER BY created DESC, id DESC "
@@ -119,7 +119,13 @@ class StoreReader(Store):
             kinds = [k for (k,) in conn.execute("SELECT DISTINCT kind FROM sessions ORDER BY kind")]
             models = [m for (m,) in conn.execute(
                 "SELECT DISTINCT model FROM sessions WHERE model != '' ORDER BY model")]
-        return {"sessions": [dict(zip(LIST_FIELDS, r)) for r in rows], "total": total,
+        sessions = []
+        for *values, owner in rows:
+            item = dict(zip(LIST_FIELDS, values))
+            if orphaned(item["status"], owner):
+                item["status"] = "interrupted"
+            sessions.append(item)
+        return {"sessions": sessions, "total": total,
                 "limit": limit, "offset": offset, "kinds": kinds, "models": models}
 
     def table_sizes(self, session_id: str) -> dict[str, int]:

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -65,6 +66,9 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (session_id, name)
     );
     """,
+    # 2: which process runs a session ("host:pid"), so a run whose kernel died can be told apart
+    # from one still going.
+    "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -98,6 +102,7 @@ class SessionRecord:
     summary: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     error: str = ""
+    owner: str = ""
 
 
 class Store:
@@ -158,17 +163,30 @@ class Store:
     def create(self, kind: str, *, name: str = "", model: str = "",
                model_info: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
                source: str = "") -> str:
-        """Start a session in status ``running``; returns its id (sortable by time)."""
+        """Start a session in status ``running``; returns its id (sortable by time).
+
+        Sessions left ``running`` by a process of this machine that no longer exists (a kernel
+        that died or was restarted mid-run) are marked ``interrupted`` first; their rows stay.
+        """
         now = time.time()
         sid = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
         with self._connect() as conn:
+            self._reap_orphans(conn)
             conn.execute(
                 "INSERT INTO sessions (id, name, kind, model, model_info, params, source, "
-                "status, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                "status, created, updated, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
                 (sid, name or f"{kind} {sid}", kind, model, _dumps(model_info or {}),
-                 _dumps(params or {}), source, now, now),
+                 _dumps(params or {}), source, now, now, _owner()),
             )
         return sid
+
+    @staticmethod
+    def _reap_orphans(conn: sqlite3.Connection) -> None:
+        running = conn.execute("SELECT id, owner FROM sessions WHERE status='running'")
+        dead = [sid for sid, owner in running if orphaned("running", owner)]
+        conn.executemany("UPDATE sessions SET status='interrupted', error=?, updated=? WHERE id=?",
+                         [(ORPHAN_ERROR, time.time(), sid) for sid in dead])
 
     def append(self, session_id: str, table: str, df: Any) -> None:
         """Append rows (a DataFrame) to one of the session's tables."""
@@ -279,10 +297,34 @@ class Store:
             return [_record(r) for r in conn.execute(sql, args)]
 
 
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"  # at call time: a forked child is not us
+
+
+ORPHAN_ERROR = ("The process that ran it ended before it finished (kernel restarted or died); "
+                "the rows saved until then are kept.")
+
+
+def orphaned(status: str, owner: str) -> bool:
+    """Whether a session is ``running`` for a process of this machine that no longer exists."""
+    host, _, pid = owner.rpartition(":")
+    if status != "running" or host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists but is someone else's (or the platform cannot tell)
+    return False
+
+
 def _record(row: sqlite3.Row) -> SessionRecord:
     d = dict(row)
     for key in ("params", "model_info", "summary"):
         d[key] = json.loads(d[key])
+    if orphaned(d["status"], d.get("owner", "")):  # shown as what it is, before any write
+        d["status"], d["error"] = "interrupted", ORPHAN_ERROR
     return SessionRecord(**d)
 
 
