@@ -81,15 +81,15 @@ def test_explorer_widget_follows_its_controls(tiny_llama):
     att = promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS, progress=False)
     ex = AttentionExplorer(att)
     assert len(ex.tokens.children) == 2  # two variants side by side
-    z0 = ex.tokens.children[0].data[0].z
+    z0 = ex.tokens.children[0].figure.data[0].z
     ex.layer.value = 1
     ex.head.value = 3
-    assert not (ex.tokens.children[0].data[0].z == z0).all()
-    assert "head 3" in ex.tokens.children[0].layout.title.text
+    assert not (ex.tokens.children[0].figure.data[0].z == z0).all()
+    assert "head 3" in ex.tokens.children[0].figure.layout.title.text
     ex.variants.value = (1,)
     assert len(ex.tokens.children) == 1
     ex.part.value = "name"
-    assert "'name'" in ex.mass.layout.title.text
+    assert "'name'" in ex.mass.figure.layout.title.text
 
 
 def test_bad_layers_and_heads(tiny_llama):

@@ -389,12 +389,13 @@ def test_steering_widget_reruns_on_its_controls(tiny_llama):
     rows = [{"name": "Ann", "city": "Rome"}, {"name": "Eve", "city": "Lima"}]
     wid = SteeringWidget(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows)
     first = wid.last
-    assert len(wid.answers.data) == 6 and len(wid.attention.data) == 2
-    plain_mass = wid.attention.data[0].y
-    steered_mass = wid.attention.data[1].y
+    assert len(wid.answers.figure.data) == 6 and len(wid.attention.figure.data) == 2
+    plain_mass = wid.attention.figure.data[0].y
+    steered_mass = wid.attention.figure.data[1].y
     assert all(s > p for s, p in zip(steered_mass, plain_mass))  # steering all heads, alpha .01
     wid.alpha.value = 1.0  # alpha 1 is no steering at all
-    assert wid.attention.data[1].y == pytest.approx(wid.attention.data[0].y, abs=1e-5)
+    plain_mass, steered_mass = (trace.y for trace in wid.attention.figure.data)
+    assert steered_mass == pytest.approx(plain_mass, abs=1e-5)
     same = wid.last.df.groupby("steered")["prob"].apply(list)
     assert same[True] == pytest.approx(same[False], abs=1e-5)
     assert not first.df.equals(wid.last.df)

@@ -1,11 +1,11 @@
-"""Interactive widgets (ipywidgets + plotly FigureWidget); each composes an analysis result and
-its plots and holds no analysis logic."""
+"""Interactive widgets (ipywidgets; figures in a ``FigureBox``, see ``_figure.py``); each
+composes an analysis result and its plots and holds no analysis logic."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AttentionExplorer", "SteeringWidget"]
+__all__ = ["AttentionExplorer", "SteeringWidget", "SpreadWidget", "ReachWidget"]
 
 
 def __getattr__(name: str) -> Any:  # imported lazily: ipywidgets and plotly are not light
@@ -17,4 +17,12 @@ def __getattr__(name: str) -> Any:  # imported lazily: ipywidgets and plotly are
         from promptscope.widgets.steering import SteeringWidget
 
         return SteeringWidget
+    if name == "SpreadWidget":
+        from promptscope.widgets.spread import SpreadWidget
+
+        return SpreadWidget
+    if name == "ReachWidget":
+        from promptscope.widgets.reach import ReachWidget
+
+        return ReachWidget
     raise AttributeError(name)

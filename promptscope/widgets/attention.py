@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import ipywidgets as w
-import plotly.graph_objects as go
 
 from promptscope.viz.attention import default_part, mass_heatmap, token_heatmap
+from promptscope.widgets._figure import FigureBox
 
 
 class AttentionExplorer(w.VBox):
@@ -39,7 +39,7 @@ class AttentionExplorer(w.VBox):
                                description="head")
         parts = list(dict.fromkeys(df["part"]))
         self.part = w.Dropdown(options=parts, value=default_part(df), description="mass on")
-        self.mass = go.FigureWidget(mass_heatmap(result, self.part.value))
+        self.mass = FigureBox(mass_heatmap(result, self.part.value))
         self.tokens = w.HBox()
         for control in (self.variants, self.layer, self.head):
             control.observe(self._draw_tokens, names="value")
@@ -54,17 +54,12 @@ class AttentionExplorer(w.VBox):
 
     def _draw_tokens(self, _: Any = None) -> None:
         self.tokens.children = [
-            go.FigureWidget(token_heatmap(self.result, v, self.layer.value, self.head.value))
+            FigureBox(token_heatmap(self.result, v, self.layer.value, self.head.value))
             for v in self.variants.value
         ]
 
     def _draw_mass(self, _: Any = None) -> None:
-        fresh = mass_heatmap(self.result, self.part.value)
-        with self.mass.batch_update():
-            self.mass.data[0].z = fresh.data[0].z
-            self.mass.data[0].hovertemplate = fresh.data[0].hovertemplate
-            self.mass.layout.title = fresh.layout.title
-
+        self.mass.show(mass_heatmap(self.result, self.part.value))
 
 def _variant_labels(result: Any) -> dict[int, str]:
     df = result.df

@@ -9,6 +9,7 @@ import ipywidgets as w
 import plotly.graph_objects as go
 
 from promptscope.viz.style import apply_style
+from promptscope.widgets._figure import FigureBox
 
 
 def head_options(model: Any) -> list[str]:
@@ -45,8 +46,8 @@ class SteeringWidget(w.VBox):
                                       readout_format=".3f")
         self.heads = w.Dropdown(options=heads or head_options(model), description="heads")
         self.status = w.HTML()
-        self.answers = go.FigureWidget()
-        self.attention = go.FigureWidget()
+        self.answers = FigureBox()
+        self.attention = FigureBox()
         self.alpha.observe(self.update, names="value")
         self.heads.observe(self.update, names="value")
         self.update()
@@ -69,19 +70,11 @@ class SteeringWidget(w.VBox):
                                         matrices=False, save=False, progress=False,
                                         steer=self.steering())
         self.last = run
-        self._draw(self.answers, _answer_figure(run))
-        self._draw(self.attention, _mass_figure(plain, steered))
+        self.answers.show(_answer_figure(run))
+        self.attention.show(_mass_figure(plain, steered))
         acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
         self.status.value = (f"<b>{run.params['steer']['heads']}</b> · answers plain: "
                              f"{acc.get(False)} → steered: {acc.get(True)}")
-
-    @staticmethod
-    def _draw(target: go.FigureWidget, fig: go.Figure) -> None:
-        with target.batch_update():
-            target.data = []
-            for trace in fig.data:
-                target.add_trace(trace)
-            target.layout = fig.layout
 
 
 def _answer_figure(run: Any) -> go.Figure:

@@ -1,0 +1,38 @@
+"""A widget that shows one plotly figure without embedding plotly.js in the widget.
+
+``plotly.graph_objects.FigureWidget`` is an anywidget whose front-end module is the whole
+plotly.js bundle (about 4.6 MB), saved again in the notebook's widget state for *every* figure
+widget: a notebook with a few explorers grew to 25 MB. ``FigureBox`` is an ``ipywidgets.Output``
+that displays the figure as a plotly mime bundle instead; JupyterLab renders it with the plotly
+renderer that the plotly package installs (bundled, no CDN), so the saved state holds only the
+figure's JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as w
+from IPython.display import display
+
+
+class FigureBox(w.Output):
+    """An output area holding one plotly figure; :meth:`show` replaces it.
+
+    Example:
+        >>> box = FigureBox(go.Figure(go.Bar(y=[1, 2])))          # doctest: +SKIP
+        >>> box.show(other_figure)                                # doctest: +SKIP
+    """
+
+    def __init__(self, figure: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.figure: Any = None
+        if figure is not None:
+            self.show(figure)
+
+    def show(self, figure: Any) -> None:
+        """Replace the shown figure (kept as :attr:`figure` for code and tests)."""
+        self.figure = figure
+        self.clear_output(wait=True)
+        with self:
+            display(figure)
