@@ -82,6 +82,19 @@ print(json.dumps({"ids": ids, "store": str(store.path)}))
 """
 
 
+# A widget with figures, on a tiny model made in the kernel (the test root has no model folder).
+WIDGET_CELL = """
+import tempfile
+from promptscope.models.hf import HFModel
+from promptscope.testing import make_tiny_model
+from promptscope.widgets import SteeringWidget
+folder = make_tiny_model(tempfile.mkdtemp())
+model = HFModel.from_pretrained(folder, name="tiny")
+SteeringWidget("<<Ann lives in Rome.>> Bob lives in Oslo. Ann lives in", model,
+               choices=" Rome| Oslo", heads=["all"])
+"""
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A running JupyterLab: ``{"url", "token", "root", "port"}``."""
@@ -110,6 +123,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Any:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nbformat.write(nb, root / "analysis.ipynb")
+    nb.cells = [nbformat.v4.new_code_cell(WIDGET_CELL)]
+    nbformat.write(nb, root / "widgets.ipynb")
 
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k != "PROMPTSCOPE_HOME"}
@@ -305,6 +320,37 @@ def test_panel_end_to_end(lab: dict[str, Any], sessions: dict[str, Any], browser
         assert not errors, errors
     except Exception:
         _shot(page, "failure")
+        raise
+    finally:
+        context.close()
+
+
+def test_widget_figures_render_offline(lab: dict[str, Any], browser: Any) -> None:
+    """A steering widget in a notebook draws its plotly figures with no request off this host
+    (the figures are mime bundles in Output widgets, drawn by the bundled plotly renderer)."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    remote: list[str] = []
+    page.on("request", lambda r: remote.append(r.url)
+            if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+    try:
+        page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?token={lab['token']}")
+        expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(1)
+        page.wait_for_function("window.jupyterapp.shell.currentWidget?.sessionContext?.session"
+                               "?.kernel?.status === 'idle'", timeout=120_000)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        plots = page.locator(".widget-output .js-plotly-plot .main-svg")
+        expect(plots.first).to_be_visible(timeout=180_000)
+        expect(page.locator(".widget-output .js-plotly-plot")).to_have_count(2)
+        expect(page.locator(".widget-slider")).to_have_count(1)
+        _shot(page, "08-steering-widget")
+        assert remote == [], f"requests off this host: {remote}"
+    except Exception:
+        _shot(page, "failure-widget")
         raise
     finally:
         context.close()
