@@ -1,0 +1,251 @@
+"""Attribution with captum: agreement with direct captum calls, causality, steering, errors,
+the magic, sessions and figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import promptscope
+from promptscope.analyses.attribution import AttributionError, template_segments
+from promptscope.errors import CapabilityError, TemplateError
+from promptscope.templates import parse_template
+
+TEMPLATE = "Context: <<{fact}>> Bob lives in Oslo. Where does {who} live?"
+ROWS = [{"fact": "Ann lives in Rome.", "who": "Ann"}, {"fact": "Eve lives in Lima.", "who": "Eve"}]
+# The first variant's parts, in order (what a direct captum call gets as segments).
+PIECES = ["Context: ", "Ann lives in Rome.", " Bob lives in Oslo. Where does ", "Ann", " live?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _captum_parts(model, method, target, **kwargs):
+    from captum.attr import (
+        FeatureAblation,
+        LLMAttribution,
+        ShapleyValueSampling,
+        TextTemplateInput,
+    )
+
+    cls = {"ablation": FeatureAblation, "shapley": ShapleyValueSampling}[method]
+    llm = LLMAttribution(cls(model.model), model.tokenizer)
+    inp = TextTemplateInput("{}" * len(PIECES), values=PIECES)
+    torch.manual_seed(0)
+    return llm.attribute(inp, target=target, forward_in_tokens=False, **kwargs).seq_attr.tolist()
+
+
+def test_segments_follow_the_template():
+    tpl = parse_template("A {x} <<b {y} {{c|dd}}>> {{g=e|{x}f}}!")
+    v = list(tpl.expand({"x": "X", "y": "Y"}))[3]
+    segs = template_segments(tpl, v)
+    assert [(s.part, s.kind, s.text) for s in segs] == [
+        ("text1", "text", "A "), ("x", "var", "X"), ("text2", "text", " "),
+        ("emphasis", "emph", "b Y dd"), ("text3", "text", " "), ("g", "alt", "Xf"),
+        ("text4", "text", "!")]
+    assert "".join(s.text for s in segs) == v.text
+
+
+@pytest.mark.parametrize("method", ["ablation", "shapley"])
+def test_parts_agree_with_a_direct_captum_call(tiny_llama, method):
+    extra = {"n_samples": 3} if method == "shapley" else {}
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target=" Rome", method=method,
+                                save=False, progress=False, **extra)
+    first = att.df[att.df.variant == 0].sort_values("segment")
+    assert first["part"].tolist() == ["text1", "emphasis", "text2", "who", "text3"]
+    assert first["text"].tolist() == PIECES
+    ref = _captum_parts(tiny_llama, method, " Rome", **extra)
+    assert first["attribution"].tolist() == pytest.approx(ref, abs=1e-5)
+    # the logprob column is run_prompt's score of the same target
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS, target=" Rome", save=False,
+                                 progress=False)
+    assert att.df.groupby("variant")["logprob"].first().tolist() == pytest.approx(
+        run.df["logprob"].tolist(), abs=1e-4)
+
+
+def test_token_ig_agrees_with_a_direct_captum_call(tiny_gpt2):
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    att = promptscope.attribute(TEMPLATE, tiny_gpt2, vars=ROWS[:1], target=" Rome is",
+                                level="tokens", n_steps=8, save=False, progress=False)
+    assert att.params["method"] == "ig"
+    tok = tiny_gpt2.tokenizer
+    text = "".join(PIECES)
+    lig = LayerIntegratedGradients(tiny_gpt2.model, tiny_gpt2.model.get_input_embeddings())
+    inp = TextTokenInput(text, tok, baselines=tok.pad_token_id,
+                         skip_tokens=[i for i in [tok.bos_token_id] if i is not None
+                                      and tok.encode(text)[0] == i])
+    ref = LLMGradientAttribution(lig, tok).attribute(inp, target=" Rome is", n_steps=8)
+    assert att.df["attribution"].tolist() == pytest.approx(ref.seq_attr.tolist(), abs=1e-5)
+    assert "".join(att.df["token"]) == text
+    # parts from IG are the sums of their tokens
+    parts = promptscope.attribute(TEMPLATE, tiny_gpt2, vars=ROWS[:1], target=" Rome is",
+                                  method="ig", n_steps=8, save=False, progress=False)
+    sums = att.df.groupby("segment_part", sort=False)["attribution"].sum()
+    assert parts.df.set_index("part")["attribution"].to_dict() == pytest.approx(
+        sums.to_dict(), abs=1e-5)
+
+
+def test_parts_after_the_target_get_exactly_zero(tiny_llama):
+    tpl = "Ann lives in Rome. Bob lives in{city} Note: {note} Thanks."
+    rows = [{"city": " Oslo.", "note": "Ann is tall."}]
+    for method in ("ablation", "shapley"):
+        att = promptscope.attribute(tpl, tiny_llama, vars=rows, target_part="city",
+                                    method=method, n_samples=4, save=False, progress=False)
+        by = att.df.set_index("part")["attribution"]
+        assert by["text2"] == 0.0 and by["note"] == 0.0 and by["text3"] == 0.0  # after it
+        assert by["text1"] != 0.0  # before it: the model reads it
+        assert by.isna()["city"]  # the target itself is no feature
+    # the log-prob is that of the part's own tokens where they stand
+    lp = tiny_llama.score(["Ann lives in Rome. Bob lives in"], [" Oslo."])[0].logprob
+    assert att.df["logprob"].iloc[0] == pytest.approx(lp, abs=1e-4)
+    with pytest.raises(AttributionError, match="ablation, shapley and kernelshap"):
+        promptscope.attribute(tpl, tiny_llama, vars=rows, target_part="city", method="ig")
+
+
+def test_steered_attribution_sees_the_steered_model(tiny_llama):
+    steer = {"heads": "all", "alpha": 0.01, "compare": True}
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                steer=steer, save=False, progress=False)
+    plain = att.df[~att.df.steered].set_index("part")
+    steered = att.df[att.df.steered].set_index("part")
+    assert att.params["steer"]["compare"] is True
+    ref_plain = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                       save=False, progress=False)
+    ref_steered = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                         steer={"heads": "all", "alpha": 0.01}, save=False,
+                                         progress=False)
+    assert plain["logprob"].iloc[0] == pytest.approx(ref_plain.df.logprob[0], abs=1e-4)
+    assert steered["logprob"].iloc[0] == pytest.approx(ref_steered.df.logprob[0], abs=1e-4)
+    assert steered["logprob"].iloc[0] != pytest.approx(plain["logprob"].iloc[0], abs=1e-3)
+    # Removing a part moves the emphasis: each perturbed prompt is steered on its own spans.
+    without = "Context: <<Ann lives in Rome.>>Ann live?"  # text2 removed
+    ref_removed = promptscope.run_prompt(without, tiny_llama, target=" Rome", save=False,
+                                         steer={"heads": "all", "alpha": 0.01}, progress=False)
+    assert steered.loc["text2", "attribution"] == pytest.approx(
+        ref_steered.df.logprob[0] - ref_removed.df.logprob[0], abs=1e-4)
+
+
+def test_choices_mark_the_chosen_answer(tiny_llama):
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, choices=" Rome| Oslo",
+                                save=False, progress=False)
+    assert set(att.df["target"]) == {" Rome", " Oslo"}
+    assert len(att.df) == 2 * 2 * 5
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS, choices=" Rome| Oslo",
+                                 save=False, progress=False)
+    got = att.df.drop_duplicates(["variant", "target"])
+    assert got["chosen"].tolist() == run.df["chosen"].tolist()
+
+
+def test_generated_answer_and_per_row_targets(tiny_llama):
+    gen = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], max_new_tokens=2,
+                                save=False, progress=False)
+    out = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS[:1], max_new_tokens=2,
+                                 save=False, progress=False)
+    assert gen.df["target"].iloc[0] == out.df["output"].iloc[0]
+    rows = [{**r, "gold": " " + r["fact"].split()[-1].rstrip(".")} for r in ROWS]
+    per_row = promptscope.attribute(TEMPLATE, tiny_llama, vars=rows, target="{gold}",
+                                    save=False, progress=False)
+    assert per_row.df.groupby("variant")["target"].first().tolist() == [" Rome", " Lima"]
+
+
+def test_errors_say_what_to_fix(tiny_llama):
+    from promptscope.models.openai_api import OpenAIModel
+
+    api = OpenAIModel("some-model", base_url="http://127.0.0.1:9/v1", api_key="k", check=False,
+                      cache=False)
+    with pytest.raises(CapabilityError, match="local transformers model"):
+        promptscope.attribute(TEMPLATE, api, vars=ROWS, target=" Rome")
+    with pytest.raises(AttributionError, match="'who' is empty in variant 0"):
+        promptscope.attribute(TEMPLATE, tiny_llama, vars=[{"fact": "Ann is here.", "who": ""}],
+                              target=" Rome", save=False)
+    with pytest.raises(AttributionError, match="'alt1' is empty"):
+        promptscope.attribute("Say {{|please}} hi", tiny_llama, target=" x", save=False)
+    with pytest.raises(AttributionError, match="Unknown attribution method"):
+        promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target=" x", method="lime")
+    with pytest.raises(AttributionError, match="one of choices, target or target_part"):
+        promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target=" x", choices=" a| b")
+    with pytest.raises(AttributionError, match="vars rows do not have"):
+        promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target="{gold}", save=False)
+    with pytest.raises(TemplateError, match="<<"):
+        promptscope.attribute("No emphasis {who}", tiny_llama, vars=ROWS, target=" x",
+                              steer={"heads": "all"})
+
+
+def test_session_is_saved_and_reloads_equal(tiny_llama):
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target=" Rome",
+                                name="who carries it", progress=False)
+    assert att.kind == "attribution" and att.session_id and att.status == "done"
+    back = promptscope.load(att.session_id)
+    assert back == att
+    assert back.figure().data[0].type == "bar"
+    assert promptscope.sessions(kind="attribution")["name"].tolist() == ["who carries it"]
+
+
+def test_figures_escape_text_and_show_values(tiny_llama):
+    from promptscope.viz import attribution as viz
+
+    att = promptscope.attribute(TEMPLATE, tiny_llama, target=" Rome", save=False,
+                                vars=[{"fact": "<b>Ann</b> & co.", "who": "Ann"}, ROWS[1]],
+                                steer={"heads": "all", "compare": True}, progress=False)
+    page = viz.heatmap_html(att, variant=0, steered=True)
+    assert "&lt;b&gt;Ann&lt;/b&gt; &amp; co." in page and "<b>Ann" not in page
+    assert "<script" not in page and "http" not in page
+    assert "emphasis: " in page and "steered (PASTA)" in page
+    bars = viz.bar(att)
+    assert [t.name for t in bars.data] == ["plain", "steered (PASTA)"]
+    assert list(bars.data[0].x) == ["text1", "emphasis", "text2", "who", "text3"]
+    moves = viz.across_variants(att, parts=["emphasis"])
+    assert len(moves.data) == 2 and len(moves.data[0].y) == 2
+    summary = att.summary()
+    assert len(summary) == 4 and "attr(emphasis)" in summary.columns
+    tokens = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                   level="tokens", n_steps=4, save=False, progress=False)
+    page = viz.heatmap_html(tokens)
+    assert page.count("<span title=") == len(tokens.df) and "Rome" in page
+    assert tokens.figure().data[0].type == "bar"
+
+
+def test_magic_attribute(ip, tiny_llama_dir):
+    from IPython.core.error import UsageError
+
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as attr-llama")
+    ip.user_ns["people"] = ROWS
+    run = ip.run_cell_magic("prompt", '--vars people --target " Rome" --attribute '
+                            "--attr-method shapley --seed 1 -o att --name magic-attr",
+                            TEMPLATE + "\n")
+    assert ip.user_ns["att"] is run and run.kind == "attribution"
+    assert run.params["method"] == "shapley" and run.params["seed"] == 1
+    assert run.name == "magic-attr" and len(run.df) == 10
+    tokens = ip.run_cell_magic("prompt", '--vars people --target " Rome" --attribute '
+                               "--attr-level tokens --no-save", TEMPLATE)
+    assert tokens.params["method"] == "ig" and "token" in tokens.df.columns
+    with pytest.raises(UsageError, match="go with --attribute"):
+        ip.run_cell_magic("prompt", "--attr-method ig", TEMPLATE)
+    with pytest.raises(UsageError, match="is empty in variant"):
+        ip.run_cell_magic("prompt", '--attribute --target " x"', "Say {{|please}} hi")
+
+
+def test_chat_prompts_and_steered_answers(tiny_llama):
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome", chat=True,
+                                save=False, progress=False)
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome", chat=True,
+                                 save=False, progress=False)
+    assert att.df["logprob"].iloc[0] == pytest.approx(run.df.logprob[0], abs=1e-4)  # one BOS
+    assert att.df["text"].tolist() == PIECES  # the chat template's text is no part
+    tokens = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                   chat=True, level="tokens", n_steps=4, save=False,
+                                   progress=False)
+    assert "template" in set(tokens.df["part"]) and "".join(PIECES) in "".join(tokens.df.token)
+    steer = {"heads": "all", "alpha": 0.01}
+    gen = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], max_new_tokens=2,
+                                steer={**steer, "compare": True}, save=False, progress=False)
+    out = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS[:1], max_new_tokens=2,
+                                 steer=steer, save=False, progress=False)
+    assert gen.df[gen.df.steered]["target"].iloc[0] == out.df["output"].iloc[0]
