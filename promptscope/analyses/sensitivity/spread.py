@@ -1,0 +1,355 @@
+"""FormatSpread: how much of a model's few-shot accuracy is the prompt's surface format.
+
+Sclar et al. (2023) sample plausible, meaning-preserving formats (see :mod:`.formats`), evaluate
+the task in each, and report the interval of accuracies (min, max) instead of one number; a
+Thompson-sampling bandit (:mod:`.bandit`) finds the best and the worst formats without evaluating
+every format on every example.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from promptscope.analyses._recorder import Recorder
+from promptscope.analyses.sensitivity.formats import (
+    FEATURES,
+    FormatGrammar,
+    PromptFormat,
+    format_from_features,
+)
+from promptscope.errors import PromptscopeError
+from promptscope.models import resolve_model
+from promptscope.models.base import Model
+from promptscope.result import Result
+from promptscope.store import Store
+
+if TYPE_CHECKING:  # the search imports numpy; `import promptscope` stays light
+    from promptscope.analyses.sensitivity.bandit import Pull, SpreadBandit
+
+KIND = "format_spread"
+
+
+class FewShotTask:
+    """A labelled data set ready to be rendered in any format: queries, their fixed
+    demonstrations, the label column and the answer choices.
+
+    Every query keeps the same demonstrations in every format, so formats are compared on
+    identical content (meaning-preserving by construction).
+    """
+
+    def __init__(self, data: Any, *, label: str = "label", inputs: Sequence[str] | None = None,
+                 choices: Sequence[Any] | None = None, shots: int = 3, demos: Any = None,
+                 instruction: str = "", seed: int = 0) -> None:
+        rows = _records(data, "data")
+        if not rows:
+            raise PromptscopeError("The data has no rows; give a DataFrame with input columns "
+                                   "and a label column.")
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        if label not in columns:
+            raise PromptscopeError(f"The data has no label column {label!r} (columns: "
+                                   f"{columns}); name it with label=... (--label).")
+        self.inputs = list(inputs) if inputs is not None else [c for c in columns if c != label]
+        missing = [c for c in self.inputs if c not in columns]
+        if missing or not self.inputs:
+            raise PromptscopeError(f"Input column(s) {missing or '(none)'} not in the data "
+                                   f"(columns: {columns}); name them with inputs=[...].")
+        if label in self.inputs:
+            raise PromptscopeError(f"The label column {label!r} cannot also be an input.")
+        self.label = label
+        labels = [str(r[label]) for r in rows]
+        self.choices = ([str(c) for c in choices] if choices is not None
+                        else sorted(dict.fromkeys(labels)))
+        if len(set(self.choices)) != len(self.choices) or len(self.choices) < 2:
+            raise PromptscopeError(f"choices must be at least two distinct labels (got "
+                                   f"{self.choices}).")
+        stray = sorted(set(labels) - set(self.choices))
+        if stray:
+            raise PromptscopeError(f"Label(s) {stray} in column {label!r} are not among the "
+                                   f"choices {self.choices}; add them to choices or fix the data.")
+        # Copies of plain values: the caller's frame is never touched.
+        self.rows = [{**{f: r[f] for f in self.inputs}, label: str(r[label])} for r in rows]
+        self.instruction = instruction
+        rng = random.Random(seed)
+        if demos is not None:
+            fixed = [{**{f: d[f] for f in self.inputs}, label: str(d[label])}
+                     for d in _records(demos, "demos")]
+            self.demos = [fixed] * len(self.rows)
+            self.shots = len(fixed)
+        else:
+            if shots < 0 or (shots > 0 and len(self.rows) <= shots):
+                raise PromptscopeError(f"{shots} demonstrations per query need more than {shots} "
+                                       f"rows (got {len(self.rows)}); lower shots or add rows.")
+            others = range(len(self.rows))
+            self.demos = [[self.rows[j] for j in rng.sample([k for k in others if k != i], shots)]
+                          for i in range(len(self.rows))]
+            self.shots = shots
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prompt(self, fmt: PromptFormat, i: int) -> str:
+        """Query ``i`` rendered in ``fmt`` (ends with the answer descriptor)."""
+        return fmt.render(self.demos[i], self.rows[i], self.inputs, self.label, self.instruction)
+
+    def continuations(self, fmt: PromptFormat) -> list[str]:
+        """The scored answer texts in ``fmt`` (the separator's trailing space + label)."""
+        return [fmt.delimiter() + c for c in self.choices]
+
+    def gold(self, i: int) -> int:
+        return self.choices.index(self.rows[i][self.label])
+
+
+def score_pulls(mdl: Model, task: FewShotTask, formats: Sequence[PromptFormat],
+                pulls: Sequence[Pull]) -> list[dict[str, Any]]:
+    """Every (format, example) of ``pulls`` scored in one backend call; one row each."""
+    k = len(task.choices)
+    prompts, conts, keys = [], [], []
+    for p in pulls:
+        fmt = formats[p.format]
+        answers = task.continuations(fmt)
+        for i in p.examples:
+            text = task.prompt(fmt, i)
+            prompts.extend([text] * k)
+            conts.extend(answers)
+            keys.append((p, i))
+    scores = mdl.score(prompts, conts)
+    rows = []
+    for j, (p, i) in enumerate(keys):
+        lps = [s.logprob for s in scores[j * k:(j + 1) * k]]
+        finite = [lp for lp in lps if math.isfinite(lp)]
+        top = max(finite) if finite else 0.0
+        z = math.log(math.fsum(math.exp(lp - top) for lp in finite)) + top if finite else 0.0
+        pred = max(range(k), key=lambda c: lps[c]) if finite else -1
+        gold = task.gold(i)
+        rows.append({"format": p.format, "example": i, "side": p.side,
+                     "label": task.choices[gold],
+                     "pred": task.choices[pred] if pred >= 0 else None,
+                     "correct": pred == gold, "logprob_gold": lps[gold],
+                     "p_gold": math.exp(lps[gold] - z) if finite else math.nan})
+    return rows
+
+
+def format_spread(
+    data: Any,
+    model: Model | str | None = None,
+    *,
+    label: str = "label",
+    inputs: Sequence[str] | None = None,
+    choices: Sequence[Any] | None = None,
+    formats: int | Sequence[PromptFormat] = 24,
+    grammar: FormatGrammar | None = None,
+    budget: int | float | None = None,
+    batch: int = 10,
+    shots: int = 3,
+    demos: Any = None,
+    instruction: str = "",
+    seed: int = 0,
+    name: str = "",
+    save: bool = True,
+    store: Store | None = None,
+    progress: bool = True,
+    on_round: Callable[[SpreadBandit], None] | None = None,
+) -> Result:
+    """Accuracy of a few-shot classification task across plausible prompt formats.
+
+    Each query of ``data`` is rendered with ``shots`` labelled demonstrations (the same ones in
+    every format) in each format; the label is the choice with the highest log-probability
+    (``model.score``; API models score by their probed method). With a ``budget`` below
+    exhaustive evaluation, a Thompson-sampling bandit spends it on the formats most likely to be
+    the best and the worst.
+
+    Args:
+        data: DataFrame or list of dicts: input columns and the ``label`` column.
+        model: a loaded model, a name to load, or ``None`` for the last model loaded.
+        label: the label column.
+        inputs: the input columns, in prompt order (default: every other column).
+        choices: the label set (default: the labels in the data, sorted).
+        formats: how many formats to sample from ``grammar`` (seeded), or the formats.
+        grammar: the format grammar (default :class:`FormatGrammar`).
+        budget: evaluations (format x example) to spend; a float in (0, 1) is a fraction of
+            exhaustive; ``None`` evaluates every format on every example.
+        batch: examples per bandit pull.
+        shots: demonstrations per query, drawn (seeded) from the other rows of ``data``.
+        demos: a DataFrame of demonstrations to use for every query instead.
+        instruction: fixed text before the examples.
+        seed: seeds format sampling, demonstrations and the bandit.
+        on_round: called with the :class:`SpreadBandit` after each round (live plots).
+
+    Returns:
+        A Result of kind ``format_spread``: ``df`` has one row per evaluation (format,
+        example, predicted label, correct, gold probability); ``tables["formats"]`` one row per
+        format (pattern, features, evaluations, accuracy, 95 % Wilson interval, best/worst);
+        ``tables["trace"]`` the search after each round; ``tables["features"]`` the accuracy by
+        feature value. ``params`` holds ``interval``, ``spread``, ``best``, ``worst``,
+        ``evaluations`` and ``exhaustive_evaluations``.
+
+    Example:
+        >>> from promptscope.organism.classify import classification_dataset
+        >>> run = promptscope.format_spread(classification_dataset(60), "organism",
+        ...                                 formats=12, budget=0.25)      # doctest: +SKIP
+        >>> run.params["interval"], run.params["spread"]                   # doctest: +SKIP
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from promptscope.analyses.sensitivity.bandit import check_budget, run_bandit
+
+    task = FewShotTask(data, label=label, inputs=inputs, choices=choices, shots=shots,
+                       demos=demos, instruction=instruction, seed=seed)
+    gram = grammar or FormatGrammar()
+    if isinstance(formats, int):
+        if formats < 2:
+            raise PromptscopeError("A spread needs at least two formats (formats >= 2).")
+        fmts = gram.sample(formats, seed=seed)
+    else:
+        fmts = list(dict.fromkeys(formats))
+    exhaustive = len(fmts) * len(task)
+    spend = _budget(budget, exhaustive)
+    check_budget(spend, len(fmts), len(task), batch)
+    mdl = resolve_model(model)
+    mdl.begin_run("choices", False)
+    params: dict[str, Any] = {
+        "label": task.label, "inputs": task.inputs, "choices": task.choices,
+        "n_formats": len(fmts), "n_examples": len(task), "shots": task.shots, "batch": batch,
+        "seed": seed, "budget": spend, "exhaustive_evaluations": exhaustive,
+        "instruction": instruction,
+    }
+    bar = tqdm(total=min(spend, exhaustive), disable=not progress, desc="format spread",
+               unit="eval", leave=False)
+    source = f"{len(fmts)} formats x {len(task)} examples; format 0:\n" + \
+        fmts[0].pattern(task.inputs, shots=task.shots + 1 if task.shots else 1, label=task.label)
+    with Recorder(KIND, name=name, model=mdl, params=params, source=source, save=save,
+                  store=store) as rec:
+        def evaluate(pulls: list[Pull]) -> list[list[bool]]:
+            rows = score_pulls(mdl, task, fmts, pulls)
+            frame = pd.DataFrame(rows)
+            rec.add(frame)  # streamed: an interrupted search keeps its evaluations
+            bar.update(len(rows))
+            it = iter(frame["correct"].tolist())
+            return [list(itertools.islice(it, len(p.examples))) for p in pulls]
+
+        def after(b: SpreadBandit, pulls: Any, outcomes: Any) -> None:
+            if on_round is not None:
+                on_round(b)
+
+        try:
+            bandit = run_bandit(evaluate, len(fmts), len(task), spend, batch=batch, seed=seed,
+                                on_round=after)
+        finally:
+            bar.close()
+        table = format_table(fmts, bandit.successes, bandit.trials, task.inputs,
+                             best=bandit.best(), worst=bandit.worst())
+        rec.add(table, "formats")
+        rec.add(pd.DataFrame(bandit.trace), "trace")
+        effects, atomic = feature_effects(table)
+        rec.add(effects, "features")
+        best, worst = table.loc[bandit.best()], table.loc[bandit.worst()]
+        rec.params.update({
+            "evaluations": int(bandit.spent),
+            "fraction_of_exhaustive": bandit.spent / exhaustive,
+            "interval": [float(worst["accuracy"]), float(best["accuracy"])],
+            "spread": float(best["accuracy"] - worst["accuracy"]),
+            "best": _fmt_summary(best), "worst": _fmt_summary(worst),
+            "atomic": atomic,
+        })
+        _record_api_info(rec, mdl)
+        if rec.store is not None and rec.session_id:
+            rec.store.update_params(rec.session_id, rec.params)
+    return rec.result()
+
+
+def _budget(budget: int | float | None, exhaustive: int) -> int:
+    if budget is None:
+        return exhaustive
+    if isinstance(budget, float) and 0 < budget <= 1:
+        return max(1, round(budget * exhaustive))
+    if isinstance(budget, bool) or not float(budget).is_integer() or budget < 1:
+        raise PromptscopeError(f"budget must be a number of evaluations (>= 1), a fraction in "
+                               f"(0, 1], or None for exhaustive (got {budget!r}).")
+    return int(budget)
+
+
+def _fmt_summary(row: Any) -> dict[str, Any]:
+    return {"format": int(row["format"]), "key": row["key"], "accuracy": float(row["accuracy"]),
+            "ci": [float(row["ci_low"]), float(row["ci_high"])],
+            "evaluations": int(row["evaluations"])}
+
+
+def _record_api_info(rec: Recorder, mdl: Model) -> None:
+    info = mdl.run_info()
+    if info:
+        rec.params["api"] = info
+
+
+def format_table(formats: Sequence[PromptFormat], successes: Any, trials: Any,
+                 inputs: Sequence[str], best: int = -1, worst: int = -1) -> Any:
+    """One row per format: id, key, exact pattern, features, evaluations, accuracy and its 95 %
+    Wilson interval, and which formats the search named best and worst."""
+    import numpy as np
+    import pandas as pd
+
+    from promptscope.analyses.sensitivity.bandit import wilson_interval
+
+    s, n = np.asarray(successes), np.asarray(trials)
+    lo, hi = wilson_interval(s, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = s / n
+    return pd.DataFrame([
+        {"format": k, "key": f.key(), "pattern": f.pattern(inputs), **f.features(),
+         "evaluations": int(n[k]), "correct": int(s[k]), "accuracy": float(acc[k]),
+         "ci_low": float(lo[k]), "ci_high": float(hi[k]), "best": k == best,
+         "worst": k == worst}
+        for k, f in enumerate(formats)
+    ])
+
+
+def feature_effects(table: Any) -> tuple[Any, dict[str, Any]]:
+    """Which atomic change matters: accuracy by feature value, and between formats that differ
+    in that feature only.
+
+    Returns ``(effects, atomic)``: ``effects`` has one row per (feature, value) with the number
+    of evaluated formats, their mean accuracy and its difference from the mean of all formats;
+    ``atomic`` maps each feature to the mean absolute accuracy change over pairs of evaluated
+    formats that differ in that feature alone (``pairs`` = how many such pairs there were).
+    """
+    import pandas as pd
+
+    seen = table[table["evaluations"] > 0]
+    overall = float(seen["accuracy"].mean()) if len(seen) else math.nan
+    rows = []
+    for feat in FEATURES:
+        for value, part in seen.groupby(feat, sort=False):
+            rows.append({"feature": feat, "value": value, "n_formats": len(part),
+                         "accuracy": float(part["accuracy"].mean()),
+                         "effect": float(part["accuracy"].mean()) - overall})
+    effects = pd.DataFrame(rows, columns=["feature", "value", "n_formats", "accuracy", "effect"])
+    atomic: dict[str, Any] = {}
+    recs = seen.to_dict("records")
+    for feat in FEATURES:
+        deltas = [abs(a["accuracy"] - b["accuracy"]) for a, b in itertools.combinations(recs, 2)
+                  if a[feat] != b[feat] and all(a[g] == b[g] for g in FEATURES if g != feat)]
+        span = effects[effects["feature"] == feat]["accuracy"]
+        atomic[feat] = {"pairs": len(deltas),
+                        "mean_abs_change": float(sum(deltas) / len(deltas)) if deltas else None,
+                        "range_of_value_means": float(span.max() - span.min())
+                        if len(span) > 1 else 0.0}
+    return effects, atomic
+
+
+def formats_of(result: Result) -> list[PromptFormat]:
+    """The formats of a saved spread, in id order."""
+    table = result.tables["formats"].sort_values("format")
+    return [format_from_features(r) for r in table.to_dict("records")]
+
+
+def _records(data: Any, what: str) -> list[Mapping[str, Any]]:
+    if hasattr(data, "to_dict"):
+        return data.to_dict("records")
+    if isinstance(data, Sequence) and all(isinstance(r, Mapping) for r in data):
+        return list(data)
+    raise PromptscopeError(f"{what} must be a DataFrame or a list of dicts (got "
+                           f"{type(data).__name__}).")

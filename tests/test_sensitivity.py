@@ -1,0 +1,391 @@
+"""FormatSpread (grammar, bandit, spread), POSIX and label-free prompt selection."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from IPython.core.error import UsageError
+
+import promptscope
+from promptscope.analyses.sensitivity.bandit import SpreadBandit, run_bandit, wilson_interval
+from promptscope.analyses.sensitivity.formats import FEATURES, FormatGrammar, PromptFormat
+from promptscope.analyses.sensitivity.posix import posix_index, spelling_noise
+from promptscope.analyses.sensitivity.selection import cbm, mutual_information
+from promptscope.analyses.sensitivity.spread import FewShotTask, feature_effects, format_table
+from promptscope.errors import PromptscopeError
+from promptscope.models.base import Generation, Model, Score
+
+# ----------------------------------------------------------------------------- a fake model
+
+
+class RuleModel(Model):
+    """Answers the query right, and confidently, iff its format's separator has a colon; else
+    (unsure) right on even query ids only: a model whose format sensitivity is known exactly.
+    Counts backend calls."""
+
+    name = "rule"
+    capabilities = frozenset({"score", "generate"})
+
+    def __init__(self, gold: dict[str, str], invert: bool = False) -> None:
+        self.gold, self.calls, self.invert = gold, [], invert
+
+    def score(self, prompts, continuations, progress=None):
+        self.calls.append(len(prompts))
+        out = []
+        for p, c in zip(prompts, continuations):
+            qid = re.findall(r"q\d+", p)[-1]
+            right = (":" in p.rsplit(qid, 1)[1]) != self.invert or int(qid[1:]) % 2 == 0
+            want = self.gold[qid] if right else ("no" if self.gold[qid] == "yes" else "yes")
+            sure = (":" in p.rsplit(qid, 1)[1]) != self.invert  # sure in formats it "knows"
+            lp = (0.0 if c.strip() == want else -2.0) if sure else \
+                (-0.5 if c.strip() == want else -0.8)
+            out.append(Score(lp, [lp], ["x"], 1))
+        return out
+
+    def generate(self, prompts, **kw):
+        return [[Generation(" ok", ["ok"], -1.0, 1)] for _ in prompts]
+
+
+def _qdata(n=40):
+    rows = [{"text": f"q{i}", "label": "yes" if i % 3 else "no"} for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the grammar
+
+def test_organism_formats_are_expressible_exactly():
+    from promptscope.organism.classify import (
+        classification_dataset,
+        plausible_formats,
+    )
+
+    df = classification_dataset(4, seed=3)
+    grammar = FormatGrammar.organism()
+    for ofmt in plausible_formats(24):
+        fmt = PromptFormat.from_organism(ofmt)
+        assert fmt in set(grammar)  # inside the organism grammar's space
+        text = fmt.render(df.iloc[:3].to_dict("records"), df.iloc[3].to_dict(), ["item", "color"])
+        assert text == ofmt.render_prompt(df.iloc[:3], df.iloc[3])
+        assert fmt.delimiter() == " "  # labels scored as " yes" / " no", as in training
+
+
+def test_formats_are_values_sampled_reproducibly():
+    g = FormatGrammar()
+    a, b, c = g.sample(30, seed=1), g.sample(30, seed=1), g.sample(30, seed=2)
+    assert a == b and a != c and len(set(a)) == 30
+    assert hash(a[0]) == hash(PromptFormat(**a[0].features()))
+    assert g.format_at(0) == next(iter(g)) and g.size == len(list(g))
+    fmt = PromptFormat("upper", " - ", " | ", "\n", "{i}. ")
+    assert str(fmt) == "1. INPUT - {input} | ANSWER - {label}\n2. INPUT - {input} | ANSWER -"
+    near = g.neighbours(PromptFormat(), "separator")
+    assert len(near) == len(g.separators) - 1
+    assert all(sum(getattr(n, f) != getattr(PromptFormat(), f) for f in FEATURES) == 1
+               for n in near)
+
+
+_VALUE = st.text(alphabet="abcdefgh XYZ0123", min_size=1, max_size=8).map(lambda s: f"<{s}>")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(idx=st.integers(0, FormatGrammar().size - 1),
+       rows=st.lists(st.tuples(_VALUE, _VALUE, st.sampled_from(["pos", "neg", "neu"])),
+                     min_size=2, max_size=6))
+def test_every_format_keeps_data_and_labels_intact(idx, rows):
+    """Meaning-preserving: values appear verbatim and in order, each demo's label right after its
+    own answer descriptor, the query's label never; the label set and the frame are unchanged."""
+    fmt = FormatGrammar().format_at(idx)
+    df = pd.DataFrame([{"a": a, "b": b, "label": y} for a, b, y in rows])
+    before = df.copy()
+    task = FewShotTask(df, shots=len(rows) - 1, seed=idx, choices=["neg", "neu", "pos"])
+    assert task.choices == ["neg", "neu", "pos"]
+    assert [r["label"] for r in task.rows] == df["label"].tolist()
+    pd.testing.assert_frame_equal(df, before)
+    for i in range(len(df)):
+        text = task.prompt(fmt, i)
+        pos = 0
+        for demo in task.demos[i]:
+            for f in ("a", "b"):
+                pos = text.index(fmt.descriptor(f) + fmt.separator + demo[f], pos)
+            answer = fmt.descriptor("answer") + fmt.separator + demo["label"]
+            pos = text.index(answer, pos) + len(answer)
+        query = task.rows[i]
+        for f in ("a", "b"):
+            pos = text.index(fmt.descriptor(f) + fmt.separator + query[f], pos)
+        assert text.endswith(fmt.descriptor("answer") + fmt.separator.rstrip())
+        assert all(c.startswith(fmt.delimiter()) for c in task.continuations(fmt))
+
+
+# ----------------------------------------------------------------------------- the bandit
+
+def test_bandit_finds_true_best_and_worst_on_synthetic_tables():
+    """Given a synthetic correctness table, the search names the exhaustive best and worst
+    formats with a quarter of the exhaustive budget in most seeds."""
+    n_formats, n_examples, hits = 20, 300, 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        acc = rng.permutation(np.r_[0.25, np.linspace(0.4, 0.75, n_formats - 2), 0.9])
+        table = rng.random((n_formats, n_examples)) < acc[:, None]
+        exact = table.mean(axis=1)
+
+        def evaluate(pulls, table=table):
+            return [table[p.format, list(p.examples)] for p in pulls]
+
+        b = run_bandit(evaluate, n_formats, n_examples, budget=n_formats * n_examples // 4,
+                       batch=10, seed=seed)
+        assert b.spent <= n_formats * n_examples // 4
+        hits += b.best() == exact.argmax() and b.worst() == exact.argmin()
+    assert hits >= 16, hits
+
+
+def test_bandit_is_exhaustive_with_a_full_budget_and_never_repeats_examples():
+    table = np.random.default_rng(0).random((5, 23)) < 0.5
+    seen: dict[int, list[int]] = {}
+
+    def evaluate(pulls):
+        for p in pulls:
+            seen.setdefault(p.format, []).extend(p.examples)
+        return [table[p.format, list(p.examples)] for p in pulls]
+
+    b = run_bandit(evaluate, 5, 23, budget=10_000, batch=4)
+    assert b.spent == 5 * 23 and (b.trials == 23).all()
+    assert all(sorted(v) == list(range(23)) for v in seen.values())
+    assert b.best() == table.mean(1).argmax() or table.mean(1)[b.best()] == table.mean(1).max()
+    b2 = SpreadBandit(5, 23, batch=4, seed=0)
+    assert b2.best() == -1  # nothing evaluated yet
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval([8], [10])
+    assert lo[0] == pytest.approx(0.4902, abs=1e-3) and hi[0] == pytest.approx(0.9433, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- spread, fake model
+
+def test_spread_on_a_model_with_known_format_sensitivity():
+    df = _qdata(40)
+    gold = dict(zip(df["text"], df["label"]))
+    model = RuleModel(gold)
+    fmts = [PromptFormat(separator=": "), PromptFormat(separator=" - "),
+            PromptFormat(separator=" = ", casing="upper"), PromptFormat(separator=":: ")]
+    run = promptscope.format_spread(df, model, formats=fmts, shots=2, progress=False)
+    t = run.tables["formats"]
+    assert t["accuracy"].tolist() == [1.0, 0.5, 0.5, 1.0]
+    assert run.params["interval"] == [0.5, 1.0] and run.params["spread"] == 0.5
+    assert run.params["evaluations"] == run.params["exhaustive_evaluations"] == 160
+    assert t["best"].sum() == 1 and t.loc[t["best"], "accuracy"].item() == 1.0
+    # batched: several formats x examples per backend call, never one prompt per call
+    assert len(model.calls) < 10 and min(model.calls) >= 2 * 40
+    sep = run.tables["features"].query("feature == 'separator'").set_index("value")["effect"]
+    assert sep[": "] == pytest.approx(0.25) and sep[" - "] == pytest.approx(-0.25)
+    # formats 0, 1, 3 differ only in the separator: |1 - .5|, |1 - 1|, |.5 - 1|
+    assert run.params["atomic"]["separator"]["pairs"] == 3
+    assert run.params["atomic"]["separator"]["mean_abs_change"] == pytest.approx(1 / 3)
+    again = promptscope.load(run.session_id)
+    assert again == run and again.figure() is not None
+    other = promptscope.format_spread(df, RuleModel(gold, invert=True), formats=fmts[::-1],
+                                      shots=2, progress=False, save=False)
+    from promptscope.viz.format_spread import scatter
+
+    fig = scatter(run, other)  # formats matched by value, not by their position in the run
+    assert sorted(fig.data[0].x) == [0.5, 0.5, 1.0, 1.0]
+    assert list(fig.data[0].y) == [1 - a + 0.5 for a in fig.data[0].x]
+    assert "Pearson -1.00" in fig.layout.title.text
+
+
+def test_spread_bandit_respects_budget_and_streams_rows():
+    df = _qdata(60)
+    model = RuleModel(dict(zip(df["text"], df["label"])))
+    rounds = []
+    run = promptscope.format_spread(df, model, formats=8, budget=0.25, batch=6, seed=3,
+                                    progress=False, on_round=lambda b: rounds.append(b.spent))
+    assert run.params["evaluations"] <= round(0.25 * 8 * 60) and len(run.df) == rounds[-1]
+    assert rounds == sorted(rounds) and len(run.tables["trace"]) == len(rounds)
+    assert set(run.df["side"]) == {"best", "worst"}
+    acc = run.tables["formats"].set_index("format")["accuracy"]
+    best = run.params["best"]["format"]
+    assert acc[best] == acc.max()
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"label": "gold"}, "no label column 'gold'"),
+    ({"choices": ["yes", "maybe"]}, r"Label\(s\) \['no'\] .* not among the choices"),
+    ({"budget": 5}, "cannot evaluate two formats"),
+    ({"budget": -3}, "budget must be"),
+    ({"formats": 1}, "at least two formats"),
+    ({"inputs": ["nope"]}, "not in the data"),
+])
+def test_spread_errors_say_what_to_fix(kwargs, fragment):
+    df = _qdata(20)
+    with pytest.raises(PromptscopeError, match=fragment):
+        promptscope.format_spread(df, RuleModel({}), **{"formats": 4, **kwargs})
+
+
+def test_feature_effects_from_a_table():
+    fmts = [PromptFormat(casing=c, separator=s) for c in ("title", "lower")
+            for s in (": ", " - ")]
+    t = format_table(fmts, [9, 5, 7, 3], [10, 10, 10, 10], ["x"])
+    eff, atomic = feature_effects(t)
+    sep = eff[eff["feature"] == "separator"].set_index("value")["accuracy"]
+    assert sep[": "] == pytest.approx(0.8) and sep[" - "] == pytest.approx(0.4)
+    assert atomic["separator"]["mean_abs_change"] == pytest.approx(0.4)
+    assert atomic["casing"]["mean_abs_change"] == pytest.approx(0.2)
+    assert atomic["field_joiner"]["pairs"] == 0
+
+
+# ----------------------------------------------------------------------------- POSIX formula
+
+def test_posix_of_identical_variants_is_zero():
+    # identical prompts give every response the same likelihood after each of them
+    row = [-1.3, -4.0, -2.2]
+    assert posix_index([row, row, row], [2, 5, 3]) == 0.0
+
+
+def test_posix_hand_computed():
+    ll = [[-1.0, -6.0, -2.0],
+          [-3.0, -4.0, -5.0],
+          [-2.0, -2.0, -3.0]]
+    lengths = [1, 2, 4]
+    # pairs (i, j), j's own = ll[j][j]: |ll[i][j] - ll[j][j]| / L_j
+    terms = [abs(-3 + 1) / 1, abs(-2 + 1) / 1,      # j = 0
+             abs(-6 + 4) / 2, abs(-2 + 4) / 2,      # j = 1
+             abs(-2 + 3) / 4, abs(-5 + 3) / 4]      # j = 2
+    assert posix_index(ll, lengths) == pytest.approx(sum(terms) / 6) == pytest.approx(23 / 24)
+    with pytest.raises(PromptscopeError):
+        posix_index([[0.0]], [1])
+
+
+def test_spelling_noise_is_seeded_and_spares_protected_spans():
+    text = "Question: What color is Brafu?\nAnswer:"
+    span = (text.index("Brafu"), text.index("Brafu") + 5)
+    a = spelling_noise(text, 0.2, seed=4, protect=[span])
+    assert a == spelling_noise(text, 0.2, seed=4, protect=[span]) and a != text
+    assert "Brafu" in a and a != spelling_noise(text, 0.2, seed=5, protect=[span])
+
+
+def test_posix_end_to_end_matches_direct_scores(tiny_llama):
+    rows = [{"city": "Paris"}, {"city": "Rome"}]
+    run = promptscope.posix(rows, tiny_llama, template="Where is {city}? It is in",
+                            templates=["{city} is in", "Q: where is {city}?\nA: it is in"],
+                            n_variants=3, max_new_tokens=3, progress=False)
+    assert set(run.params["posix"]) == {"spelling", "template"}
+    v = run.tables["variants"]
+    assert (v.groupby(["item", "type"]).size() == 3).all()
+    assert "Paris" in v[(v["item"] == 0) & (v["type"] == "spelling")]["prompt"].iloc[2]
+    # recompute one set's matrix with direct single scores and the formula
+    part = v[(v["item"] == 1) & (v["type"] == "template")]
+    prompts, resp = part["prompt"].tolist(), part["response"].tolist()
+    ll = [[tiny_llama.score([p], [r])[0].logprob for r in resp] for p in prompts]
+    lengths = [len(tiny_llama.score([p], [r])[0].tokens) for p, r in zip(prompts, resp)]
+    items = run.tables["items"].set_index(["item", "type"])["posix"]
+    assert items[(1, "template")] == pytest.approx(posix_index(ll, lengths), rel=1e-4)
+    assert run.figure() is not None
+    from promptscope.viz.posix import heatmap
+
+    assert heatmap(run, "template").data[0].z.shape == (3, 3)
+
+
+def test_posix_given_responses_and_errors(tiny_llama):
+    run = promptscope.posix(["Say hi:"], tiny_llama, responses=[" hi"], n_variants=2,
+                            progress=False, save=False)
+    assert (run.tables["variants"]["response"] == " hi").all()
+    with pytest.raises(PromptscopeError, match="needs templates"):
+        promptscope.posix(["x"], tiny_llama, types=["template"], save=False)
+    with pytest.raises(PromptscopeError, match="Unknown variant type"):
+        promptscope.posix(["x"], tiny_llama, types=["typo"], save=False)
+
+
+# ----------------------------------------------------------------------------- selection
+
+def test_mutual_information_and_cbm_formulas():
+    p = np.array([[0.9, 0.1], [0.6, 0.4]])
+    mean = p.mean(0)
+    h = lambda q: -(q * np.log(q)).sum()  # noqa: E731
+    assert mutual_information(p) == pytest.approx(h(mean) - (h(p[0]) + h(p[1])) / 2)
+    q = cbm(p)
+    expect = (p / mean) / (p / mean).sum(1, keepdims=True)
+    assert np.allclose(q, expect) and np.allclose(q.sum(1), 1)
+    assert np.allclose(cbm(q), q, atol=0.05)  # roughly idempotent once balanced
+
+
+def test_select_prompt_against_the_oracle():
+    df = _qdata(30)
+    model = RuleModel(dict(zip(df["text"], df["label"])))
+    demos = _qdata(3).assign(text=["q100", "q102", "q104"])
+    model.gold.update(dict(zip(demos["text"], demos["label"])))
+    cands = [PromptFormat(separator=" - "), PromptFormat(separator=": "),
+             PromptFormat(separator=" = ")]
+    sel = promptscope.select_prompt(cands, df[["text"]], model, choices=["yes", "no"],
+                                    demos=demos, progress=False)
+    assert sel.params["selected"] == 1  # the only format the model is sure and right in
+    lab = promptscope.select_prompt(cands, df, model, choices=["yes", "no"], label="label",
+                                    calibration=None, progress=False)
+    assert lab.params["oracle"] == 1 and lab.params["effectiveness"] == 1.0
+    t = lab.tables["candidates"]
+    assert t.loc[1, "accuracy"] == 1.0 and t.loc[0, "accuracy"] == 0.5
+    assert lab.figure() is not None and promptscope.load(lab.session_id) == lab
+
+
+def test_select_prompt_templates_on_tiny_model(tiny_llama):
+    data = [{"city": "Paris", "gold": " yes"}, {"city": "Tokyo", "gold": " no"}]
+    sel = promptscope.select_prompt(["Is {city} in Europe?", "{city} is in Europe:"], data,
+                                    tiny_llama, choices=" yes| no", label="gold",
+                                    progress=False, save=False)
+    t = sel.tables["candidates"]
+    assert len(sel.df) == 4 and t["mi_cbm"].between(0, math.log(2) + 1e-9).all()
+    assert 0 <= sel.params["effectiveness"] <= 1
+    with pytest.raises(PromptscopeError, match="not among the choices"):
+        promptscope.select_prompt(["{city}?", "{city}!"], data, tiny_llama, choices=" a| b",
+                                  label="gold", save=False)
+
+
+# ----------------------------------------------------------------------------- real model, magic
+
+def test_spread_end_to_end_on_tiny_model(tiny_llama):
+    df = pd.DataFrame({"city": ["Paris", "Rome", "Tokyo", "Lima", "Oslo", "Cairo"],
+                       "label": ["yes", "yes", "no", "no", "yes", "no"]})
+    run = promptscope.format_spread(df, tiny_llama, formats=3, shots=1, progress=False)
+    fmt = PromptFormat(**{f: run.tables["formats"].loc[0, f] for f in FEATURES})
+    task = FewShotTask(df, shots=1, seed=0)
+    scores = [tiny_llama.score([task.prompt(fmt, i)] * 2, task.continuations(fmt))
+              for i in range(len(df))]
+    preds = ["no" if s[0].logprob > s[1].logprob else "yes" for s in scores]  # choices sorted
+    assert run.tables["formats"].loc[0, "accuracy"] == pytest.approx(
+        np.mean([p == y for p, y in zip(preds, df["label"])]))
+
+
+def test_spread_magic(ip, tiny_llama_dir):
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as spread-llama")
+    ip.user_ns["cities"] = pd.DataFrame({"city": ["Paris", "Rome", "Tokyo", "Lima"],
+                                         "label": ["yes", "yes", "no", "no"]})
+    run = ip.run_line_magic("promptscope", "spread cities --formats 3 --shots 1 --budget 6 "
+                            "--batch 2 -o sp --name magic-spread")
+    assert ip.user_ns["sp"] is run and run.name == "magic-spread"
+    assert run.params["evaluations"] <= 6 and run.kind == "format_spread"
+    with pytest.raises(UsageError, match="no label column 'gold'"):
+        ip.run_line_magic("promptscope", "spread cities --label gold")
+    with pytest.raises(UsageError, match="no variable named 'nothing'"):
+        ip.run_line_magic("promptscope", "spread nothing")
+    with pytest.raises(UsageError, match="--budget"):
+        ip.run_line_magic("promptscope", "spread cities --budget lots")
+
+
+def test_spread_widget_runs_and_redraws():
+    from promptscope.widgets import SpreadWidget
+
+    df = _qdata(30)
+    model = RuleModel(dict(zip(df["text"], df["label"])))
+    widget = SpreadWidget(df, models=[model], budget=0.3, n_formats=6, shots=1, batch=5)
+    widget.n_formats.value = 5
+    run = widget.run()
+    assert run is widget.result and run.params["n_formats"] == 5
+    assert run.params["evaluations"] <= round(0.3 * 5 * 30)
+    bars = widget.accuracy.figure.data[0]
+    assert len(bars.x) == 5 and list(widget.trace.figure.data[0].x)[-1] == run.params[
+        "evaluations"]
+    assert "spread" in widget.status.value
