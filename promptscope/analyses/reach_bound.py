@@ -1,0 +1,179 @@
+"""The analytic side of controllability: the self-attention control bound of "What's the Magic
+Word?" (Bhargava et al.), per attention layer and head of a loaded model.
+
+For the query at the last position ``i`` of ``x0`` (the one that predicts the next token), a
+head's output with ``k`` control tokens ``U`` prepended is a convex mix of what it attends to in
+``X0`` and in ``U``::
+
+    y_i = (1 - b) * ybar_x + b * ybar_u,   b = D_u / (D_x + D_u)
+
+with ``D_x = g_i(X0) = sum_j exp(s_ij)`` over ``X0``'s keys and ``D_u`` the same over ``U``'s. Every
+control score is bounded, ``|s_ij| <= alpha = sigma_q sigma_k M_u M_x / sqrt(d_k)`` (the largest
+singular values of the head's query and key matrices, the largest norms of control and state
+token representations), so ``b <= beta = k e^alpha / (g_i + k e^alpha)``, and the part of the
+output the control can put in any direction is at most ``beta * sigma_v * M_u`` (the paper's
+bound on ``||Y_u^i||``). Through the head's output projection, the layer's output at ``i`` moves
+by at most ``beta * (sigma_o sigma_v M_u + ||W_o ybar_x||)`` (``shift_bound``): when that is zero in
+every layer (e.g. attention outputs zeroed), no control prompt can change the next-token
+distribution and nothing new is reachable.
+
+``M_u``: layer 0 uses the largest normalised embedding of an allowed control token (exact); deeper
+layers use ``sqrt(d) * max|gamma|``, the largest norm RMSNorm can output whatever its input. The
+bound is computed per layer on the uncontrolled states ``X0`` (the paper's single-layer setting);
+across layers it is indicative, except when it is zero.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from promptscope.errors import PromptscopeError
+from promptscope.models import resolve_model
+from promptscope.models.base import Model
+
+
+class BoundUnsupported(PromptscopeError):
+    """The model's attention is not the llama-style kind the bound is written for."""
+
+
+def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
+                    k: int | Sequence[int] = (1, 4, 10), *,
+                    control_tokens: Sequence[int] | None = None) -> Any:
+    """The paper's singular-value bound for every attention layer and head, per x0 and k.
+
+    Args:
+        model: a local transformers model with llama-style attention (``q_proj``, ``k_proj``,
+            ``v_proj``, ``o_proj``, an RMSNorm ``input_layernorm``; llama, mistral, qwen2...).
+        x0s: initial state(s); the bound is for the query at the last token.
+        k: control prompt length(s).
+        control_tokens: token ids the control may use (default: all non-special tokens), for
+            the exact ``M_u`` of layer 0.
+
+    Returns:
+        A DataFrame, one row per (x0, k, layer, head): ``sigma_q``, ``sigma_k``, ``sigma_v``,
+        ``sigma_o`` (largest singular values), ``M_x``, ``M_u``, ``alpha``, ``log_g``,
+        ``beta`` (the most attention k control tokens can take), ``control_bound``
+        (``beta * sigma_v * M_u``), ``shift_bound`` (largest change of the layer output),
+        ``resid_norm`` (norm of the residual stream there, for scale).
+
+    Example:
+        >>> promptscope.analyses.reach_bound.attention_bound(model, "tike vonu", k=[1, 4])
+        ...                                                                   # doctest: +SKIP
+    """
+    import pandas as pd
+    import torch
+
+    mdl = resolve_model(model)
+    mdl.require("hidden_states", "The reachability bound")
+    lm = mdl.model  # type: ignore[attr-defined]
+    tok = mdl.tokenizer  # type: ignore[attr-defined]
+    layers = getattr(getattr(lm, "model", None), "layers", None)
+    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "o_proj")
+                                 and hasattr(layer, "input_layernorm") for layer in layers):
+        raise BoundUnsupported(
+            f"The singular-value bound is implemented for llama-style attention (q_proj, "
+            f"k_proj, v_proj, o_proj); {type(lm).__name__} has another layout.")
+    if any(getattr(layer.self_attn.q_proj, "bias", None) is not None
+           or getattr(layer.self_attn.k_proj, "bias", None) is not None for layer in layers):
+        raise BoundUnsupported("The singular-value bound assumes attention projections without "
+                               "bias; this model's query/key projections have one.")
+    ks = [k] if isinstance(k, int) else list(k)
+    if any(kk < 1 for kk in ks):
+        raise PromptscopeError("The bound needs k >= 1 control tokens.")
+    texts = [x0s] if isinstance(x0s, str) else list(x0s)
+    cfg = lm.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or \
+        cfg.num_attention_heads
+    group = n_heads // n_kv
+    emb = lm.get_input_embeddings().weight
+    if control_tokens is None:
+        specials = set(tok.all_special_ids)
+        control_tokens = [i for i in range(min(len(tok), emb.shape[0])) if i not in specials]
+    rotary = getattr(lm.model, "rotary_emb", None)
+    apply_rope = getattr(importlib.import_module(type(layers[0].self_attn).__module__),
+                         "apply_rotary_pos_emb", None)
+
+    def svmax(w: Any) -> float:
+        return float(torch.linalg.matrix_norm(w.float(), ord=2)) if w.numel() else 0.0
+
+    rows = []
+    with torch.no_grad():
+        sig = []  # per layer: per-head singular values (independent of x0)
+        for layer in layers:
+            a = layer.self_attn
+            wq, wk, wv, wo = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                              a.o_proj.weight)
+            sig.append({
+                "q": [svmax(wq[h * hd:(h + 1) * hd]) for h in range(n_heads)],
+                "k": [svmax(wk[g * hd:(g + 1) * hd]) for g in range(n_kv)],
+                "v": [svmax(wv[g * hd:(g + 1) * hd]) for g in range(n_kv)],
+                "o": [svmax(wo[:, h * hd:(h + 1) * hd]) for h in range(n_heads)],
+            })
+        m_u0 = float(layers[0].input_layernorm(
+            emb[torch.tensor(list(control_tokens), device=emb.device)]).float().norm(dim=-1)
+            .max())
+        for s, text in enumerate(texts):
+            ids = torch.tensor([mdl.encode_prompt(text)], device=emb.device)  # type: ignore
+            out = lm(input_ids=ids, output_hidden_states=True)
+            hs = out.hidden_states
+            length = ids.shape[1]
+            pos = torch.arange(length, device=emb.device)[None]
+            for li, layer in enumerate(layers):
+                a = layer.self_attn
+                x = layer.input_layernorm(hs[li])  # [1, L, d]
+                gamma = layer.input_layernorm.weight
+                m_x = float(x[0].float().norm(dim=-1).max())
+                m_u = m_u0 if li == 0 else math.sqrt(x.shape[-1]) * float(gamma.abs().max())
+                q = a.q_proj(x).view(1, length, n_heads, hd).transpose(1, 2)
+                kk = a.k_proj(x).view(1, length, n_kv, hd).transpose(1, 2)
+                v = a.v_proj(x).view(1, length, n_kv, hd).transpose(1, 2)
+                if hasattr(a, "q_norm"):
+                    q, kk = a.q_norm(q), a.k_norm(kk)
+                if rotary is not None and apply_rope is not None:
+                    cos, sin = rotary(x, pos)
+                    q, kk = apply_rope(q, kk, cos, sin)
+                scale = float(getattr(a, "scaling", 1 / math.sqrt(hd)))
+                resid = float(hs[li + 1][0, -1].float().norm())
+                wo = a.o_proj.weight
+                for h in range(n_heads):
+                    g = h // group
+                    scores = (kk[0, g] @ q[0, h, -1]).float() * scale  # [L]
+                    log_g = float(torch.logsumexp(scores, 0))
+                    ybar = torch.softmax(scores, 0) @ v[0, g].float()
+                    ybar_o = float((wo[:, h * hd:(h + 1) * hd].float() @ ybar).norm())
+                    sq, sk, sv, so = sig[li]["q"][h], sig[li]["k"][g], sig[li]["v"][g], \
+                        sig[li]["o"][h]
+                    alpha = sq * sk * m_u * m_x * scale
+                    for k_ in ks:
+                        # beta = k e^a / (g + k e^a), in log space (e^alpha overflows)
+                        beta = 1 / (1 + math.exp(min(700.0, log_g - math.log(k_) - alpha)))
+                        rows.append({
+                            "state": s, "x0": text, "k": k_, "layer": li, "head": h,
+                            "sigma_q": sq, "sigma_k": sk, "sigma_v": sv, "sigma_o": so,
+                            "M_x": m_x, "M_u": m_u, "alpha": alpha, "log_g": log_g,
+                            "beta": beta, "control_bound": beta * sv * m_u,
+                            "shift_bound": beta * (so * sv * m_u + ybar_o),
+                            "resid_norm": resid,
+                        })
+    return pd.DataFrame(rows)
+
+
+def layer_summary(bound: Any) -> Any:
+    """Per (k, layer): the largest ``beta`` over heads and the summed ``shift_bound``, averaged
+    over the x0s, beside the residual norm (for scale)."""
+    per_state = bound.groupby(["k", "layer", "state"]).agg(
+        beta_max=("beta", "max"), shift_bound=("shift_bound", "sum"),
+        control_bound=("control_bound", "max"), resid_norm=("resid_norm", "first"),
+        sigma_q=("sigma_q", "max"), sigma_k=("sigma_k", "max"), sigma_v=("sigma_v", "max"),
+        sigma_o=("sigma_o", "max"))
+    return per_state.groupby(["k", "layer"]).mean().reset_index()
+
+
+def nothing_new_reachable(bound: Any) -> bool:
+    """True when the bound proves no control prompt can move the next-token distribution: the
+    control-induced change of every attention layer's output is bounded by zero."""
+    return bool(len(bound)) and float(bound["shift_bound"].abs().max()) == 0.0

@@ -1,0 +1,820 @@
+"""Controllability: which next tokens can a short control prompt force? ("What's the Magic Word?
+A Control Theory of LLM Prompting", Bhargava et al.)
+
+For an initial state ``x0`` (text) and a target next token ``y``, a control prompt ``u`` of at most
+``k`` tokens *reaches* ``y`` when ``y`` is the argmax next token after ``u + x0`` (``u`` is
+prepended to ``x0``; a BOS token, when the tokenizer adds one, stays first: ``BOS u x0``).
+
+Searchers, both batched over (x0, y) pairs and over candidates:
+
+* **greedy back-generation** builds ``u`` right to left, one token at a time, each time prepending
+  the token that most raises ``log P(y | u + x0)`` over the whole allowed vocabulary. Its first
+  step is shared by every target of one ``x0`` (one pass over the vocabulary serves them all), so
+  with ``k = 1`` it is an exhaustive search.
+* **greedy coordinate gradient (GCG)** keeps ``k`` control tokens, takes the gradient of the
+  target's cross-entropy with respect to the one-hot control tokens, samples ``search_width``
+  single-token swaps among the ``top_k`` most promising tokens per position, evaluates them all
+  in batched forward passes and moves to the best. ``k = 1`` is searched exhaustively (it costs
+  one pass over the vocabulary per ``x0``); longer prompts warm-start from the best prompt one
+  token shorter.
+
+Every claimed success is re-verified with a plain, unbatched forward pass on the token ids before
+it is reported. Control prompts are token sequences: ``control`` is their decoded text, and
+``text_roundtrip`` says whether tokenising ``control + x0`` gives the same ids back.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from promptscope.analyses._recorder import Recorder
+from promptscope.errors import PromptscopeError
+from promptscope.models import resolve_model
+from promptscope.models.base import Model
+from promptscope.result import Result
+from promptscope.store import Store
+
+KIND = "reachability"
+METHODS = ("gcg", "greedy", "both")
+#: The paper's headline: the correct next Wikitext token is reachable with k <= 10 for > 97 % of
+#: initial states (Falcon-7b, Llama-7b, Falcon-40b).
+PAPER_HEADLINE = {"k": 10, "fraction": 0.97, "target_set": "true"}
+_SET_SPEC = re.compile(r"^(true|top:\d+|random:\d+|bottom:\d+)$")
+#: Tokens per forward pass on each device type (rows x sequence length).
+_TOKEN_BUDGET = {"cuda": 131072, "mps": 32768, "cpu": 16384}
+
+
+class ReachabilityError(PromptscopeError):
+    """A reachability request that cannot run as given (the message says what to change)."""
+
+
+@dataclass
+class _Pair:
+    """One (x0, y) search problem and its outcome."""
+
+    index: int
+    state: int
+    target: int
+    target_set: str
+    base_prob: float = 0.0
+    base_rank: int = 0
+    reached: bool = False
+    k: int | None = None
+    control: list[int] = field(default_factory=list)
+    prob: float = 0.0
+    rank: int = 0
+    steps: int = 0
+    method: str = ""
+    best_loss: float = math.inf
+    best: list[int] = field(default_factory=list)
+    best_by_k: dict[int, list[int]] = field(default_factory=dict)
+    loss_by_k: dict[int, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    done: bool = False
+
+    def keep(self, k: int, u: list[int], loss: float) -> None:
+        """Remember the best control prompt of length ``k`` (warm start for longer ones)."""
+        if loss < self.loss_by_k.get(k, math.inf):
+            self.loss_by_k[k], self.best_by_k[k] = loss, list(u)
+
+
+# --------------------------------------------------------------------------- public API
+def reachability(
+    model: Model | str | None,
+    x0s: str | Sequence[Any],
+    targets: Any = "top:10",
+    *,
+    k_max: int = 4,
+    k_min: int = 1,
+    method: str = "gcg",
+    steps: int = 32,
+    search_width: int = 128,
+    top_k: int = 64,
+    control_tokens: Sequence[int] | None = None,
+    init_control: Sequence[int] | None = None,
+    exhaustive_k1: bool = True,
+    bound: bool = True,
+    seed: int = 0,
+    name: str = "",
+    save: bool = True,
+    store: Store | None = None,
+    progress: bool = True,
+    on_pair: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Result:
+    """Search control prompts ``u`` (at most ``k_max`` tokens, prepended to each ``x0``) that make
+    each target the model's most likely next token.
+
+    Args:
+        model: a local transformers model (API models cannot give gradients).
+        x0s: an initial state (text), a list of them, or ``(text, true_next)`` pairs (the true next
+            token as text or id, e.g. from :func:`heldout_states`) for ``targets="true"``.
+        targets: what to reach after each ``x0``: ``"true"`` (the true next token), ``"top:N"``
+            (the model's N most likely next tokens), ``"random:N"`` (N uniformly random tokens),
+            ``"bottom:N"`` (the N least likely), single-token strings or token ids, a ``"|"``
+            separated string of them, a list mixing all of these, or a list of such lists (one
+            per x0, for pairs with their own targets). Generated sets leave out
+            special tokens. A target must be one token (multi-token targets are an error).
+        k_max: the longest control prompt tried (>= 1). ``k = 0`` means the target already is the
+            argmax without control.
+        k_min: the shortest control prompt tried (default 1; the benchmark fixes ``k``).
+        method: ``"gcg"``, ``"greedy"`` (back-generation) or ``"both"`` (greedy first, then GCG
+            on what greedy did not reach, warm-started from greedy's prompts).
+        steps: GCG iterations per prompt length.
+        search_width: GCG candidates (single-token swaps) evaluated per pair and iteration.
+        top_k: GCG tokens per position taken from the gradient.
+        control_tokens: the token ids ``u`` may use (default: every non-special token).
+        init_control: GCG's starting control tokens at length ``k_min`` (default: ``"!"``
+            repeated); longer lengths warm-start from the best prompt one token shorter.
+        exhaustive_k1: with GCG, search ``k = 1`` by trying every allowed token (one pass over the
+            vocabulary per ``x0`` serves all its targets).
+        bound: also compute the paper's singular-value bound per attention layer (llama-style
+            attention only; table ``bound`` of the result).
+        seed: seeds random target sets and GCG's candidate sampling.
+        on_pair: called with each finished pair's row (widgets use it for live progress).
+        should_stop: polled between steps; when it returns True the run stops like an interrupt
+            (status ``interrupted``, rows found so far kept).
+
+    Returns:
+        A Result of kind ``reachability``: one row per (x0, y) with ``reached``, ``k`` (smallest
+        found), ``control`` (text), ``control_ids``, ``prob`` and ``rank`` of ``y`` after the
+        control prompt (rank 1 = argmax), the same without control (``base_prob``,
+        ``base_rank``), ``steps``, ``method`` and ``time_s``; table ``trace`` holds loss,
+        probability and rank of the target at every step; table ``bound`` the analytic bound.
+
+    Example:
+        >>> model = promptscope.load_model("organism")                        # doctest: +SKIP
+        >>> run = promptscope.reachability(model, ["tike vonu save"], "top:10", k_max=3)
+        >>> run.summary(); run.figure()                                        # doctest: +SKIP
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    mdl = resolve_model(model)
+    mdl.require("gradients", "Reachability (control-prompt search)")
+    if not isinstance(k_max, int) or k_max < 1:
+        raise ReachabilityError(f"k_max={k_max!r}: the longest control prompt must be at least "
+                                "1 token (k = 0 is always checked).")
+    if not isinstance(k_min, int) or not 1 <= k_min <= k_max:
+        raise ReachabilityError(f"k_min={k_min!r} must be between 1 and k_max={k_max}.")
+    if method not in METHODS:
+        raise ReachabilityError(f"method={method!r}: use one of {', '.join(METHODS)}.")
+    if init_control is not None and len(init_control) != k_min:
+        raise ReachabilityError(f"init_control has {len(init_control)} tokens; it starts the "
+                                f"search at k_min={k_min}, so give {k_min}.")
+    if steps < 1 or search_width < 1 or top_k < 1:
+        raise ReachabilityError("steps, search_width and top_k must each be at least 1.")
+
+    search = _Search(mdl, control_tokens, seed)
+    states, true_next = search.parse_states(x0s)
+    base = search.base_logits(states)
+    pairs = search.resolve_targets(targets, states, true_next, base)
+    if not pairs:
+        raise ReachabilityError("No (x0, target) pairs to search: give at least one x0 and one "
+                                "target.")
+    texts = [search.state_text[s] for s in range(len(states))]
+    params = {
+        "x0s": texts, "targets": _jsonable(targets), "k_max": k_max, "k_min": k_min,
+        "method": method, "steps": steps, "search_width": search_width, "top_k": top_k,
+        "exhaustive_k1": exhaustive_k1, "seed": seed, "n_pairs": len(pairs),
+        "n_control_tokens": int(search.allowed.numel()),
+        "custom_control_tokens": control_tokens is not None,
+        "paper_headline": PAPER_HEADLINE,
+    }
+    bound_df = None
+    if bound:
+        from promptscope.analyses.reach_bound import BoundUnsupported, attention_bound
+
+        try:
+            bound_df = attention_bound(mdl, texts, k=sorted({1, k_max}),
+                                       control_tokens=search.allowed.tolist())
+        except BoundUnsupported as exc:
+            params["bound_skipped"] = str(exc)
+    source = "\n".join(texts)
+    bar = tqdm(total=len(pairs), disable=not progress, desc="reachability", unit="pair",
+               leave=False)
+    rows_pending: list[dict[str, Any]] = []
+    trace_pending: list[dict[str, Any]] = []
+    search.trace = trace_pending
+    search.should_stop = should_stop
+    t0 = time.perf_counter()
+
+    def finish(pair: _Pair, method_name: str) -> None:
+        if pair.done:
+            return
+        pair.done = True
+        pair.method = method_name if pair.reached else method
+        row = search.row(pair)
+        rows_pending.append(row)
+        bar.update(1)
+        if pair.reached:
+            bar.set_postfix(reached=sum(p.reached for p in pairs))
+        if on_pair is not None:
+            on_pair(row)
+
+    def flush(rec: Recorder) -> None:
+        if rows_pending:
+            rec.add(pd.DataFrame(rows_pending))
+            rows_pending.clear()
+        if trace_pending:
+            rec.add(pd.DataFrame(trace_pending), table="trace")
+            trace_pending.clear()
+
+    with Recorder(KIND, name=name, model=mdl, params=params, source=source, save=save,
+                  store=store) as rec:
+        try:
+            if bound_df is not None:
+                rec.add(bound_df, table="bound")
+            # k = 0: the target already is the argmax.
+            for p in pairs:
+                if p.base_rank == 1:
+                    p.reached, p.k, p.prob, p.rank = True, 0, p.base_prob, 1
+                    finish(p, "none")
+            flush(rec)
+            with torch.enable_grad():
+                if method in ("greedy", "both"):
+                    search.greedy(pairs, k_min, k_max, lambda p: finish(p, "greedy"),
+                                  lambda: flush(rec))
+                if method == "greedy":
+                    for p in pairs:
+                        finish(p, "greedy")
+                else:
+                    if init_control is not None:
+                        search.init_control = [int(t) for t in init_control]
+                    # after greedy, k = 1 was already exhaustive: GCG starts at 2
+                    start = max(k_min, 2) if method == "both" else k_min
+                    search.gcg(pairs, start, k_max, steps, search_width, top_k, exhaustive_k1,
+                               warm=method == "both", on_reached=lambda p: finish(p, "gcg"),
+                               on_level=lambda: flush(rec))
+                    for p in pairs:
+                        finish(p, "gcg")
+        finally:
+            flush(rec)
+            bar.close()
+        rec.params["time_s"] = round(time.perf_counter() - t0, 3)
+        rec.params["unverified_claims"] = search.unverified
+        if rec.store is not None and rec.session_id:
+            rec.store.update_params(rec.session_id, rec.params)
+    return rec.result()
+
+
+def heldout_states(model: Model | str | None, texts: Sequence[str], n: int = 20, *,
+                   min_tokens: int = 4, max_tokens: int = 16,
+                   seed: int = 0) -> list[tuple[str, int]]:
+    """Cut held-out texts into ``(x0, true next token id)`` pairs for ``targets="true"``.
+
+    Each pair is a random cut of a random text at a token boundary, with ``min_tokens`` to
+    ``max_tokens`` tokens before the cut; cuts whose prefix does not tokenise back to the same ids
+    are skipped.
+
+    Example:
+        >>> from promptscope.organism import grammar
+        >>> texts = [grammar.text(random.Random(i)) for i in range(50)]       # doctest: +SKIP
+        >>> states = heldout_states(model, texts, n=20)                        # doctest: +SKIP
+        >>> promptscope.reachability(model, states, "true", k_max=4)           # doctest: +SKIP
+    """
+    mdl = resolve_model(model)
+    tok = mdl.tokenizer  # type: ignore[attr-defined]
+    rng = random.Random(seed)
+    out: list[tuple[str, int]] = []
+    pool = [t for t in texts if t]
+    tries = 0
+    while len(out) < n and pool and tries < 50 * n:
+        tries += 1
+        ids = tok(rng.choice(pool), add_special_tokens=False)["input_ids"]
+        if len(ids) <= min_tokens:
+            continue
+        cut = rng.randint(min_tokens, min(max_tokens, len(ids) - 1))
+        x0 = tok.decode(ids[:cut])
+        if tok(x0, add_special_tokens=False)["input_ids"] != ids[:cut]:
+            continue
+        if (x0, ids[cut]) not in out:
+            out.append((x0, ids[cut]))
+    return out
+
+
+def next_tokens(model: Model | str | None, x0: str, control_ids: Sequence[int] = (), *,
+                top: int | None = None) -> Any:
+    """The next-token distribution after ``control + x0`` (``BOS u x0``, as the search builds
+    it): a DataFrame of ``token``, ``token_id``, ``prob``, ``rank``, most likely first.
+
+    Example:
+        >>> next_tokens(model, "tike lara", top=10)                             # doctest: +SKIP
+    """
+    import pandas as pd
+    import torch
+
+    search = _Search(resolve_model(model), None, 0)
+    search.parse_states([x0])
+    probs = torch.softmax(search.plain_logits(search.seq(0, list(control_ids))), -1)
+    order = torch.argsort(probs, descending=True)
+    if top is not None:
+        order = order[:top]
+    ids = order.tolist()
+    return pd.DataFrame({"token": [search.tok.decode([i]) for i in ids], "token_id": ids,
+                         "prob": probs[order].tolist(), "rank": range(1, len(ids) + 1)})
+
+
+def k_epsilon(df: Any, k_max: int | None = None) -> Any:
+    """The k-epsilon table: per target set and k, the fraction of pairs reached with a control
+    prompt of at most k tokens (``1 - epsilon``).
+
+    Example:
+        >>> k_epsilon(run.df)                                                   # doctest: +SKIP
+    """
+    import pandas as pd
+
+    ks = pd.to_numeric(df["k"], errors="coerce")
+    top = int(k_max if k_max is not None else (ks.max() if ks.notna().any() else 1))
+    rows = []
+    for tset, g in df.groupby("target_set", sort=False):
+        gk = ks[g.index]
+        for k in range(0, top + 1):
+            frac = float((g["reached"].astype(bool) & (gk <= k)).mean())
+            rows.append({"target_set": tset, "k": k, "reached": frac, "epsilon": 1 - frac,
+                         "n": len(g)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- search engine
+class _Search:
+    """The batched searchers over one model; all work is on token ids."""
+
+    def __init__(self, mdl: Model, control_tokens: Sequence[int] | None, seed: int) -> None:
+        import torch
+
+        self.mdl = mdl
+        self.lm = mdl.model  # type: ignore[attr-defined]
+        self.tok = mdl.tokenizer  # type: ignore[attr-defined]
+        self.device = mdl.device  # type: ignore[attr-defined]
+        self.embed = self.lm.get_input_embeddings()
+        self.vocab = int(self.embed.weight.shape[0])
+        specials = set(self.tok.all_special_ids)
+        n_tok = min(len(self.tok), self.vocab)
+        if control_tokens is None:
+            allowed = [i for i in range(n_tok) if i not in specials]
+        else:
+            allowed = sorted({int(i) for i in control_tokens})
+            bad = [i for i in allowed if not 0 <= i < self.vocab]
+            if bad:
+                raise ReachabilityError(f"control_tokens has ids outside the vocabulary "
+                                        f"(0..{self.vocab - 1}): {bad[:5]}.")
+        if not allowed:
+            raise ReachabilityError("No control tokens allowed; pass control_tokens with at "
+                                    "least one token id.")
+        self.allowed = torch.tensor(allowed, dtype=torch.long)
+        self.allowed_mask = torch.zeros(self.vocab, dtype=torch.bool)
+        self.allowed_mask[self.allowed] = True
+        self.targetable = [i for i in range(n_tok) if i not in specials]
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.prefix: list[list[int]] = []
+        self.body: list[list[int]] = []
+        self.state_text: list[str] = []
+        self.trace: list[dict[str, Any]] = []
+        self.should_stop: Callable[[], bool] | None = None
+        self.unverified = 0
+        self.init_control: list[int] | None = None
+        self.budget = _TOKEN_BUDGET.get(self.device.type, 16384)
+        self.dtype = next(self.lm.parameters()).dtype
+
+    # ------------------------------------------------------------------ inputs
+    def parse_states(self, x0s: Any) -> tuple[list[str], list[int | None]]:
+        if isinstance(x0s, str):
+            x0s = [x0s]
+        states: list[str] = []
+        true_next: list[int | None] = []
+        for item in x0s:
+            if isinstance(item, str):
+                text, nxt = item, None
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                text, nxt = item[0], self.token_id(item[1], "true next token")
+            else:
+                raise ReachabilityError(f"Cannot read x0 {item!r}: give a text or a "
+                                        "(text, true next token) pair.")
+            ids = self.mdl.encode_prompt(text)  # type: ignore[attr-defined]
+            bos = self.tok.bos_token_id
+            prefix, body = ([ids[0]], ids[1:]) if bos is not None and ids[:1] == [bos] else (
+                [], ids)
+            if not prefix and not body:
+                raise ReachabilityError("An empty x0 needs a tokenizer that adds a BOS token; "
+                                        "give some text.")
+            self.prefix.append(prefix)
+            self.body.append(body)
+            self.state_text.append(text)
+            states.append(text)
+            true_next.append(nxt)
+        if not states:
+            raise ReachabilityError("x0s is empty: give at least one initial state (text).")
+        return states, true_next
+
+    def token_id(self, target: Any, what: str = "target") -> int:
+        """A single token id from an id or a text that must be exactly one token."""
+        if isinstance(target, bool):
+            raise ReachabilityError(f"Cannot read {what} {target!r}.")
+        if isinstance(target, int) or (hasattr(target, "item") and not isinstance(target, str)):
+            tid = int(target)
+            if not 0 <= tid < self.vocab:
+                raise ReachabilityError(f"{what} id {tid} is outside the vocabulary "
+                                        f"(0..{self.vocab - 1}).")
+            return tid
+        if not isinstance(target, str) or not target:
+            raise ReachabilityError(f"Cannot read {what} {target!r}: give a token text or id.")
+        ids = self.tok(target, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = [self.tok.decode([i]) for i in ids]
+            raise ReachabilityError(
+                f"{what} {target!r} is {len(ids)} tokens {pieces}; reachability targets are "
+                "single next tokens. Use one token (e.g. its first, "
+                f"{pieces[0] if pieces else ''!r}), or search each token in turn.")
+        return ids[0]
+
+    def resolve_targets(self, targets: Any, states: list[str], true_next: list[int | None],
+                        base: Any) -> list[_Pair]:
+        import torch
+
+        per_state = (isinstance(targets, (list, tuple)) and len(targets) == len(states)
+                     and all(isinstance(t, (list, tuple)) for t in targets))
+        shared = None if per_state else _split_targets(targets)
+        pairs: list[_Pair] = []
+        for s in range(len(states)):
+            specs = _split_targets(list(targets[s])) if per_state else shared
+            logits = base[s]
+            order = torch.argsort(logits, descending=True)
+            ok = torch.zeros(self.vocab, dtype=torch.bool)
+            ok[self.targetable] = True
+            ranked = [int(i) for i in order if ok[i]]
+            chosen: list[tuple[int, str]] = []
+            for spec in specs:
+                if isinstance(spec, str) and _SET_SPEC.match(spec):
+                    kind, _, num = spec.partition(":")
+                    n = int(num) if num else 1
+                    if kind == "true":
+                        if true_next[s] is None:
+                            raise ReachabilityError(
+                                "targets='true' needs the true next token of each x0: pass x0s "
+                                "as (text, next token) pairs, e.g. from "
+                                "promptscope.analyses.reachability.heldout_states(model, texts).")
+                        ids = [int(true_next[s])]  # type: ignore[arg-type]
+                    elif kind == "top":
+                        ids = ranked[:n]
+                    elif kind == "bottom":
+                        ids = ranked[::-1][:n]
+                    else:
+                        ids = self.rng.sample(self.targetable, min(n, len(self.targetable)))
+                    chosen += [(i, kind) for i in ids]
+                else:
+                    chosen.append((self.token_id(spec), "given"))
+            seen: set[int] = set()
+            for tid, tset in chosen:
+                if tid in seen:
+                    continue
+                seen.add(tid)
+                logp = torch.log_softmax(logits, -1)
+                pairs.append(_Pair(index=len(pairs), state=s, target=tid, target_set=tset,
+                                   base_prob=float(logp[tid].exp()),
+                                   base_rank=int((logits > logits[tid]).sum()) + 1))
+        return pairs
+
+    # ------------------------------------------------------------------ forward passes
+    def seq(self, state: int, u: Sequence[int]) -> list[int]:
+        return [*self.prefix[state], *u, *self.body[state]]
+
+    def base_logits(self, states: list[str]) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return [self.plain_logits(self.seq(s, [])) for s in range(len(states))]
+
+    def plain_logits(self, ids: list[int]) -> Any:
+        """Next-token logits of one sequence: one plain forward pass, no batching or padding."""
+        import torch
+
+        with torch.no_grad():
+            out = self.lm(input_ids=torch.tensor([ids], device=self.device))
+        return out.logits[0, -1].float().cpu()
+
+    def verify(self, pair: _Pair, u: list[int]) -> bool:
+        """Independent check of a claimed success; sets the pair's final prob and rank."""
+        import torch
+
+        logits = self.plain_logits(self.seq(pair.state, u))
+        ok = int(torch.argmax(logits)) == pair.target
+        if ok:
+            pair.prob = float(torch.softmax(logits, -1)[pair.target])
+            pair.rank = 1
+        else:
+            self.unverified += 1
+        return ok
+
+    def evaluate(self, seqs: Any, targets: Any) -> tuple[Any, Any]:
+        """Log-prob and rank of ``targets[i]`` (a row of target ids) after each of ``seqs``
+        (a ``[N, L]`` tensor of equal-length sequences), in chunks within the token budget."""
+        import torch
+
+        n, length = seqs.shape
+        chunk = max(1, self.budget // max(1, length))
+        logps, ranks = [], []
+        with torch.no_grad():
+            i = 0
+            while i < n:
+                part = seqs[i:i + chunk].to(self.device)
+                try:
+                    logits = self.lm(input_ids=part, logits_to_keep=1).logits[:, -1].float()
+                except torch.cuda.OutOfMemoryError:  # halve the chunk and retry
+                    if chunk == 1:
+                        raise
+                    chunk = max(1, chunk // 2)
+                    torch.cuda.empty_cache()
+                    continue
+                tg = targets[i:i + chunk].to(logits.device)
+                ty = logits.gather(1, tg)
+                logps.append((ty - torch.logsumexp(logits, -1, keepdim=True)).cpu())
+                ranks.append(((logits.unsqueeze(1) > ty.unsqueeze(2)).sum(-1) + 1).cpu())
+                i += part.shape[0]
+        return torch.cat(logps), torch.cat(ranks)
+
+    def _stop(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise KeyboardInterrupt("reachability search stopped")
+
+    def _trace(self, pair: _Pair, method: str, k: int, step: int, logp: float,
+               rank: int) -> None:
+        self.trace.append({"pair": pair.index, "method": method, "k": k, "step": step,
+                           "loss": -logp, "prob": math.exp(logp), "rank": rank})
+
+    # ------------------------------------------------------------------ greedy
+    def greedy(self, pairs: list[_Pair], k_min: int, k_max: int, on_reached: Any,
+               on_level: Any) -> None:
+        """Back-generation: prepend the token that most raises log P(y), k_max times."""
+        import torch
+
+        active = [p for p in pairs if not p.reached]
+        u: dict[int, list[int]] = {p.index: [] for p in active}
+        for k in range(1, k_max + 1):
+            self._stop()
+            groups: dict[tuple[int, tuple[int, ...]], list[_Pair]] = {}
+            for p in active:
+                groups.setdefault((p.state, tuple(u[p.index])), []).append(p)
+            for (state, cur), group in groups.items():
+                self._stop()
+                cands = self.allowed
+                seqs = torch.tensor([self.seq(state, [0, *cur])] * len(cands))
+                seqs[:, len(self.prefix[state])] = cands
+                tg = torch.tensor([[p.target for p in group]] * len(cands))
+                logp, rank = self.evaluate(seqs, tg)
+                for j, p in enumerate(group):
+                    p.steps += 1
+                    best = int(torch.argmax(logp[:, j]))
+                    hit = (rank[:, j] == 1).nonzero().flatten()
+                    if k >= k_min and len(hit):
+                        # among the candidates that make y the argmax, the most probable one
+                        best_hit = int(hit[torch.argmax(logp[hit, j])])
+                        trial = [int(cands[best_hit]), *cur]
+                        if self.verify(p, trial):
+                            p.reached, p.k, p.control = True, k, trial
+                            self._trace(p, "greedy", k, p.steps, float(logp[best_hit, j]), 1)
+                            on_reached(p)
+                            continue
+                    u[p.index] = [int(cands[best]), *cur]
+                    p.keep(k, u[p.index], float(-logp[best, j]))
+                    lp, rk = float(logp[best, j]), int(rank[best, j])
+                    if -lp < p.best_loss:
+                        p.best_loss, p.best, p.rank = -lp, u[p.index], rk
+                        p.prob = math.exp(lp)
+                    self._trace(p, "greedy", k, p.steps, lp, rk)
+            active = [p for p in active if not p.reached]
+            on_level()
+            if not active:
+                return
+
+    # ------------------------------------------------------------------ GCG
+    def gcg(self, pairs: list[_Pair], k_min: int, k_max: int, steps: int, width: int,
+            top_k: int, exhaustive_k1: bool, warm: bool, on_reached: Any,
+            on_level: Any) -> None:
+        """Greedy coordinate gradient, batched over pairs; k grows from k_min to k_max."""
+        import torch
+
+        init_tok = self._init_token()
+        for k in range(k_min, k_max + 1):
+            active = [p for p in pairs if not p.reached]
+            if not active:
+                return
+            if k == 1 and exhaustive_k1:
+                self._exhaustive_k1(active, on_reached)
+                on_level()
+                continue
+            u = {}
+            for p in active:
+                if warm and k in p.best_by_k:
+                    u[p.index] = list(p.best_by_k[k])
+                elif k - 1 in p.best_by_k:
+                    u[p.index] = [init_tok, *p.best_by_k[k - 1]]
+                elif self.init_control is not None and len(self.init_control) == k:
+                    u[p.index] = list(self.init_control)
+                else:
+                    u[p.index] = [init_tok] * k
+            for _ in range(steps):
+                self._stop()
+                if not active:
+                    break
+                grads = self._grads(active, u)  # [P, k, V]
+                grads[:, :, ~self.allowed_mask] = math.inf
+                kk = min(top_k, int(self.allowed.numel()))
+                top = (-grads).topk(kk, dim=-1).indices  # [P, k, kk]
+                cand_rows, owners = [], []
+                for j, p in enumerate(active):
+                    cands = self._sample(u[p.index], top[j], width)
+                    cand_rows.append(cands)
+                    owners += [j] * len(cands)
+                # evaluate all candidates of all pairs, grouped by sequence length
+                seq_rows = []
+                for j, p in enumerate(active):
+                    for c in cand_rows[j]:
+                        seq_rows.append(self.seq(p.state, c))
+                flat = [c for rows in cand_rows for c in rows]
+                logp, rank = self._evaluate_ragged(seq_rows, [active[o].target for o in owners])
+                start = 0
+                still = []
+                for j, p in enumerate(active):
+                    n = len(cand_rows[j])
+                    lp, rk = logp[start:start + n], rank[start:start + n]
+                    cands = flat[start:start + n]
+                    start += n
+                    p.steps += 1
+                    hit = (rk == 1).nonzero().flatten()
+                    if len(hit):
+                        best_hit = int(hit[torch.argmax(lp[hit])])
+                        if self.verify(p, cands[best_hit]):
+                            p.reached, p.k, p.control = True, k, cands[best_hit]
+                            self._trace(p, "gcg", k, p.steps, float(lp[best_hit]), 1)
+                            on_reached(p)
+                            continue
+                    b = int(torch.argmax(lp))
+                    u[p.index] = cands[b]
+                    p.keep(k, cands[b], float(-lp[b]))
+                    if float(-lp[b]) < p.best_loss:
+                        p.best_loss, p.best = float(-lp[b]), cands[b]
+                        p.prob, p.rank = math.exp(float(lp[b])), int(rk[b])
+                    self._trace(p, "gcg", k, p.steps, float(lp[b]), int(rk[b]))
+                    still.append(p)
+                active = still
+            on_level()
+
+    def _init_token(self) -> int:
+        ids = self.tok("!", add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and self.allowed_mask[ids[0]]:
+            return ids[0]
+        return int(self.allowed[0])
+
+    def _exhaustive_k1(self, active: list[_Pair], on_reached: Any) -> None:
+        """Every allowed single token before x0: one pass per x0 serves all its targets."""
+        import torch
+
+        by_state: dict[int, list[_Pair]] = {}
+        for p in active:
+            by_state.setdefault(p.state, []).append(p)
+        for state, group in by_state.items():
+            self._stop()
+            cands = self.allowed
+            seqs = torch.tensor([self.seq(state, [0])] * len(cands))
+            seqs[:, len(self.prefix[state])] = cands
+            tg = torch.tensor([[p.target for p in group]] * len(cands))
+            logp, rank = self.evaluate(seqs, tg)
+            for j, p in enumerate(group):
+                p.steps += 1
+                best = int(torch.argmax(logp[:, j]))
+                hit = (rank[:, j] == 1).nonzero().flatten()
+                if len(hit):
+                    best_hit = int(hit[torch.argmax(logp[hit, j])])
+                    if self.verify(p, [int(cands[best_hit])]):
+                        p.reached, p.k, p.control = True, 1, [int(cands[best_hit])]
+                        self._trace(p, "exhaustive", 1, p.steps, float(logp[best_hit, j]), 1)
+                        on_reached(p)
+                        continue
+                lp, rk = float(logp[best, j]), int(rank[best, j])
+                p.keep(1, [int(cands[best])], -lp)
+                if -lp < p.best_loss:
+                    p.best_loss, p.best, p.prob, p.rank = -lp, [int(cands[best])], math.exp(lp), rk
+                self._trace(p, "exhaustive", 1, p.steps, lp, rk)
+
+    def _sample(self, cur: list[int], top: Any, width: int) -> list[list[int]]:
+        """Up to ``width`` distinct single-token swaps of ``cur`` drawn from ``top`` [k, kk]."""
+        import torch
+
+        k, kk = top.shape
+        pos = torch.randint(0, k, (width,), generator=self.gen)
+        pick = torch.randint(0, kk, (width,), generator=self.gen)
+        toks = top[pos, pick]
+        seen = {tuple(cur)}
+        out = []
+        for p_, t_ in zip(pos.tolist(), toks.tolist(), strict=True):
+            c = list(cur)
+            c[p_] = t_
+            key = tuple(c)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out or [list(cur)]
+
+    def _evaluate_ragged(self, seq_rows: list[list[int]], targets: list[int]) -> tuple[Any, Any]:
+        """:meth:`evaluate` for sequences of different lengths (grouped by length, no padding)."""
+        import torch
+
+        n = len(seq_rows)
+        logp = torch.empty(n)
+        rank = torch.empty(n, dtype=torch.long)
+        by_len: dict[int, list[int]] = {}
+        for i, s in enumerate(seq_rows):
+            by_len.setdefault(len(s), []).append(i)
+        for idx in by_len.values():
+            lp, rk = self.evaluate(torch.tensor([seq_rows[i] for i in idx]),
+                                   torch.tensor([[targets[i]] for i in idx]))
+            logp[idx] = lp[:, 0]
+            rank[idx] = rk[:, 0]
+        return logp, rank
+
+    def _grads(self, active: list[_Pair], u: dict[int, list[int]]) -> Any:
+        """Gradient of each pair's cross-entropy w.r.t. its one-hot control tokens [P, k, V]."""
+        import torch
+
+        k = len(u[active[0].index])
+        out = torch.empty((len(active), k, self.vocab))
+        weight = self.embed.weight
+        by_len: dict[int, list[int]] = {}
+        for j, p in enumerate(active):
+            by_len.setdefault(len(self.seq(p.state, u[p.index])), []).append(j)
+        for length, idx in by_len.items():
+            chunk = max(1, self.budget // (4 * length))  # backward needs more memory
+            for c in range(0, len(idx), chunk):
+                part = idx[c:c + chunk]
+                ps = [active[j] for j in part]
+                ids = torch.tensor([self.seq(p.state, u[p.index]) for p in ps],
+                                   device=self.device)
+                starts = [len(self.prefix[p.state]) for p in ps]
+                s0 = starts[0]  # equal length and same prefix length within a group
+                if any(s != s0 for s in starts):
+                    raise RuntimeError("mixed prefix lengths in one gradient batch")
+                onehot = torch.zeros((len(ps), k, self.vocab), device=self.device,
+                                     dtype=weight.dtype)
+                onehot.scatter_(2, ids[:, s0:s0 + k].unsqueeze(2), 1.0)
+                onehot.requires_grad_(True)
+                with torch.no_grad():
+                    embeds = self.embed(ids)
+                embeds = torch.cat([embeds[:, :s0], onehot @ weight, embeds[:, s0 + k:]], dim=1)
+                logits = self.lm(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1].float()
+                tg = torch.tensor([p.target for p in ps], device=self.device)
+                loss = torch.nn.functional.cross_entropy(logits, tg, reduction="sum")
+                (g,) = torch.autograd.grad(loss, [onehot])
+                out[part] = g.float().cpu()
+        return out
+
+    # ------------------------------------------------------------------ rows
+    def row(self, p: _Pair) -> dict[str, Any]:
+        control = p.control if p.reached else p.best
+        text = self.tok.decode(control) if control else ""
+        state_text = self.state_text[p.state]
+        full = self.seq(p.state, control)
+        roundtrip = self.mdl.encode_prompt(text + state_text) == full  # type: ignore[attr-defined]
+        return {
+            "pair": p.index, "state": p.state, "x0": state_text, "target_set": p.target_set,
+            "target": self.tok.decode([p.target]), "target_id": p.target,
+            "base_prob": p.base_prob, "base_rank": p.base_rank, "reached": p.reached,
+            "k": float(p.k) if p.reached else math.nan, "control": text,
+            "control_ids": list(control),
+            "prob": p.prob, "rank": p.rank, "steps": p.steps, "method": p.method,
+            "text_roundtrip": roundtrip, "time_s": round(time.perf_counter() - p.started, 4),
+        }
+
+
+def _split_targets(targets: Any) -> list[Any]:
+    """``targets`` as a flat list of set specs, token texts and ids."""
+    if targets is None:
+        raise ReachabilityError("Give targets: 'true', 'top:N', 'random:N', 'bottom:N', "
+                                "token texts or ids.")
+    if isinstance(targets, str):
+        parts = [t.strip() for t in targets.split(",")]
+        if all(_SET_SPEC.match(t) for t in parts):
+            return parts
+        return [t for t in targets.split("|") if t]
+    if isinstance(targets, int):
+        return [targets]
+    out: list[Any] = []
+    for t in targets:
+        out += _split_targets(t) if isinstance(t, str) and "|" in t else [t]
+    return out
+
+
+def _jsonable(targets: Any) -> Any:
+    if isinstance(targets, (str, int)):
+        return targets
+    if isinstance(targets, (list, tuple)):
+        return [_jsonable(t) for t in targets]
+    return int(targets)

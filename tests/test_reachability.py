@@ -1,0 +1,206 @@
+"""Controllability: control-prompt search (greedy, GCG), its verification, the singular-value
+bound, sessions, interrupts and the %%reach magic."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import promptscope
+from promptscope.analyses.reach_bound import attention_bound, nothing_new_reachable
+from promptscope.analyses.reachability import ReachabilityError, heldout_states, k_epsilon
+from promptscope.errors import CapabilityError
+from promptscope.models.base import Model
+from promptscope.models.hf import HFModel
+
+STATES = ["Is Paris in Europe?", "The cat sat on"]
+FAST = {"steps": 3, "search_width": 16, "top_k": 8, "progress": False}
+
+
+def _argmax_after(model: HFModel, x0: str, control_ids: list[int]) -> int:
+    """Independent check: one plain forward pass on BOS + u + x0, no batching or padding."""
+    ids = model.encode_prompt(x0)
+    bos = model.tokenizer.bos_token_id
+    full = ([ids[0], *control_ids, *ids[1:]] if bos is not None and ids[:1] == [bos]
+            else [*control_ids, *ids])
+    with torch.no_grad():
+        logits = model.model(input_ids=torch.tensor([full])).logits[0, -1]
+    return int(logits.argmax())
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return promptscope.load_model("organism", make_default=False)
+
+
+@pytest.fixture(scope="module")
+def both_run(tiny_llama):
+    return promptscope.reachability(tiny_llama, STATES, "top:3,random:2", k_max=2,
+                                    method="both", save=False, **FAST)
+
+
+def test_every_reported_control_makes_the_target_the_argmax(both_run, tiny_llama):
+    df = both_run.df
+    assert len(df) == len(STATES) * 5 and set(df["target_set"]) == {"top", "random"}
+    for row in df[df["reached"]].itertuples():
+        assert len(row.control_ids) == row.k <= 2
+        assert _argmax_after(tiny_llama, row.x0, list(row.control_ids)) == row.target_id
+        assert row.rank == 1
+    for row in df[~df["reached"]].itertuples():  # best attempt reported, honestly not argmax
+        assert row.rank > 1 and len(row.control_ids) <= 2
+    assert both_run.params["unverified_claims"] >= 0
+
+
+def test_argmax_target_is_reached_with_k0(both_run):
+    df = both_run.df
+    top1 = df[df["base_rank"] == 1]
+    assert len(top1) == len(STATES)  # the argmax of each x0 is in its top:3
+    assert (top1["reached"] & (top1["k"] == 0) & (top1["control"] == "")).all()
+    assert not ((df["k"] == 0) & (df["base_rank"] > 1)).any()
+
+
+def test_k_epsilon_table_and_figures(both_run):
+    table = k_epsilon(both_run.df, 2)
+    assert list(table["k"].unique()) == [0, 1, 2]
+    top = table[table["target_set"] == "top"].set_index("k")["reached"]
+    assert top.is_monotonic_increasing and top[0] == pytest.approx(1 / 3)
+    fig = both_run.figure()
+    names = [t.name for t in fig.data]
+    assert any("paper" in (n or "") for n in names) and any("top" in (n or "") for n in names)
+    from promptscope.viz.reachability import rank_figure
+
+    assert len(rank_figure(both_run).data) >= 1
+    assert set(both_run.summary()["target_set"]) == {"top", "random"}
+    assert {"pair", "step", "rank", "loss"} <= set(both_run.tables["trace"].columns)
+
+
+def test_organism_single_token_controls_are_verified(organism):
+    run = promptscope.reachability(organism, "tike lara fohi", "top:6", k_max=1, method="gcg",
+                                   bound=False, save=False, progress=False)
+    reached = run.df[run.df["reached"] & (run.df["k"] == 1)]
+    assert len(reached) >= 1  # the organism's language is controllable with one token
+    for row in reached.itertuples():
+        assert _argmax_after(organism, row.x0, list(row.control_ids)) == row.target_id
+
+
+def test_true_targets_from_heldout_text(tiny_llama):
+    states = heldout_states(tiny_llama, ["The capital of France is Paris. The cat sat on the "
+                                         "mat. A dog ran in the park."], n=2, min_tokens=3)
+    assert len(states) == 2
+    run = promptscope.reachability(tiny_llama, states, "true", k_max=1, method="gcg",
+                                   bound=False, save=False, progress=False)
+    assert list(run.df["target_id"]) == [s[1] for s in states]
+    assert set(run.df["target_set"]) == {"true"}
+
+
+def test_targets_per_x0_and_fixed_length(tiny_llama):
+    run = promptscope.reachability(tiny_llama, STATES, [[40], [41, 42]], k_min=2, k_max=2,
+                                   init_control=[7, 7], method="gcg", bound=False, save=False,
+                                   **FAST)
+    assert list(zip(run.df.sort_values("pair")["state"], run.df.sort_values("pair")["target_id"])) \
+        == [(0, 40), (1, 41), (1, 42)]
+    got = run.df[run.df["reached"] & (run.df["base_rank"] > 1)]
+    assert (got["k"] == 2).all()  # k_min=2: no shorter prompt is tried
+
+
+def test_zeroed_model_bound_and_search_agree_nothing_new_is_reachable(tiny_llama):
+    zeroed = HFModel(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, name="zeroed")
+    with torch.no_grad():
+        for layer in zeroed.model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    bound = attention_bound(zeroed, STATES, k=[1, 2])
+    assert nothing_new_reachable(bound) and (bound["shift_bound"] == 0).all()
+    assert not nothing_new_reachable(attention_bound(tiny_llama, STATES, k=2))
+    run = promptscope.reachability(zeroed, STATES, "top:3,random:3", k_max=2, method="both",
+                                   save=False, **FAST)
+    assert nothing_new_reachable(run.tables["bound"])
+    assert (run.df["reached"] == (run.df["base_rank"] == 1)).all()
+    assert (run.df.loc[run.df["reached"], "k"] == 0).all()
+
+
+def test_bound_columns_on_the_organism(organism):
+    bound = attention_bound(organism, ["tike lara fohi"], k=[1, 4])
+    assert len(bound) == 2 * 4 * 4  # k x layers x heads
+    assert ((bound["beta"] > 0) & (bound["beta"] <= 1)).all()
+    assert (bound["sigma_q"] > 0).all() and (bound["control_bound"] >= 0).all()
+    b1 = bound[bound["k"] == 1].reset_index()
+    b4 = bound[bound["k"] == 4].reset_index()
+    assert (b4["beta"] >= b1["beta"]).all()  # more control tokens, more attention they can take
+
+
+class _APIModel(Model):
+    name = "api"
+    capabilities = frozenset({"score", "generate"})
+
+    def score(self, prompts, continuations, progress=None):  # pragma: no cover
+        raise NotImplementedError
+
+    def generate(self, prompts, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+
+def test_errors_say_what_to_fix(tiny_llama):
+    with pytest.raises(ReachabilityError, match="at least 1 token"):
+        promptscope.reachability(tiny_llama, STATES, "top:2", k_max=0, save=False)
+    with pytest.raises(ReachabilityError, match="single next tokens"):
+        promptscope.reachability(tiny_llama, STATES, ["The capital of France"], save=False)
+    with pytest.raises(ReachabilityError, match="pairs"):
+        promptscope.reachability(tiny_llama, STATES, "true", save=False)
+    with pytest.raises(ReachabilityError, match="method"):
+        promptscope.reachability(tiny_llama, STATES, "top:2", method="beam", save=False)
+    with pytest.raises(ReachabilityError, match="init_control"):
+        promptscope.reachability(tiny_llama, STATES, "top:2", k_min=2, k_max=2,
+                                 init_control=[5], save=False)
+    with pytest.raises(CapabilityError, match="gradients"):
+        promptscope.reachability(_APIModel(), STATES, "top:2", save=False)
+
+
+def test_interrupt_keeps_found_rows_in_the_session(tiny_llama):
+    seen: list[dict] = []
+    with pytest.raises(KeyboardInterrupt) as info:
+        promptscope.reachability(tiny_llama, STATES, "top:3,random:3", k_max=2, method="gcg",
+                                 on_pair=seen.append, should_stop=lambda: len(seen) >= 2,
+                                 **FAST)
+    partial = info.value.partial_result
+    assert partial.status == "interrupted" and len(partial.df) >= 2
+    assert len(partial.df) < len(STATES) * 6
+    loaded = promptscope.load(partial.session_id)
+    assert loaded.status == "interrupted" and len(loaded.df) == len(partial.df)
+
+
+def test_saved_session_reloads_equal(tiny_llama):
+    run = promptscope.reachability(tiny_llama, STATES[:1], "top:2", k_max=1, **FAST)
+    loaded = promptscope.load(run.session_id)
+    assert loaded.kind == "reachability" and loaded == run
+    assert {"trace", "bound"} <= set(loaded.tables)
+
+
+def test_reach_magic(ip, tiny_llama):
+    from IPython.core.error import UsageError
+
+    promptscope.load_model(str(tiny_llama.source), alias="tiny-llama")
+    ip.run_cell_magic("reach", "--k 1 --targets top:2 --steps 2 --width 8 -o rr --no-bound",
+                      "Is Paris in Europe?\nThe cat sat on\n")
+    run = ip.user_ns["rr"]
+    assert run.kind == "reachability" and len(run.df) == 4 and run.params["k_max"] == 1
+    with pytest.raises(UsageError, match="at least 1 token"):
+        ip.run_cell_magic("reach", "--k 0", "The cat\n")
+    with pytest.raises(UsageError, match="one x0 per line"):
+        ip.run_cell_magic("reach", "--k 1", "\n")
+
+
+def test_reach_widget_runs_and_shows_the_moved_distribution(tiny_llama):
+    from promptscope.widgets import ReachWidget
+
+    widget = ReachWidget(tiny_llama, "The cat sat on", k_max=1, steps=2)
+    assert len(widget.targets.options) == 50 and len(widget.targets.value) == 3
+    widget.start(wait=True)
+    assert widget.result is not None and len(widget.result.df) == 3
+    assert widget.progress.value == 3 and "control prompt" in widget.table.value
+    widget.pick.value = widget.pick.options[0][1]
+    fig = widget.dist.figure
+    assert fig is not None and len(fig.data) == 2 and "→" in fig.layout.title.text
+    widget.stop()  # after the run: harmless
