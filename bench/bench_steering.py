@@ -1,17 +1,23 @@
-"""Benchmark: generation with PASTA steering vs without, and vs an eager PASTA baseline.
+"""Benchmark: generation with PASTA or vector steering vs without, and vs an eager PASTA baseline.
 
-Three ways to generate the same greedy continuation of one prompt:
+Ways to generate the same greedy continuation of one prompt:
 
 - ``plain``: the model's SDPA attention, no steering (the reference time);
 - ``promptscope``: PASTA as a per-head key bias inside promptscope's attention function (SDPA);
 - ``eager PASTA``: what one writes without promptscope: eager attention whose post-softmax
-  weights are scaled by alpha off the emphasised span on the steered heads and renormalised.
+  weights are scaled by alpha off the emphasised span on the steered heads and renormalised;
+- ``vector add``: a steering vector added to the residual stream after two layers (CAA-style,
+  forward hooks; target at most 1.05x plain);
+- ``vector ICV``: an in-context vector on every layer with the norm-preserving shift (target at
+  most 1.05x plain).
 
-Each (method, prompt length) runs in its own subprocess, so peak RSS is its own. Target: steering
+Each (method, prompt length) runs in its own subprocess, so peak RSS is its own. Target: PASTA
 at most 1.15x the plain time.
 
     python bench/bench_steering.py                       # lengths 128 512 2048, CPU
     python bench/bench_steering.py --lengths 128 512 --device cuda
+    python bench/bench_steering.py --methods plain "vector add" "vector ICV"
+    python bench/bench_steering.py --hook-cost --model organism
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("plain", "promptscope", "eager PASTA")
+METHODS = ("plain", "promptscope", "eager PASTA", "vector add", "vector ICV")
 HEADS = {1: [0, 2], 2: [1, 3]}  # a typical PASTA head set: a few heads in a few layers
 ALPHA = 0.01
 
@@ -84,7 +90,24 @@ def child(args: argparse.Namespace) -> None:
         AttentionMaskInterface.register("eager_pasta", eager_mask)
         model.model.set_attn_implementation("eager_pasta")
 
-    def generate() -> str:
+    vector = None
+    if args.child.startswith("vector"):
+        from promptscope.models.vectors import SteeringVector
+
+        size, n_layers = model.model.config.hidden_size, model.model.config.num_hidden_layers
+        g = torch.Generator().manual_seed(0)
+        if args.child == "vector add":  # a contrastive vector on two middle layers
+            vector = SteeringVector({i: torch.randn(size, generator=g) for i in (1, 2)}, size)
+            strength = 2.0
+        else:  # an ICV: unit directions on every layer, norm-preserving shift
+            vector = SteeringVector({i: torch.nn.functional.normalize(
+                torch.randn(size, generator=g), dim=0) for i in range(n_layers)}, size, "icv")
+            strength = 0.1
+
+    def generate(steered: bool = True) -> str:
+        if vector is not None and steered:
+            with promptscope.steer(model, vector=vector, strength=strength):
+                return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
         if args.child == "promptscope":
             with promptscope.steer(model, heads=HEADS, alpha=ALPHA, emphasis=key):
                 return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
@@ -94,17 +117,66 @@ def child(args: argparse.Namespace) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, plain_times = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        text = generate()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        # Vector rows also time plain generation in the same process, alternating with the
+        # steered runs, so a shared machine's load drift hits both alike.
+        for steered in ((False, True) if vector is not None else (True,)):
+            t0 = time.perf_counter()
+            out = generate(steered)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            (times if steered else plain_times).append(time.perf_counter() - t0)
+            if steered:
+                text = out
     peak = (torch.cuda.max_memory_allocated() / 2**20 if model.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"seconds": min(times), "peak_mb": peak, "text": text,
+                      "plain_seconds": min(plain_times) if plain_times else None,
                       "tokens": len(model.encode_prompt(prompt))}))
+
+
+def hook_cost(args: argparse.Namespace) -> None:
+    """The vector hooks' own cost per decoding step (pre-hook + one hook per steered layer),
+    timed alone: end-to-end ratios on a shared machine are dominated by load noise."""
+    import timeit
+
+    import torch
+
+    import promptscope
+    from promptscope.models.vectors import SteeringVector, VectorSteering, _Hooks
+
+    torch.set_num_threads(args.threads)
+    model = promptscope.load_model(args.model, device=args.device)
+    cfg = model.model.config
+    ids = torch.tensor([model.encode_prompt("Context: Ann lives in Rome. Where does Ann live?")],
+                       device=model.device)
+    mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long, device=model.device)
+    x = torch.randn(1, 1, cfg.hidden_size, device=model.device)
+    for mode, layers in (("add", [1, 2]), ("icv", list(range(cfg.num_hidden_layers)))):
+        vec = SteeringVector({i: torch.nn.functional.normalize(torch.randn(cfg.hidden_size),
+                                                               dim=0) for i in layers},
+                             cfg.hidden_size, mode)
+        hooks = _Hooks(VectorSteering(vec, 0.1, layers))
+        fns = [hooks.layer_hook(i) for i in layers]
+
+        def step(hooks: _Hooks = hooks, fns: list = fns) -> None:
+            hooks.pre(None, (), {"input_ids": ids[:, :1], "attention_mask": mask})
+            for fn in fns:
+                fn(None, None, x)
+
+        per = min(timeit.repeat(step, number=2000, repeat=7)) / 2000
+        print(f"{mode} on {len(layers)} layers: {per * 1e6:.0f} us per decoding step")
+    enc = model.model(input_ids=ids, use_cache=True)
+    nxt = enc.logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode() -> None:
+        with torch.no_grad():
+            model.model(input_ids=nxt, use_cache=False,
+                        **{model._cache_kwarg: enc.past_key_values})
+
+    per = min(timeit.repeat(decode, number=50, repeat=5)) / 50
+    print(f"one decoding step of the model: {per * 1e6:.0f} us")
 
 
 def main() -> None:
@@ -115,11 +187,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
     p.add_argument("--model", help="model folder (default: a small llama built now)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="which rows to run ('plain' is always run: the reference)")
+    p.add_argument("--hook-cost", action="store_true", help="time the vector hooks alone "
+                   "against one decoding step")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
+        return
+    if args.hook_cost:
+        hook_cost(args)
         return
     if not args.model:
         from promptscope.testing import make_tiny_model
@@ -130,7 +209,8 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         res = {}
-        for method in METHODS:
+        methods = ["plain", *[x for x in args.methods if x != "plain"]]
+        for method in methods:
             cmd = [sys.executable, __file__, "--child", method, "--model", args.model,
                    "--length", str(length), "--new-tokens", str(args.new_tokens),
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]
@@ -140,19 +220,26 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"{method} at {length} tokens failed:\n{out.stderr[-3000:]}")
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        same = res["promptscope"]["text"] == res["eager PASTA"]["text"]
+        same = ("promptscope" in res and "eager PASTA" in res
+                and res["promptscope"]["text"] == res["eager PASTA"]["text"])
         rows.append((length, res, same))
     where = args.device or "default device"
     print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, small llama "
           f"(4 layers, 4 heads of 64, GQA), {where}, {args.threads} threads; steered heads "
-          f"{HEADS}, alpha {ALPHA}. Times are the best of {args.repeats}.\n")
+          f"{HEADS}, alpha {ALPHA}; vector add: layers 1-2, strength 2; vector ICV: every layer, "
+          f"lambda 0.1. Times are the best of {args.repeats}; vector rows are compared with plain "
+          f"runs alternated in their own process (the plain row's time in brackets).\n")
     print(f"{'tokens':>7} {'method':<13}{'seconds':>9}{'vs plain':>10}{'peak MB':>10}"
           f"{'same text as eager':>20}")
     for _, res, same in rows:
-        base = res["plain"]["seconds"]
-        for method in METHODS:
+        for method in res:
             r = res[method]
-            flag = ("yes" if same else "NO") if method == "promptscope" else ""
+            base = r.get("plain_seconds") or res["plain"]["seconds"]
+            flag = ""
+            if method == "promptscope" and "eager PASTA" in res:
+                flag = "yes" if same else "NO"
+            elif r.get("plain_seconds"):
+                flag = f"(plain {base:.3f} s)"
             print(f"{r['tokens']:>7} {method:<13}{r['seconds']:>9.3f}{r['seconds'] / base:>9.2f}x"
                   f"{r['peak_mb']:>10.0f}{flag:>20}")
 

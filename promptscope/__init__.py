@@ -23,8 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 from promptscope.analyses.attention import attention
+from promptscope.analyses.attribution import attribute
+from promptscope.analyses.compare_steering import compare_steering
 from promptscope.analyses.heads import profile_heads
 from promptscope.analyses.prompt import run_prompt
+from promptscope.analyses.reachability import reachability
+from promptscope.analyses.sensitivity import format_spread, posix, select_prompt
+from promptscope.analyses.steering_vectors import contrastive_vector, in_context_vector
 from promptscope.errors import PromptscopeError
 from promptscope.models import load_model, loaded_models
 from promptscope.result import Result
@@ -32,22 +37,44 @@ from promptscope.store import Store
 from promptscope.templates import parse_template
 
 __version__ = "0.1.0"
-__all__ = ["run_prompt", "attention", "profile_heads", "load_model", "load", "sessions",
-           "list_models", "parse_template", "steer", "Result", "Store", "PromptscopeError",
-           "__version__"]
+__all__ = [
+    # running prompts, attention and steering
+    "run_prompt", "attention", "profile_heads", "steer",
+    "contrastive_vector", "in_context_vector", "load_vector", "compare_steering",
+    # analyses
+    "format_spread", "posix", "select_prompt", "reachability", "attribute",
+    # models, sessions, templates
+    "load_model", "list_models", "load", "sessions", "parse_template",
+    "Result", "Store", "PromptscopeError", "__version__",
+]
 
 
 def steer(model: Any, **kwargs: Any) -> Any:
-    """Steer a model's attention (PASTA) inside a ``with`` block; see
-    :func:`promptscope.models.steering.steer` (imported lazily: it needs torch).
+    """Steer a model inside a ``with`` block: PASTA (``method="pasta"``, the default), a
+    steering vector (``method="vector"``, ``vector=``, ``strength=``, ``layers=``) or both
+    (``"pasta+vector"``); see :func:`promptscope.models.steering.steer` (imported lazily).
 
     Example:
         >>> with promptscope.steer(model, heads="all", alpha=0.01, emphasis="Ann lives in Rome."):
+        ...     run = promptscope.run_prompt(...)                       # doctest: +SKIP
+        >>> with promptscope.steer(model, method="vector", vector=v, strength=4):
         ...     run = promptscope.run_prompt(...)                       # doctest: +SKIP
     """
     from promptscope.models.steering import steer as _steer
 
     return _steer(model, **kwargs)
+
+
+def load_vector(name_or_id: str, *, store: Store | None = None) -> Any:
+    """A saved steering vector by name or session id; see
+    :func:`promptscope.models.vectors.load_vector` (imported lazily: it needs torch).
+
+    Example:
+        >>> v = promptscope.load_vector("context-caa")                 # doctest: +SKIP
+    """
+    from promptscope.models.vectors import load_vector as _load_vector
+
+    return _load_vector(name_or_id, store=store)
 
 
 def load(session_id: str, *, store: Store | None = None) -> Result:

@@ -57,8 +57,23 @@ def _prompt_parser() -> _Parser:
                    "scoring: explorer widget, mass on each template part per layer and head")
     p.add_argument("--layers", default="all", help="with --attention: layers to capture, e.g. "
                    "'0,3' (default: all)")
-    p.add_argument("--steer", action="store_true", help="steer attention to the <<emphasised>> "
-                   "spans (PASTA)")
+    p.add_argument("--attribute", action="store_true", help="attribute the log-prob of the "
+                   "target (--choices, --target, else the greedy answer) to the template's parts "
+                   "or tokens with captum: prompt heatmap, bar per part")
+    p.add_argument("--attr-method", default=None, choices=["ablation", "shapley", "kernelshap",
+                   "ig"], help="with --attribute: ablation (default for parts), shapley, "
+                   "kernelshap, or ig (integrated gradients; default for tokens)")
+    p.add_argument("--attr-level", default="parts", choices=["parts", "tokens"],
+                   help="with --attribute: one value per template part (default) or per token")
+    p.add_argument("--steer", nargs="?", const="pasta", default=None, metavar="METHOD",
+                   help="steer: alone or 'pasta', attention to the <<emphasised>> spans (PASTA); "
+                   "'vector' adds --vector to the residual stream; 'pasta+vector' does both")
+    p.add_argument("--vector", metavar="NAME", help="with --steer vector: a notebook variable "
+                   "holding a SteeringVector, or the name of a saved one")
+    p.add_argument("--strength", type=float, default=1.0, help="with --steer vector: the "
+                   "vector's multiplier (ICV: lambda; default 1)")
+    p.add_argument("--steer-layers", default=None, metavar="'2,3'", help="with --steer vector: "
+                   "the layers to steer (default: all the vector has)")
     p.add_argument("--heads", default="all", help="heads to steer: 'all', '3.1,4.0' "
                    "(layer.head) or 'L3' (default: all)")
     p.add_argument("--alpha", type=float, default=0.01, help="PASTA's scaling of the "
@@ -104,6 +119,9 @@ def _promptscope_parser() -> _Parser:
     ld = sub.add_parser("load", help="show a saved session")
     ld.add_argument("session_id")
     ld.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
+    from promptscope.analyses.sensitivity.cli import add_spread_parser
+
+    add_spread_parser(sub)  # %promptscope spread DATA ... (FormatSpread)
     sub.add_parser("store", help="where this workspace's sessions are saved")
     sub.add_parser("help", help="show this help and the %%prompt options")
     for sp in sub.choices.values():
@@ -112,7 +130,8 @@ def _promptscope_parser() -> _Parser:
 
 
 def _usage() -> str:
-    return _promptscope_parser().format_help() + "\n" + _prompt_parser().format_help()
+    return (_promptscope_parser().format_help() + "\n" + _prompt_parser().format_help()
+            + "\n" + _reach_parser().format_help())
 
 
 @magics_class
@@ -160,6 +179,13 @@ class PromptscopeMagics(Magics):
         if args.command == "sessions":
             return promptscope.sessions(kind=args.kind, model=args.model, search=args.search,
                                         limit=args.limit)
+        if args.command == "spread":
+            from promptscope.analyses.sensitivity.cli import run_spread_command
+
+            result = run_spread_command(args, self.shell.user_ns)
+            if args.out:
+                self.shell.user_ns[args.out] = result
+            return result
         if args.command == "store":
             return str(promptscope.Store.default().path)
         result = promptscope.load(args.session_id)  # "load"
@@ -183,13 +209,38 @@ class PromptscopeMagics(Magics):
             rows = ns[args.vars]
 
         steer = None
+        if args.steer and args.steer not in ("pasta", "vector", "pasta+vector"):
+            raise UsageError(f"--steer {args.steer}: the methods are pasta (the default), vector "
+                             "and pasta+vector.")
         if args.steer:
             steer = {"heads": args.heads, "alpha": args.alpha, "mode": args.steer_mode,
                      "compare": args.compare, "auto": args.auto_emphasis}
+            if args.steer == "vector":  # PASTA's options do not apply
+                steer = {"compare": args.compare, "auto": args.auto_emphasis,
+                         **_vector_options(args, ns)}
+            elif args.steer != "pasta":
+                steer.update(_vector_options(args, ns))
+        elif args.vector:
+            raise UsageError("--vector goes with --steer vector (or --steer pasta+vector).")
         elif args.compare or args.auto_emphasis:
             raise UsageError("--compare and --auto-emphasis go with --steer.")
 
+        if (args.attr_method or args.attr_level != "parts") and not args.attribute:
+            raise UsageError("--attr-method and --attr-level go with --attribute.")
+        if args.attribute and args.attention:
+            raise UsageError("Use --attribute or --attention, not both.")
+
         def run() -> Any:
+            if args.attribute:
+                from promptscope.analyses.attribution import attribute
+
+                return attribute(cell.rstrip("\n"), args.model, vars=rows, namespace=ns,
+                                 choices=args.choices, target=args.target,
+                                 method=args.attr_method, level=args.attr_level,
+                                 max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                 steer={k: v for k, v in (steer or {}).items() if k != "auto"}
+                                 or None, seed=args.seed, name=args.name,
+                                 save=not args.no_save)
             if args.attention:
                 from promptscope.analyses.attention import attention
 
@@ -216,6 +267,80 @@ class PromptscopeMagics(Magics):
         return result
 
 
+def _vector_options(args: argparse.Namespace, ns: dict[str, Any]) -> dict[str, Any]:
+    """``steer=`` options for ``--steer vector`` / ``--steer pasta+vector``."""
+    if args.attention:
+        raise UsageError("--attention captures under PASTA only; drop --steer vector.")
+    if not args.vector:
+        raise UsageError(f"--steer {args.steer} needs --vector NAME (a SteeringVector variable "
+                         "or a saved vector's name).")
+    vector = ns.get(args.vector, args.vector)  # a notebook variable, else a saved name
+    if not isinstance(vector, str) and type(vector).__name__ != "SteeringVector":
+        vector = args.vector
+    return {"method": args.steer, "vector": vector, "strength": args.strength,
+            "layers": args.steer_layers}
+
+
+def _reach_parser() -> _Parser:
+    p = _Parser(prog="%%reach", description=(
+        "Controllability: search control prompts u (at most --k tokens, prepended) that make "
+        "each target the most likely next token after each x0 in the cell body (one x0 per "
+        "line; 'text||next' gives the true next token for --targets true)."))
+    p.add_argument("--k", type=int, default=4, metavar="K", help="longest control prompt "
+                   "(>= 1; default 4)")
+    p.add_argument("--targets", default="top:10", help="true, top:N, random:N, bottom:N, "
+                   "several joined by ',' (top:5,random:5), or token texts joined by '|' "
+                   "(default top:10)")
+    p.add_argument("--method", default="gcg", choices=["gcg", "greedy", "both"])
+    p.add_argument("--steps", type=int, default=32, help="GCG iterations per length")
+    p.add_argument("--width", type=int, default=128, help="GCG candidates per step")
+    p.add_argument("--top-k", type=int, default=64, help="GCG tokens per position")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="a loaded model's name, 'organism' or a model folder")
+    p.add_argument("--no-bound", action="store_true", help="skip the singular-value bound")
+    p.add_argument("--name", default="", help="session name")
+    p.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
+    p.add_argument("--no-save", action="store_true", help="do not save a session")
+    return p
+
+
+def _reach_cell(line: str, cell: str) -> Any:
+    """``%%reach``: a thin parser over :func:`promptscope.reachability`."""
+    from IPython import get_ipython
+
+    try:
+        args = _reach_parser().parse_args(shlex.split(line))
+    except ValueError as exc:
+        raise UsageError(f"Could not read the arguments ({exc}); check the quotes.") from None
+    except _HelpShown as shown:
+        print(shown.args[0])
+        return None
+    x0s: list[Any] = []
+    for text in cell.splitlines():
+        if not text.strip():
+            continue
+        body, sep, nxt = text.rpartition("||")
+        x0s.append((body, nxt) if sep else text)
+    if not x0s:
+        raise UsageError("%%reach needs initial states: put one x0 per line in the cell body.")
+    from promptscope.analyses.reachability import reachability
+
+    ns = get_ipython().user_ns
+    try:
+        result = _friendly(lambda: reachability(
+            args.model, x0s, args.targets, k_max=args.k, method=args.method, steps=args.steps,
+            search_width=args.width, top_k=args.top_k, seed=args.seed, bound=not args.no_bound,
+            name=args.name, save=not args.no_save))
+    except (KeyboardInterrupt, UsageError) as exc:
+        partial = getattr(exc, "partial_result", None)
+        if partial is not None and args.out:
+            ns[args.out] = partial
+        raise
+    if args.out:
+        ns[args.out] = result
+    return result
+
+
 def _friendly(fn: Callable[[], Any]) -> Any:
     """Run ``fn``; a PromptscopeError becomes a UsageError that keeps any partial result."""
     try:
@@ -236,3 +361,5 @@ def register(ipython: Any) -> None:
     PromptscopeMagics.prompt.__doc__ = _prompt_parser().format_help()
     PromptscopeMagics.promptscope.__doc__ = _usage()
     ipython.register_magics(PromptscopeMagics)
+    _reach_cell.__doc__ = _reach_parser().format_help()
+    ipython.register_magic_function(_reach_cell, magic_kind="cell", magic_name="reach")

@@ -92,6 +92,9 @@ def run_prompt(
             and ``auto=True`` for AutoPASTA: the model names the key sentence inside the
             ``<<region>>`` (or the whole prompt) and that sentence is steered (columns
             ``key_sentence``, ``key_similarity``; ``question`` overrides how it is asked).
+            ``method="vector"`` with ``vector=`` (a SteeringVector or a saved one's name),
+            ``strength=``, ``layers=`` steers the residual stream instead (no ``<<...>>``
+            needed); ``method="pasta+vector"`` does both.
 
     Returns:
         A :class:`~promptscope.result.Result` whose ``df`` has one row per variant x choice
@@ -136,16 +139,21 @@ def run_prompt(
         compare = steer.pop("compare", False)
         auto = steer.pop("auto", False)
         question = steer.pop("question", None)
-        if not auto and not tpl.has_emphasis and not steer.get("emphasis"):
+        pasta = "pasta" in _method(steer)
+        if auto and not pasta:
+            raise PromptscopeError("AutoPASTA (auto=True) steers attention; use method='pasta' "
+                                   "or 'pasta+vector'.")
+        if pasta and not auto and not tpl.has_emphasis and not steer.get("emphasis"):
             raise TemplateError("Steering needs something to emphasise: mark it in the template "
                                 "with <<...>> (e.g. <<the key sentence>>).")
         conditions = [False, True] if compare else [True]
     mdl.begin_run(mode, chat)  # an API model settles how it scores, or says it cannot
     bar = _progress_bar(total * len(conditions), progress, mode)
     with contextlib.ExitStack() as stack:
-        steering = None
-        if steer is not None:  # validated (heads, alpha) before a session exists
+        steering = attn = None
+        if steer is not None:  # validated (heads, alpha, vector) before a session exists
             steering = stack.enter_context(_steering(mdl, steer))
+            attn = _attention_part(steering)
             params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2,
                                "auto": auto}
         rec = stack.enter_context(Recorder("prompt", name=name, model=mdl, params=params,
@@ -154,14 +162,14 @@ def run_prompt(
             while chunk := list(itertools.islice(variants, chunk_size)):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
                 keys = None
-                if steering is not None:
+                if attn is not None:
                     for v, text in zip(chunk, texts):
-                        steering.spans[text] = _shift_spans(v, text)
+                        attn.spans[text] = _shift_spans(v, text)
                     if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
-                        keys = _auto_spans(mdl, texts, steering.spans, question)
+                        keys = _auto_spans(mdl, texts, attn.spans, question)
                 for steered in conditions:
                     if steering is not None:
-                        mdl.steering = steering if steered else None
+                        _set_steered(mdl, steering, steered)
                     rows = _run_chunk(mdl, mode, chunk, texts, picks, target, bar,
                                       dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                            top_p=top_p, n=n, seed=seed))
@@ -174,8 +182,9 @@ def run_prompt(
                         rows["key_similarity"] = rows["variant"].map(similarity)
                     rec.add(rows)
                 if steering is not None:
-                    steering.spans.clear()  # keep memory flat over long runs
-                    mdl.steering = steering
+                    if attn is not None:
+                        attn.spans.clear()  # keep memory flat over long runs
+                    _set_steered(mdl, steering, True)
         finally:
             bar.close()
             _record_run_info(rec, mdl, progress)
@@ -259,6 +268,25 @@ def _steering(mdl: Model, options: dict[str, Any]) -> Any:
     from promptscope.models.steering import steer
 
     return steer(mdl, **options)
+
+
+def _method(options: Mapping[str, Any]) -> str:
+    """The steering method of ``steer=`` options (``"pasta"`` unless a vector is named)."""
+    from promptscope.models.steering import parse_method
+
+    return parse_method(options.get("method"), options.get("vector"))
+
+
+def _attention_part(steering: Any) -> Any:
+    from promptscope.models.steering import attention_part
+
+    return attention_part(steering)
+
+
+def _set_steered(mdl: Model, steering: Any, on: bool) -> None:
+    from promptscope.models.steering import set_steered
+
+    set_steered(mdl, steering, on)
 
 
 def _shift_spans(v: Variant, text: str) -> list[tuple[int, int]]:

@@ -76,6 +76,7 @@ class HFModel(Model):
             tokenizer.pad_token = tokenizer.eos_token
         self.batch_size: int | None = None  # None: chosen from the token budget
         self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
+        self.vector_steering: Any = None  # an active VectorSteering (hooks on the layers)
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

@@ -14,6 +14,10 @@ only there), so capture needs no global switch to eager attention either.
 
 The backend (:class:`~promptscope.models.hf.HFModel`) computes the per-batch key bias from token
 offsets and publishes it with :func:`forward_context` around each forward / generate call.
+
+:func:`steer` is the one entry point for all steering: ``method="pasta"`` (here),
+``"vector"`` (activation steering with forward hooks, :mod:`promptscope.models.vectors`) or
+``"pasta+vector"`` (both at once).
 """
 
 from __future__ import annotations
@@ -288,30 +292,135 @@ def use_promptscope_attention(model: Any) -> None:
     model.set_attn_implementation(ATTENTION_NAME)
 
 
+#: ``steer(method=...)`` values; ``"caa"`` and ``"icv"`` are names for ``"vector"``.
+METHODS = ("pasta", "vector", "pasta+vector")
+
+
+@dataclass
+class CombinedSteering:
+    """PASTA and a steering vector at once (``steer(method="pasta+vector")``)."""
+
+    attention: AttentionSteering
+    vector: Any  # a promptscope.models.vectors.VectorSteering
+
+    @property
+    def spans(self) -> dict[str, list[tuple[int, int]]]:
+        return self.attention.spans
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": "pasta+vector", **self.attention.to_json(),
+                **{k: v for k, v in self.vector.to_json().items() if k not in ("method", "mode")},
+                "vector_mode": self.vector.vector.mode}
+
+
+def parse_method(method: str | Sequence[str] | None, vector: Any = None) -> str:
+    """``"pasta"`` / ``"vector"`` / ``"pasta+vector"`` (also ``["pasta", "vector"]``, ``"caa"``,
+    ``"icv"``); ``None`` means ``"vector"`` when a vector is given, else ``"pasta"``."""
+    if method is None:
+        return "pasta" if vector is None else "vector"
+    parts = [method] if isinstance(method, str) else list(method)
+    names = set()
+    for part in parts:
+        for item in str(part).replace(",", "+").split("+"):
+            item = item.strip().lower()
+            names.add("vector" if item in ("caa", "icv", "vectors") else item)
+    unknown = names - {"pasta", "vector"}
+    if unknown or not names:
+        raise PromptscopeError(f"Unknown steering method {method!r}; use 'pasta', 'vector' or "
+                               "'pasta+vector'.")
+    return "+".join(m for m in ("pasta", "vector") if m in names)
+
+
+def attention_part(steering: Any) -> AttentionSteering | None:
+    """The PASTA part of what ``steer`` yields (``None`` for vector-only steering)."""
+    if isinstance(steering, AttentionSteering):
+        return steering
+    return getattr(steering, "attention", None)
+
+
+def set_steered(model: Any, steering: Any, on: bool) -> None:
+    """Switch a steering on or off without leaving its block (``run_prompt(compare=True)``)."""
+    attn = attention_part(steering)
+    if attn is not None:
+        model.steering = attn if on else None
+    vec = steering.vector if isinstance(steering, CombinedSteering) else (
+        None if attn is steering else steering)
+    if vec is not None:
+        vec.enabled = on
+
+
 @contextlib.contextmanager
-def steer(model: Any, *, heads: Any = "all", alpha: float = 0.01, mode: str = "exclude",
-          emphasis: str | Sequence[str] | None = None) -> Iterator[AttentionSteering]:
-    """Steer ``model``'s attention (PASTA) for everything run inside the block.
+def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any = "all",
+          alpha: float = 0.01, mode: str = "exclude",
+          emphasis: str | Sequence[str] | None = None, vector: Any = None,
+          strength: float = 1.0, layers: Any = None, start: int = 0) -> Iterator[Any]:
+    """Steer ``model`` for everything run inside the block: PASTA, a vector, or both.
 
     Args:
         model: a local transformers model (``HFModel``).
-        heads: ``"all"``, ``"3.1,4.0"`` (layer.head), ``"L3"``, PASTA's head config
+        method: ``"pasta"`` (attention steering, the default without ``vector``), ``"vector"``
+            (activation steering with a :class:`~promptscope.models.vectors.SteeringVector`:
+            contrastive or in-context; the default with ``vector``) or ``"pasta+vector"``.
+        heads: PASTA: ``"all"``, ``"3.1,4.0"`` (layer.head), ``"L3"``, PASTA's head config
             ``{"3": [1, 2]}``, ``[(layer, head), ...]``, or from a saved head profile:
             ``"top:8"`` (this model's newest profile) or ``"profile:NAME"`` / ``"profile:NAME:8"``.
         alpha: PASTA's scaling of the non-emphasised tokens (exclude mode, 0 < alpha <= 1), or of
             the emphasised tokens (include mode).
-        mode: ``"exclude"`` (default) or ``"include"``.
-        emphasis: substring(s) to emphasise wherever they occur; ``run_prompt`` adds the spans of
-            ``<<...>>`` markers itself.
+        mode: PASTA's ``"exclude"`` (default) or ``"include"``.
+        emphasis: PASTA: substring(s) to emphasise wherever they occur; ``run_prompt`` adds the
+            spans of ``<<...>>`` markers itself.
+        vector: a SteeringVector or the name of a saved one.
+        strength: the vector's multiplier (``h + strength * v``; ICV's lambda).
+        layers: the vector's layers to steer (default: all the vector has).
+        start: steer tokens from this position of each prompt on (default 0: all tokens).
+
+    Yields:
+        The :class:`AttentionSteering` (PASTA), a ``VectorSteering``, or a
+        :class:`CombinedSteering`.
 
     Example:
         >>> with promptscope.steer(model, heads="1.0,2.3", emphasis="Ann lives in Rome."):
         ...     model.score([prompt], [" Rome"])                     # doctest: +SKIP
+        >>> with promptscope.steer(model, method="vector", vector=v, strength=4, layers=[2]):
+        ...     model.generate([prompt])                                # doctest: +SKIP
     """
-    model.require("attention", "Attention steering")
-    if getattr(model, "steering", None) is not None:
+    which = parse_method(method, vector)
+    if "pasta" in which:
+        model.require("attention", "Attention steering")
+    if "vector" in which:
+        model.require("hidden_states", "Vector steering")
+    if (getattr(model, "steering", None) is not None
+            or getattr(model, "vector_steering", None) is not None):
         raise PromptscopeError("This model is already being steered; leave the other "
                                "`steer(...)` block first.")
+    vec_steering = None
+    if "vector" in which:
+        from promptscope.models.vectors import make_vector_steering
+
+        vec_steering = make_vector_steering(model, vector, strength, layers, start)
+    elif vector is not None:
+        raise PromptscopeError("vector= is given but method='pasta'; use method='vector' or "
+                               "'pasta+vector'.")
+    with contextlib.ExitStack() as stack:
+        attn = None
+        if "pasta" in which:
+            attn = stack.enter_context(_pasta(model, heads, alpha, mode, emphasis))
+        if vec_steering is not None:
+            from promptscope.models.vectors import vector_hooks
+
+            model.vector_steering = vec_steering
+            stack.callback(setattr, model, "vector_steering", None)
+            stack.enter_context(vector_hooks(model.model, vec_steering))
+        if attn is not None and vec_steering is not None:
+            yield CombinedSteering(attn, vec_steering)
+        else:
+            yield attn if attn is not None else vec_steering
+
+
+@contextlib.contextmanager
+def _pasta(model: Any, heads: Any, alpha: float, mode: str,
+           emphasis: str | Sequence[str] | None) -> Iterator[AttentionSteering]:
+    """PASTA's part of :func:`steer`."""
     cfg = model.model.config
     if isinstance(heads, str) and heads.startswith(("top:", "profile:")):
         from promptscope.analyses.heads import resolve_profile_heads

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AttentionExplorer", "SteeringWidget", "SpreadWidget", "ReachWidget"]
+__all__ = ["AttentionExplorer", "SteeringWidget", "SpreadWidget", "ReachWidget", "SteeringLab"]
 
 
 def __getattr__(name: str) -> Any:  # imported lazily: ipywidgets and plotly are not light
@@ -17,6 +17,10 @@ def __getattr__(name: str) -> Any:  # imported lazily: ipywidgets and plotly are
         from promptscope.widgets.steering import SteeringWidget
 
         return SteeringWidget
+    if name == "SteeringLab":
+        from promptscope.widgets.steering_lab import SteeringLab
+
+        return SteeringLab
     if name == "SpreadWidget":
         from promptscope.widgets.spread import SpreadWidget
 

@@ -1,0 +1,217 @@
+"""Compare steering methods on one labelled task: accuracy gained against its cost.
+
+Each method (PASTA, AutoPASTA, a contrastive vector, an ICV, or PASTA + a vector) is swept over
+its strength (PASTA's ``alpha``, a vector's ``strength``). At every setting three things are
+measured against the unsteered model:
+
+* the task: accuracy over each row's choices (and the mean log-prob of the right answer);
+* a control task the steering should not touch (same columns, its own template);
+* unrelated text: the mean log-prob per token (a fluency proxy).
+
+The result (kind ``steering_comparison``) has one row per (method, setting); its figure plots
+the accuracy gain against strength and against the side-effect cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from promptscope.analyses._recorder import Recorder
+from promptscope.errors import PromptscopeError
+from promptscope.models import resolve_model
+from promptscope.models.base import Model
+from promptscope.result import Result
+from promptscope.store import Store
+from promptscope.templates import Template, parse_template
+
+KIND = "steering_comparison"
+
+
+class _Task:
+    """Prompts, candidate answers and right answers of one labelled task."""
+
+    def __init__(self, template: str | Template, data: Any, answer: str, choices: Any) -> None:
+        from promptscope.analyses.heads import _row_choices
+
+        self.tpl = template if isinstance(template, Template) else parse_template(template)
+        rows = data.to_dict("records") if hasattr(data, "to_dict") else list(data)
+        if not rows:
+            raise PromptscopeError("The comparison needs at least one labelled row.")
+        if any(answer not in r for r in rows):
+            raise PromptscopeError(f"Every row needs an '{answer}' column (the right answer).")
+        self.answers = [r[answer] for r in rows]
+        self.cands = [_row_choices(r, choices, answer) for r in rows]
+        self.variants = [next(self.tpl.expand(r)) for r in rows]
+        self.prompts = [v.text for v in self.variants]
+        self.spans = {v.text: list(v.emphasis) for v in self.variants}
+
+    def evaluate(self, mdl: Model) -> tuple[float, float]:
+        pairs = [(i, c) for i, cs in enumerate(self.cands) for c in cs]
+        scores = mdl.score([self.prompts[i] for i, _ in pairs], [c for _, c in pairs])
+        by_row: dict[int, dict[str, float]] = {}
+        for (i, c), s in zip(pairs, scores):
+            by_row.setdefault(i, {})[c] = s.logprob
+        acc = sum(max(d, key=d.get) == self.answers[i] for i, d in by_row.items())
+        right = [by_row[i][self.answers[i]] for i in range(len(self.answers))]
+        return acc / len(self.answers), sum(right) / len(right)
+
+
+def _text_logprob(mdl: Model, texts: Sequence[str]) -> float:
+    """Mean log-prob per token of each text after its first word."""
+    heads, tails = [], []
+    for t in texts:
+        first, _, rest = t.strip().partition(" ")
+        if not rest:
+            raise PromptscopeError("Each unrelated text needs at least two words.")
+        heads.append(first)
+        tails.append(" " + rest)
+    scores = mdl.score(heads, tails)
+    return sum(s.logprob for s in scores) / sum(len(s.tokens) for s in scores)
+
+
+def _sweep(spec: Mapping[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
+    """(swept key, its values, the other steer options) of one method's spec."""
+    from promptscope.models.steering import parse_method
+
+    opts = dict(spec)
+    method = parse_method(opts.get("method"), opts.get("vector"))
+    opts["method"] = method
+    key = "strength" if "vector" in method else "alpha"
+    values = opts.pop(key, [1.0] if key == "strength" else [0.01])
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    if not values:
+        raise PromptscopeError(f"No {key} values to sweep.")
+    return key, [float(v) for v in values], opts
+
+
+def compare_steering(
+    template: str | Template,
+    data: Any,
+    model: Model | str | None = None,
+    *,
+    methods: Mapping[str, Mapping[str, Any]],
+    answer: str = "answer",
+    choices: str | Sequence[str] | None = "choices",
+    control: tuple[str | Template, Any] | None = None,
+    text: Sequence[str] | None = None,
+    name: str = "",
+    save: bool = True,
+    store: Store | None = None,
+    progress: bool = True,
+) -> Result:
+    """Sweep each steering method's strength; measure the task gain and the side effects.
+
+    Args:
+        template: the task's template (``<<...>>`` marks what PASTA emphasises; AutoPASTA
+            looks for the key sentence inside it).
+        data: labelled rows (DataFrame or list of dicts): the template's variables, ``answer``
+            and, optionally, per-row ``choices``.
+        model: a loaded white-box model (default: the last loaded).
+        methods: label -> ``promptscope.steer`` options, with the swept value as a list:
+            ``{"PASTA": {"heads": "top:2", "alpha": [0.1, 0.01]}, "AutoPASTA": {"heads": ...,
+            "auto": True, "alpha": [0.01]}, "CAA": {"method": "vector", "vector": v,
+            "layers": [3], "strength": [1, 2, 4]}}``. A method may bring its own
+            ``"template"`` giving the same prompts with other ``<<...>>`` marks (AutoPASTA
+            searches the whole context for the key sentence).
+        answer, choices: the columns of the right answer and of the candidates (as in
+            :func:`promptscope.profile_heads`).
+        control: ``(template, rows)`` of a task the steering should leave alone (same columns).
+        text: unrelated texts whose log-likelihood per token is the fluency proxy.
+
+    Returns:
+        A Result of kind ``steering_comparison``: one row per (method, setting) with
+        ``accuracy``, ``d_accuracy``, ``logprob``, ``control_accuracy``, ``d_control``,
+        ``text_logprob``, ``d_text``; the unsteered numbers are in ``params["baseline"]``.
+
+    Example:
+        >>> cmp = promptscope.compare_steering(STEERING_TEMPLATE, rows, model,
+        ...     methods={"CAA": {"vector": v, "strength": [1, 2, 4]}},
+        ...     text=["some unrelated text"])                                # doctest: +SKIP
+        >>> cmp.figure(); cmp.summary()                                        # doctest: +SKIP
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from promptscope.models.steering import attention_part, steer
+
+    mdl = resolve_model(model)
+    mdl.require("hidden_states", "Steering comparison")
+    if not methods:
+        raise PromptscopeError("Give at least one method to compare, e.g. methods={'PASTA': "
+                               "{'heads': 'all', 'alpha': [0.01]}}.")
+    task = _Task(template, data, answer, choices)
+    ctrl = _Task(control[0], control[1], answer, choices) if control is not None else None
+    texts = list(text or [])
+    sweeps = {label: _sweep(spec) for label, spec in methods.items()}
+
+    def measure(on: _Task = task) -> dict[str, float]:
+        acc, lp = on.evaluate(mdl)
+        out = {"accuracy": acc, "logprob": lp}
+        if ctrl is not None:
+            out["control_accuracy"] = ctrl.evaluate(mdl)[0]
+        if texts:
+            out["text_logprob"] = _text_logprob(mdl, texts)
+        return out
+
+    base = measure()
+    params = {"template": task.tpl.source, "n_rows": len(task.prompts), "baseline": base,
+              "methods": {k: {"swept": key, "values": vals,
+                              **{o: _jsonable(v) for o, v in opts.items()}}
+                          for k, (key, vals, opts) in sweeps.items()},
+              "control": control[0] if control is not None and isinstance(control[0], str)
+              else None, "n_texts": len(texts)}
+    total = sum(len(v) for _, v, _ in sweeps.values())
+    bar = tqdm(total=total, disable=not progress, desc="steering sweep", unit="setting",
+               leave=False)
+    with Recorder(KIND, name=name, model=mdl, params=params, source=task.tpl.source, save=save,
+                  store=store) as rec:
+        try:
+            for label, (key, values, opts) in sweeps.items():
+                opts = dict(opts)
+                auto = opts.pop("auto", False)
+                own = opts.pop("template", None)  # same rows, other <<emphasis>>
+                on = _Task(own, data, answer, choices) if own is not None else task
+                if on.prompts != task.prompts:
+                    raise PromptscopeError(f"Method '{label}': its template must give the same "
+                                           "prompts as the task's (only <<...>> may differ).")
+                spans = _auto_spans(mdl, on) if auto else on.spans  # AutoPASTA: asked once
+                for value in values:
+                    with steer(mdl, **opts, **{key: value}) as steering:
+                        attn = attention_part(steering)
+                        if attn is not None:
+                            attn.spans.update(spans)
+                        got = measure(on)
+                    row = {"method": label, "setting": key, "value": value,
+                           "strength": 1 / value if key == "alpha" else value, **got,
+                           "d_accuracy": got["accuracy"] - base["accuracy"],
+                           "d_logprob": got["logprob"] - base["logprob"]}
+                    if ctrl is not None:
+                        row["d_control"] = got["control_accuracy"] - base["control_accuracy"]
+                    if texts:
+                        row["d_text"] = got["text_logprob"] - base["text_logprob"]
+                    rec.add(pd.DataFrame([row]))
+                    bar.update(1)
+        finally:
+            bar.close()
+    return rec.result()
+
+
+def _auto_spans(mdl: Model, task: _Task) -> dict[str, list[tuple[int, int]]]:
+    from promptscope.analyses.autopasta import DEFAULT_QUESTION, key_sentences
+
+    regions = [task.spans[p][0] if task.spans.get(p) else None for p in task.prompts]
+    keys = key_sentences(mdl, task.prompts, regions, DEFAULT_QUESTION)
+    return {p: [k.span] for p, k in zip(task.prompts, keys)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value if not (isinstance(value, float) and math.isnan(value)) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    describe = getattr(value, "describe", None)
+    return describe() if callable(describe) else repr(value)

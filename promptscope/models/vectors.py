@@ -1,0 +1,459 @@
+"""Activation (vector) steering: add a direction to the residual stream with forward hooks.
+
+A :class:`SteeringVector` holds one direction per decoder layer. Applying it (with
+:func:`apply_vector`, or ``promptscope.steer(model, method="vector", ...)``) registers PyTorch
+forward hooks:
+
+* one forward pre-hook on the transformers model itself, which reads the 2-D attention mask of
+  every call (``score``'s prompt pass, its KV-cache continuation pass, each ``generate`` step) and
+  turns it into a per-token gate: real tokens at or after position ``start`` are steered, padding
+  never is (left-padded batches, right-padded continuations);
+* one forward hook per steered decoder layer, which replaces the layer's output hidden state
+  ``h`` (the residual stream after that layer) by
+
+  - ``mode="add"`` (contrastive steering vectors, CAA): ``h + strength * v``;
+  - ``mode="icv"`` (in-context vectors): ``normalize(h / |h| + strength * v) * |h|``: the latent is
+    shifted along the ICV, then rescaled to its own norm (ICV paper, norm-preserving step).
+
+The hooks are removed when the block is left, also after an exception or a KeyboardInterrupt.
+Vectors are values: ``a + b``, ``a - b``, ``2 * a``; saved in the store as sessions of kind
+``steering_vector`` (:meth:`SteeringVector.save`, :func:`load_vector`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from promptscope.errors import PromptscopeError
+
+KIND = "steering_vector"
+MODES = ("add", "icv")
+
+
+# ---------------------------------------------------------------------- the value
+@dataclass(eq=False)
+class SteeringVector:
+    """Per-layer directions in a model's residual stream.
+
+    Attributes:
+        vectors: layer -> float32 tensor ``[hidden_size]`` (on the CPU).
+        hidden_size: the model's hidden size (vectors of another size are refused).
+        mode: ``"add"`` (``h + s * v``) or ``"icv"`` (norm-preserving shift, ICV paper).
+        method: how it was made: ``"caa"``, ``"icv"``, ``"custom"`` or ``"combined"``.
+        model: the name of the model it was computed on.
+        meta: JSON-friendly facts (number of pairs, positions, explained variance...).
+        name: its name in the store ("" until saved or named).
+
+    Example:
+        >>> v = promptscope.contrastive_vector(model, pos, neg, layers=[2])    # doctest: +SKIP
+        >>> both = v + 0.5 * w; both.save("ctx+style")                          # doctest: +SKIP
+    """
+
+    vectors: dict[int, torch.Tensor]
+    hidden_size: int
+    mode: str = "add"
+    method: str = "custom"
+    model: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PromptscopeError(f"Vector mode must be 'add' or 'icv', not {self.mode!r}.")
+        if not self.vectors:
+            raise PromptscopeError("A steering vector needs at least one layer.")
+        clean = {}
+        for layer, v in sorted(self.vectors.items()):
+            t = torch.as_tensor(v).detach().to("cpu", torch.float32).reshape(-1)
+            if t.numel() != self.hidden_size:
+                raise PromptscopeError(f"Layer {layer}'s vector has {t.numel()} values; the "
+                                       f"hidden size is {self.hidden_size}.")
+            clean[int(layer)] = t
+        self.vectors = clean
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    def norms(self) -> dict[int, float]:
+        """Layer -> L2 norm of its vector."""
+        return {k: float(v.norm()) for k, v in self.vectors.items()}
+
+    # -- arithmetic (ICV paper: vectors of two tasks add up to a vector that does both)
+    def _check(self, other: SteeringVector) -> None:
+        if not isinstance(other, SteeringVector):
+            raise TypeError(f"Cannot combine a SteeringVector with {type(other).__name__}.")
+        if other.hidden_size != self.hidden_size:
+            raise PromptscopeError(f"Cannot combine vectors of hidden size {self.hidden_size} "
+                                   f"and {other.hidden_size}: they come from different models.")
+        if other.mode != self.mode:
+            raise PromptscopeError(f"Cannot combine a '{self.mode}' vector with an "
+                                   f"'{other.mode}' one: they are applied differently.")
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        self._check(other)
+        out = {k: v.clone() for k, v in self.vectors.items()}
+        for k, v in other.vectors.items():
+            out[k] = out[k] + v if k in out else v.clone()
+        return SteeringVector(out, self.hidden_size, self.mode, "combined", self.model,
+                              {"parts": [self.describe(), other.describe()]})
+
+    def __mul__(self, k: float) -> SteeringVector:
+        if not isinstance(k, (int, float)):
+            return NotImplemented
+        return SteeringVector({i: v * float(k) for i, v in self.vectors.items()},
+                              self.hidden_size, self.mode, self.method, self.model,
+                              {**self.meta, "scaled": float(k) * self.meta.get("scaled", 1.0)})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self + (-other)
+
+    def scale(self, k: float) -> SteeringVector:
+        """``k * self`` (the same as the ``*`` operator)."""
+        return self * k
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description (no tensors)."""
+        return {"name": self.name, "method": self.method, "mode": self.mode,
+                "layers": self.layers, "hidden_size": self.hidden_size, "model": self.model}
+
+    # -- the store
+    def to_frame(self) -> Any:
+        """One row per layer: ``layer``, ``norm``, ``values`` (a list of floats)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"layer": k, "norm": float(v.norm()), "values": v.tolist()}
+                             for k, v in sorted(self.vectors.items())])
+
+    def save(self, name: str | None = None, *, store: Any = None) -> str:
+        """Save as a session of kind ``steering_vector``; returns its id.
+
+        Example:
+            >>> v.save("context-caa"); w = promptscope.load_vector("context-caa")  # doctest: +SKIP
+        """
+        from promptscope.store import Store
+
+        store = store or Store.default()
+        self.name = name or self.name or f"{self.method} vector"
+        params = {"method": self.method, "mode": self.mode, "hidden_size": self.hidden_size,
+                  "layers": self.layers, "meta": self.meta}
+        sid = store.create(KIND, name=self.name, model=self.model,
+                           model_info={"name": self.model}, params=params)
+        store.append(sid, "rows", self.to_frame())
+        store.finish(sid, "done", summary={"rows": len(self.vectors)})
+        return sid
+
+    @classmethod
+    def from_result(cls, result: Any) -> SteeringVector:
+        """Rebuild from ``promptscope.load(id)`` of a ``steering_vector`` session."""
+        if result.kind != KIND:
+            raise PromptscopeError(f"Session {result.session_id} is a '{result.kind}' run, not "
+                                   "a steering vector.")
+        p = result.params
+        vectors = {int(r.layer): torch.tensor(list(r.values), dtype=torch.float32)
+                   for r in result.df.itertuples()}
+        return cls(vectors, int(p["hidden_size"]), p.get("mode", "add"), p.get("method", ""),
+                   result.model.get("name", ""), p.get("meta", {}), result.name)
+
+    def __repr__(self) -> str:
+        return (f"<SteeringVector {self.name or self.method} mode={self.mode} "
+                f"layers={self.layers} hidden={self.hidden_size}>")
+
+
+def load_vector(name_or_id: str, *, store: Any = None) -> SteeringVector:
+    """The newest saved steering vector with this name (or this session id).
+
+    Example:
+        >>> v = promptscope.load_vector("context-caa")                        # doctest: +SKIP
+    """
+    import promptscope
+    from promptscope.store import Store
+
+    store = store or Store.default()
+    records = [r for r in store.list(kind=KIND) if name_or_id in (r.name, r.id)]
+    if not records:
+        raise PromptscopeError(f"No steering vector named '{name_or_id}'. promptscope.sessions("
+                               f"kind='{KIND}') lists the saved ones.")
+    return SteeringVector.from_result(promptscope.load(records[0].id, store=store))
+
+
+# ---------------------------------------------------------------------- model structure
+def decoder_layers(model: Any) -> Any:
+    """The ``nn.ModuleList`` of a transformers causal LM's decoder layers."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList) and (n is None or len(obj) == n):
+            return obj
+    for _, module in model.named_modules():  # other architectures: the list of n layers
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    from promptscope.errors import CapabilityError
+
+    raise CapabilityError(f"Cannot find the decoder layers of {type(model).__name__}; vector "
+                          "steering needs a list of num_hidden_layers blocks.")
+
+
+def hidden_size(model: Any) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+
+def check_layers(layers: Sequence[int] | int | str | None, n_layers: int) -> list[int] | None:
+    """``"2,3"`` / ``[2, 3]`` / ``2`` / ``"all"`` -> a sorted checked list (``None`` = all)."""
+    if layers is None or layers == "all":
+        return None
+    if isinstance(layers, str):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise PromptscopeError(f"Cannot read layers {layers!r}; write e.g. '2,3'.") from None
+    elif isinstance(layers, int):
+        layers = [layers]
+    out = sorted({int(x) for x in layers})
+    for layer in out:
+        if not 0 <= layer < n_layers:
+            raise PromptscopeError(f"Layer {layer} is out of range: the model has layers "
+                                   f"0..{n_layers - 1}.")
+    if not out:
+        raise PromptscopeError("No layers given; pick at least one (e.g. layers=[2]).")
+    return out
+
+
+# ---------------------------------------------------------------------- application
+@dataclass
+class VectorSteering:
+    """An active vector steering: what is added, how strongly, where.
+
+    ``enabled`` can be switched off without removing the hooks (``run_prompt``'s ``compare``).
+    """
+
+    vector: SteeringVector
+    strength: float = 1.0
+    layers: list[int] = field(default_factory=list)
+    start: int = 0
+    enabled: bool = True
+    spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict,
+                                                    repr=False)  # PASTA's; unused here
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": "vector", "vector": self.vector.name or self.vector.method,
+                "vector_method": self.vector.method, "mode": self.vector.mode,
+                "strength": self.strength, "layers": self.layers, "start": self.start}
+
+
+class _Hooks:
+    """The forward hooks of one :class:`VectorSteering` on one transformers model."""
+
+    def __init__(self, steering: VectorSteering) -> None:
+        self.s = steering
+        self.gate: torch.Tensor | None = None  # bool [B, Lq, 1]; None: steer every position
+        self.cast: dict[tuple[Any, Any], dict[int, torch.Tensor]] = {}
+
+    def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Per call: which of this call's tokens are real and at or after ``start``.
+
+        Without a 2-D mask (a direct call on unpadded ids) every token is real and positions
+        come from ``position_ids``, else count from 0 (no cache assumed).
+        """
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        if ids is None:
+            self.gate = None
+            return
+        q = ids.shape[1]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            # The 2-D mask covers cached keys + this call's tokens: its tail is this call.
+            real = mask.bool()
+            pos = real.long().cumsum(-1) - 1
+            gate = (real & (pos >= self.s.start))[:, -q:]
+        else:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(q, device=ids.device)[None, :]
+            gate = pos >= self.s.start
+        self.gate = None if bool(gate.all()) else gate[..., None]
+
+    def _vec(self, layer: int, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self.cast:
+            self.cast[key] = {k: v.to(like.device, like.dtype)
+                              for k, v in self.s.vector.vectors.items()}
+        return self.cast[key][layer]
+
+    def layer_hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            if not self.s.enabled:
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            new = self.shift(h, self._vec(layer, h))
+            if isinstance(output, tuple):
+                return (new, *output[1:])
+            return new
+        return hook
+
+    def shift(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = self.s.strength
+        gate = self.gate
+        if self.s.vector.mode == "add":
+            delta = s * v
+            return h + (delta if gate is None else gate.to(h.dtype) * delta)
+        # ICV: shift the unit latent along v, then give it back its own norm.
+        norm = h.float().norm(dim=-1, keepdim=True)
+        unit = h.float() / norm.clamp_min(1e-12)
+        moved = torch.nn.functional.normalize(unit + s * v.float(), dim=-1) * norm
+        moved = moved.to(h.dtype)
+        return moved if gate is None else torch.where(gate, moved, h)
+
+
+@contextlib.contextmanager
+def vector_hooks(hf_model: Any, steering: VectorSteering) -> Iterator[VectorSteering]:
+    """Register the hooks of ``steering`` on a transformers model for the block's duration."""
+    hooks = _Hooks(steering)
+    layers = decoder_layers(hf_model)
+    handles = []
+    try:
+        handles.append(hf_model.register_forward_pre_hook(hooks.pre, with_kwargs=True))
+        for layer in steering.layers:
+            handles.append(layers[layer].register_forward_hook(hooks.layer_hook(layer)))
+        yield steering
+    finally:  # also on exceptions and KeyboardInterrupt
+        for h in handles:
+            h.remove()
+
+
+def resolve_vector(vector: Any, store: Any = None) -> SteeringVector:
+    """A SteeringVector, or the saved one with this name."""
+    if isinstance(vector, SteeringVector):
+        return vector
+    if isinstance(vector, str):
+        return load_vector(vector, store=store)
+    raise PromptscopeError("Vector steering needs vector=: a SteeringVector (from "
+                           "promptscope.contrastive_vector / in_context_vector) or the name of "
+                           "a saved one.")
+
+
+def make_vector_steering(model: Any, vector: Any, strength: float = 1.0,
+                         layers: Sequence[int] | int | str | None = None,
+                         start: int = 0) -> VectorSteering:
+    """Check a vector against ``model`` (an HFModel) and build the steering."""
+    model.require("hidden_states", "Vector steering")
+    vec = resolve_vector(vector)
+    size = hidden_size(model.model)
+    if vec.hidden_size != size:
+        raise PromptscopeError(f"The vector has hidden size {vec.hidden_size} but model "
+                               f"'{model.name}' has {size}: it was computed on another model"
+                               f"{' (' + vec.model + ')' if vec.model else ''}.")
+    n_layers = int(model.model.config.num_hidden_layers)
+    for layer in vec.layers:
+        if not 0 <= layer < n_layers:
+            raise PromptscopeError(f"The vector has layer {layer}, out of range for model "
+                                   f"'{model.name}' (layers 0..{n_layers - 1}).")
+    chosen = check_layers(layers, n_layers)
+    if chosen is None:
+        chosen = vec.layers
+    missing = [x for x in chosen if x not in vec.vectors]
+    if missing:
+        raise PromptscopeError(f"The vector has no direction for layer(s) {missing}; it has "
+                               f"layers {vec.layers}.")
+    if not math.isfinite(strength):
+        raise PromptscopeError(f"strength must be a finite number, not {strength}.")
+    if start < 0:
+        raise PromptscopeError("start must be >= 0 (a token position from the prompt's start).")
+    return VectorSteering(vec, float(strength), chosen, int(start))
+
+
+@contextlib.contextmanager
+def apply_vector(model: Any, vector: Any, strength: float = 1.0,
+                 layers: Sequence[int] | int | str | None = None,
+                 start: int = 0) -> Iterator[VectorSteering]:
+    """Add ``strength x vector`` to ``model``'s residual stream inside the block.
+
+    Prefer ``promptscope.steer(model, method="vector", ...)``, which also refuses nesting.
+
+    Example:
+        >>> with apply_vector(model, v, strength=4, layers=[2]):
+        ...     model.score([prompt], [" red"])                             # doctest: +SKIP
+    """
+    steering = make_vector_steering(model, vector, strength, layers, start)
+    model.vector_steering = steering
+    try:
+        with vector_hooks(model.model, steering):
+            yield steering
+    finally:
+        model.vector_steering = None
+
+
+# ---------------------------------------------------------------------- reading latents
+Position = int | str
+
+
+@torch.inference_mode()
+def collect_states(model: Any, prompts: Sequence[str], layers: Sequence[int],
+                   position: Position = "last") -> torch.Tensor:
+    """Residual stream after each of ``layers`` for each prompt: float32 ``[N, len(layers), H]``.
+
+    Inside a ``steer(...)`` block the states are the steered ones (its hooks run first).
+
+    Args:
+        position: ``"last"`` (the last prompt token), ``"mean"`` (mean over the prompt's
+            tokens), or a token index (``0`` the first, ``-2`` the one before the last).
+
+    Example:
+        >>> collect_states(model, ["Is Paris in Europe?"], layers=[0, 2]).shape  # doctest: +SKIP
+        torch.Size([1, 2, 256])
+    """
+    model.require("hidden_states", "Reading hidden states")
+    blocks = decoder_layers(model.model)
+    ids = [model.encode_prompt(p) for p in prompts]
+    out = torch.zeros(len(prompts), len(layers), hidden_size(model.model))
+    for batch in model._batches([len(x) for x in ids]):
+        width = max(len(ids[u]) for u in batch)
+        input_ids, mask = model._left_pad([ids[u] for u in batch], width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        got: dict[int, torch.Tensor] = {}
+
+        def keep(j: int, got: dict[int, torch.Tensor] = got) -> Any:
+            def hook(module: Any, args: Any, output: Any) -> None:
+                got[j] = (output[0] if isinstance(output, tuple) else output).float()
+            return hook
+
+        handles = [blocks[layer].register_forward_hook(keep(j)) for j, layer in enumerate(layers)]
+        try:
+            model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for r, u in enumerate(batch):
+            n = len(ids[u])
+            for j in range(len(layers)):
+                row = got[j][r, width - n:]  # padding removed
+                if position == "last":
+                    out[u, j] = row[-1].cpu()
+                elif position == "mean":
+                    out[u, j] = row.mean(0).cpu()
+                elif isinstance(position, int):
+                    if not -n <= position < n:
+                        raise PromptscopeError(f"Token position {position} is outside prompt "
+                                               f"{u} ({n} tokens).")
+                    out[u, j] = row[position].cpu()
+                else:
+                    raise PromptscopeError(f"position must be 'last', 'mean' or a token "
+                                           f"index, not {position!r}.")
+    return out

@@ -1,0 +1,59 @@
+"""Figures for steering comparisons: accuracy gained against strength and against side effects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from promptscope.viz.style import apply_style
+
+
+def figure(result: Any) -> Any:
+    """Left: accuracy gain vs strength (PASTA: 1/alpha), log scale. Right: accuracy gain vs the
+    cost to unrelated text (drop in log-prob per token), or to the control task."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    df = result.df
+    cost_col = "d_text" if "d_text" in df else "d_control" if "d_control" in df else None
+    cost_title = {"d_text": "cost: drop in log-prob/token of unrelated text",
+                  "d_control": "cost: drop in control accuracy"}.get(cost_col, "")
+    fig = make_subplots(rows=1, cols=2 if cost_col else 1, subplot_titles=(
+        "accuracy gain vs strength", "accuracy gain vs side effect" if cost_col else None))
+    for i, (label, part) in enumerate(df.groupby("method", sort=False)):
+        part = part.sort_values("strength")
+        hover = [f"{label} {s}={v:g}<br>accuracy {a:.3f} ({d:+.3f})" +
+                 (f"<br>control {c:+.3f}" if "d_control" in part else "") +
+                 (f"<br>text log-prob/token {t:+.3f}" if "d_text" in part else "")
+                 for s, v, a, d, c, t in zip(part["setting"], part["value"], part["accuracy"],
+                                             part["d_accuracy"],
+                                             part.get("d_control", part["d_accuracy"]),
+                                             part.get("d_text", part["d_accuracy"]))]
+        color = _COLORS[i % len(_COLORS)]
+        fig.add_trace(go.Scatter(x=part["strength"], y=part["d_accuracy"], mode="lines+markers",
+                                 name=label, legendgroup=label, line={"color": color},
+                                 hovertext=hover, hoverinfo="text"), row=1, col=1)
+        if cost_col:
+            fig.add_trace(go.Scatter(x=-part[cost_col], y=part["d_accuracy"],
+                                     mode="lines+markers", name=label, legendgroup=label,
+                                     showlegend=False, line={"color": color, "dash": "dot"},
+                                     hovertext=hover, hoverinfo="text"), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="strength (PASTA: 1/alpha)", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy gain over unsteered", row=1, col=1)
+    if cost_col:
+        fig.update_xaxes(title_text=cost_title, row=1, col=2)
+    base = result.params.get("baseline", {})
+    return apply_style(fig, f"Steering compared (unsteered accuracy "
+                            f"{base.get('accuracy', float('nan')):.3f})")
+
+
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def summary(result: Any) -> Any:
+    """Per method, its best setting (highest accuracy gain) with its side effects."""
+    df = result.df
+    cols = [c for c in ("method", "setting", "value", "accuracy", "d_accuracy",
+                        "control_accuracy", "d_control", "text_logprob", "d_text") if c in df]
+    best = df.sort_values("d_accuracy", ascending=False, kind="stable").groupby(
+        "method", sort=False).head(1)
+    return best[cols].reset_index(drop=True)

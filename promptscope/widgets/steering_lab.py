@@ -1,0 +1,105 @@
+"""The steering lab: pick a method (PASTA or a steering vector), its strength and layers, and see
+the answer probabilities of a template's variants before and after, beside the accuracy versus
+side-effect curve of a saved comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ipywidgets as w
+import plotly.graph_objects as go
+
+from promptscope.viz.style import apply_style
+from promptscope.widgets._figure import FigureBox
+
+
+class SteeringLab(w.VBox):
+    """Try PASTA and steering vectors side by side on one template.
+
+    Args:
+        template: the template (``<<...>>`` marks what PASTA emphasises; vector steering needs
+            no marks).
+        model: a loaded local model.
+        choices: the answers to compare (``" yes| no"`` or a list).
+        vars: rows for the template's variables.
+        vectors: name -> SteeringVector offered besides PASTA.
+        comparison: a ``compare_steering`` Result whose accuracy/side-effect curve is shown.
+        heads: PASTA's heads.
+
+    Example:
+        >>> SteeringLab(TEMPLATE, model, choices=colors, vars=rows.head(4),
+        ...             vectors={"CAA": caa, "ICV": icv}, comparison=cmp)    # doctest: +SKIP
+    """
+
+    def __init__(self, template: str, model: Any, *, choices: Any, vars: Any = None,
+                 vectors: Mapping[str, Any] | None = None, comparison: Any = None,
+                 heads: str = "all") -> None:
+        self.template, self.model, self.choices, self.rows = template, model, choices, vars
+        self.vectors = dict(vectors or {})
+        self.heads = heads
+        self.method = w.Dropdown(options=["PASTA", *self.vectors], description="method")
+        self.alpha = w.FloatLogSlider(value=0.01, base=10, min=-3, max=0, step=0.25,
+                                      description="alpha", continuous_update=False,
+                                      readout_format=".3f")
+        self.strength = w.FloatSlider(value=1.0, min=0.0, max=8.0, step=0.25,
+                                      description="strength", continuous_update=False)
+        n_layers = int(model.model.config.num_hidden_layers)
+        self.layers = w.SelectMultiple(options=list(range(n_layers)), description="layers",
+                                       rows=min(n_layers, 6))
+        self.status = w.HTML()
+        self.answers = FigureBox()
+        self.curve = FigureBox(comparison.figure() if comparison is not None else None)
+        for control in (self.method, self.alpha, self.strength, self.layers):
+            control.observe(self.update, names="value")
+        self._sync_controls()
+        self.update()
+        super().__init__([w.HBox([self.method, self.alpha, self.strength, self.layers]),
+                          self.status, w.HBox([self.answers, self.curve])])
+
+    def _sync_controls(self) -> None:
+        vector = self.method.value != "PASTA"
+        self.alpha.layout.display = "none" if vector else None
+        self.strength.layout.display = None if vector else "none"
+        self.layers.layout.display = None if vector else "none"
+        if vector:
+            have = self.vectors[self.method.value].layers
+            self.layers.unobserve(self.update, names="value")
+            self.layers.options = have
+            self.layers.value = tuple(have)
+            self.layers.observe(self.update, names="value")
+
+    def steering(self) -> dict[str, Any]:
+        """The ``steer=`` options of the current controls."""
+        if self.method.value == "PASTA":
+            return {"heads": self.heads, "alpha": self.alpha.value}
+        return {"method": "vector", "vector": self.vectors[self.method.value],
+                "strength": self.strength.value, "layers": list(self.layers.value) or None}
+
+    def update(self, change: Any = None) -> None:
+        """Re-run plain and steered on the current settings and redraw the answers."""
+        import promptscope
+
+        if change is not None and change.get("owner") is self.method:
+            self._sync_controls()
+        run = promptscope.run_prompt(self.template, self.model, vars=self.rows,
+                                     choices=self.choices, save=False, progress=False,
+                                     steer={**self.steering(), "compare": True})
+        self.last = run
+        self.answers.show(_answer_figure(run))
+        acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
+        self.status.value = (f"<b>{self.method.value}</b> · answers plain: {acc.get(False)} → "
+                             f"steered: {acc.get(True)}")
+
+
+def _answer_figure(run: Any) -> go.Figure:
+    from promptscope.viz.prompt import variant_labels
+
+    df = run.df.assign(label=variant_labels(run.df.assign(steered=False)))
+    fig = go.Figure([
+        go.Bar(name=f"{'steered' if s else 'plain'} {c!r}", x=part["label"], y=part["prob"],
+               hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>")
+        for (s, c), part in df.groupby(["steered", "choice"], sort=True)
+    ])
+    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]})
+    return apply_style(fig, "Answer probabilities, plain vs steered")

@@ -1,0 +1,169 @@
+"""Write notebooks/06_steering_compared.ipynb (no outputs; CI executes it).
+
+    python scripts/make_steering_notebook.py
+"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+cells = []
+
+
+def md(text: str) -> None:
+    cells.append(nbf.v4.new_markdown_cell(text.strip()))
+
+
+def code(text: str) -> None:
+    cells.append(nbf.v4.new_code_cell(text.strip()))
+
+
+md("""
+# Steering compared: PASTA, AutoPASTA, a contrastive vector and an in-context vector
+
+The model organism often ignores a context that contradicts what it memorised ("Context: Brafu is
+red. ... What color is Brafu?" → its prior colour). Which kind of steering makes it follow the
+context, how strongly, and at what cost to everything else? Each method is built on training
+questions, swept over its strength on held-out questions, and measured against two side
+effects: the log-likelihood of unrelated text (a fluency proxy) and a control task it should
+not touch (questions without a context, answered from memory). Every number is measured in this
+run; `docs/steering.md` discusses them.
+""")
+code("""
+%load_ext promptscope
+import random
+import pandas as pd
+import promptscope
+from promptscope.organism import grammar, world
+
+model = promptscope.load_model("organism")
+values = {a: [f" {v}" for v in vs] for a, vs in world.ATTRIBUTES.items()}  # colours, cities
+
+def conflicts(n, seed):
+    \"\"\"Questions whose context contradicts the memorised value (0-5 distractors).\"\"\"
+    rng = random.Random(seed)
+    exs = [world.qa_example(rng, kind="conflict", n_distractors=rng.randint(0, 5))
+           for _ in range(n)]
+    rows = world.template_rows(exs)
+    rows["attribute"] = [ex.attribute for ex in exs]
+    rows["choices"] = [values[ex.attribute] for ex in exs]  # each row's candidate answers
+    return rows
+
+train, held_out = conflicts(160, seed=101), conflicts(100, seed=202)
+TEMPLATE = world.STEERING_TEMPLATE  # <<the relevant sentence>>: what PASTA emphasises
+print(TEMPLATE)
+held_out.head(3)
+""")
+md("""
+## A contrastive steering vector from two groups of `%%prompt` variants
+
+Run the training questions once and split the variants by what the model did: answered from the
+context, or from memory. The contrastive vector is the mean difference of the residual stream
+at the last prompt token between the two groups (contrastive activation addition).
+""")
+code("""
+runs = [promptscope.run_prompt(TEMPLATE, vars=train[train.attribute == a], choices=values[a],
+                               name=f"conflicts (train, {a})", progress=False)
+        for a in values]
+chosen = pd.concat([r.df[r.df.chosen] for r in runs])
+follows = chosen[chosen.choice == chosen.answer]     # answered from the context
+ignores = chosen[chosen.choice == chosen.prior]      # answered from memory
+caa = promptscope.contrastive_vector(follows, ignores, name="follow the context")
+caa.save()
+print(f"{len(follows)} variants follow the context, {len(ignores)} answer from memory; "
+      f"vector norms per layer: { {k: round(v) for k, v in caa.norms().items()} }")
+""")
+md("""
+## An in-context vector from demonstrations
+
+ICV: for demonstration pairs (x = the question, y = the question answered from the context), the
+latent states of x and y at every layer; per layer the ICV is the first principal direction of
+their differences, and steering shifts each latent along it with strength lambda, then rescales
+it to its own norm.
+""")
+code("""
+demos = [(p, p + a) for p, a in follows[["prompt", "answer"]].itertuples(index=False)]
+demos += [(p, p + a) for p, a in ignores[["prompt", "answer"]].head(24).itertuples(index=False)]
+icv = promptscope.in_context_vector(demos, name="context ICV")
+icv.save()
+print(f"{len(demos)} pairs; share of the differences along the ICV per layer: "
+      f"{[round(x, 2) for x in icv.meta['explained']]}")
+""")
+md("""
+## The comparison
+
+PASTA steers the heads `docs/organism.md` found best for retrieval toward the relevant
+sentence; AutoPASTA lets the model name the key sentence inside the whole context first. The
+vectors are swept over their strength; the last method steers attention and adds the vector at
+once. The control task is questions without a context (the prior is the right answer), and the
+unrelated text comes from the organism's synthetic language.
+""")
+code("""
+HEADS = "0.0,0.3,0.2,2.3,2.2"
+AUTO = "Context: <<{before}{key}{after}>>\\nQuestion: {question}\\nAnswer:"
+rng = random.Random(303)
+control = [world.qa_example(rng, kind="none") for _ in range(50)]
+control_rows = [{"question": ex.question, "answer": f" {ex.prior}",
+                 "choices": values[ex.attribute]} for ex in control]
+texts = [grammar.text(random.Random(400 + i)) for i in range(10)]
+
+cmp = promptscope.compare_steering(
+    TEMPLATE, held_out, name="steering compared (organism)",
+    control=("Question: {question}\\nAnswer:", control_rows), text=texts, progress=False,
+    methods={
+        "PASTA": {"heads": HEADS, "alpha": [0.1, 0.01]},
+        "AutoPASTA": {"heads": HEADS, "alpha": [0.01], "auto": True, "template": AUTO},
+        "CAA (layer 3)": {"vector": caa, "layers": [3], "strength": [1, 2, 3]},
+        "ICV": {"vector": icv, "strength": [0.05, 0.1]},
+        "PASTA + CAA": {"method": "pasta+vector", "heads": HEADS, "alpha": 0.01,
+                        "vector": caa, "layers": [3], "strength": [2]},
+    })
+cmp.figure()
+""")
+code("""
+cmp.summary()
+""")
+code("""
+base = cmp.params["baseline"]
+best = cmp.summary().set_index("method")
+print(f"Unsteered: {base['accuracy']:.0%} of {len(held_out)} held-out conflicting contexts "
+      f"followed; control {base['control_accuracy']:.0%}.")
+for method, row in best.iterrows():
+    print(f"{method:>14}: {row.accuracy:.0%} ({row.d_accuracy:+.0%}) at {row.setting} "
+          f"{row.value:g}; control {row.d_control:+.0%}, text log-prob/token {row.d_text:+.3f}")
+""")
+md("""
+## In a `%%prompt` cell
+
+`--steer vector` adds a saved (or notebook) vector while the cell runs; `--steer` alone is PASTA.
+""")
+code("""
+q = held_out[held_out.attribute == "city"].head(4)
+""")
+MAGIC = ('%%prompt --vars q --choices " Oslo| Lima| Rome| Cairo| Delhi| Tokyo| Quito| Paris" '
+         "--steer vector --vector caa --strength 2 --steer-layers 3 --compare -o steered")
+cells.append(nbf.v4.new_code_cell(MAGIC + """
+Context: {before}{key}{after}
+Question: {question}
+Answer:"""))
+code("""
+picked = steered.df[steered.df.chosen]
+table = picked.pivot_table(index="variant", columns="steered", values="choice",
+                           aggfunc="first")
+table.join(q[["answer", "prior"]].reset_index(drop=True))
+""")
+md("""
+## The steering lab
+
+Pick a method, move its strength (and, for vectors, the layers): the answer probabilities of
+the variants are re-measured plain and steered; the curve is the comparison above.
+""")
+code("""
+from promptscope.widgets import SteeringLab
+
+SteeringLab(TEMPLATE, model, choices=values["city"], vars=q, heads=HEADS,
+            vectors={"CAA": caa, "ICV": icv}, comparison=cmp)
+""")
+KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": KERNEL})
+nbf.write(nb, Path(__file__).resolve().parent.parent / "notebooks" / "06_steering_compared.ipynb")

@@ -1,0 +1,520 @@
+"""Vector steering (CAA, ICV) with forward hooks == adding the vector to the hidden state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import promptscope
+from promptscope.errors import CapabilityError, PromptscopeError
+from promptscope.models.vectors import SteeringVector, decoder_layers, load_vector
+
+PROMPTS = [
+    "Context: Ann lives in Rome. Bob lives in Oslo. Question: where does Ann live? Answer:",
+    "Is Paris in Europe? Answer:",
+    "The cat sat on the mat. The dog ran in the park. Where is the cat?",
+]
+LAYER = 1
+
+
+def _vector(model, layers=(LAYER,), seed=0, scale=1.0, mode="add"):
+    g = torch.Generator().manual_seed(seed)
+    size = model.model.config.hidden_size
+    return SteeringVector({layer: torch.randn(size, generator=g) * scale for layer in layers},
+                          size, mode=mode)
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_hidden(out, h):
+    return (h, *out[1:]) if isinstance(out, tuple) else h
+
+
+# ------------------------------------------------------------- an independent re-implementation
+class AddHook:
+    """What vector steering is, written out by hand: a hook on one block that adds
+    ``strength * v`` to every position of its output (unpadded, single-prompt inputs only)."""
+
+    def __init__(self, model, layer, v, strength, start=0):
+        self.v, self.s, self.start = v, strength, start
+        self.handle = decoder_layers(model.model)[layer].register_forward_hook(self)
+        self.offset = 0  # tokens already in the cache (for the no-cache reference it stays 0)
+
+    def __call__(self, module, args, out):
+        h = _hidden(out).clone()
+        pos = torch.arange(h.shape[1]) + self.offset
+        h[:, pos >= self.start] += self.s * self.v
+        return _with_hidden(out, h)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _logits(model, text):
+    ids = torch.tensor([model.encode_prompt(text)])
+    with torch.no_grad():
+        return model.model(input_ids=ids).logits[0].float()
+
+
+def _ours(hooks):
+    """promptscope's steering hooks among a module's hooks (transformers installs its own
+    output-capturing hooks for ``output_hidden_states`` and keeps them)."""
+    return [h for h in hooks.values() if "_Hooks" in getattr(h, "__qualname__", "")]
+
+
+def _no_hooks_left(model):
+    assert not _ours(model.model._forward_pre_hooks)
+    assert all(not _ours(block._forward_hooks) for block in decoder_layers(model.model))
+    assert model.vector_steering is None and model.steering is None
+
+
+# ------------------------------------------------------------- zero strength, equivalence
+def test_zero_strength_changes_no_logit(tiny_model):
+    base = _logits(tiny_model, PROMPTS[0])
+    with promptscope.steer(tiny_model, vector=_vector(tiny_model, layers=(0, 1)), strength=0.0):
+        same = _logits(tiny_model, PROMPTS[0])
+    assert torch.equal(base, same)
+    icv = _vector(tiny_model, layers=(0, 1), mode="icv")
+    with promptscope.steer(tiny_model, vector=icv, strength=0.0):
+        close = _logits(tiny_model, PROMPTS[0])
+    assert torch.allclose(base, close, atol=1e-5)  # normalise-and-rescale is exact up to rounding
+
+
+def test_steering_equals_adding_the_vector_by_hand(tiny_model):
+    v = _vector(tiny_model, scale=0.5)
+    plain = _logits(tiny_model, PROMPTS[0])
+    with promptscope.steer(tiny_model, method="vector", vector=v, strength=3.0):
+        ours = _logits(tiny_model, PROMPTS[0])
+    with AddHook(tiny_model, LAYER, v.vectors[LAYER], 3.0):
+        reference = _logits(tiny_model, PROMPTS[0])
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert (ours - plain).abs().max() > 1e-2  # the comparison above is not vacuous
+
+
+def test_last_layer_steering_equals_head_of_shifted_state(tiny_llama):
+    """A plain forward written out: the last block's output + s*v, through norm and lm_head."""
+    m = tiny_llama
+    last = m.model.config.num_hidden_layers - 1
+    v = _vector(m, layers=(last,), scale=0.3)
+    got = {}
+    handle = decoder_layers(m.model)[last].register_forward_hook(
+        lambda mod, a, out: got.__setitem__("h", _hidden(out)))
+    try:
+        _logits(m, PROMPTS[1])
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        expected = m.model.lm_head(m.model.model.norm(got["h"] + 2.0 * v.vectors[last]))[0]
+    with promptscope.steer(m, vector=v, strength=2.0):
+        ours = _logits(m, PROMPTS[1])
+    assert torch.allclose(ours, expected.float(), atol=1e-5)
+
+
+def test_start_position_leaves_earlier_tokens_alone(tiny_llama):
+    v = _vector(tiny_llama, scale=0.5)
+    plain = _logits(tiny_llama, PROMPTS[0])
+    with promptscope.steer(tiny_llama, vector=v, strength=3.0, start=5):
+        ours = _logits(tiny_llama, PROMPTS[0])
+    with AddHook(tiny_llama, LAYER, v.vectors[LAYER], 3.0, start=5):
+        reference = _logits(tiny_llama, PROMPTS[0])
+    assert torch.equal(ours[:5], plain[:5])
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert (ours[5:] - plain[5:]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------- hooks are removed
+def test_hooks_removed_on_exit_exception_and_interrupt(tiny_model):
+    v = _vector(tiny_model)
+    base = _logits(tiny_model, PROMPTS[2])
+    with promptscope.steer(tiny_model, vector=v, strength=5.0):
+        assert not torch.equal(_logits(tiny_model, PROMPTS[2]), base)
+    assert torch.equal(_logits(tiny_model, PROMPTS[2]), base)
+    _no_hooks_left(tiny_model)
+    for exc in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(exc):
+            with promptscope.steer(tiny_model, vector=v, strength=5.0):
+                _logits(tiny_model, PROMPTS[2])
+                raise exc("stop")
+        assert torch.equal(_logits(tiny_model, PROMPTS[2]), base)
+        _no_hooks_left(tiny_model)
+    # An interrupt in the middle of a steered forward pass (raised by a hook of the model).
+    blocks = decoder_layers(tiny_model.model)
+
+    def interrupt(module, args, out):
+        raise KeyboardInterrupt
+
+    handle = blocks[-1].register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with promptscope.steer(tiny_model, vector=v, strength=5.0):
+                tiny_model.score(PROMPTS[:1], [" yes"])
+    finally:
+        handle.remove()
+    assert torch.equal(_logits(tiny_model, PROMPTS[2]), base)
+    _no_hooks_left(tiny_model)
+
+
+def test_nested_steering_is_refused(tiny_llama):
+    v = _vector(tiny_llama)
+    with promptscope.steer(tiny_llama, vector=v):
+        with pytest.raises(PromptscopeError, match="already being steered"):
+            with promptscope.steer(tiny_llama, heads="0.0", emphasis="x"):
+                pass
+    _no_hooks_left(tiny_llama)
+
+
+# ------------------------------------------------------------- batches, cache, generation
+def test_left_padding_untouched_and_batched_scores_match_single(tiny_model):
+    m = tiny_model
+    v = _vector(m, layers=(0, 1), scale=0.5)
+    conts = [" Rome and more", " yes", " on the mat"]
+    with promptscope.steer(m, vector=v, strength=2.0):
+        batched = m.score(PROMPTS, conts)  # one left-padded batch, continuations over the cache
+    for prompt, cont, s in zip(PROMPTS, conts, batched):
+        c = m.encode_continuation(cont)
+        ids = m.encode_prompt(prompt)
+        with AddHook(m, 0, v.vectors[0], 2.0), AddHook(m, 1, v.vectors[1], 2.0):
+            with torch.no_grad():
+                logits = m.model(input_ids=torch.tensor([ids + c])).logits[0].float()
+        logp = logits.log_softmax(-1)
+        expected = sum(logp[len(ids) - 1 + k, t].item() for k, t in enumerate(c))
+        assert s.logprob == pytest.approx(expected, abs=1e-4)
+
+    # Padding positions of the hidden state: exactly as unsteered.
+    ids = [m.encode_prompt(p) for p in PROMPTS]
+    width = max(map(len, ids))
+    input_ids, mask = m._left_pad(ids, width)
+    seen = []
+    handle = decoder_layers(m.model)[1].register_forward_hook(
+        lambda mod, a, out: seen.append(_hidden(out).clone()))
+    try:
+        with torch.no_grad():
+            m.model(input_ids=input_ids, attention_mask=mask)
+            with promptscope.steer(m, vector=v, strength=2.0):  # its hook runs after ours...
+                # ...so read the steered output with a hook registered inside the block.
+                h2 = decoder_layers(m.model)[1].register_forward_hook(
+                    lambda mod, a, out: seen.append(_hidden(out).clone()))
+                m.model(input_ids=input_ids, attention_mask=mask)
+                h2.remove()
+    finally:
+        handle.remove()
+    plain, _, steered = seen
+    pad = mask == 0
+    assert pad.any()
+    assert torch.equal(steered[pad], plain[pad])
+    assert not torch.allclose(steered[~pad], plain[~pad])
+
+
+def test_generation_with_kv_cache_equals_no_cache_reference(tiny_model):
+    m = tiny_model
+    v = _vector(m, scale=0.5)
+    prompts = PROMPTS[:2]
+    with promptscope.steer(m, vector=v, strength=4.0):
+        gens = m.generate(prompts, max_new_tokens=6)  # batched, left-padded, KV cache
+    plain = m.generate(prompts, max_new_tokens=6)
+    eos = set(m.stop_ids)
+    for prompt, (g,) in zip(prompts, gens):
+        seq = torch.tensor([m.encode_prompt(prompt)])
+        new = []
+        with AddHook(m, LAYER, v.vectors[LAYER], 4.0):
+            for _ in range(6):  # full recompute each step: no cache
+                with torch.no_grad():
+                    nxt = m.model(input_ids=seq).logits[0, -1].argmax().item()
+                new.append(nxt)
+                if nxt in eos:
+                    break
+                seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        kept = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+        assert g.text == m.tokenizer.decode(kept, skip_special_tokens=True)
+    assert any(abs(a[0].logprob - b[0].logprob) > 1e-3 for a, b in zip(gens, plain))
+
+
+# ------------------------------------------------------------- ICV
+def _states_via_transformers(model, texts, layer):
+    """Last-token residual stream after ``layer`` (not the last) from transformers' own
+    ``output_hidden_states``."""
+    out = []
+    for t in texts:
+        with torch.no_grad():
+            hs = model.model(input_ids=torch.tensor([model.encode_prompt(t)]),
+                             output_hidden_states=True).hidden_states
+        out.append(hs[layer + 1][0, -1].float())  # [0] is the embeddings
+    return torch.stack(out)
+
+
+DEMOS = [("Is Paris in Europe? Answer:", "Is Paris in Europe? Answer: yes"),
+         ("Is Rome in Asia? Answer:", "Is Rome in Asia? Answer: no"),
+         ("Where is the cat?", "Where is the cat? On the mat."),
+         ("Ann lives in", "Ann lives in Rome.")]
+
+
+def test_icv_is_first_principal_direction_of_differences(tiny_llama):
+    icv = promptscope.in_context_vector(DEMOS, tiny_llama, layers=[0])
+    d = (_states_via_transformers(tiny_llama, [y for _, y in DEMOS], 0)
+         - _states_via_transformers(tiny_llama, [x for x, _ in DEMOS], 0))
+    # Independently: the top eigenvector of sum_i d_i d_i^T maximises sum_i (u . d_i)^2.
+    _, eigvecs = torch.linalg.eigh(d.double().T @ d.double())
+    u = icv.vectors[0]
+    assert u.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(u.double() @ eigvecs[:, -1])) == pytest.approx(1.0, abs=1e-4)
+    assert float(u @ d.mean(0)) > 0  # signed like the mean difference
+    assert icv.mode == "icv" and icv.meta["n_pairs"] == 4 and 0 < icv.meta["explained"][0] <= 1
+
+
+def test_icv_shift_preserves_each_latent_norm(tiny_llama):
+    icv = promptscope.in_context_vector(DEMOS, tiny_llama)
+    block = decoder_layers(tiny_llama.model)[1]
+    seen = []
+    before = block.register_forward_hook(lambda mod, a, out: seen.append(_hidden(out).clone()))
+    try:
+        with promptscope.steer(tiny_llama, vector=icv, strength=0.5):
+            after = block.register_forward_hook(
+                lambda mod, a, out: seen.append(_hidden(out).clone()))
+            tiny_llama.score(PROMPTS, [" yes"] * 3)
+            after.remove()
+    finally:
+        before.remove()
+    pre, post = seen
+    assert torch.allclose(pre.norm(dim=-1), post.norm(dim=-1), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(pre, post, dim=-1)
+    assert cos.min() < 0.999  # moved, not just kept
+    # ...and it is the paper's formula: normalize(h/|h| + lambda * icv) * |h|.
+    n = pre.norm(dim=-1, keepdim=True)
+    expected = torch.nn.functional.normalize(pre / n + 0.5 * icv.vectors[1], dim=-1) * n
+    lengths = torch.tensor(sorted(len(tiny_llama.encode_prompt(p)) for p in PROMPTS))
+    width = pre.shape[1]  # one left-padded batch, rows sorted by length
+    real = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+    assert torch.allclose(post[real], expected[real], atol=1e-4)
+    assert torch.equal(post[~real], pre[~real])
+
+
+def test_contrastive_vector_is_mean_difference(tiny_llama):
+    pos = ["Answer from the context: Ann lives in Rome.", "Use the text: the sky is green."]
+    neg = ["Answer from memory: Ann lives in Rome.", "Use what you know: the sky is blue.",
+           "Ignore the text."]
+    v = promptscope.contrastive_vector(pos, neg, tiny_llama, layers=[0, 1])
+    # (transformers' last hidden state has the final norm applied, so check layer 0)
+    expected = (_states_via_transformers(tiny_llama, pos, 0).mean(0)
+                - _states_via_transformers(tiny_llama, neg, 0).mean(0))
+    assert torch.allclose(v.vectors[0], expected, atol=1e-4)
+    assert v.mode == "add" and v.method == "caa" and v.layers == [0, 1]
+    # Results / DataFrames of %%prompt variants work as the two sides.
+    run = promptscope.run_prompt("{{Answer from the context|Use the text}}: x", tiny_llama,
+                                 target=" y", progress=False, save=False)
+    w = promptscope.contrastive_vector(run, run.df.iloc[:1], tiny_llama, layers=[0])
+    assert w.meta["n_positive"] == 2 and w.meta["n_negative"] == 1
+
+
+# ------------------------------------------------------------- values: arithmetic, store
+def test_arithmetic_and_store_round_trip(tiny_llama):
+    a, b = _vector(tiny_llama, layers=(0, 1), seed=1), _vector(tiny_llama, layers=(1,), seed=2)
+    s = a + 0.5 * b
+    assert s.layers == [0, 1]
+    assert torch.allclose(s.vectors[1], a.vectors[1] + 0.5 * b.vectors[1])
+    assert torch.equal(s.vectors[0], a.vectors[0])
+    assert torch.allclose((a - a).vectors[0], torch.zeros_like(a.vectors[0]))
+    with pytest.raises(PromptscopeError, match="applied differently"):
+        a + _vector(tiny_llama, mode="icv")
+    sid = s.save("mix")
+    back = load_vector("mix")
+    assert back.layers == s.layers and back.name == "mix" and back.hidden_size == s.hidden_size
+    assert all(torch.equal(back.vectors[k], s.vectors[k]) for k in s.layers)
+    assert promptscope.load_vector(sid).name == "mix"
+    assert promptscope.load(sid).figure() is not None
+    # Steering by name is steering with the value.
+    with promptscope.steer(tiny_llama, vector=s, strength=2.0):
+        by_value = _logits(tiny_llama, PROMPTS[1])
+    with promptscope.steer(tiny_llama, vector="mix", strength=2.0, layers="0,1"):
+        by_name = _logits(tiny_llama, PROMPTS[1])
+    assert torch.allclose(by_value, by_name, atol=1e-6)
+    # Scaling a vector is the same as scaling the strength.
+    with promptscope.steer(tiny_llama, vector=2.0 * s, strength=1.0):
+        scaled = _logits(tiny_llama, PROMPTS[1])
+    assert torch.allclose(scaled, by_value, atol=1e-5)
+
+
+def test_pasta_and_vector_at_once(tiny_llama):
+    v = _vector(tiny_llama, scale=0.5)
+    prompt, key = PROMPTS[0], "Ann lives in Rome."
+    with promptscope.steer(tiny_llama, method="pasta+vector", heads="0.1,1.0", emphasis=key,
+                           vector=v, strength=3.0) as s:
+        both = tiny_llama.score([prompt], [" Rome"])[0].logprob
+        assert s.to_json()["method"] == "pasta+vector" and s.to_json()["strength"] == 3.0
+    with promptscope.steer(tiny_llama, heads="0.1,1.0", emphasis=key):
+        with AddHook(tiny_llama, LAYER, v.vectors[LAYER], 3.0):
+            reference = tiny_llama.score([prompt], [" Rome"])[0].logprob
+        pasta_only = tiny_llama.score([prompt], [" Rome"])[0].logprob
+    assert both == pytest.approx(reference, abs=1e-5)
+    assert abs(both - pasta_only) > 1e-3
+    _no_hooks_left(tiny_llama)
+
+
+# ------------------------------------------------------------- run_prompt and %%prompt
+def test_run_prompt_vector_compare(tiny_llama):
+    v = _vector(tiny_llama, scale=0.5)
+    template = "Is {city} in Europe? Answer:"
+    rows = [{"city": "Paris"}, {"city": "Tokyo"}]
+    run = promptscope.run_prompt(template, tiny_llama, vars=rows, choices=" yes| no",
+                                 progress=False, steer={"method": "vector", "vector": v,
+                                                        "strength": 3.0, "compare": True})
+    df = run.df
+    assert sorted(df["steered"].unique()) == [False, True] and len(df) == 2 * 2 * 2
+    assert run.params["steer"]["method"] == "vector" and run.params["steer"]["strength"] == 3.0
+    prompts = ["Is Paris in Europe? Answer:"] * 2
+    plain = tiny_llama.score(prompts, [" yes", " no"])
+    with promptscope.steer(tiny_llama, vector=v, strength=3.0):
+        steered = tiny_llama.score(prompts, [" yes", " no"])
+    got = df[df["city"] == "Paris"]
+    assert got[~got.steered]["logprob"].tolist() == pytest.approx([s.logprob for s in plain],
+                                                                  abs=1e-5)
+    assert got[got.steered]["logprob"].tolist() == pytest.approx([s.logprob for s in steered],
+                                                                 abs=1e-5)
+    assert promptscope.load(run.session_id) == run
+    _no_hooks_left(tiny_llama)
+
+
+def test_prompt_magic_steer_vector(ip, tiny_llama_dir):
+    from IPython.core.error import UsageError
+
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as vec-llama")
+    model = promptscope.models.default_model()
+    v = _vector(model, layers=(0, 1))
+    v.save("magic-vec")
+    ip.user_ns["myvec"] = v
+    run = ip.run_cell_magic("prompt", '--steer vector --vector magic-vec --strength 2 '
+                            '--steer-layers 1 --compare --target " x"', "Say {{hi|yo}} now")
+    assert len(run.df) == 4 and run.params["steer"]["layers"] == [1]
+    run2 = ip.run_cell_magic("prompt", '--steer vector --vector myvec --strength 2 '
+                             '--steer-layers 1 --target " x"', "Say {{hi|yo}} now")
+    assert run2.df["logprob"].tolist() == pytest.approx(
+        run.df[run.df.steered]["logprob"].tolist(), abs=1e-6)
+    with pytest.raises(UsageError, match="the methods are pasta"):
+        ip.run_cell_magic("prompt", "--steer knob --target x", "a b")
+    with pytest.raises(UsageError, match="needs --vector"):
+        ip.run_cell_magic("prompt", "--steer vector --target x", "a b")
+    with pytest.raises(UsageError, match="out of range"):
+        ip.run_cell_magic("prompt", "--steer vector --vector myvec --steer-layers 7 --target x",
+                          "a b")
+    with pytest.raises(UsageError, match="No steering vector named"):
+        ip.run_cell_magic("prompt", "--steer vector --vector nope --target x", "a b")
+    # --steer alone still means PASTA.
+    run3 = ip.run_cell_magic("prompt", '--steer --heads 1.0 --target " x"', "Say <<hi>> now")
+    assert run3.params["steer"]["heads"] == {"1": [0]}
+
+
+# ------------------------------------------------------------- errors
+def test_errors(tiny_llama, tiny_gpt2):
+    v = _vector(tiny_llama)
+    with pytest.raises(PromptscopeError, match="Layer 9 is out of range"):
+        with promptscope.steer(tiny_llama, vector=v, layers=[9]):
+            pass
+    with pytest.raises(PromptscopeError, match="no direction for layer"):
+        with promptscope.steer(tiny_llama, vector=v, layers=[0]):
+            pass
+    other = SteeringVector({0: torch.ones(7)}, 7)
+    with pytest.raises(PromptscopeError, match="hidden size 7"):
+        with promptscope.steer(tiny_llama, vector=other):
+            pass
+    with pytest.raises(PromptscopeError, match="at least 2 demonstration pairs"):
+        promptscope.in_context_vector(DEMOS[:1], tiny_llama)
+    with pytest.raises(PromptscopeError, match="at least one positive"):
+        promptscope.contrastive_vector([], ["x"], tiny_llama)
+    with pytest.raises(PromptscopeError, match="Unknown steering method"):
+        with promptscope.steer(tiny_llama, method="knob", vector=v):
+            pass
+    with pytest.raises(PromptscopeError, match="needs vector="):
+        with promptscope.steer(tiny_llama, method="vector"):
+            pass
+    with pytest.raises(PromptscopeError, match="Layer 5 is out of range"):
+        promptscope.contrastive_vector(["a"], ["b"], tiny_gpt2, layers=[5])
+    _no_hooks_left(tiny_llama)
+
+
+def test_api_model_is_refused():
+    from promptscope.models.base import Model
+
+    class APIModel(Model):
+        name = "api"
+        capabilities = frozenset({"score", "generate"})
+
+        def score(self, prompts, continuations, progress=None):
+            raise AssertionError
+
+        def generate(self, prompts, **kw):
+            raise AssertionError
+
+    api = APIModel()
+    with pytest.raises(CapabilityError, match="hidden states and activation steering"):
+        with promptscope.steer(api, method="vector", vector=SteeringVector({0: [1.0]}, 1)):
+            pass
+    with pytest.raises(CapabilityError):
+        promptscope.contrastive_vector(["a"], ["b"], api)
+    with pytest.raises(CapabilityError):
+        promptscope.in_context_vector(DEMOS, api)
+
+
+# ------------------------------------------------------------- the comparison
+def test_compare_steering_rows_equal_direct_measurements(tiny_llama):
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": n, "city": c, "answer": f" {c}", "choices": [f" {c}", " Oslo"]}
+            for n, c in [("Ann", "Rome"), ("Eve", "Lima"), ("Max", "Kyiv")]]
+    control = ("Where does {name} live?", rows[:2])
+    v = _vector(tiny_llama, scale=0.5)
+    text = ["The cat sat on the mat.", "Bob reads a book in the park."]
+    cmp = promptscope.compare_steering(
+        template, rows, tiny_llama, control=control, text=text, progress=False,
+        methods={"PASTA": {"heads": "0.1,1.0", "alpha": [0.1, 0.01]},
+                 "CAA": {"method": "vector", "vector": v, "strength": [0.0, 3.0]}})
+    df = cmp.df
+    assert list(df["method"]) == ["PASTA", "PASTA", "CAA", "CAA"]
+    assert list(df["strength"]) == pytest.approx([10, 100, 0, 3])
+    zero = df[(df.method == "CAA") & (df.value == 0)].iloc[0]  # strength 0 == unsteered
+    assert zero["d_accuracy"] == 0 and zero["d_text"] == pytest.approx(0, abs=1e-6)
+    assert zero["d_control"] == 0
+    # PASTA has nothing to emphasise in unrelated text: no cost there, by construction.
+    assert df[df.method == "PASTA"]["d_text"].abs().max() == pytest.approx(0, abs=1e-6)
+    # A row is the direct measurement under steer().
+    prompts = [f"Context: {r['name']} lives in {r['city']}. Bob lives in Oslo. Where does "
+               f"{r['name']} live?" for r in rows]
+    with promptscope.steer(tiny_llama, vector=v, strength=3.0):
+        right = tiny_llama.score(prompts, [r["answer"] for r in rows])
+        heads = [t.split(" ", 1) for t in text]
+        lp = tiny_llama.score([h for h, _ in heads], [" " + t for _, t in heads])
+    row = df[(df.method == "CAA") & (df.value == 3.0)].iloc[0]
+    assert row["logprob"] == pytest.approx(sum(s.logprob for s in right) / 3, abs=1e-5)
+    assert row["text_logprob"] == pytest.approx(
+        sum(s.logprob for s in lp) / sum(len(s.tokens) for s in lp), abs=1e-5)
+    assert len(cmp.summary()) == 2
+    assert len(cmp.figure().data) == 4
+    assert promptscope.load(cmp.session_id) == cmp
+    _no_hooks_left(tiny_llama)
+
+
+def test_steering_lab_reruns_on_its_controls(tiny_llama):
+    from promptscope.widgets import SteeringLab
+
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": "Ann", "city": "Rome"}, {"name": "Eve", "city": "Lima"}]
+    v = _vector(tiny_llama, layers=(0, 1), scale=0.5)
+    lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
+                      vectors={"CAA": v})
+    assert lab.last.params["steer"]["alpha"] == 0.01 and len(lab.answers.figure.data) == 6
+    lab.method.value = "CAA"
+    assert lab.layers.value == (0, 1) and lab.last.params["steer"]["method"] == "vector"
+    lab.strength.value = 0.0  # no steering at all
+    same = lab.last.df.groupby("steered")["prob"].apply(list)
+    assert same[True] == pytest.approx(same[False], abs=1e-6)
+    lab.strength.value = 4.0
+    lab.layers.value = (1,)
+    prompt = "Context: Ann lives in Rome. Bob lives in Oslo. Where does Ann live?"
+    with promptscope.steer(tiny_llama, vector=v, strength=4.0, layers=[1]):
+        expected = tiny_llama.score([prompt] * 3, [" Rome", " Oslo", " Lima"])
+    got = lab.last.df[lab.last.df.steered & (lab.last.df.variant == 0)]["logprob"].tolist()
+    assert got == pytest.approx([s.logprob for s in expected], abs=1e-5)
+    assert "CAA" in lab.status.value
+    _no_hooks_left(tiny_llama)
