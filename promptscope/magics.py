@@ -255,16 +255,27 @@ class PromptscopeMagics(Magics):
                 temperature=args.temperature, top_p=args.top_p, n=args.n, seed=args.seed,
                 chat=args.chat, name=args.name, save=not args.no_save, steer=steer)
 
-        try:
-            result = _friendly(run)
-        except (KeyboardInterrupt, UsageError) as exc:
-            partial = getattr(exc, "partial_result", None)
-            if partial is not None and args.out:
-                ns[args.out] = partial
-            raise
-        if args.out:
-            ns[args.out] = result
-        return result
+        return _run_into(ns, args.out, run)
+
+    @cell_magic
+    def reach(self, line: str, cell: str) -> Any:
+        args = self._parse(_reach_parser(), line)
+        if args is None:
+            return None
+        x0s: list[Any] = []
+        for text in cell.splitlines():
+            if not text.strip():
+                continue
+            body, sep, nxt = text.rpartition("||")
+            x0s.append((body, nxt) if sep else text)
+        if not x0s:
+            raise UsageError("%%reach needs initial states: put one x0 per line in the cell body.")
+        from promptscope.analyses.reachability import reachability
+
+        return _run_into(self.shell.user_ns, args.out, lambda: reachability(
+            args.model, x0s, args.targets, k_max=args.k, method=args.method, steps=args.steps,
+            search_width=args.width, top_k=args.top_k, seed=args.seed, bound=not args.no_bound,
+            name=args.name, save=not args.no_save))
 
 
 def _vector_options(args: argparse.Namespace, ns: dict[str, Any]) -> dict[str, Any]:
@@ -304,40 +315,18 @@ def _reach_parser() -> _Parser:
     return p
 
 
-def _reach_cell(line: str, cell: str) -> Any:
-    """``%%reach``: a thin parser over :func:`promptscope.reachability`."""
-    from IPython import get_ipython
-
+def _run_into(ns: dict[str, Any], out: str | None, fn: Callable[[], Any]) -> Any:
+    """Run an analysis for a magic; ``-o VAR`` gets its result, or the partial result of an
+    interrupted or failed run (the rows computed so far)."""
     try:
-        args = _reach_parser().parse_args(shlex.split(line))
-    except ValueError as exc:
-        raise UsageError(f"Could not read the arguments ({exc}); check the quotes.") from None
-    except _HelpShown as shown:
-        print(shown.args[0])
-        return None
-    x0s: list[Any] = []
-    for text in cell.splitlines():
-        if not text.strip():
-            continue
-        body, sep, nxt = text.rpartition("||")
-        x0s.append((body, nxt) if sep else text)
-    if not x0s:
-        raise UsageError("%%reach needs initial states: put one x0 per line in the cell body.")
-    from promptscope.analyses.reachability import reachability
-
-    ns = get_ipython().user_ns
-    try:
-        result = _friendly(lambda: reachability(
-            args.model, x0s, args.targets, k_max=args.k, method=args.method, steps=args.steps,
-            search_width=args.width, top_k=args.top_k, seed=args.seed, bound=not args.no_bound,
-            name=args.name, save=not args.no_save))
+        result = _friendly(fn)
     except (KeyboardInterrupt, UsageError) as exc:
         partial = getattr(exc, "partial_result", None)
-        if partial is not None and args.out:
-            ns[args.out] = partial
+        if partial is not None and out:
+            ns[out] = partial
         raise
-    if args.out:
-        ns[args.out] = result
+    if out:
+        ns[out] = result
     return result
 
 
@@ -360,6 +349,5 @@ def register(ipython: Any) -> None:
     """Register the magics with an IPython shell."""
     PromptscopeMagics.prompt.__doc__ = _prompt_parser().format_help()
     PromptscopeMagics.promptscope.__doc__ = _usage()
+    PromptscopeMagics.reach.__doc__ = _reach_parser().format_help()
     ipython.register_magics(PromptscopeMagics)
-    _reach_cell.__doc__ = _reach_parser().format_help()
-    ipython.register_magic_function(_reach_cell, magic_kind="cell", magic_name="reach")
