@@ -84,3 +84,18 @@ def figure(result: Any) -> Any:
         fig.update_layout(yaxis_title=f"log p({result.params.get('target')!r})")
         return apply_style(fig, "Target log-probability per variant")
     return None
+
+
+def plain_vs_steered(run: Any) -> Any:
+    """Choice probabilities of a ``compare`` run (``steer={..., "compare": True}``): one bar per
+    variant, choice and steered/plain."""
+    import plotly.graph_objects as go
+
+    df = run.df.assign(label=variant_labels(run.df.assign(steered=False)))
+    fig = go.Figure([
+        go.Bar(name=f"{'steered' if s else 'plain'} {c!r}", x=part["label"], y=part["prob"],
+               hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>")
+        for (s, c), part in df.groupby(["steered", "choice"], sort=True)
+    ])
+    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]})
+    return apply_style(fig, "Answer probabilities, plain vs steered")

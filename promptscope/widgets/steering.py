@@ -8,6 +8,7 @@ from typing import Any
 import ipywidgets as w
 import plotly.graph_objects as go
 
+from promptscope.viz.prompt import plain_vs_steered
 from promptscope.viz.style import apply_style
 from promptscope.widgets._figure import FigureBox
 
@@ -70,24 +71,11 @@ class SteeringWidget(w.VBox):
                                         matrices=False, save=False, progress=False,
                                         steer=self.steering())
         self.last = run
-        self.answers.show(_answer_figure(run))
+        self.answers.show(plain_vs_steered(run))
         self.attention.show(_mass_figure(plain, steered))
         acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
         self.status.value = (f"<b>{run.params['steer']['heads']}</b> · answers plain: "
                              f"{acc.get(False)} → steered: {acc.get(True)}")
-
-
-def _answer_figure(run: Any) -> go.Figure:
-    from promptscope.viz.prompt import variant_labels
-
-    df = run.df.assign(label=variant_labels(run.df.assign(steered=False)))
-    fig = go.Figure([
-        go.Bar(name=f"{'steered' if s else 'plain'} {c!r}", x=part["label"], y=part["prob"],
-               hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>")
-        for (s, c), part in df.groupby(["steered", "choice"], sort=True)
-    ])
-    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]})
-    return apply_style(fig, "Answer probabilities, plain vs steered")
 
 
 def _mass_figure(plain: Any, steered: Any) -> go.Figure:

@@ -8,9 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import ipywidgets as w
-import plotly.graph_objects as go
 
-from promptscope.viz.style import apply_style
+from promptscope.viz.prompt import plain_vs_steered
 from promptscope.widgets._figure import FigureBox
 
 
@@ -86,20 +85,7 @@ class SteeringLab(w.VBox):
                                      choices=self.choices, save=False, progress=False,
                                      steer={**self.steering(), "compare": True})
         self.last = run
-        self.answers.show(_answer_figure(run))
+        self.answers.show(plain_vs_steered(run))
         acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
         self.status.value = (f"<b>{self.method.value}</b> · answers plain: {acc.get(False)} → "
                              f"steered: {acc.get(True)}")
-
-
-def _answer_figure(run: Any) -> go.Figure:
-    from promptscope.viz.prompt import variant_labels
-
-    df = run.df.assign(label=variant_labels(run.df.assign(steered=False)))
-    fig = go.Figure([
-        go.Bar(name=f"{'steered' if s else 'plain'} {c!r}", x=part["label"], y=part["prob"],
-               hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>")
-        for (s, c), part in df.groupby(["steered", "choice"], sort=True)
-    ])
-    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]})
-    return apply_style(fig, "Answer probabilities, plain vs steered")
