@@ -238,7 +238,7 @@ def attribute(
                             "rename the variable or group.")
     mdl = resolve_model(model)
     # Every method runs the model's own forward pass (perturbed prompts, or gradients).
-    mdl.require("gradients" if method == "ig" else "attention",
+    mdl.require("gradients" if method == "ig" else "forward",
                 f"Attribution (captum, method '{method}')")
     if chat:
         mdl.chat_prompt("")  # fails early when the model has no chat template

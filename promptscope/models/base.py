@@ -17,6 +17,7 @@ from promptscope.errors import CapabilityError
 #: Capability names an analysis may require.
 CAPABILITIES = {
     "score": "log-probabilities of given continuations",
+    "forward": "running the model's own forward pass on token ids (local weights)",
     "generate": "text generation",
     "attention": "attention weights and attention steering",
     "gradients": "gradients through the input embeddings",

@@ -65,7 +65,8 @@ class HFModel(Model):
         -0.21
     """
 
-    capabilities = frozenset({"score", "generate", "attention", "gradients", "hidden_states"})
+    capabilities = frozenset({"score", "generate", "forward", "attention", "gradients",
+                              "hidden_states"})
 
     def __init__(self, model: Any, tokenizer: Any, name: str, source: str = "") -> None:
         self.model = model.eval()
