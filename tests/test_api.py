@@ -145,6 +145,28 @@ def test_choices_and_target_agree_with_the_white_box_model(hf, api):
     assert back == black_t and back.params["api"]["requests"] == 2
 
 
+def test_format_spread_and_posix_agree_with_the_white_box_model(hf, api):
+    """The black-box analyses give the white-box numbers through the API (exact echo log-probs)."""
+    data = [{"text": "red apple", "label": "yes"}, {"text": "blue sky", "label": "no"},
+            {"text": "green tree", "label": "no"}, {"text": "red car", "label": "yes"}]
+    spreads = [promptscope.format_spread(data, m, label="label", choices=["yes", "no"],
+                                         formats=4, shots=1, seed=3, progress=False)
+               for m in (hf, api)]
+    white, black = (s.tables["formats"].set_index("format")["accuracy"] for s in spreads)
+    assert black.to_dict() == white.to_dict()
+    gold = [s.df["logprob_gold"].tolist() for s in spreads]
+    assert gold[1] == pytest.approx(gold[0], abs=1e-3)
+
+    rows = [{"city": "Paris"}, {"city": "Tokyo"}]
+    kwargs = dict(template="Where is {city}? It is in", templates=["{city} is in"],
+                  n_variants=3, responses=[" France", " Japan"], progress=False)
+    posix = [promptscope.posix(rows, m, **kwargs) for m in (hf, api)]
+    for kind, value in posix[0].params["posix"].items():
+        assert posix[1].params["posix"][kind] == pytest.approx(value, abs=1e-3)
+    assert posix[1].df["logprob"].tolist() == pytest.approx(posix[0].df["logprob"].tolist(),
+                                                            abs=1e-3)
+
+
 def test_greedy_generation_agrees_plain_and_chat(hf, api):
     template = "{{Hi|Hello|The cat|Question: what colour is the sky?}} {{there|now}}"
     for chat in (False, True):
