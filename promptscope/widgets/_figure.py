@@ -3,9 +3,13 @@
 ``plotly.graph_objects.FigureWidget`` is an anywidget whose front-end module is the whole
 plotly.js bundle (about 4.6 MB), saved again in the notebook's widget state for *every* figure
 widget: a notebook with a few explorers grew to 25 MB. ``FigureBox`` is an ``ipywidgets.Output``
-that displays the figure as a plotly mime bundle instead; JupyterLab renders it with the plotly
-renderer that the plotly package installs (bundled, no CDN), so the saved state holds only the
-figure's JSON.
+whose ``outputs`` hold the figure as a plotly mime bundle instead; JupyterLab renders it with the
+plotly renderer that the plotly package installs (bundled, no CDN), so the saved state holds only
+the figure's JSON.
+
+The bundle is set as the widget's state rather than displayed inside ``with output:``: capture
+routes messages by the running cell's id, and nbclient, under load, then sometimes waited its
+whole cell timeout (600 s) for a cell that had finished.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import ipywidgets as w
-from IPython.display import display
 
 
 class FigureBox(w.Output):
@@ -32,7 +35,9 @@ class FigureBox(w.Output):
 
     def show(self, figure: Any) -> None:
         """Replace the shown figure (kept as :attr:`figure` for code and tests)."""
+        import plotly.io as pio
+
         self.figure = figure
-        self.clear_output(wait=True)
-        with self:
-            display(figure)
+        bundle = pio.renderers["plotly_mimetype"].to_mimebundle(figure.to_dict())
+        bundle["text/plain"] = f"<plotly figure: {figure.layout.title.text or 'untitled'}>"
+        self.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
