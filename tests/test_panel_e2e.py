@@ -75,10 +75,7 @@ time.sleep(1.1)
 ids["xss"] = promptscope.run_prompt(
     "Say " + xss + " {{yes|no}}:", a, choices=" ok| no", name="probe " + xss,
     progress=False).session_id
-time.sleep(1.1)
-store = Store.default()
-ids["running"] = store.create("prompt", name="still running", model="tiny-a")
-print(json.dumps({"ids": ids, "store": str(store.path)}))
+print(json.dumps({"ids": ids, "store": str(Store.default().path)}))
 """
 
 
@@ -175,6 +172,13 @@ def sessions(lab: dict[str, Any], tiny_llama_dir: Path) -> dict[str, Any]:
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     made = json.loads(out.stdout.strip().splitlines()[-1])
+    # A run still going: made by this (live) process; one left by an exited process would show
+    # as interrupted (tests/test_store.py).
+    time.sleep(1.1)
+    from promptscope.store import Store
+
+    made["ids"]["running"] = Store(made["store"]).create("prompt", name="still running",
+                                                         model="tiny-a")
     assert Path(made["store"]).resolve() == (lab["root"] / ".promptscope" /
                                              "sessions.sqlite").resolve()
     return made
@@ -338,7 +342,9 @@ def test_widget_figures_render_offline(lab: dict[str, Any], browser: Any) -> Non
     page.on("request", lambda r: remote.append(r.url)
             if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
     try:
-        page.goto(f"{lab['url']}/lab/tree/widgets.ipynb?token={lab['token']}")
+        # A workspace of its own, reset: only this notebook open, whatever ran before.
+        page.goto(f"{lab['url']}/lab/workspaces/widgets/tree/widgets.ipynb?reset"
+                  f"&token={lab['token']}")
         expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(1)
         page.wait_for_function("window.jupyterapp.shell.currentWidget?.sessionContext?.session"
                                "?.kernel?.status === 'idle'", timeout=120_000)
