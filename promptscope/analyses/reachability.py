@@ -554,7 +554,6 @@ class _Search:
     def greedy(self, pairs: list[_Pair], k_min: int, k_max: int, on_reached: Any,
                on_level: Any) -> None:
         """Back-generation: prepend the token that most raises log P(y), k_max times."""
-        import torch
 
         active = [p for p in pairs if not p.reached]
         u: dict[int, list[int]] = {p.index: [] for p in active}
@@ -565,31 +564,8 @@ class _Search:
                 groups.setdefault((p.state, tuple(u[p.index])), []).append(p)
             for (state, cur), group in groups.items():
                 self._stop()
-                cands = self.allowed
-                seqs = torch.tensor([self.seq(state, [0, *cur])] * len(cands))
-                seqs[:, len(self.prefix[state])] = cands
-                tg = torch.tensor([[p.target for p in group]] * len(cands))
-                logp, rank = self.evaluate(seqs, tg)
-                for j, p in enumerate(group):
-                    p.steps += 1
-                    best = int(torch.argmax(logp[:, j]))
-                    hit = (rank[:, j] == 1).nonzero().flatten()
-                    if k >= k_min and len(hit):
-                        # among the candidates that make y the argmax, the most probable one
-                        best_hit = int(hit[torch.argmax(logp[hit, j])])
-                        trial = [int(cands[best_hit]), *cur]
-                        if self.verify(p, trial):
-                            p.reached, p.k, p.control = True, k, trial
-                            self._trace(p, "greedy", k, p.steps, float(logp[best_hit, j]), 1)
-                            on_reached(p)
-                            continue
-                    u[p.index] = [int(cands[best]), *cur]
-                    p.keep(k, u[p.index], float(-logp[best, j]))
-                    lp, rk = float(logp[best, j]), int(rank[best, j])
-                    if -lp < p.best_loss:
-                        p.best_loss, p.best, p.rank = -lp, u[p.index], rk
-                        p.prob = math.exp(lp)
-                    self._trace(p, "greedy", k, p.steps, lp, rk)
+                u.update(self._front_pass(state, list(cur), group, k, "greedy", on_reached,
+                                          may_reach=k >= k_min))
             active = [p for p in active if not p.reached]
             on_level()
             if not active:
@@ -676,34 +652,47 @@ class _Search:
 
     def _exhaustive_k1(self, active: list[_Pair], on_reached: Any) -> None:
         """Every allowed single token before x0: one pass per x0 serves all its targets."""
-        import torch
-
         by_state: dict[int, list[_Pair]] = {}
         for p in active:
             by_state.setdefault(p.state, []).append(p)
         for state, group in by_state.items():
             self._stop()
-            cands = self.allowed
-            seqs = torch.tensor([self.seq(state, [0])] * len(cands))
-            seqs[:, len(self.prefix[state])] = cands
-            tg = torch.tensor([[p.target for p in group]] * len(cands))
-            logp, rank = self.evaluate(seqs, tg)
-            for j, p in enumerate(group):
-                p.steps += 1
-                best = int(torch.argmax(logp[:, j]))
-                hit = (rank[:, j] == 1).nonzero().flatten()
-                if len(hit):
-                    best_hit = int(hit[torch.argmax(logp[hit, j])])
-                    if self.verify(p, [int(cands[best_hit])]):
-                        p.reached, p.k, p.control = True, 1, [int(cands[best_hit])]
-                        self._trace(p, "exhaustive", 1, p.steps, float(logp[best_hit, j]), 1)
-                        on_reached(p)
-                        continue
-                lp, rk = float(logp[best, j]), int(rank[best, j])
-                p.keep(1, [int(cands[best])], -lp)
-                if -lp < p.best_loss:
-                    p.best_loss, p.best, p.prob, p.rank = -lp, [int(cands[best])], math.exp(lp), rk
-                self._trace(p, "exhaustive", 1, p.steps, lp, rk)
+            self._front_pass(state, [], group, 1, "exhaustive", on_reached)
+
+    def _front_pass(self, state: int, cur: list[int], group: list[_Pair], k: int, method: str,
+                    on_reached: Any, may_reach: bool = True) -> dict[int, list[int]]:
+        """Try every allowed token in front of ``cur`` for the pairs of ``group`` (one x0) in one
+        batched pass. A pair whose target becomes the argmax is verified and reported; the others
+        keep their most probable prompt, returned as pair index -> control tokens."""
+        import torch
+
+        cands = self.allowed
+        seqs = torch.tensor([self.seq(state, [0, *cur])] * len(cands))
+        seqs[:, len(self.prefix[state])] = cands
+        tg = torch.tensor([[p.target for p in group]] * len(cands))
+        logp, rank = self.evaluate(seqs, tg)
+        kept: dict[int, list[int]] = {}
+        for j, p in enumerate(group):
+            p.steps += 1
+            best = int(torch.argmax(logp[:, j]))
+            hit = (rank[:, j] == 1).nonzero().flatten()
+            if may_reach and len(hit):
+                # among the candidates that make y the argmax, the most probable one
+                best_hit = int(hit[torch.argmax(logp[hit, j])])
+                trial = [int(cands[best_hit]), *cur]
+                if self.verify(p, trial):
+                    p.reached, p.k, p.control = True, k, trial
+                    self._trace(p, method, k, p.steps, float(logp[best_hit, j]), 1)
+                    on_reached(p)
+                    continue
+            control = [int(cands[best]), *cur]
+            lp, rk = float(logp[best, j]), int(rank[best, j])
+            p.keep(k, control, -lp)
+            if -lp < p.best_loss:
+                p.best_loss, p.best, p.prob, p.rank = -lp, control, math.exp(lp), rk
+            self._trace(p, method, k, p.steps, lp, rk)
+            kept[p.index] = control
+        return kept
 
     def _sample(self, cur: list[int], top: Any, width: int) -> list[list[int]]:
         """Up to ``width`` distinct single-token swaps of ``cur`` drawn from ``top`` [k, kk]."""
