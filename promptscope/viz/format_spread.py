@@ -31,8 +31,8 @@ def figure(result: Any) -> Any:
     and the spread (max - min) marked between two lines."""
     import plotly.graph_objects as go
 
-    t = _formats(result)
-    t = t[t["evaluations"] > 0].sort_values("accuracy").reset_index(drop=True)
+    every = _formats(result)
+    t = every[every["evaluations"] > 0].sort_values("accuracy").reset_index(drop=True)
     colors = ["#d62728" if w else "#2ca02c" if b else "#7f7f7f"
               for b, w in zip(t["best"], t["worst"])]
     fig = go.Figure(go.Scatter(
@@ -44,17 +44,19 @@ def figure(result: Any) -> Any:
         hovertemplate="format %{x}: %{y:.3f} (n=%{customdata[0]})<br>%{customdata[1]}"
                       "<extra></extra>"))
     lo, hi = result.params.get("interval", [t["accuracy"].min(), t["accuracy"].max()])
-    for y, text in ((lo, "worst"), (hi, "best")):
+    # labels inside the plot, away from the points: high ones sit right, low ones left
+    for y, text, where in ((lo, "worst", "bottom right"), (hi, "best", "top left")):
         fig.add_hline(y=y, line_dash="dot", line_color="#444",
-                      annotation_text=f"{text} {y:.2f}", annotation_position="right")
+                      annotation_text=f"{text} {y:.2f}", annotation_position=where)
     spread = hi - lo
     fig.update_layout(xaxis={"title": "format (sorted by accuracy)", "type": "category"},
                       yaxis={"title": "accuracy", "range": [-0.02, 1.05]}, showlegend=False)
     p = result.params
     how = ("exhaustive" if p.get("evaluations", 0) >= p.get("exhaustive_evaluations", 1)
            else f"bandit, {p.get('evaluations')} of {p.get('exhaustive_evaluations')} evals")
-    return apply_style(fig, f"Accuracy across {len(t)} formats: spread {spread * 100:.0f} "
-                            f"points ({how})")
+    unseen = len(every) - len(t)  # a bandit may never pull a format it already rules out
+    shown = f"{len(t)} formats" + (f" ({unseen} never evaluated)" if unseen else "")
+    return apply_style(fig, f"Accuracy across {shown}: spread {spread * 100:.0f} points ({how})")
 
 
 def summary(result: Any) -> Any:
