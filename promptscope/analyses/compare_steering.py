@@ -47,14 +47,23 @@ class _Task:
         self.prompts = [v.text for v in self.variants]
         self.spans = {v.text: list(v.emphasis) for v in self.variants}
 
-    def evaluate(self, mdl: Model) -> tuple[float, float]:
+    def _logprobs(self, mdl: Model) -> list[dict[str, float]]:
+        """Per row, candidate -> log-prob."""
         pairs = [(i, c) for i, cs in enumerate(self.cands) for c in cs]
         scores = mdl.score([self.prompts[i] for i, _ in pairs], [c for _, c in pairs])
-        by_row: dict[int, dict[str, float]] = {}
+        by_row: list[dict[str, float]] = [{} for _ in self.prompts]
         for (i, c), s in zip(pairs, scores):
-            by_row.setdefault(i, {})[c] = s.logprob
-        acc = sum(max(d, key=d.get) == self.answers[i] for i, d in by_row.items())
-        right = [by_row[i][self.answers[i]] for i in range(len(self.answers))]
+            by_row[i][c] = s.logprob
+        return by_row
+
+    def predict(self, mdl: Model) -> list[str]:
+        """Each row's most likely candidate."""
+        return [max(d, key=d.get) for d in self._logprobs(mdl)]
+
+    def evaluate(self, mdl: Model) -> tuple[float, float]:
+        by_row = self._logprobs(mdl)
+        acc = sum(max(d, key=d.get) == a for d, a in zip(by_row, self.answers))
+        right = [d[a] for d, a in zip(by_row, self.answers)]
         return acc / len(self.answers), sum(right) / len(right)
 
 

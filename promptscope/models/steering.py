@@ -353,7 +353,7 @@ def set_steered(model: Any, steering: Any, on: bool) -> None:
 def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any = "all",
           alpha: float = 0.01, mode: str = "exclude",
           emphasis: str | Sequence[str] | None = None, vector: Any = None,
-          strength: float = 1.0, layers: Any = None, start: int = 0) -> Iterator[Any]:
+          strength: float = 1.0, layers: Any = None, start: int | str = 0) -> Iterator[Any]:
     """Steer ``model`` for everything run inside the block: PASTA, a vector, or both.
 
     Args:
@@ -370,9 +370,10 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
         emphasis: PASTA: substring(s) to emphasise wherever they occur; ``run_prompt`` adds the
             spans of ``<<...>>`` markers itself.
         vector: a SteeringVector or the name of a saved one.
-        strength: the vector's multiplier (``h + strength * v``; ICV's lambda).
+        strength: the vector's multiplier (``h + strength * v``; ICV's lambda; a knob's value).
         layers: the vector's layers to steer (default: all the vector has).
-        start: steer tokens from this position of each prompt on (default 0: all tokens).
+        start: steer tokens from this position of each prompt on (default 0: all tokens), or
+            ``"last"``: the last prompt token and what is generated after it.
 
     Yields:
         The :class:`AttentionSteering` (PASTA), a ``VectorSteering``, or a

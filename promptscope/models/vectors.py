@@ -13,7 +13,13 @@ forward hooks:
 
   - ``mode="add"`` (contrastive steering vectors, CAA): ``h + strength * v``;
   - ``mode="icv"`` (in-context vectors): ``normalize(h / |h| + strength * v) * |h|``: the latent is
-    shifted along the ICV, then rescaled to its own norm (ICV paper, norm-preserving step).
+    shifted along the ICV, then rescaled to its own norm (ICV paper, norm-preserving step);
+  - ``mode="set"`` (a knob, e.g. the context-sensitivity knob): ``h + (strength - h.u) u`` with
+    ``u = v / |v|``: the latent's coordinate along the direction is *set* to ``strength``, the rest
+    of it is left alone.
+
+``start`` picks the steered positions: tokens from that index of each prompt on, or ``"last"``
+(the last prompt token and everything generated after it; where a knob is read).
 
 The hooks are removed when the block is left, also after an exception or a KeyboardInterrupt.
 Vectors are values: ``a + b``, ``a - b``, ``2 * a``; saved in the store as sessions of kind
@@ -33,7 +39,7 @@ import torch
 from promptscope.errors import PromptscopeError
 
 KIND = "steering_vector"
-MODES = ("add", "icv")
+MODES = ("add", "icv", "set")
 
 
 # ---------------------------------------------------------------------- the value
@@ -44,8 +50,10 @@ class SteeringVector:
     Attributes:
         vectors: layer -> float32 tensor ``[hidden_size]`` (on the CPU).
         hidden_size: the model's hidden size (vectors of another size are refused).
-        mode: ``"add"`` (``h + s * v``) or ``"icv"`` (norm-preserving shift, ICV paper).
-        method: how it was made: ``"caa"``, ``"icv"``, ``"custom"`` or ``"combined"``.
+        mode: ``"add"`` (``h + s * v``), ``"icv"`` (norm-preserving shift, ICV paper) or
+            ``"set"`` (the coordinate along ``v`` set to ``s``: a knob).
+        method: how it was made: ``"caa"``, ``"icv"``, ``"knob"``, ``"custom"`` or
+            ``"combined"``.
         model: the name of the model it was computed on.
         meta: JSON-friendly facts (number of pairs, positions, explained variance...).
         name: its name in the store ("" until saved or named).
@@ -65,7 +73,7 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise PromptscopeError(f"Vector mode must be 'add' or 'icv', not {self.mode!r}.")
+            raise PromptscopeError(f"Vector mode must be one of {MODES}, not {self.mode!r}.")
         if not self.vectors:
             raise PromptscopeError("A steering vector needs at least one layer.")
         clean = {}
@@ -244,7 +252,7 @@ class VectorSteering:
     vector: SteeringVector
     strength: float = 1.0
     layers: list[int] = field(default_factory=list)
-    start: int = 0
+    start: int | str = 0
     enabled: bool = True
     spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict,
                                                     repr=False)  # PASTA's; unused here
@@ -277,7 +285,20 @@ class _Hooks:
             self.gate = None
             return
         q = ids.shape[1]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if self.s.start == "last":
+            # A prompt pass (nothing cached) steers its last token (prompts are left-padded);
+            # a later pass (continuation, generation step) steers all its real tokens.
+            fresh = (mask.shape[1] == q if isinstance(mask, torch.Tensor) and mask.dim() == 2
+                     else kwargs.get("past_key_values") is None
+                     or not kwargs["past_key_values"].get_seq_length())
+            gate = torch.zeros(ids.shape[0], q, dtype=torch.bool, device=ids.device)
+            if fresh:
+                gate[:, -1] = True
+            else:
+                gate[:] = True
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                gate &= mask.bool()[:, -q:]
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
             # The 2-D mask covers cached keys + this call's tokens: its tail is this call.
             real = mask.bool()
             pos = real.long().cumsum(-1) - 1
@@ -312,6 +333,10 @@ class _Hooks:
         gate = self.gate
         if self.s.vector.mode == "add":
             delta = s * v
+            return h + (delta if gate is None else gate.to(h.dtype) * delta)
+        if self.s.vector.mode == "set":
+            u = torch.nn.functional.normalize(v.float(), dim=-1)
+            delta = ((s - h.float() @ u)[..., None] * u).to(h.dtype)
             return h + (delta if gate is None else gate.to(h.dtype) * delta)
         # ICV: shift the unit latent along v, then give it back its own norm.
         norm = h.float().norm(dim=-1, keepdim=True)
@@ -350,7 +375,7 @@ def resolve_vector(vector: Any, store: Any = None) -> SteeringVector:
 
 def make_vector_steering(model: Any, vector: Any, strength: float = 1.0,
                          layers: Sequence[int] | int | str | None = None,
-                         start: int = 0) -> VectorSteering:
+                         start: int | str = 0) -> VectorSteering:
     """Check a vector against ``model`` (an HFModel) and build the steering."""
     model.require("hidden_states", "Vector steering")
     vec = resolve_vector(vector)
@@ -373,15 +398,16 @@ def make_vector_steering(model: Any, vector: Any, strength: float = 1.0,
                                f"layers {vec.layers}.")
     if not math.isfinite(strength):
         raise PromptscopeError(f"strength must be a finite number, not {strength}.")
-    if start < 0:
-        raise PromptscopeError("start must be >= 0 (a token position from the prompt's start).")
-    return VectorSteering(vec, float(strength), chosen, int(start))
+    if start != "last" and (not isinstance(start, int) or start < 0):
+        raise PromptscopeError("start must be a token position >= 0 (from the prompt's start) "
+                               f"or 'last' (the last prompt token on), not {start!r}.")
+    return VectorSteering(vec, float(strength), chosen, start)
 
 
 @contextlib.contextmanager
 def apply_vector(model: Any, vector: Any, strength: float = 1.0,
                  layers: Sequence[int] | int | str | None = None,
-                 start: int = 0) -> Iterator[VectorSteering]:
+                 start: int | str = 0) -> Iterator[VectorSteering]:
     """Add ``strength x vector`` to ``model``'s residual stream inside the block.
 
     Prefer ``promptscope.steer(model, method="vector", ...)``, which also refuses nesting.

@@ -37,7 +37,10 @@ def figure(result: Any) -> Any:
                                      mode="lines+markers", name=label, legendgroup=label,
                                      showlegend=False, line={"color": color, "dash": "dot"},
                                      hovertext=hover, hoverinfo="text"), row=1, col=2)
-    fig.update_xaxes(type="log", title_text="strength (PASTA: 1/alpha)", row=1, col=1)
+    # a knob's values may be zero or negative: then the strength axis stays linear
+    log = bool((df["strength"] > 0).all())
+    fig.update_xaxes(type="log" if log else "linear", row=1, col=1,
+                     title_text="strength (PASTA: 1/alpha; a knob: its value)")
     fig.update_yaxes(title_text="accuracy gain over unsteered", row=1, col=1)
     if cost_col:
         fig.update_xaxes(title_text=cost_title, row=1, col=2)

@@ -1,0 +1,210 @@
+"""The context-sensitivity knob: one direction in one layer that decides context vs prior.
+
+After "Controllable Context Sensitivity and the Knob Behind It" (Minder et al.): the same
+context-vs-prior questions are asked with two intents ("use the context" / "use what you
+know"); the residual stream at the last prompt token is read at every layer, and the unit
+difference of the two intents' means is that layer's candidate knob. The check is causal: the
+coordinate of the latent along the direction is *set* to a value (``h + (value - h.u) u``, the
+vector mode ``"set"``) at one layer, at the last prompt token, and the share of answers that
+follow the context and the prior is measured as the value is swept. Where one layer's sweep
+moves the answers from prior to context, the knob lives there.
+
+* :func:`find_knob` -> a :class:`~promptscope.models.vectors.SteeringVector` (mode ``"set"``)
+  whose ``meta`` holds each intent's mean and spread along the direction, per layer;
+* :func:`knob_sweep` -> a Result (kind ``knob_sweep``) with one row per (layer, value); its
+  figure plots context- and prior-following against the knob's value, one panel per layer.
+
+The knob is a steering value like any other: ``promptscope.steer(model, method="vector",
+vector=knob, strength=value, layers=[2], start="last")``, saved with ``knob.save()``, and usable
+in :func:`promptscope.compare_steering`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from promptscope.analyses._recorder import Recorder
+from promptscope.errors import PromptscopeError
+from promptscope.models import resolve_model
+from promptscope.models.base import Model
+from promptscope.result import Result
+from promptscope.store import Store
+from promptscope.templates import Template
+
+KIND = "knob_sweep"
+
+
+def find_knob(
+    positive: Any,
+    negative: Any,
+    model: Model | str | None = None,
+    *,
+    layers: Sequence[int] | int | str | None = None,
+    name: str = "",
+) -> Any:
+    """The candidate knob at each layer: the unit direction from ``negative`` to ``positive``.
+
+    Args:
+        positive, negative: the two intents' prompts (e.g. the questions with "Use the
+            context." and the same questions with "Use what you know."): lists of strings,
+            DataFrames with a ``prompt`` column, or ``%%prompt`` Results. Read at the last
+            prompt token.
+        model: a loaded white-box model (default: the last loaded).
+        layers: layers to look at (default: all).
+        name: the knob's name (``save()`` uses it).
+
+    Returns:
+        A :class:`~promptscope.models.vectors.SteeringVector` with ``mode="set"`` and
+        ``method="knob"``: unit directions per layer; ``meta["layers"][layer]`` gives
+        ``positive``/``negative`` (mean coordinate of each intent along the direction),
+        ``spread`` (their pooled standard deviation) and ``separation`` (the gap in units of
+        ``spread``; the paper finds models that separate the intents well follow them well).
+
+    Example:
+        >>> knob = promptscope.find_knob(context_prompts, prior_prompts, model)  # doctest: +SKIP
+        >>> with promptscope.steer(model, vector=knob, strength=30, layers=[2], start="last"):
+        ...     model.score([question], [" red"])                                # doctest: +SKIP
+    """
+    import torch
+
+    from promptscope.analyses.steering_vectors import _prompts
+    from promptscope.models.vectors import SteeringVector, check_layers, collect_states, hidden_size
+
+    mdl = resolve_model(model)
+    mdl.require("hidden_states", "Finding a knob")
+    pos, neg = _prompts(positive), _prompts(negative)
+    if len(pos) < 2 or len(neg) < 2:
+        raise PromptscopeError(f"A knob needs at least two prompts per intent (got {len(pos)} "
+                               f"and {len(neg)}).")
+    n_layers = int(mdl.model.config.num_hidden_layers)  # type: ignore[attr-defined]
+    chosen = check_layers(layers, n_layers) or list(range(n_layers))
+    hp = collect_states(mdl, pos, chosen, "last")
+    hn = collect_states(mdl, neg, chosen, "last")
+    vectors, facts = {}, {}
+    for j, layer in enumerate(chosen):
+        u = torch.nn.functional.normalize(hp[:, j].mean(0) - hn[:, j].mean(0), dim=0)
+        cp, cn = hp[:, j] @ u, hn[:, j] @ u
+        spread = float(((cp.var() + cn.var()) / 2).sqrt())
+        gap = float(cp.mean() - cn.mean())
+        vectors[layer] = u
+        facts[str(layer)] = {"positive": float(cp.mean()), "negative": float(cn.mean()),
+                             "spread": spread, "separation": gap / max(spread, 1e-9)}
+    return SteeringVector(vectors, hidden_size(mdl.model), "set", "knob",  # type: ignore[attr-defined]
+                          mdl.name, {"n_positive": len(pos), "n_negative": len(neg),
+                                     "position": "last", "layers": facts}, name)
+
+
+def knob_values(knob: Any, layer: int, n: int = 9, margin: float = 1.0) -> list[float]:
+    """``n`` knob values around the two intents' means at ``layer``: from the negative mean to
+    the positive one, widened by ``margin`` times their gap on each side."""
+    facts = _layer_facts(knob, layer)
+    lo, hi = sorted((facts["negative"], facts["positive"]))
+    pad = margin * (hi - lo)
+    return [lo - pad + (hi - lo + 2 * pad) * i / (n - 1) for i in range(n)]
+
+
+def _layer_facts(knob: Any, layer: int) -> dict[str, float]:
+    facts = knob.meta.get("layers", {}).get(str(layer))
+    if facts is None:
+        raise PromptscopeError(f"The knob has no measurements for layer {layer}; make it with "
+                               "promptscope.find_knob (it has layers "
+                               f"{sorted(knob.meta.get('layers', {}))}).")
+    return facts
+
+
+def knob_sweep(
+    template: str | Template,
+    data: Any,
+    knob: Any,
+    model: Model | str | None = None,
+    *,
+    values: Sequence[float] | Mapping[int, Sequence[float]] | None = None,
+    layers: Sequence[int] | None = None,
+    answers: Mapping[str, str] | None = None,
+    choices: str | Sequence[str] | None = "choices",
+    start: int | str = "last",
+    name: str = "",
+    save: bool = True,
+    store: Store | None = None,
+    progress: bool = True,
+) -> Result:
+    """Set the knob to each value at each layer; measure which source the answers follow.
+
+    Args:
+        template: the questions' template (uninstructed, or with either instruction).
+        data: rows with the template's variables, the candidates (``choices``) and one column
+            per source in ``answers``.
+        knob: from :func:`find_knob` (or its saved name).
+        model: a loaded white-box model (default: the last loaded).
+        values: knob values for every layer, or ``{layer: values}`` (default: 9 values around
+            the two intents' means at that layer, :func:`knob_values`).
+        layers: layers to sweep (default: every layer of the knob), one at a time.
+        answers: source -> column of the answer that follows it (default ``{"context":
+            "answer", "prior": "prior"}``).
+        choices: each row's candidates: a column name or one list for all rows.
+        start: where the value is set (``"last"``: the last prompt token, as the knob is read).
+
+    Returns:
+        A Result of kind ``knob_sweep``: one row per (layer, value) with the share of answers
+        that follow each source (``context``, ``prior``, ...) and the unsteered shares in
+        ``params["baseline"]``. ``figure()`` draws one panel per layer.
+
+    Example:
+        >>> sweep = promptscope.knob_sweep(STEERING_TEMPLATE, rows, knob)   # doctest: +SKIP
+        >>> sweep.figure(); sweep.summary()                                   # doctest: +SKIP
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from promptscope.analyses.compare_steering import _Task
+    from promptscope.models.steering import steer
+    from promptscope.models.vectors import resolve_vector
+
+    mdl = resolve_model(model)
+    mdl.require("hidden_states", "A knob sweep")
+    knob = resolve_vector(knob)
+    if knob.mode != "set":
+        raise PromptscopeError("knob_sweep needs a knob (mode 'set', from promptscope.find_knob),"
+                               f" not a '{knob.mode}' vector; sweep that with compare_steering.")
+    answers = dict(answers or {"context": "answer", "prior": "prior"})
+    first = next(iter(answers.values()))
+    task = _Task(template, data, first, choices)
+    rows = data.to_dict("records") if hasattr(data, "to_dict") else list(data)
+    for source, col in answers.items():
+        if any(col not in r for r in rows):
+            raise PromptscopeError(f"Every row needs a '{col}' column (the answer that follows "
+                                   f"the {source}).")
+    gold = {source: [r[col] for r in rows] for source, col in answers.items()}
+    layers = list(layers if layers is not None else knob.layers)
+    grid = {layer: list(values.get(layer, ()) if isinstance(values, Mapping)
+                        else values if values is not None else knob_values(knob, layer))
+            for layer in layers}
+    for layer in layers:
+        _layer_facts(knob, layer)
+        if not grid[layer]:
+            raise PromptscopeError(f"No knob values to sweep at layer {layer}.")
+
+    def shares() -> dict[str, float]:
+        picked = task.predict(mdl)
+        return {s: sum(p == a for p, a in zip(picked, g)) / len(g) for s, g in gold.items()}
+
+    base = shares()
+    params = {"template": task.tpl.source, "n_rows": len(rows), "baseline": base,
+              "answers": answers, "start": start, "knob": knob.describe(),
+              "layers": {str(k): _layer_facts(knob, k) for k in layers}}
+    bar = tqdm(total=sum(len(v) for v in grid.values()), disable=not progress,
+               desc="knob sweep", unit="setting", leave=False)
+    with Recorder(KIND, name=name, model=mdl, params=params, source=task.tpl.source, save=save,
+                  store=store) as rec:
+        try:
+            for layer in layers:
+                for value in grid[layer]:
+                    with steer(mdl, method="vector", vector=knob, strength=float(value),
+                               layers=[layer], start=start):
+                        got = shares()
+                    rec.add(pd.DataFrame([{"layer": layer, "value": float(value), **got}]))
+                    bar.update(1)
+        finally:
+            bar.close()
+    return rec.result()

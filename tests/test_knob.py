@@ -1,0 +1,133 @@
+"""The context-sensitivity knob: a "set" direction, read and written at the last prompt token."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import promptscope
+from promptscope.errors import PromptscopeError
+from promptscope.models.vectors import SteeringVector, _Hooks, collect_states
+
+CONTEXT = [f"Context: {n} is red.\nQuestion: What color is {n}?\nUse the context.\nAnswer:"
+           for n in ("Ann", "Bob", "Cid", "Dan")]
+PRIOR = [p.replace("Use the context.", "Use what you know.") for p in CONTEXT]
+LAYER = 1
+
+
+def _unit(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = model.model.config.hidden_size
+    return SteeringVector({LAYER: torch.randn(size, generator=g)}, size, mode="set")
+
+
+def test_set_mode_sets_the_coordinate_at_the_last_token_only(tiny_llama):
+    knob = _unit(tiny_llama)
+    u = torch.nn.functional.normalize(knob.vectors[LAYER], dim=0)
+    n = len(tiny_llama.encode_prompt(CONTEXT[0]))
+    plain = collect_states(tiny_llama, CONTEXT[:2], [LAYER], position="mean")
+    firsts = [collect_states(tiny_llama, CONTEXT[:2], [LAYER], position=i) for i in range(n - 1)]
+    with promptscope.steer(tiny_llama, vector=knob, strength=7.5, start="last"):
+        last = collect_states(tiny_llama, CONTEXT[:2], [LAYER], position="last")
+        early = [collect_states(tiny_llama, CONTEXT[:2], [LAYER], position=i)
+                 for i in range(n - 1)]
+        everything = collect_states(tiny_llama, CONTEXT[:2], [LAYER], position="mean")
+    assert torch.allclose(last[:, 0] @ u, torch.full((2,), 7.5), atol=1e-4)
+    for got, ref in zip(early, firsts):
+        assert torch.equal(got, ref)  # earlier tokens untouched
+    assert not torch.allclose(everything, plain)
+
+
+def test_set_mode_on_every_token_and_zero_change_at_own_value(tiny_llama):
+    knob = _unit(tiny_llama, seed=1)
+    u = torch.nn.functional.normalize(knob.vectors[LAYER], dim=0)
+    with promptscope.steer(tiny_llama, vector=knob, strength=-3.0):
+        for i in range(4):
+            h = collect_states(tiny_llama, CONTEXT[:1], [LAYER], position=i)[0, 0]
+            assert abs(float(h @ u) + 3.0) < 1e-4
+    own = float(collect_states(tiny_llama, CONTEXT[:1], [LAYER])[0, 0] @ u)
+    base = tiny_llama.score(CONTEXT[:1], [" red"])[0].logprob
+    with promptscope.steer(tiny_llama, vector=knob, strength=own, start="last"):
+        same = tiny_llama.score(CONTEXT[:1], [" red"])[0].logprob
+    assert abs(same - base) < 1e-4  # setting the coordinate to its own value changes nothing
+
+
+def test_last_gate_prompt_pass_and_continuation_pass():
+    from promptscope.models.vectors import VectorSteering
+
+    hooks = _Hooks(VectorSteering(SteeringVector({0: torch.ones(4)}, 4, mode="set"),
+                                  start="last"))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    hooks.pre(None, (), {"input_ids": ids, "attention_mask": mask})
+    assert hooks.gate[..., 0].tolist() == [[False] * 4 + [True]] * 2
+    cont = torch.zeros(2, 3, dtype=torch.long)  # after a cached 5-token prompt, right-padded
+    mask2 = torch.cat([mask, torch.tensor([[1, 1, 0], [1, 1, 1]])], dim=1)
+    hooks.pre(None, (), {"input_ids": cont, "attention_mask": mask2})
+    assert hooks.gate[..., 0].tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_find_knob_directions_and_intent_coordinates(tiny_llama):
+    knob = promptscope.find_knob(CONTEXT, PRIOR, tiny_llama, name="ctx knob")
+    assert knob.mode == "set" and knob.method == "knob"
+    layers = tiny_llama.model.config.num_hidden_layers
+    assert knob.layers == list(range(layers))
+    hc = collect_states(tiny_llama, CONTEXT, knob.layers)
+    hp = collect_states(tiny_llama, PRIOR, knob.layers)
+    for j, layer in enumerate(knob.layers):
+        u = knob.vectors[layer]
+        assert abs(float(u.norm()) - 1) < 1e-5
+        diff = hc[:, j].mean(0) - hp[:, j].mean(0)
+        assert torch.allclose(u, diff / diff.norm(), atol=1e-5)
+        facts = knob.meta["layers"][str(layer)]
+        assert facts["positive"] == pytest.approx(float((hc[:, j] @ u).mean()), abs=1e-4)
+        assert facts["positive"] > facts["negative"]
+    with pytest.raises(PromptscopeError, match="at least two"):
+        promptscope.find_knob(CONTEXT[:1], PRIOR, tiny_llama)
+
+
+def test_knob_sweep_rows_equal_direct_steering(tiny_llama):
+    rows = pd.DataFrame({"name": ["Ann", "Bob", "Cid"], "answer": [" red"] * 3,
+                         "prior": [" blue"] * 3})
+    template = "Context: {name} is red.\nQuestion: What color is {name}?\nAnswer:"
+    knob = promptscope.find_knob(CONTEXT, PRIOR, tiny_llama)
+    sweep = promptscope.knob_sweep(template, rows, knob, tiny_llama, values=[-50.0, 50.0],
+                                   layers=[0, LAYER], choices=[" red", " blue", " green"],
+                                   save=False, progress=False)
+    assert sweep.kind == "knob_sweep"
+    assert list(zip(sweep.df.layer, sweep.df.value)) == [(0, -50.0), (0, 50.0), (LAYER, -50.0),
+                                                          (LAYER, 50.0)]
+    prompts = [template.format(name=n) for n in rows.name]
+    for r in sweep.df.itertuples():
+        with promptscope.steer(tiny_llama, vector=knob, strength=r.value, layers=[r.layer],
+                               start="last"):
+            scores = tiny_llama.score([p for p in prompts for _ in range(3)],
+                                      [" red", " blue", " green"] * 3)
+        cands = [" red", " blue", " green"]
+        picks = [cands[max(range(3), key=lambda k, i=i: scores[3 * i + k].logprob)]
+                 for i in range(3)]
+        assert r.context == pytest.approx(sum(p == " red" for p in picks) / 3)
+        assert r.prior == pytest.approx(sum(p == " blue" for p in picks) / 3)
+    assert set(sweep.params["baseline"]) == {"context", "prior"}
+    fig = sweep.figure()
+    assert len(fig.data) == 4  # two sources x two layer panels
+    assert set(sweep.summary().layer) == {0, LAYER}
+
+
+def test_knob_sweep_errors(tiny_llama):
+    rows = pd.DataFrame({"name": ["Ann"], "answer": [" red"]})
+    knob = promptscope.find_knob(CONTEXT, PRIOR, tiny_llama, layers=[LAYER])
+    add = SteeringVector({LAYER: torch.ones(tiny_llama.model.config.hidden_size)},
+                         tiny_llama.model.config.hidden_size)
+    with pytest.raises(PromptscopeError, match="needs a knob"):
+        promptscope.knob_sweep("{name}", rows, add, tiny_llama, save=False, progress=False)
+    with pytest.raises(PromptscopeError, match="'prior' column"):
+        promptscope.knob_sweep("{name}", rows, knob, tiny_llama, choices=[" red"], save=False,
+                               progress=False)
+    with pytest.raises(PromptscopeError, match="no measurements for layer 0"):
+        promptscope.knob_sweep("{name}", rows.assign(prior=" blue"), knob, tiny_llama, layers=[0],
+                               choices=[" red"], save=False, progress=False)
+    with pytest.raises(PromptscopeError, match="'last'"):
+        with promptscope.steer(tiny_llama, vector=knob, start="first"):
+            pass
