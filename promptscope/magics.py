@@ -83,6 +83,9 @@ def _prompt_parser() -> _Parser:
                    "model names the key sentence inside <<...>> (or the prompt) to steer")
     p.add_argument("--compare", action="store_true", help="with --steer: run each variant "
                    "unsteered and steered")
+    p.add_argument("--spread", metavar="LABEL", help="with --choices and --vars: FormatSpread "
+                   "over the template's own {{a|b}} alternatives, against the LABEL column "
+                   "(the cell then shows the spread; -o gets it)")
     p.add_argument("--name", default="", help="session name")
     p.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
     p.add_argument("--no-save", action="store_true", help="do not save a session")
@@ -229,6 +232,10 @@ class PromptscopeMagics(Magics):
             raise UsageError("--attr-method and --attr-level go with --attribute.")
         if args.attribute and args.attention:
             raise UsageError("Use --attribute or --attention, not both.")
+        if args.spread and (args.attribute or args.attention or not args.choices
+                            or not args.vars):
+            raise UsageError("--spread LABEL needs --choices and --vars (rows with a LABEL "
+                             "column), and goes without --attribute/--attention.")
 
         def run() -> Any:
             if args.attribute:
@@ -249,11 +256,16 @@ class PromptscopeMagics(Magics):
                                  save=not args.no_save,
                                  steer={k: v for k, v in (steer or {}).items()
                                         if k not in ("compare", "auto")} or None)
-            return run_prompt(
+            result = run_prompt(
                 cell.rstrip("\n"), args.model, vars=rows, namespace=ns, choices=args.choices,
                 target=args.target, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, n=args.n, seed=args.seed,
                 chat=args.chat, name=args.name, save=not args.no_save, steer=steer)
+            if args.spread:
+                from promptscope.analyses.sensitivity import alternatives_spread
+
+                return alternatives_spread(result, args.spread, save=not args.no_save)
+            return result
 
         return _run_into(ns, args.out, run)
 

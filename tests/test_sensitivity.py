@@ -375,6 +375,37 @@ def test_spread_magic(ip, tiny_llama_dir):
         ip.run_line_magic("promptscope", "spread cities --budget lots")
 
 
+def test_prompt_magic_spread_over_alternatives(ip, tiny_llama_dir):
+    """%%prompt --spread: each combination of the template's alternatives is a format; its
+    accuracy is recomputed here from a plain run of the same cell."""
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as alt-spread-llama")
+    ip.user_ns["cities"] = pd.DataFrame({"city": ["Paris", "Rome", "Tokyo", "Lima", "Oslo"],
+                                         "label": ["yes", "yes", "no", "no", "yes"]})
+    cell = "{{q=Is|Q: is}} {city} big?{{sep=\n| }}Answer:"
+    spread = ip.run_cell_magic("prompt", "--vars cities --choices ' yes| no' --spread label "
+                               "-o sp --no-save", cell)
+    assert ip.user_ns["sp"] is spread and spread.kind == "format_spread"
+    table = spread.tables["formats"]
+    assert len(table) == 4 and set(table["evaluations"]) == {5}
+    plain = ip.run_cell_magic("prompt", "--vars cities --choices ' yes| no' --no-save", cell)
+    picked = plain.df[plain.df.chosen]
+    for r in table.itertuples():
+        part = picked[(picked.q == r.q) & (picked.sep == r.sep)]
+        assert r.accuracy == pytest.approx((part.choice.str.strip() == part.label).mean())
+    lo, hi = spread.params["interval"]
+    assert (lo, hi) == (table.accuracy.min(), table.accuracy.max())
+    assert set(spread.tables["features"]["feature"]) == {"q", "sep"}
+    assert "spread" in spread.figure().layout.title.text
+    with pytest.raises(UsageError, match="needs --choices and --vars"):
+        ip.run_cell_magic("prompt", "--vars cities --spread label", cell)
+    with pytest.raises(UsageError, match="no 'gold' column"):
+        ip.run_cell_magic("prompt", "--vars cities --choices ' yes| no' --spread gold "
+                          "--no-save", cell)
+    with pytest.raises(UsageError, match="no \\{\\{a\\|b\\}\\} alternatives"):
+        ip.run_cell_magic("prompt", "--vars cities --choices ' yes| no' --spread label "
+                          "--no-save", "Is {city} big? Answer:")
+
+
 def test_spread_widget_runs_and_redraws():
     from promptscope.widgets import SpreadWidget
 

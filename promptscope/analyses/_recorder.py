@@ -23,7 +23,8 @@ class Recorder:
                  store: Store | None = None) -> None:
         self.kind = kind
         self.name = name
-        self.model_info = model.describe() if model is not None else {}
+        # a loaded model, or the description of the one a saved result came from
+        self.model_info = model.describe() if hasattr(model, "describe") else dict(model or {})
         self.params = dict(params or {})
         self.source = source
         self.store = (store or Store.default()) if save else None

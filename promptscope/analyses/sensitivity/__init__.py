@@ -16,7 +16,7 @@ from promptscope.analyses.sensitivity.formats import (
 )
 from promptscope.analyses.sensitivity.posix import posix, posix_index
 from promptscope.analyses.sensitivity.selection import select_prompt
-from promptscope.analyses.sensitivity.spread import format_spread
+from promptscope.analyses.sensitivity.spread import alternatives_spread, format_spread
 
-__all__ = ["format_spread", "posix", "posix_index", "select_prompt", "FormatGrammar",
-           "PromptFormat", "sample_formats"]
+__all__ = ["format_spread", "alternatives_spread", "posix", "posix_index", "select_prompt",
+           "FormatGrammar", "PromptFormat", "sample_formats"]

@@ -307,7 +307,8 @@ def format_table(formats: Sequence[PromptFormat], successes: Any, trials: Any,
     ])
 
 
-def feature_effects(table: Any) -> tuple[Any, dict[str, Any]]:
+def feature_effects(table: Any, features: Sequence[str] = FEATURES
+                    ) -> tuple[Any, dict[str, Any]]:
     """Which atomic change matters: accuracy by feature value, and between formats that differ
     in that feature only.
 
@@ -321,7 +322,7 @@ def feature_effects(table: Any) -> tuple[Any, dict[str, Any]]:
     seen = table[table["evaluations"] > 0]
     overall = float(seen["accuracy"].mean()) if len(seen) else math.nan
     rows = []
-    for feat in FEATURES:
+    for feat in features:
         for value, part in seen.groupby(feat, sort=False):
             rows.append({"feature": feat, "value": value, "n_formats": len(part),
                          "accuracy": float(part["accuracy"].mean()),
@@ -329,15 +330,81 @@ def feature_effects(table: Any) -> tuple[Any, dict[str, Any]]:
     effects = pd.DataFrame(rows, columns=["feature", "value", "n_formats", "accuracy", "effect"])
     atomic: dict[str, Any] = {}
     recs = seen.to_dict("records")
-    for feat in FEATURES:
+    for feat in features:
         deltas = [abs(a["accuracy"] - b["accuracy"]) for a, b in itertools.combinations(recs, 2)
-                  if a[feat] != b[feat] and all(a[g] == b[g] for g in FEATURES if g != feat)]
+                  if a[feat] != b[feat] and all(a[g] == b[g] for g in features if g != feat)]
         span = effects[effects["feature"] == feat]["accuracy"]
         atomic[feat] = {"pairs": len(deltas),
                         "mean_abs_change": float(sum(deltas) / len(deltas)) if deltas else None,
                         "range_of_value_means": float(span.max() - span.min())
                         if len(span) > 1 else 0.0}
     return effects, atomic
+
+
+def alternatives_spread(run: Result, label: str, *, name: str = "", save: bool = True,
+                        store: Store | None = None) -> Result:
+    """FormatSpread over a ``%%prompt`` run's own alternatives (``%%prompt --spread LABEL``).
+
+    Each combination of the template's ``{{a|b}}`` groups is one "format"; its accuracy is the
+    share of the run's rows whose chosen answer equals the row's ``label`` column (compared
+    without surrounding spaces). The result has the kind and tables of :func:`format_spread`
+    (exhaustive: every combination on every row), so the same figure, summary and feature
+    effects (one "feature" per alternatives group) apply.
+
+    Example:
+        >>> run = promptscope.run_prompt("{{Q|Question}}: is {x} big?{{sep=\n|  }}Answer:",
+        ...                              vars=df, choices=[" yes", " no"])  # doctest: +SKIP
+        >>> alternatives_spread(run, "label").figure()                      # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from promptscope.analyses.sensitivity.bandit import wilson_interval
+    from promptscope.templates import parse_template
+
+    df = run.df
+    if "chosen" not in df.columns:
+        raise PromptscopeError("A spread needs answers to compare with the labels: run the cell "
+                               "with --choices.")
+    if label not in df.columns:
+        raise PromptscopeError(f"--spread {label}: the rows have no '{label}' column; give the "
+                               f"label column of --vars (columns: {', '.join(df.columns[:12])}).")
+    groups = [g.name for g in parse_template(run.source).groups]
+    if not groups:
+        raise PromptscopeError("The template has no {{a|b}} alternatives, so there is nothing "
+                               "to spread over; write the formats to compare as alternatives.")
+    chosen = df[df["chosen"]].copy()
+    chosen["correct"] = [str(c).strip() == str(g).strip()
+                         for c, g in zip(chosen["choice"], chosen[label])]
+    combos = chosen.groupby(groups, sort=False)["correct"].agg(["sum", "count"]).reset_index()
+    lo, hi = wilson_interval(combos["sum"], combos["count"])
+    table = pd.DataFrame({
+        "format": range(len(combos)),
+        "key": [" · ".join(f"{g}={r[g]!r}" for g in groups) for _, r in combos.iterrows()],
+        **{g: combos[g] for g in groups},
+        "evaluations": combos["count"].astype(int), "correct": combos["sum"].astype(int),
+        "accuracy": combos["sum"] / combos["count"], "ci_low": lo, "ci_high": hi})
+    table["pattern"] = table["key"]
+    best, worst = int(table["accuracy"].idxmax()), int(table["accuracy"].idxmin())
+    table["best"], table["worst"] = table.index == best, table.index == worst
+    fmt_of = {tuple(r[g] for g in groups): k for k, r in combos.iterrows()}
+    rows = chosen.assign(format=[fmt_of[tuple(r[g] for g in groups)]
+                                 for _, r in chosen.iterrows()])
+    effects, atomic = feature_effects(table, groups)
+    n = int(table["evaluations"].sum())
+    params = {"source": "template alternatives", "label": label, "groups": groups,
+              "run_session": run.session_id, "n_formats": len(table), "evaluations": n,
+              "exhaustive_evaluations": n, "fraction_of_exhaustive": 1.0,
+              "interval": [float(table.loc[worst, "accuracy"]), float(table.loc[best, "accuracy"])],
+              "spread": float(table.loc[best, "accuracy"] - table.loc[worst, "accuracy"]),
+              "best": {"format": best, "pattern": table.loc[best, "pattern"]},
+              "worst": {"format": worst, "pattern": table.loc[worst, "pattern"]},
+              "atomic": atomic}
+    with Recorder(KIND, name=name or f"spread of {run.name or 'run'}", model=run.model,
+                  params=params, source=run.source, save=save, store=store) as rec:
+        rec.add(rows.reset_index(drop=True))
+        rec.add(table, "formats")
+        rec.add(effects, "features")
+    return rec.result()
 
 
 def formats_of(result: Result) -> list[PromptFormat]:
