@@ -518,3 +518,32 @@ def test_steering_lab_reruns_on_its_controls(tiny_llama):
     assert got == pytest.approx([s.logprob for s in expected], abs=1e-5)
     assert "CAA" in lab.status.value
     _no_hooks_left(tiny_llama)
+
+
+def test_steering_lab_marks_the_current_setting_on_the_comparison_curve(tiny_llama):
+    from promptscope.widgets import SteeringLab
+
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": "Ann", "city": "Rome", "answer": " Rome"},
+            {"name": "Eve", "city": "Lima", "answer": " Lima"}]
+    v = _vector(tiny_llama, layers=(1,), scale=0.5)
+    cmp = promptscope.compare_steering(
+        template, rows, tiny_llama, choices=[" Rome", " Oslo", " Lima"],
+        methods={"PASTA": {"heads": "all", "alpha": [0.1, 0.01]},
+                 "CAA": {"vector": v, "strength": [1.0, 4.0]}},
+        text=["the cat sat on the mat"], save=False, progress=False)
+    lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
+                      vectors={"CAA": v}, comparison=cmp)
+
+    def star():
+        return [t for t in lab.curve.figure.data if t.name == "current setting"][0]
+
+    pasta = cmp.df[cmp.df.method == "PASTA"].set_index("value")
+    assert star().x[0] == pytest.approx(100.0)  # alpha 0.01 -> strength 1/alpha
+    assert star().y[0] == pytest.approx(pasta.loc[0.01, "d_accuracy"])
+    lab.method.value = "CAA"
+    lab.strength.value = 2.0  # halfway between 1 and 4 on the log axis
+    caa = cmp.df[cmp.df.method == "CAA"].set_index("value")
+    assert star().y[0] == pytest.approx(caa["d_accuracy"].mean())
+    assert len([t for t in lab.curve.figure.data if t.marker.symbol == "star"]) == 2
+    _no_hooks_left(tiny_llama)

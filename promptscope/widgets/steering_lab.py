@@ -23,7 +23,9 @@ class SteeringLab(w.VBox):
         choices: the answers to compare (``" yes| no"`` or a list).
         vars: rows for the template's variables.
         vectors: name -> SteeringVector offered besides PASTA.
-        comparison: a ``compare_steering`` Result whose accuracy/side-effect curve is shown.
+        comparison: a ``compare_steering`` Result whose accuracy/side-effect curve is shown;
+            a star marks where the current setting falls on the curve of the method with the
+            same label (read off the measured points, interpolated between them).
         heads: PASTA's heads.
 
     Example:
@@ -48,7 +50,8 @@ class SteeringLab(w.VBox):
                                        rows=min(n_layers, 6))
         self.status = w.HTML()
         self.answers = FigureBox()
-        self.curve = FigureBox(comparison.figure() if comparison is not None else None)
+        self.comparison = comparison
+        self.curve = FigureBox()
         for control in (self.method, self.alpha, self.strength, self.layers):
             control.observe(self.update, names="value")
         self._sync_controls()
@@ -75,6 +78,42 @@ class SteeringLab(w.VBox):
         return {"method": "vector", "vector": self.vectors[self.method.value],
                 "strength": self.strength.value, "layers": list(self.layers.value) or None}
 
+    def current_strength(self) -> float:
+        """The current setting on the comparison's strength axis (PASTA: 1/alpha)."""
+        if self.method.value == "PASTA":
+            return 1.0 / self.alpha.value
+        return float(self.strength.value)
+
+    def curve_figure(self) -> Any:
+        """The comparison's figure with a star at the current setting of the current method."""
+        import numpy as np
+        import plotly.graph_objects as go
+
+        fig = self.comparison.figure()
+        part = self.comparison.df[self.comparison.df["method"] == self.method.value]
+        part = part.sort_values("strength")
+        if part.empty:
+            return fig
+        x = self.current_strength()
+        log = bool((part["strength"] > 0).all()) and x > 0
+        xs = np.log(part["strength"]) if log else part["strength"]
+        at = float(np.log(x)) if log else x
+
+        def read(col: str) -> float:
+            return float(np.interp(at, xs, part[col]))
+
+        gain = read("d_accuracy")
+        star = {"symbol": "star", "size": 16, "color": "black"}
+        fig.add_trace(go.Scatter(x=[x], y=[gain], mode="markers", marker=star,
+                                 name="current setting", hovertext=[
+                                     f"{self.method.value} at {x:g}: gain {gain:+.3f} "
+                                     "(read off the curve)"], hoverinfo="text"), row=1, col=1)
+        cost = next((c for c in ("d_text", "d_control") if c in part), None)
+        if cost is not None:
+            fig.add_trace(go.Scatter(x=[-read(cost)], y=[gain], mode="markers", marker=star,
+                                     showlegend=False, hoverinfo="skip"), row=1, col=2)
+        return fig
+
     def update(self, change: Any = None) -> None:
         """Re-run plain and steered on the current settings and redraw the answers."""
         import promptscope
@@ -86,6 +125,8 @@ class SteeringLab(w.VBox):
                                      steer={**self.steering(), "compare": True})
         self.last = run
         self.answers.show(plain_vs_steered(run))
+        if self.comparison is not None:
+            self.curve.show(self.curve_figure())
         acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
         self.status.value = (f"<b>{self.method.value}</b> · answers plain: {acc.get(False)} → "
                              f"steered: {acc.get(True)}")
