@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-        enc = model._encode(prompt, offsets=True)
+        enc = model.encode(prompt, offsets=True)
         start = prompt.index(key)
         inside = [b > a and a < start + len(key) and b > start for a, b in enc["offset_mapping"]]
         down = {"mask": ~torch.tensor(inside, device=model.device)}

@@ -70,7 +70,7 @@ def _register_reference():
 
 def _batch(model, prompts, emphasis):
     """Left-padded ids, mask, positions, and the keys PASTA down-weights."""
-    encs = [model._encode(p, offsets=True) for p in prompts]
+    encs = [model.encode(p, offsets=True) for p in prompts]
     width = max(len(e["input_ids"]) for e in encs)
     ids = torch.full((len(prompts), width), model.tokenizer.pad_token_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -184,7 +184,7 @@ def test_alpha_one_changes_nothing_and_include_mode_upweights(tiny_llama):
 
 def test_token_emphasis_at_span_edges(tiny_llama):
     text = "Ann lives in Rome."
-    enc = tiny_llama._encode(text, offsets=True)
+    enc = tiny_llama.encode(text, offsets=True)
     # A span that cuts a token in half still emphasises that whole token.
     cut = text.index("Rome") + 2
     flags = token_emphasis(enc["offset_mapping"], [(cut, len(text))], text)
@@ -198,7 +198,7 @@ def test_emphasis_in_a_chat_template(tiny_llama):
     chat = tiny_llama.chat_prompt(PROMPTS[0])
     with promptscope.steer(tiny_llama, heads="all", emphasis=EMPHASIS[0]):
         (flags,) = tiny_llama._emphasis_flags([chat])
-    enc = tiny_llama._encode(chat, offsets=True)
+    enc = tiny_llama.encode(chat, offsets=True)
     marked = "".join(chat[a:b] for (a, b), f in zip(enc["offset_mapping"], flags) if f)
     assert marked.strip() == EMPHASIS[0]
 

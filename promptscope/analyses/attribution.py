@@ -37,7 +37,7 @@ from typing import Any
 
 from promptscope.analyses._recorder import Recorder
 from promptscope.analyses.attention import token_parts
-from promptscope.analyses.prompt import RESERVED, _extra_columns, parse_choices
+from promptscope.analyses.prompt import RESERVED, extra_columns, parse_choices
 from promptscope.errors import PromptscopeError, TemplateError
 from promptscope.models import resolve_model
 from promptscope.models.base import Model
@@ -280,7 +280,7 @@ def attribute(
 
     from tqdm.auto import tqdm
 
-    variants = tpl.expand(vars, namespace, carry=_extra_columns(vars, tpl))
+    variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
     head = list(itertools.islice(variants, CHUNK_SIZE))
     for v in head:  # mistakes in the first variants fail before a session exists
         _check_segments(tpl, v)
@@ -383,12 +383,11 @@ def _fill_target(target: str, v: Variant) -> str:
 def _generate(mdl: Any, chunk: list[Variant], chat: bool, steering: Any,
               max_new_tokens: int) -> list[str]:
     """The backend's greedy answers for a chunk (steering spans registered as run_prompt does)."""
-    from promptscope.analyses.prompt import _shift_spans
 
     texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
     if steering is not None:
         for v, t in zip(chunk, texts):
-            steering.spans[t] = _shift_spans(v, t)
+            steering.spans[t] = v.emphasis_in(t)
     gens = mdl.generate(texts, max_new_tokens=max_new_tokens, temperature=0.0, n=1)
     if steering is not None:
         steering.spans.clear()
@@ -460,7 +459,7 @@ class _Engine:
         """Token attributions (IG or perturbation); summed per part for ``level="parts"``."""
         text = self.wrap(v.text)
         shift = text.rfind(v.text) if text != v.text else 0
-        enc = self.mdl._encode(text, offsets=True)
+        enc = self.mdl.encode(text, offsets=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         keep = [b > a for a, b in offsets]  # special tokens (BOS, chat markers) are no feature
         self.runner.flags = _flags(self, text, [(a + shift, b + shift) for a, b in v.emphasis],
@@ -661,7 +660,7 @@ def _runner(mdl: Any) -> Any:
             if mdl.steering is not None and self.flags is not None:
                 width = len(self.flags)
                 # extra: the appended target tokens (and IG's earlier target tokens) get no bias
-                state = mdl._forward_state([self.flags], [0], width,
+                state = mdl.forward_state([self.flags], [0], width,
                                            extra=input_ids.shape[1] - width)
             with state:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask,
@@ -715,7 +714,7 @@ def _parts_input(engine: _Engine, segments: list[Segment], fixed: int | None = N
             joined = super().to_model_input(perturbed_tensor)
             text = engine.wrap(joined)
             shift = text.rfind(joined) if text != joined else 0
-            enc = mdl._encode(text, offsets=True)
+            enc = mdl.encode(text, offsets=True)
             self.offsets = [tuple(o) for o in enc["offset_mapping"]]
             self.last_text = text
             engine.runner.flags = _flags(engine, text,

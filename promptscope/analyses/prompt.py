@@ -122,7 +122,7 @@ def run_prompt(
     mode = "choices" if picks is not None else "target" if target is not None else "generate"
     check_rows(tpl, vars, namespace)  # a missing variable fails before a session exists
     total = tpl.n_variants(count_rows(vars))
-    variants = tpl.expand(vars, namespace, carry=_extra_columns(vars, tpl))
+    variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
     chunk_size = chunk_size or CHUNK_SIZE
     params: dict[str, Any] = {"mode": mode, "template": tpl.source, "n_variants": total,
                               "chat": chat}
@@ -164,7 +164,7 @@ def run_prompt(
                 keys = None
                 if attn is not None:
                     for v, text in zip(chunk, texts):
-                        attn.spans[text] = _shift_spans(v, text)
+                        attn.spans[text] = v.emphasis_in(text)
                     if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
                         keys = _auto_spans(mdl, texts, attn.spans, question)
                 for steered in conditions:
@@ -239,7 +239,7 @@ def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],
     return _target_rows(chunk, target, scores, elapsed, mdl.per_request_errors)
 
 
-def _extra_columns(rows: Any, tpl: Template) -> list[str]:
+def extra_columns(rows: Any, tpl: Template) -> list[str]:
     """Row columns the template does not use, carried into the results (gold answers, ids...);
     those named like a result column are left out."""
     if hasattr(rows, "columns"):
@@ -287,16 +287,6 @@ def _set_steered(mdl: Model, steering: Any, on: bool) -> None:
     from promptscope.models.steering import set_steered
 
     set_steered(mdl, steering, on)
-
-
-def _shift_spans(v: Variant, text: str) -> list[tuple[int, int]]:
-    """The variant's emphasis spans in ``text`` (the variant itself, or it inside a chat
-    template)."""
-    offset = text.rfind(v.text) if text != v.text else 0
-    if offset < 0:
-        raise TemplateError("Cannot find the prompt inside its chat-templated text to place the "
-                            "emphasis; the chat template changes the message. Drop --chat.")
-    return [(a + offset, b + offset) for a, b in v.emphasis]
 
 
 def _progress_bar(total: int, enabled: bool, mode: str) -> Any:
