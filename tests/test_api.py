@@ -185,7 +185,7 @@ def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, 
     import torch
 
     top_k = 300  # within the vocabulary (vLLM's server fails on more)
-    api = OpenAIModel(server[2], base_url=server[0], top_logprobs=top_k)
+    api = OpenAIModel(server[2], base_url=server[0], top_logprobs=top_k, scoring="top_logprobs")
     black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, choices="yes|no", chat=True,
                                    progress=False)
     assert black.params["api"]["scoring"] == "top_logprobs"
@@ -204,6 +204,24 @@ def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, 
             assert got == pytest.approx(expected, abs=1e-3)
     with pytest.raises(CapabilityError, match="--target with --chat"):
         promptscope.run_prompt("Hi", api, target=" yes", chat=True, progress=False)
+
+
+def test_chat_target_and_choices_are_exact_through_the_servers_chat_template(hf, api):
+    """vLLM renders the chat template (/tokenize + /detokenize), so chat prompts are scored
+    with echo: the log-prob of a given reply equals the white-box model's, like plain ones."""
+    reply = " Paris is in Europe."
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES, target=reply, chat=True,
+                                   progress=False)
+    black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, target=reply, chat=True,
+                                   progress=False)
+    assert black.params["api"]["scoring"] == "echo"
+    assert black.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES, choices="yes|no", chat=True,
+                                   progress=False)
+    black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, choices="yes|no", chat=True,
+                                   progress=False)
+    assert black.params["api"]["scoring"] == "echo"
+    assert black.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
 
 
 def test_the_magic_runs_an_api_model(server, hf, capsys):

@@ -10,7 +10,10 @@ Scoring a continuation uses, in this order, whichever the server supports (decid
 and recorded in the run's ``params["api"]["scoring"]``; a run never mixes methods):
 
 - ``echo``: the completions endpoint with ``echo`` and ``logprobs`` returns the log-prob of every
-  prompt token, so the continuation's log-prob is exact (vLLM does this);
+  prompt token, so the continuation's log-prob is exact (vLLM does this). Chat prompts are
+  scored this way too when the server renders its chat template for us (vLLM's ``/tokenize``
+  with ``messages``, then ``/detokenize``): the templated text, plus the reply to score, goes to
+  the completions endpoint without a second BOS (``add_special_tokens: false``);
 - ``top_logprobs``: the first answer token's ``top_logprobs`` (chat models such as OpenAI's): a
   choice's log-prob is that of the top tokens equal to it (ignoring surrounding whitespace), or
   else those it starts with; ``-inf`` when none is among the top ``top_logprobs``;
@@ -190,6 +193,8 @@ class OpenAIModel(Model):
         self.top_logprobs = top_logprobs
         self.prices = dict(prices) if prices else None
         self._methods: dict[bool, str] = {}  # chat? -> scoring method, decided once
+        self._templates: dict[str, str | None] = {}  # user message -> chat-templated text
+        self._template_lock = threading.Lock()
         self._echo_max_tokens = 0
         self._tally = _Tally()
         self._last_scoring: str | None = None
@@ -218,12 +223,13 @@ class OpenAIModel(Model):
         if mode == "choices":
             self._last_scoring = self._scoring_method(chat)
         elif mode == "target":
-            if chat:
+            if chat and self._scoring_method(True) != "echo":
                 raise CapabilityError(
                     "--target with --chat needs the log-prob of a given assistant reply, which "
-                    f"the chat API of '{self.name}' does not return. Drop --chat (completions "
-                    "endpoint), or rank answers with --choices.")
-            if self._scoring_method(False) != "echo":
+                    f"the chat API of '{self.name}' does not return (and the server does not "
+                    "render its chat template for the completions endpoint, as vLLM's "
+                    "/tokenize does). Drop --chat, or rank answers with --choices.")
+            if self._scoring_method(chat) != "echo":
                 raise CapabilityError(
                     f"--target needs exact continuation log-probs (completions with echo + "
                     f"logprobs), which the server at {_public_url(self.base_url)} does not "
@@ -297,6 +303,12 @@ class OpenAIModel(Model):
     def _score_echo(self, prompt: str, conts: list[str]) -> dict[str, Score]:
         body = {"model": self.model_id, "prompt": [prompt + c for c in conts], "echo": True,
                 "logprobs": 1, "max_tokens": self._echo_max_tokens, "temperature": 0.0}
+        if isinstance(prompt, ChatText):
+            text = self._templated(prompt)
+            if text is None:
+                raise _Failed("the server no longer renders the chat template")
+            body["prompt"] = [text + c for c in conts]
+            body["extra_body"] = {"add_special_tokens": False}  # the template has its BOS
         data = self._request("completions", body, cacheable=True)
         choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
         if len(choices) != len(conts):
@@ -340,10 +352,11 @@ class OpenAIModel(Model):
 
     def _probe_scoring(self, chat: bool) -> str:
         wanted = [self.scoring] if self.scoring != "auto" else list(SCORING_METHODS)
-        if chat and "echo" in wanted:
+        if chat and "echo" in wanted and self._templated(ChatText("Hi")) is None:
             if self.scoring == "echo":
-                raise CapabilityError("scoring='echo' needs plain prompts (the completions "
-                                      "endpoint); drop --chat or use scoring='top_logprobs'.")
+                raise CapabilityError("scoring='echo' with --chat needs a server that renders "
+                                      "its chat template (vLLM's /tokenize); drop --chat or use "
+                                      "scoring='top_logprobs'.")
             wanted.remove("echo")
         for method in wanted:
             if method == "generated" or self._probe(method, chat):
@@ -355,12 +368,15 @@ class OpenAIModel(Model):
         """Whether the server answers a tiny request of this method (retried, cached)."""
         try:
             if method == "echo":
+                body = {"model": self.model_id, "prompt": "Hi there", "echo": True,
+                        "logprobs": 1, "temperature": 0.0}
+                if chat:
+                    body.update(prompt=f"{self._templated(ChatText('Hi'))}Hello",
+                                extra_body={"add_special_tokens": False})
                 for max_tokens in (0, 1):  # some servers refuse max_tokens=0
                     try:
-                        data = self._request("completions", {
-                            "model": self.model_id, "prompt": "Hi there", "echo": True,
-                            "logprobs": 1, "max_tokens": max_tokens, "temperature": 0.0},
-                            cacheable=True, probe=True)
+                        data = self._request("completions", {**body, "max_tokens": max_tokens},
+                                             cacheable=True, probe=True)
                     except _Refused:
                         continue
                     lps = ((data.get("choices") or [{}])[0].get("logprobs") or {})
@@ -382,6 +398,42 @@ class OpenAIModel(Model):
         except (_Failed, _Fatal) as exc:
             raise APIRequestError(f"The server at {_public_url(self.base_url)} did not answer a "
                                   f"first request: {exc}.") from None
+
+    def _templated(self, message: ChatText) -> str | None:
+        """The server's chat-templated text of one user message (with the generation prompt),
+        or ``None`` when the server cannot render it (vLLM's ``/tokenize`` + ``/detokenize``,
+        next to ``/v1``)."""
+        if self._is_openai:  # OpenAI's API renders no templates for us
+            return None
+        with self._template_lock:
+            if message in self._templates:
+                return self._templates[message]
+        root = self.base_url.removesuffix("/v1")
+        try:
+            ids = self._post_json(f"{root}/tokenize", {
+                "model": self.model_id, "messages": [{"role": "user", "content": str(message)}],
+                "add_generation_prompt": True})["tokens"]
+            text = self._post_json(f"{root}/detokenize",
+                                   {"model": self.model_id, "tokens": ids})["prompt"]
+            text = text if isinstance(text, str) and text else None
+        except (OSError, KeyError, TypeError, ValueError):
+            text = None
+        with self._template_lock:
+            self._templates[message] = text
+        return text
+
+    def _post_json(self, url: str, body: dict[str, Any]) -> Any:
+        """A plain JSON POST to the server (for endpoints the openai client does not know)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self._secrets[0]}"} if self._secrets else {}
+        try:
+            resp = httpx.post(url, json=body, headers=headers, timeout=min(self.timeout, 30.0))
+        except httpx.HTTPError as exc:
+            raise OSError(self._redact(str(exc))) from None
+        if resp.status_code != 200:
+            raise OSError(f"HTTP {resp.status_code}")
+        return resp.json()
 
     # ------------------------------------------------------------------ generation
     def generate(
