@@ -113,6 +113,8 @@ def _promptscope_parser() -> _Parser:
                    "request (default 60)")
     m.add_argument("--no-cache", action="store_true", help="openai:MODEL only: do not cache "
                    "responses on disk")
+    m.add_argument("--tokenizer", metavar="PATH", help="openai:MODEL only: the served model's "
+                   "tokenizer (folder or hub id) for %%%%reach (default: the root vLLM reports)")
     sub.add_parser("models", help="list the models loaded in this kernel")
     s = sub.add_parser("sessions", help="list saved sessions, newest first")
     s.add_argument("--kind")
@@ -168,11 +170,13 @@ class PromptscopeMagics(Magics):
                                      ("api_key_env", args.api_key_env),
                                      ("max_concurrency", args.max_concurrency),
                                      ("timeout", args.timeout),
-                                     ("cache", False if args.no_cache else None)]
+                                     ("cache", False if args.no_cache else None),
+                                     ("tokenizer", args.tokenizer)]
                    if v is not None}
             if api and not args.name.startswith("openai:"):
-                raise UsageError("--base-url, --api-key-env, --max-concurrency, --timeout and "
-                                 "--no-cache are for API models: name them openai:MODEL.")
+                raise UsageError("--base-url, --api-key-env, --max-concurrency, --timeout, "
+                                 "--no-cache and --tokenizer are for API models: name them "
+                                 "openai:MODEL.")
             model = promptscope.load_model(args.name, device=args.device, dtype=args.dtype,
                                            alias=args.alias, reload=args.reload, **api)
             print(f"Loaded {model!r}; it is now the default model.")
@@ -314,7 +318,8 @@ def _reach_parser() -> _Parser:
     p.add_argument("--targets", default="top:10", help="true, top:N, random:N, bottom:N, "
                    "several joined by ',' (top:5,random:5), or token texts joined by '|' "
                    "(default top:10)")
-    p.add_argument("--method", default="gcg", choices=["gcg", "greedy", "both"])
+    p.add_argument("--method", choices=["gcg", "greedy", "both"],
+                   help="default: gcg on a local model, greedy on an API model")
     p.add_argument("--steps", type=int, default=32, help="GCG iterations per length")
     p.add_argument("--width", type=int, default=128, help="GCG candidates per step")
     p.add_argument("--top-k", type=int, default=64, help="GCG tokens per position")

@@ -167,6 +167,72 @@ def test_format_spread_and_posix_agree_with_the_white_box_model(hf, api):
                                                             abs=1e-3)
 
 
+def test_part_attribution_by_ablation_agrees_with_the_white_box_model(hf, api):
+    """captum's perturbation methods over template parts run through the endpoint: the same
+    attributions as the local path (ablation, and Shapley sampling with the same seed)."""
+    template = "Note: {x} <<Paris is in France.>> Q: Where is Paris? A:"
+    for method in ("ablation", "shapley"):
+        runs = [promptscope.attribute(template, m, vars=[{"x": "Tea is hot."}], target=" France",
+                                      method=method, n_samples=3, progress=False)
+                for m in (hf, api)]
+        white, black = (r.df for r in runs)
+        assert black["part"].tolist() == white["part"].tolist() == [
+            "text1", "x", "text2", "emphasis", "text3"]
+        assert black["attribution"].tolist() == pytest.approx(white["attribution"].tolist(),
+                                                              abs=1e-3)
+        assert black["logprob"].tolist() == pytest.approx(white["logprob"].tolist(), abs=1e-3)
+        assert (black["error"] == "").all() and runs[1].params["api"]["scoring"] == "echo"
+        assert runs[1].params["api"]["requests"] >= 2  # the whole prompt, then the ablations
+    # choices: one row set per choice, the same pick as the local model
+    picks = [promptscope.attribute("Is {city} in Europe? Answer:", m, vars=CITIES[:1],
+                                   choices=" yes| no", progress=False).df for m in (hf, api)]
+    assert picks[1]["chosen"].tolist() == picks[0]["chosen"].tolist()
+    assert picks[1]["attribution"].tolist() == pytest.approx(picks[0]["attribution"].tolist(),
+                                                             abs=1e-3)
+    with pytest.raises(CapabilityError, match="gradients"):
+        promptscope.attribute(template, api, vars=[{"x": "a"}], target=" France",
+                              level="tokens", progress=False)
+    with pytest.raises(PromptscopeError, match="local model"):
+        promptscope.attribute("A {x} B {y}", api, vars=[{"x": "1", "y": "2"}], target_part="y",
+                              progress=False)
+
+
+def test_attribution_needs_log_probs_from_the_endpoint(server):
+    answers_only = OpenAIModel(server[2], base_url=server[0], scoring="generated", cache=False)
+    with pytest.raises(CapabilityError, match="needs log-probabilities"):
+        promptscope.attribute("Is {city} in Europe? Answer:", answers_only, vars=CITIES[:1],
+                              choices=" yes| no", progress=False)
+
+
+def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, api):
+    """The greedy back-generation on token ids, scored by the server: the same control prompts,
+    probabilities and ranks as the local search."""
+    from promptscope.analyses.reachability import ReachabilityError
+
+    tok = api.tokenizer
+    assert len(tok) == len(hf.tokenizer)
+    x0s = ["Is Paris in Europe? Answer", "Hello there"]
+    kwargs = dict(targets=["top:3", "random:2"], k_max=2, method="greedy",
+                  control_tokens=list(range(40, 160)), seed=1, progress=False)
+    white, black = (promptscope.reachability(m, x0s, **kwargs) for m in (hf, api))
+    cols = ["x0", "target_id", "base_rank", "reached", "k", "control_ids", "rank", "steps",
+            "text_roundtrip"]
+    assert black.df[cols].astype(str).values.tolist() == white.df[cols].astype(str).values.tolist()
+    for col in ("base_prob", "prob"):
+        assert black.df[col].tolist() == pytest.approx(white.df[col].tolist(), abs=1e-3)
+    assert black.df["reached"].any() and not black.df["reached"].all()
+    assert black.params["unverified_claims"] == 0 and "bound_skipped" in black.params
+    assert black.params["api"]["requests"] > 0 and black.params["method"] == "greedy"
+    with pytest.raises(CapabilityError, match="greedy"):
+        promptscope.reachability(api, x0s, "top:2", method="gcg", progress=False)
+    with pytest.raises(ReachabilityError, match="bottom:3"):
+        promptscope.reachability(api, x0s, "bottom:3", progress=False)
+    wrong = OpenAIModel(api.model_id, base_url=api.base_url,
+                        tokenizer=promptscope.models.organism_path())
+    with pytest.raises(CapabilityError, match="does not tokenise like"):
+        promptscope.reachability(wrong, x0s, "top:2", progress=False)
+
+
 def test_greedy_generation_agrees_plain_and_chat(hf, api):
     template = "{{Hi|Hello|The cat|Question: what colour is the sky?}} {{there|now}}"
     for chat in (False, True):

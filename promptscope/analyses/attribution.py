@@ -38,7 +38,7 @@ from typing import Any
 from promptscope.analyses._recorder import Recorder
 from promptscope.analyses.attention import token_parts
 from promptscope.analyses.prompt import RESERVED, extra_columns, parse_choices
-from promptscope.errors import PromptscopeError, TemplateError
+from promptscope.errors import CapabilityError, PromptscopeError, TemplateError
 from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
@@ -237,9 +237,23 @@ def attribute(
         raise TemplateError(f"Template name(s) {sorted(clash)} clash with result columns; "
                             "rename the variable or group.")
     mdl = resolve_model(model)
-    # Every method runs the model's own forward pass (perturbed prompts, or gradients).
-    mdl.require("gradients" if method == "ig" else "forward",
-                f"Attribution (captum, method '{method}')")
+    # Perturbation methods over parts need only scores of text, so they run on API models too;
+    # tokens, gradients and in-prompt targets need the model's own forward pass.
+    scored = ("forward" not in mdl.capabilities and "score" in mdl.capabilities
+              and level == "parts" and method != "ig")
+    if scored:
+        if target_part is not None:
+            raise AttributionError("target_part scores the template's own tokens inside the "
+                                   "prompt, which needs a local model; attribute choices, a "
+                                   "target or the answer instead.")
+        if steer is not None:
+            mdl.require("attention", "Attribution under steering")
+        # an API model settles how it scores (a --target needs exact echoed log-probs)
+        mdl.begin_run("choices" if picks is not None else "target", chat)
+        _check_logprobs(mdl, chat)
+    else:
+        mdl.require("gradients" if method == "ig" else "forward",
+                    f"Attribution (captum, method '{method}', level '{level}')")
     if chat:
         mdl.chat_prompt("")  # fails early when the model has no chat template
     mode = ("choices" if picks is not None else "target" if target is not None
@@ -287,8 +301,9 @@ def attribute(
         if mode == "target":
             _fill_target(target or "", v)
     variants = itertools.chain(head, variants)
-    engine = _Engine(mdl, tpl, method, level, n_samples, n_steps, dict(baselines or {}),
-                     chat, seed)
+    engine_class = _ScoredEngine if scored else _Engine
+    engine = engine_class(mdl, tpl, method, level, n_samples, n_steps, dict(baselines or {}),
+                          chat, seed)
     bar = tqdm(total=total * len(conditions), disable=not progress or total < 2,
                desc=f"attribution ({method})", unit="variant", leave=False)
     with contextlib.ExitStack() as stack:
@@ -333,6 +348,7 @@ def attribute(
                     mdl.steering = steering  # type: ignore[attr-defined]
         finally:
             bar.close()
+            rec.save_run_info(mdl, verbose=progress)
     return rec.result()
 
 
@@ -558,6 +574,72 @@ class _Engine:
                          "start": s.start, "end": s.end,
                          "attribution": math.nan if s is goal else attr[s.index]})
         return _with_share(rows, by="part")
+
+
+class _ScoredEngine(_Engine):
+    """Part attribution on a model that only scores text (an API model): captum's perturbation
+    method runs over a 0/1 mask of the parts, and each of its steps is a batch of perturbed
+    prompts scored concurrently by the backend (``Model.score``).
+
+    An ablated part is removed (or replaced by its baseline text), as in the local path, so both
+    give the same numbers on the same model.
+    """
+
+    def __init__(self, mdl: Any, tpl: Template, method: str, level: str, n_samples: int | None,
+                 n_steps: int, baselines: dict[str, str], chat: bool, seed: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.mdl, self.tpl, self.method, self.level = mdl, tpl, method, level
+        self.n_samples, self.n_steps, self.baselines = n_samples, n_steps, baselines
+        self.chat, self.seed = chat, seed
+
+    def _one(self, v: Variant, segments: list[Segment], target: str | None,
+             target_part: str | None) -> list[dict[str, Any]]:
+        torch = self.torch
+        ids_of: dict[str, int] = {}  # a variable used twice is one feature
+        feature = [ids_of.setdefault(s.part if s.kind == "var" else f"#{s.index}", len(ids_of))
+                   for s in segments]
+        n = len(ids_of)
+
+        def forward(mask: Any) -> Any:
+            texts = ["".join(s.text if row[f] else self.baselines.get(s.part, "")
+                             for s, f in zip(segments, feature)) for row in mask.tolist()]
+            scores = self.mdl.score([self.wrap(t) for t in texts], [target] * len(texts))
+            failed = next((sc.error for sc in scores if sc.error), None)
+            if failed:
+                raise _ScoreFailed(failed)
+            return torch.tensor([sc.logprob for sc in scores], dtype=torch.float64)
+
+        kwargs: dict[str, Any] = {"perturbations_per_eval": max(1, n)}
+        if self.method != "ablation":
+            kwargs["n_samples"] = self.n_samples or 25
+        whole = torch.ones(1, n, dtype=torch.float64)
+        try:
+            lp = float(forward(whole)[0])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + v.index)
+                attr = _perturbation(self.method, forward).attribute(
+                    whole, baselines=torch.zeros_like(whole), **kwargs)[0].tolist()
+        except _ScoreFailed as exc:  # this variant's rows say why; the run goes on
+            rows = self._part_rows(segments, [math.nan] * len(segments), target, math.nan)
+            return [{**r, "error": str(exc)} for r in rows]
+        rows = self._part_rows(segments, [attr[f] for f in feature], target, lp)
+        return [{**r, "error": ""} for r in rows] if self.mdl.per_request_errors else rows
+
+
+class _ScoreFailed(Exception):
+    """A perturbed prompt the backend could not score (the variant's rows carry the reason)."""
+
+
+def _check_logprobs(mdl: Any, chat: bool) -> None:
+    """Attribution on an API model needs real log-probs, not a generated answer."""
+    method = getattr(mdl, "scoring_method", lambda chat: "echo")(chat)
+    if method == "generated":
+        raise CapabilityError(
+            f"Attribution on '{mdl.name}' needs log-probabilities, but its endpoint returns "
+            "neither echoed nor top log-probs (answers could only be matched as text). Use a "
+            "server that returns logprobs (e.g. vLLM) or a local model.")
 
 
 def _perturbation(method: str, runner: Any) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -187,39 +186,8 @@ def run_prompt(
                     _set_steered(mdl, steering, True)
         finally:
             bar.close()
-            _record_run_info(rec, mdl, progress)
+            rec.save_run_info(mdl, verbose=progress)
     return rec.result()
-
-
-def _record_run_info(rec: Recorder, mdl: Model, verbose: bool) -> None:
-    """Save the backend's per-run facts (API requests, failures, cache hits, tokens, cost)."""
-    info = mdl.run_info()
-    if not info:
-        return
-    rec.params["api"] = info
-    if rec.store is not None and rec.session_id:
-        rec.store.update_params(rec.session_id, rec.params)
-    if verbose or info.get("failed"):
-        print(api_note(info), file=sys.stderr)
-
-
-def api_note(info: Mapping[str, Any]) -> str:
-    """One line on an API run: requests, failures, cache hits, tokens, cost, scoring method."""
-    parts = [f"{info['requests']} requests"]
-    if info.get("cached"):
-        parts.append("all from the cache (no cost)" if info["cached"] == info["requests"]
-                     else f"{info['cached']} from the cache")
-    if info.get("failed"):
-        parts.append(f"{info['failed']} FAILED after retries (see the 'error' column)")
-    if info.get("retries"):
-        parts.append(f"{info['retries']} retries")
-    parts.append(f"{info.get('prompt_tokens', 0)} prompt + {info.get('completion_tokens', 0)} "
-                 "completion tokens")
-    if "cost_usd" in info:
-        parts.append(f"${info['cost_usd']:.4f}")
-    if info.get("scoring"):
-        parts.append(f"choices scored by {info['scoring']}")
-    return "API: " + ", ".join(parts) + "."
 
 
 def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],

@@ -123,6 +123,9 @@ class OpenAIModel(Model):
         scoring: ``"auto"`` (the best the server supports) or one of :data:`SCORING_METHODS`.
         top_logprobs: how many top tokens to ask for (``top_logprobs`` scoring).
         prices: USD per million tokens, ``{"input": 0.15, "output": 0.60}``, for the cost tally.
+        tokenizer: the served model's tokenizer (a folder or hub id), for token-level analyses
+            (the greedy reachability search); default: the model root the server reports
+            (vLLM), when it loads here.
         name: the name shown in tables (default ``openai:MODEL``).
         check: contact the server now (list its models) so a wrong URL, key or model name fails
             here with a clear message.
@@ -153,6 +156,7 @@ class OpenAIModel(Model):
         scoring: str = "auto",
         top_logprobs: int = 20,
         prices: dict[str, float] | None = None,
+        tokenizer: str | os.PathLike | None = None,
         name: str | None = None,
         check: bool = True,
     ) -> None:
@@ -199,6 +203,9 @@ class OpenAIModel(Model):
         self._tally = _Tally()
         self._last_scoring: str | None = None
         self._is_openai = is_openai
+        self._tokenizer_source = os.fspath(tokenizer) if tokenizer is not None else None
+        self._tokenizer: Any = None
+        self._served_root: str | None = None
         # The key goes into the client and nowhere else; retries are ours, not the client's.
         self._client = openai.OpenAI(api_key=key or "EMPTY", base_url=url, timeout=self.timeout,
                                      max_retries=0)
@@ -221,15 +228,15 @@ class OpenAIModel(Model):
         self._tally = _Tally()
         self._last_scoring = None
         if mode == "choices":
-            self._last_scoring = self._scoring_method(chat)
+            self._last_scoring = self.scoring_method(chat)
         elif mode == "target":
-            if chat and self._scoring_method(True) != "echo":
+            if chat and self.scoring_method(True) != "echo":
                 raise CapabilityError(
                     "--target with --chat needs the log-prob of a given assistant reply, which "
                     f"the chat API of '{self.name}' does not return (and the server does not "
                     "render its chat template for the completions endpoint, as vLLM's "
                     "/tokenize does). Drop --chat, or rank answers with --choices.")
-            if self._scoring_method(chat) != "echo":
+            if self.scoring_method(chat) != "echo":
                 raise CapabilityError(
                     f"--target needs exact continuation log-probs (completions with echo + "
                     f"logprobs), which the server at {_public_url(self.base_url)} does not "
@@ -270,7 +277,7 @@ class OpenAIModel(Model):
         if not prompts:
             return []
         chat = isinstance(prompts[0], ChatText)
-        method = self._scoring_method(chat)
+        method = self.scoring_method(chat)
         if self._last_scoring is None:
             self._last_scoring = method
         groups: dict[str, list[int]] = {}
@@ -344,7 +351,7 @@ class OpenAIModel(Model):
                          token_logprobs=[], tokens=[answer], prompt_tokens=gen.prompt_tokens)
                 for c in conts}
 
-    def _scoring_method(self, chat: bool) -> str:
+    def scoring_method(self, chat: bool) -> str:
         """The scoring method for chat or plain prompts, found once by asking the server."""
         if chat not in self._methods:
             self._methods[chat] = self._probe_scoring(chat)
@@ -434,6 +441,108 @@ class OpenAIModel(Model):
         if resp.status_code != 200:
             raise OSError(f"HTTP {resp.status_code}")
         return resp.json()
+
+    # ------------------------------------------------------------------ token level
+    @property
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer, loaded here (``tokenizer=`` at load time, else the
+        model root the server reports) and checked against the server's own ``/tokenize``."""
+        if self._tokenizer is None:
+            source = self._tokenizer_source or self._served_root
+            if not source:
+                raise CapabilityError(
+                    f"Token-level analyses on '{self.name}' need the served model's tokenizer: "
+                    "pass tokenizer='FOLDER or hub id' to load_model (the server does not say "
+                    "which model it loaded).")
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError) as exc:
+                raise CapabilityError(
+                    f"Could not load the tokenizer of '{self.name}' from {source!r} "
+                    f"({_message(exc)}); pass tokenizer='FOLDER or hub id' to load_model.") \
+                    from None
+            probe = "Hello there, 12 tokens!"
+            try:
+                theirs = self._post_json(f"{self.base_url.removesuffix('/v1')}/tokenize",
+                                         {"model": self.model_id, "prompt": probe})["tokens"]
+            except (OSError, KeyError, TypeError, ValueError):
+                theirs = None  # a server without /tokenize: trust the given tokenizer
+            if theirs is not None and theirs != tok(probe)["input_ids"]:
+                raise CapabilityError(
+                    f"The tokenizer from {source!r} does not tokenise like the server of "
+                    f"'{self.name}'; pass the served model's tokenizer (tokenizer=...).")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as the server tokenises a text prompt (special tokens added)."""
+        return self.tokenizer(text)["input_ids"]
+
+    def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[int], *,
+                       batch: int = 64, progress: ProgressFn | None = None,
+                       ) -> list[tuple[float, int]]:
+        """Exact ``log P(targets[i] | prompts[i])`` for token-id prompts, and the target's rank
+        there (1 = the argmax), from echoed prompt log-probs: ``prompts[i] + [targets[i]]`` is
+        sent as token ids, ``batch`` prompts per request, requests run concurrently.
+
+        The rank is exact where the server reports it (vLLM's ``prompt_logprobs``); elsewhere it
+        is 1 for the argmax and 2 ("not the argmax") otherwise. A prompt whose request failed
+        for good gives ``(-inf, 0)``.
+
+        Example:
+            >>> api.token_logprobs([[0, 712, 491]], [702])                  # doctest: +SKIP
+            [(-2.3778, 3)]
+        """
+        if len(prompts) != len(targets):
+            raise PromptscopeError("token_logprobs() needs one target per prompt.")
+        if self.scoring_method(False) != "echo":
+            raise CapabilityError(
+                f"Token-level log-probs need a completions endpoint that echoes prompt "
+                f"log-probs (vLLM does); the server at {_public_url(self.base_url)} does not for "
+                f"'{self.model_id}'.")
+        out: list[tuple[float, int]] = [(-math.inf, 0)] * len(prompts)
+
+        def job(lo: int) -> Callable[[], None]:
+            idx = range(lo, min(lo + batch, len(prompts)))
+
+            def run() -> None:
+                body = {"model": self.model_id, "prompt": [[*map(int, prompts[i]), int(targets[i])]
+                                                           for i in idx],
+                        "echo": True, "logprobs": 1, "max_tokens": self._echo_max_tokens,
+                        "temperature": 0.0,
+                        "extra_body": {"return_tokens_as_token_ids": True,
+                                       "add_special_tokens": False}}
+                try:
+                    data = self._request("completions", body, cacheable=True)
+                except _Failed:
+                    return
+                choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+                if len(choices) != len(idx):
+                    return
+                for i, ch in zip(idx, choices):
+                    out[i] = _target_logprob(ch, len(prompts[i]), int(targets[i]))
+            return run
+
+        starts = range(0, len(prompts), batch)
+        self._run_jobs([(job(lo), min(batch, len(prompts) - lo)) for lo in starts], progress)
+        return out
+
+    def top_tokens(self, prompt: Sequence[int], n: int) -> dict[int, float]:
+        """The ``n`` most likely next tokens after a token-id prompt: ``{token id: logprob}``
+        (``n`` at most the server's limit on logprobs, 20 on vLLM unless raised)."""
+        body = {"model": self.model_id, "prompt": [[*map(int, prompt)]], "max_tokens": 1,
+                "logprobs": n, "temperature": 0.0,
+                "extra_body": {"return_tokens_as_token_ids": True, "add_special_tokens": False}}
+        try:
+            data = self._request("completions", body, cacheable=True)
+        except _Failed as exc:
+            raise APIRequestError(f"Could not get the top {n} next tokens: {exc}. (vLLM allows "
+                                  "20 unless started with --max-logprobs.)") from None
+        top = (((data.get("choices") or [{}])[0].get("logprobs") or {}).get("top_logprobs")
+               or [None])[0] or {}
+        return {_token_id(k): float(v) for k, v in top.items()}
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -633,7 +742,7 @@ class OpenAIModel(Model):
 
         where = _public_url(self.base_url)
         try:
-            served = [m.id for m in self._client.models.list(timeout=min(self.timeout, 15.0))]
+            listed = list(self._client.models.list(timeout=min(self.timeout, 15.0)))
         except openai.APIConnectionError as exc:
             raise ModelLoadError(
                 f"Cannot reach the API server at {where} ({self._redact(_root_cause(exc))}). "
@@ -648,6 +757,10 @@ class OpenAIModel(Model):
         except (json.JSONDecodeError, openai.APIResponseValidationError):
             raise ModelLoadError(f"{where} did not answer like an OpenAI-compatible API; "
                                  "check the URL.") from None
+        served = [m.id for m in listed]
+        # vLLM reports the folder or hub id it loaded: the tokenizer for token-level analyses
+        self._served_root = next((getattr(m, "root", None) for m in listed
+                                  if m.id == self.model_id), None)
         if served and self.model_id not in served:
             shown = ", ".join(served[:10]) + (" ..." if len(served) > 10 else "")
             raise ModelLoadError(f"The server at {where} does not serve '{self.model_id}'; it "
@@ -754,6 +867,27 @@ def _echo_score(prompt: str, cont: str, lp: dict[str, Any], generated: int) -> S
         return _failed_score("malformed response: missing echoed log-probs")
     return Score(logprob=math.fsum(picked), token_logprobs=[float(v) for v in picked],
                  tokens=tokens[start:], prompt_tokens=start)
+
+
+def _token_id(key: str) -> int:
+    """``"token_id:712"`` (vLLM's ``return_tokens_as_token_ids``) -> 712."""
+    return int(str(key).rpartition(":")[2])
+
+
+def _target_logprob(choice: dict[str, Any], pos: int, target: int) -> tuple[float, int]:
+    """Log-prob and rank of the echoed token at ``pos`` (the target after its prompt)."""
+    exact = choice.get("prompt_logprobs")  # vLLM: every prompt position, with ranks
+    if isinstance(exact, list) and len(exact) > pos and exact[pos]:
+        entry = exact[pos].get(str(target))
+        if entry is not None:
+            return float(entry["logprob"]), int(entry["rank"])
+    lp = choice.get("logprobs") or {}
+    values, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    if len(values) <= pos or values[pos] is None:
+        return -math.inf, 0
+    value = float(values[pos])
+    best = max((tops[pos] or {}).values(), default=value) if len(tops) > pos else value
+    return value, 1 if value >= best else 2
 
 
 def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[str, float] | None:
