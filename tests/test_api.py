@@ -442,6 +442,7 @@ def test_notebook_runs_against_the_server(server, tmp_path, monkeypatch):
     assert SECRET not in text
     assert "cdn.plot.ly" not in text and "application/vnd.plotly.v1+json" in text
     assert "agree" in text and "from the cache" in text
+    assert "same control prompts: True" in text  # greedy reachability through the endpoint
     for folder in (tmp_path, Path(os.environ["PROMPTSCOPE_HOME"])):
         for path in folder.rglob("*"):
             if path.is_file():
