@@ -114,6 +114,7 @@ def proxy(server):
 def _proxied(proxy, server, **kwargs):
     kwargs.setdefault("backoff", 0.05)
     kwargs.setdefault("cache", False)
+    kwargs.setdefault("prompts_per_request", 1)  # the fault tests count one request per prompt
     model = OpenAIModel(server[2], base_url=proxy.url, name="proxied", **kwargs)
     model.begin_run("choices", chat=False)  # its probe of the server, before any fault
     return model
@@ -142,7 +143,7 @@ def test_choices_and_target_agree_with_the_white_box_model(hf, api):
     assert black_t.df["n_tokens"].tolist() == white_t.df["n_tokens"].tolist()
     assert min(black_t.df["n_tokens"]) > 1
     back = promptscope.load(black_t.session_id)
-    assert back == black_t and back.params["api"]["requests"] == 2
+    assert back == black_t and back.params["api"]["requests"] == 1  # both prompts in one
 
 
 def test_format_spread_and_posix_agree_with_the_white_box_model(hf, api):
@@ -324,6 +325,24 @@ def test_concurrency_is_bounded_and_progress_is_reported(server, proxy):
     assert sum(seen) == 24 and all(s.error is None for s in scores)
     assert proxy.counts["/v1/completions"] >= 24
     assert 2 <= proxy.max_in_flight <= 3
+
+
+def test_several_prompts_per_request_give_the_same_scores(server, proxy):
+    one = _proxied(proxy, server)
+    packed = _proxied(proxy, server, prompts_per_request=4, max_concurrency=2)
+    prompts = [f"Question {i}: is it" for i in range(10)]
+    conts = [" yes", " no"] * 5
+    before = proxy.counts["/v1/completions"]
+    seen: list[int] = []
+    scores = packed.score(prompts, conts, progress=seen.append)
+    assert proxy.counts["/v1/completions"] - before == 3 and sorted(seen) == [2, 4, 4]
+    single = one.score(prompts, conts)
+    assert [s.logprob for s in scores] == pytest.approx([s.logprob for s in single], abs=1e-5)
+    assert [s.tokens for s in scores] == [s.tokens for s in single]
+    flaky = _proxied(proxy, server, prompts_per_request=4, max_concurrency=1, max_retries=2)
+    proxy.inject("500", "500", "500")  # a pack that fails for good fails its prompts only
+    got = flaky.score(prompts, conts)
+    assert [s.error is not None for s in got] == [True] * 4 + [False] * 6
 
 
 def test_cache_makes_a_rerun_free_and_can_be_turned_off(server, proxy, capsys):

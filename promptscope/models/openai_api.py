@@ -123,6 +123,8 @@ class OpenAIModel(Model):
         scoring: ``"auto"`` (the best the server supports) or one of :data:`SCORING_METHODS`.
         top_logprobs: how many top tokens to ask for (``top_logprobs`` scoring).
         prices: USD per million tokens, ``{"input": 0.15, "output": 0.60}``, for the cost tally.
+        prompts_per_request: prompts scored in one echo request (the completions endpoint
+            takes a list; several per request cut the round trips, and the server batches them).
         tokenizer: the served model's tokenizer (a folder or hub id), for token-level analyses
             (the greedy reachability search); default: the model root the server reports
             (vLLM), when it loads here.
@@ -157,6 +159,7 @@ class OpenAIModel(Model):
         top_logprobs: int = 20,
         prices: dict[str, float] | None = None,
         tokenizer: str | os.PathLike | None = None,
+        prompts_per_request: int = 16,
         name: str | None = None,
         check: bool = True,
     ) -> None:
@@ -166,8 +169,9 @@ class OpenAIModel(Model):
             raise ModelLoadError("Give the API model's id, e.g. 'openai:gpt-4o-mini'.")
         if scoring != "auto" and scoring not in SCORING_METHODS:
             raise PromptscopeError(f"scoring must be 'auto' or one of {list(SCORING_METHODS)}.")
-        if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise PromptscopeError("max_concurrency must be >= 1, max_retries >= 0, timeout > 0.")
+        if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or prompts_per_request < 1:
+            raise PromptscopeError("max_concurrency and prompts_per_request must be >= 1, "
+                                   "max_retries >= 0, timeout > 0.")
         from_env = base_url is None and bool(os.environ.get("OPENAI_BASE_URL"))
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         _check_url(url)
@@ -186,6 +190,8 @@ class OpenAIModel(Model):
         self.base_url = url
         self.name = name or f"openai:{model}"
         self.max_concurrency = max_concurrency
+        self.prompts_per_request = prompts_per_request
+        self._pool: ThreadPoolExecutor | None = None
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = backoff
@@ -284,44 +290,62 @@ class OpenAIModel(Model):
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
         results: list[Score | None] = [None] * len(prompts)
+        # echo scores several prompts per request (the completions endpoint takes a list):
+        # far fewer round trips, and the server batches them
+        per_request = self.prompts_per_request if method == "echo" else 1
+        items = list(groups.items())
 
-        def job(prompt: str, idx: list[int]) -> Callable[[], None]:
-            conts = list(dict.fromkeys(continuations[i] for i in idx))
+        def job(pack: list[tuple[str, list[int]]]) -> Callable[[], None]:
+            wanted = [(p, list(dict.fromkeys(continuations[i] for i in idx))) for p, idx in pack]
 
             def run() -> None:
                 try:
-                    scores = self._score_prompt(method, prompt, conts)
+                    scores = self._score_pack(method, wanted)
                 except _Failed as exc:
-                    scores = {c: _failed_score(str(exc)) for c in conts}
-                for i in idx:
-                    results[i] = scores[continuations[i]]
+                    scores = [{c: _failed_score(str(exc)) for c in conts} for _, conts in wanted]
+                for (_, idx), got in zip(pack, scores):
+                    for i in idx:
+                        results[i] = got[continuations[i]]
             return run
 
-        self._run_jobs([(job(p, idx), len(idx)) for p, idx in groups.items()], progress)
+        packs = [items[k:k + per_request] for k in range(0, len(items), per_request)]
+        self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
+                       progress)
         return results  # type: ignore[return-value]
 
-    def _score_prompt(self, method: str, prompt: str, conts: list[str]) -> dict[str, Score]:
+    def _score_pack(self, method: str, wanted: list[tuple[str, list[str]]],
+                    ) -> list[dict[str, Score]]:
+        """Scores of each prompt's continuations; one request (echo) or one per prompt."""
         if method == "echo":
-            return self._score_echo(prompt, conts)
-        if method == "top_logprobs":
-            return self._score_top(prompt, conts)
-        return self._score_generated(prompt, conts)
+            return self._score_echo(wanted)
+        score = self._score_top if method == "top_logprobs" else self._score_generated
+        return [score(prompt, conts) for prompt, conts in wanted]
 
-    def _score_echo(self, prompt: str, conts: list[str]) -> dict[str, Score]:
-        body = {"model": self.model_id, "prompt": [prompt + c for c in conts], "echo": True,
+    def _score_echo(self, wanted: list[tuple[str, list[str]]]) -> list[dict[str, Score]]:
+        texts: list[str] = []
+        chat = False
+        for prompt, conts in wanted:
+            if isinstance(prompt, ChatText):
+                chat = True
+                text = self._templated(prompt)
+                if text is None:
+                    raise _Failed("the server no longer renders the chat template")
+            else:
+                text = prompt
+            texts += [text + c for c in conts]
+        body = {"model": self.model_id, "prompt": texts, "echo": True,
                 "logprobs": 1, "max_tokens": self._echo_max_tokens, "temperature": 0.0}
-        if isinstance(prompt, ChatText):
-            text = self._templated(prompt)
-            if text is None:
-                raise _Failed("the server no longer renders the chat template")
-            body["prompt"] = [text + c for c in conts]
+        if chat:
             body["extra_body"] = {"add_special_tokens": False}  # the template has its BOS
         data = self._request("completions", body, cacheable=True)
         choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
-        if len(choices) != len(conts):
-            raise _Failed(f"malformed response: {len(choices)} choices for {len(conts)} prompts")
-        return {c: _echo_score(prompt, c, ch.get("logprobs") or {}, self._echo_max_tokens)
-                for c, ch in zip(conts, choices)}
+        if len(choices) != len(texts):
+            raise _Failed(f"malformed response: {len(choices)} choices for {len(texts)} prompts")
+        out, it = [], iter(choices)
+        for prompt, conts in wanted:
+            out.append({c: _echo_score(prompt, c, next(it).get("logprobs") or {},
+                                       self._echo_max_tokens) for c in conts})
+        return out
 
     def _score_top(self, prompt: str, conts: list[str]) -> dict[str, Score]:
         chat = isinstance(prompt, ChatText)
@@ -624,8 +648,10 @@ class OpenAIModel(Model):
                 fn()
             return run
 
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs)),
-                                  thread_name_prefix="promptscope-api")
+        if self._pool is None:  # kept across calls: starting threads on a busy machine is slow
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency,
+                                            thread_name_prefix="promptscope-api")
+        pool = self._pool
         pending: set[Future[None]] = set()
         weight: dict[Future[None], int] = {}
         try:
@@ -643,7 +669,8 @@ class OpenAIModel(Model):
             raise APIRequestError(str(exc)) from None
         finally:
             stop.set()  # requests still waiting to retry give up
-            pool.shutdown(wait=False, cancel_futures=True)
+            for fut in pending:
+                fut.cancel()
 
     @property
     def _cache(self) -> Any:
