@@ -79,6 +79,9 @@ def _prompt_parser() -> _Parser:
     p.add_argument("--alpha", type=float, default=0.01, help="PASTA's scaling of the "
                    "non-emphasised tokens, in (0, 1] (default 0.01)")
     p.add_argument("--steer-mode", default="exclude", choices=["exclude", "include"])
+    p.add_argument("--kernel", default="sdpa", choices=["sdpa", "flex"], help="with --steer: "
+                   "PASTA's attention kernel (flex: flex_attention, no dense bias mask; fused "
+                   "on CUDA)")
     p.add_argument("--auto-emphasis", action="store_true", help="with --steer: AutoPASTA, the "
                    "model names the key sentence inside <<...>> (or the prompt) to steer")
     p.add_argument("--compare", action="store_true", help="with --steer: run each variant "
@@ -222,6 +225,8 @@ class PromptscopeMagics(Magics):
         if args.steer:
             steer = {"heads": args.heads, "alpha": args.alpha, "mode": args.steer_mode,
                      "compare": args.compare, "auto": args.auto_emphasis}
+            if args.kernel != "sdpa":
+                steer["kernel"] = args.kernel
             if args.steer == "vector":  # PASTA's options do not apply
                 steer = {"compare": args.compare, "auto": args.auto_emphasis,
                          **_vector_options(args, ns)}

@@ -225,7 +225,9 @@ class HFModel(Model):
                 real[r, width - n:] = True
             bias = key_bias(self.steering, emph, real, self.model.config.num_attention_heads,
                             extra, next(self.model.parameters()).dtype, self.device)
-        return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers))
+        kernel = self.steering.kernel if flags is not None else "sdpa"
+        return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers,
+                                        kernel=kernel))
 
     @torch.inference_mode()
     def forward_with_attention(
