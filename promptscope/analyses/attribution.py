@@ -429,8 +429,12 @@ class _Engine:
         self.mdl, self.tpl, self.method, self.level = mdl, tpl, method, level
         self.n_samples, self.n_steps, self.baselines = n_samples, n_steps, baselines
         self.chat, self.seed = chat, seed
-        self.runner = _runner(mdl)
-        tok = mdl.tokenizer
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """The module captum calls, and the pad id that stands in for a removed token."""
+        self.runner = _runner(self.mdl)
+        tok = self.mdl.tokenizer
         self.baseline_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def wrap(self, text: str) -> str:
@@ -585,14 +589,8 @@ class _ScoredEngine(_Engine):
     give the same numbers on the same model.
     """
 
-    def __init__(self, mdl: Any, tpl: Template, method: str, level: str, n_samples: int | None,
-                 n_steps: int, baselines: dict[str, str], chat: bool, seed: int) -> None:
-        import torch
-
-        self.torch = torch
-        self.mdl, self.tpl, self.method, self.level = mdl, tpl, method, level
-        self.n_samples, self.n_steps, self.baselines = n_samples, n_steps, baselines
-        self.chat, self.seed = chat, seed
+    def _prepare(self) -> None:
+        """Nothing to prepare: the backend scores text."""
 
     def _one(self, v: Variant, segments: list[Segment], target: str | None,
              target_part: str | None) -> list[dict[str, Any]]:
