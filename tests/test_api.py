@@ -226,8 +226,9 @@ def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, ap
     assert black.params["api"]["requests"] > 0 and black.params["method"] == "greedy"
     with pytest.raises(CapabilityError, match="greedy"):
         promptscope.reachability(api, x0s, "top:2", method="gcg", progress=False)
-    with pytest.raises(ReachabilityError, match="bottom:3"):
-        promptscope.reachability(api, x0s, "bottom:3", progress=False)
+    for bottom in ("bottom:3", ["top:2", "bottom:3"], [["bottom:3"], ["top:1"]]):
+        with pytest.raises(ReachabilityError, match="bottom:3"):
+            promptscope.reachability(api, x0s, bottom, progress=False)
     wrong = OpenAIModel(api.model_id, base_url=api.base_url,
                         tokenizer=promptscope.models.organism_path())
     with pytest.raises(CapabilityError, match="does not tokenise like"):

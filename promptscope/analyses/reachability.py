@@ -826,9 +826,12 @@ class _EndpointSearch(_Search):
     def resolve_targets(self, targets: Any, states: list[str], true_next: list[int | None],
                         base: Any) -> list[_Pair]:
         n_top = self.mdl.top_logprobs  # type: ignore[attr-defined]
-        for spec in _split_targets(targets) if not isinstance(targets, (list, tuple)) else []:
+        given = targets if isinstance(targets, (list, tuple)) else [targets]
+        specs = [s for t in given  # per-x0 target lists too
+                 for s in _split_targets(list(t) if isinstance(t, (list, tuple)) else t)]
+        for spec in specs:
             kind, _, num = str(spec).partition(":")
-            if kind == "bottom" or kind == "top" and num.isdigit() and int(num) > n_top:
+            if kind == "bottom" or (kind == "top" and num.isdigit() and int(num) > n_top):
                 raise ReachabilityError(
                     f"targets {spec!r} needs the next-token distribution beyond the server's top "
                     f"{n_top}; on an API model use 'true', 'top:N' with N <= {n_top} "

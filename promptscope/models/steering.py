@@ -155,7 +155,7 @@ class _Forward:
     capture: Callable[[int, torch.Tensor], None] | None = None  # (layer, weights [B,H,Lq,Lk])
     capture_layers: frozenset[int] = frozenset()
     kernel: str = "sdpa"  # how steered layers attend (KERNELS)
-    block_masks: dict[Any, Any] = field(default_factory=dict)  # flex: one per mask and shape
+    block_masks: dict[Any, Any] = field(default_factory=dict)  # flex: (mask, block) per shape
 
 
 _local = threading.local()
@@ -296,9 +296,11 @@ def _flex_attention(state: _Forward, query: torch.Tensor, key: torch.Tensor,
     def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
         return score + per_key[b, h, kv].to(score.dtype)
 
-    # One block mask per forward pass and shape: every layer gets the same attention_mask.
-    cache_key = (None if attention_mask is None else attention_mask.data_ptr(), batch, lq, lk)
-    block = state.block_masks.get(cache_key)
+    # One block mask per forward pass and shape: every layer gets the same attention_mask
+    # object (kept in the cache, so its identity cannot be reused by another tensor).
+    cache_key = (None if attention_mask is None else id(attention_mask), batch, lq, lk)
+    mask_and_block = state.block_masks.get(cache_key)
+    block = mask_and_block[1] if mask_and_block is not None else None
     if block is None:
         if attention_mask is None:
             offset = lk - lq
@@ -312,7 +314,7 @@ def _flex_attention(state: _Forward, query: torch.Tensor, key: torch.Tensor,
             def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
                 return allowed[b if allowed.shape[0] > 1 else 0, 0, q, kv]
         block = create_block_mask(mask_mod, batch, None, lq, lk, device=query.device)
-        state.block_masks[cache_key] = block
+        state.block_masks[cache_key] = (attention_mask, block)
     out = _flex_function(query.device)(
         query, key, value, score_mod=score_mod, block_mask=block, scale=scaling,
         enable_gqa=key.shape[1] != n_heads)
