@@ -177,11 +177,11 @@ def knob_sweep(
                                    f"the {source}).")
     gold = {source: [r[col] for r in rows] for source, col in answers.items()}
     layers = list(layers if layers is not None else knob.layers)
+    facts = {str(k): _layer_facts(knob, k) for k in layers}  # an unknown layer fails here
     grid = {layer: list(values.get(layer, ()) if isinstance(values, Mapping)
                         else values if values is not None else knob_values(knob, layer))
             for layer in layers}
     for layer in layers:
-        _layer_facts(knob, layer)
         if not grid[layer]:
             raise PromptscopeError(f"No knob values to sweep at layer {layer}.")
 
@@ -192,7 +192,7 @@ def knob_sweep(
     base = shares()
     params = {"template": task.tpl.source, "n_rows": len(rows), "baseline": base,
               "answers": answers, "start": start, "knob": knob.describe(),
-              "layers": {str(k): _layer_facts(knob, k) for k in layers}}
+              "layers": facts}
     bar = tqdm(total=sum(len(v) for v in grid.values()), disable=not progress,
                desc="knob sweep", unit="setting", leave=False)
     with Recorder(KIND, name=name, model=mdl, params=params, source=task.tpl.source, save=save,
