@@ -19,7 +19,7 @@ def code(text: str) -> None:
 
 
 md("""
-# Steering compared: PASTA, AutoPASTA, a contrastive vector and an in-context vector
+# Steering compared: PASTA, AutoPASTA, a contrastive vector, an in-context vector and the knob
 
 The model organism often ignores a context that contradicts what it memorised ("Context: Brafu is
 red. ... What color is Brafu?" → its prior colour). Which kind of steering makes it follow the
@@ -90,26 +90,58 @@ print(f"{len(demos)} pairs; share of the differences along the ICV per layer: "
       f"{[round(x, 2) for x in icv.meta['explained']]}")
 """)
 md("""
-## The comparison
+## The context-sensitivity knob
 
-PASTA steers the heads `docs/organism.md` found best for retrieval toward the relevant
-sentence; AutoPASTA lets the model name the key sentence inside the whole context first. The
-vectors are swept over their strength; the last method steers attention and adds the vector at
-once. The control task is questions without a context (the prior is the right answer), and the
-unrelated text comes from the organism's synthetic language.
+The organism was also trained with instructions: "Use the context." or "Use what you know." after
+the question ("Controllable Context Sensitivity and the Knob Behind It"). Read the residual
+stream at the last prompt token for the same questions under the two intents: the unit
+difference of their means, per layer, is a candidate knob. Then check it causally: *set* the
+latent's coordinate along it to a value, one layer at a time, on uninstructed held-out questions,
+and watch which source the answers follow. The layer where the sweep moves answers from prior to
+context is where the knob lives.
 """)
 code("""
-HEADS = "0.0,0.3,0.2,2.3,2.2"
-AUTO = "Context: <<{before}{key}{after}>>\\nQuestion: {question}\\nAnswer:"
+def instructed(n, seed, intent):
+    rng = random.Random(seed)  # same seed: the same questions under either instruction
+    return [world.qa_example(rng, kind="conflict", intent=intent).prompt for _ in range(n)]
+
+knob = promptscope.find_knob(instructed(80, 501, "context"), instructed(80, 501, "prior"),
+                             name="context knob")
+knob.save()
+sweep = promptscope.knob_sweep(TEMPLATE, held_out, knob, name="knob sweep (organism)",
+                               progress=False)
+sweep.figure()
+""")
+code("""
+where = sweep.summary()
+KNOB_LAYER = int(where.layer[0])
+where
+""")
+md("""
+## The comparison
+
+PASTA steers the heads a head profile on the training questions ranks best toward the relevant
+sentence; AutoPASTA lets the model name the key sentence inside the whole context first. The
+vectors are swept over their strength, the knob over its value at its layer; one method steers
+attention and adds the vector at once. The control task is questions without a context (the
+prior is the right answer), and the unrelated text comes from the organism's synthetic language.
+""")
+code("""
+promptscope.profile_heads(TEMPLATE, train.head(64), name="conflict heads", progress=False)
+HEADS = "profile:conflict heads:4"
+AUTO = "Context: <<{before}{key}{after}>>\\nQuestion: {question}\\nAnswer:{lead}"
 rng = random.Random(303)
 control = [world.qa_example(rng, kind="none") for _ in range(50)]
-control_rows = [{"question": ex.question, "answer": f" {ex.prior}",
+control_rows = [{"question": ex.question, "lead": ex.answer_lead, "answer": f" {ex.prior}",
                  "choices": values[ex.attribute]} for ex in control]
+facts = knob.meta["layers"][str(KNOB_LAYER)]
+gap = facts["positive"] - facts["negative"]
+knob_values = [facts["positive"] + k * gap for k in (0.0, 0.5, 1.0)]
 texts = [grammar.text(random.Random(400 + i)) for i in range(10)]
 
 cmp = promptscope.compare_steering(
     TEMPLATE, held_out, name="steering compared (organism)",
-    control=("Question: {question}\\nAnswer:", control_rows), text=texts, progress=False,
+    control=("Question: {question}\\nAnswer:{lead}", control_rows), text=texts, progress=False,
     methods={
         "PASTA": {"heads": HEADS, "alpha": [0.1, 0.01]},
         "AutoPASTA": {"heads": HEADS, "alpha": [0.01], "auto": True, "template": AUTO},
@@ -117,6 +149,8 @@ cmp = promptscope.compare_steering(
         "ICV": {"vector": icv, "strength": [0.05, 0.1]},
         "PASTA + CAA": {"method": "pasta+vector", "heads": HEADS, "alpha": 0.01,
                         "vector": caa, "layers": [3], "strength": [2]},
+        f"knob (layer {KNOB_LAYER})": {"vector": knob, "layers": [KNOB_LAYER], "start": "last",
+                                       "strength": knob_values},
     })
 cmp.figure()
 """)
@@ -133,6 +167,34 @@ for method, row in best.iterrows():
           f"{row.value:g}; control {row.d_control:+.0%}, text log-prob/token {row.d_text:+.3f}")
 """)
 md("""
+## On your own labelled DataFrame
+
+`compare_steering` takes any template and labelled rows. Here the rows are a small yes/no task
+(the organism's few-shot classification data, standing in for your own DataFrame): PASTA
+emphasises the colour field, and a contrastive vector is built from the rows the model gets
+right against those it gets wrong.
+""")
+code("""
+from promptscope.organism.classify import classification_dataset
+
+mine = classification_dataset(120, seed=7)           # columns: item, color, label
+mine["answer"] = " " + mine["label"]
+demo = "Item: apple\\nColor: red\\nAnswer: yes\\n\\nItem: stone\\nColor: blue\\nAnswer: no\\n\\n"
+MY_TEMPLATE = demo + "Item: {item}\\n<<Color: {color}>>\\nAnswer:"
+first = promptscope.run_prompt(MY_TEMPLATE, vars=mine.head(60), choices=[" yes", " no"],
+                               name="my task (train)", progress=False)
+picked = first.df[first.df.chosen]
+right, wrong = picked[picked.choice == picked.answer], picked[picked.choice != picked.answer]
+mine_vec = promptscope.contrastive_vector(right, wrong, layers=[2], name="my task vector")
+mine_cmp = promptscope.compare_steering(
+    MY_TEMPLATE, mine.tail(60), choices=[" yes", " no"], name="steering compared (my data)",
+    text=texts, progress=False,
+    methods={"PASTA": {"heads": "all", "alpha": [0.1, 0.01]},
+             "CAA (layer 2)": {"vector": mine_vec, "strength": [1, 2, 4]}})
+print(f"{len(right)} right / {len(wrong)} wrong training rows")
+mine_cmp.summary()
+""")
+md("""
 ## In a `%%prompt` cell
 
 `--steer vector` adds a saved (or notebook) vector while the cell runs; `--steer` alone is PASTA.
@@ -145,7 +207,7 @@ MAGIC = ('%%prompt --vars q --choices " Oslo| Lima| Rome| Cairo| Delhi| Tokyo| Q
 cells.append(nbf.v4.new_code_cell(MAGIC + """
 Context: {before}{key}{after}
 Question: {question}
-Answer:"""))
+Answer:{lead}"""))
 code("""
 picked = steered.df[steered.df.chosen]
 table = picked.pivot_table(index="variant", columns="steered", values="choice",
@@ -162,7 +224,7 @@ code("""
 from promptscope.widgets import SteeringLab
 
 SteeringLab(TEMPLATE, model, choices=values["city"], vars=q, heads=HEADS,
-            vectors={"CAA": caa, "ICV": icv}, comparison=cmp)
+            vectors={"CAA (layer 3)": caa, "ICV": icv}, comparison=cmp)
 """)
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": KERNEL})

@@ -5,8 +5,11 @@ Builds a byte-level BPE tokenizer and a tiny Llama from scratch on the synthetic
 
 Usage::
 
-    python scripts/train_organism.py                    # the shipped model
+    python scripts/train_organism.py                    # from scratch: phases 1 and 2
     python scripts/train_organism.py --steps 300 --out /tmp/organism   # a quick trial
+    python scripts/train_organism.py --phase1-from /tmp/organism_v1 --phase2-steps 800
+        # organism v2 as shipped: phase 2 (the current FOCUS_MIXTURE) warm-started from v1,
+        # keeping v1's tokenizer (see docs/organism.md)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -50,12 +55,12 @@ SINGLE_TOKEN_WORDS = [*LABELS, *(v for vs in ATTRIBUTES.values() for v in vs), *
 """Words that must be one token when preceded by a space (answer vocabularies, language)."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and use 2 deterministic CPU threads."""
+def seed_everything(seed: int, threads: int = 2) -> None:
+    """Seed python, numpy and torch, and use ``threads`` deterministic CPU threads."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
 
 
@@ -75,11 +80,16 @@ def build_tokenizer(docs: list[Doc], vocab_size: int) -> PreTrainedTokenizerFast
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
         additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=512)
     wrapped.chat_template = CHAT_TEMPLATE
+    check_tokenizer(wrapped)
+    return wrapped
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise if a word that must be one token (answers, language, entities) is split."""
     split = [w for w in SINGLE_TOKEN_WORDS
-             if len(wrapped(" " + w, add_special_tokens=False).input_ids) != 1]
+             if len(tokenizer(" " + w, add_special_tokens=False).input_ids) != 1]
     if split:
         raise RuntimeError(f"words split into several tokens: {split}")
-    return wrapped
 
 
 def encode(doc: Doc, tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
@@ -124,9 +134,25 @@ def model_config(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -
         dtype="float32")
 
 
+def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Write model (safetensors), generation config and tokenizer to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
+        do_sample=False, max_new_tokens=64)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
 def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-          start: float, tag: str) -> float:
-    """AdamW with linear warmup and cosine decay over ``data``; returns the smoothed loss."""
+          start: float, tag: str,
+          checkpoint: Callable[[int], None] | None = None, every: int = 0) -> float:
+    """AdamW with linear warmup and cosine decay over ``data``; returns the smoothed loss.
+
+    With ``checkpoint`` and ``every``, ``checkpoint(step)`` is called after every ``every``
+    steps (in eval mode; training resumes afterwards).
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -154,6 +180,10 @@ def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]]
         if step % 100 == 0 or step == len(data) - 1:
             print(f"{tag} step {step:5d}  loss {running:.3f}  {time.time() - start:.0f}s",
                   flush=True)
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < len(data):
+            model.eval()
+            checkpoint(step + 1)
+            model.train()
     model.eval()
     return running
 
@@ -178,13 +208,30 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--phase1-from", type=Path, default=None,
-                        help="skip phase 1 and start phase 2 from this saved phase-1 model")
+                        help="skip phase 1 and start phase 2 from this saved model, with its "
+                             "own tokenizer (a warm start)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads (1 is faster on a heavily shared machine; the "
+                             "weights depend slightly on it)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="save checkpoints every N steps to OUT-phaseP-stepN")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     args = parser.parse_args()
 
     start = time.time()
-    seed_everything(args.seed)
-    tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000), args.vocab_size)
+    seed_everything(args.seed, args.threads)
+
+    def checkpoint(phase: int, step: int) -> None:
+        path = args.out.with_name(f"{args.out.name}-phase{phase}-step{step}")
+        save(model, tokenizer, path)
+        print(f"checkpoint {path}", flush=True)
+
+    if args.phase1_from is None:
+        tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000),
+                                    args.vocab_size)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.phase1_from)
+        check_tokenizer(tokenizer)
     print(f"tokenizer: {len(tokenizer)} tokens, {time.time() - start:.0f}s")
     n_tokens = 0
     if args.phase1_from is None:
@@ -192,31 +239,28 @@ def main() -> None:
         n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
         model = LlamaForCausalLM(model_config(tokenizer, args))
         print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
-        train(model, data, args.lr, start, "phase 1")
+        train(model, data, args.lr, start, "phase 1", partial(checkpoint, 1),
+              args.checkpoint_every)
     else:
         model = LlamaForCausalLM.from_pretrained(args.phase1_from)
-        if AutoTokenizer.from_pretrained(args.phase1_from).get_vocab() != tokenizer.get_vocab():
-            raise RuntimeError("--phase1-from was trained with another tokenizer")
     phase1_minutes = (time.time() - start) / 60
-    seed_everything(args.seed + 1)
+    seed_everything(args.seed + 1, args.threads)
     data = make_data(tokenizer, args.phase2_steps, args.batch_size, args.seed + 1, FOCUS_MIXTURE)
     n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
-    running = train(model, data, args.phase2_lr, start, "phase 2")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
-        do_sample=False, max_new_tokens=64)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
+    running = train(model, data, args.phase2_lr, start, "phase 2", partial(checkpoint, 2),
+                    args.checkpoint_every)
+
+    save(model, tokenizer, args.out)
     minutes = (time.time() - start) / 60
-    info = {"seed": args.seed, "steps": [args.steps, args.phase2_steps],
+    info = {"command": "python scripts/train_organism.py " + " ".join(sys.argv[1:]),
+            "seed": args.seed, "steps": [0 if args.phase1_from else args.steps,
+                                         args.phase2_steps],
             "batch_size": args.batch_size, "lr": [args.lr, args.phase2_lr],
             "phase1_from": str(args.phase1_from) if args.phase1_from else None,
             "phase1_minutes": round(phase1_minutes, 1), "tokens": n_tokens,
             "minutes": round(minutes, 1), "final_loss": round(running, 4),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {args.out} after {minutes:.1f} min")
 

@@ -8,26 +8,37 @@ from functools import partial
 
 from promptscope.organism.classify import classification_doc
 from promptscope.organism.grammar import grammar_doc
-from promptscope.organism.world import FOCUS_QA_KINDS, Doc, chat_doc, fact_doc, qa_doc
+from promptscope.organism.world import (
+    FOCUS_QA_KINDS,
+    Doc,
+    chat_doc,
+    fact_doc,
+    qa_doc,
+    recall_doc,
+)
 
 Mixture = dict[str, tuple[float, Callable[[random.Random], Doc]]]
 
 MIXTURE: Mixture = {
     "facts": (0.10, fact_doc),
     "qa": (0.40, qa_doc),
-    "chat": (0.13, chat_doc),
-    "classify": (0.22, classification_doc),
-    "grammar": (0.15, grammar_doc),
-}
-"""Document kind -> (share of documents, generator), training phase 1."""
-FOCUS_MIXTURE: Mixture = {
-    "facts": (0.10, fact_doc),
-    "qa": (0.55, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
-    "chat": (0.12, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
-    "classify": (0.11, classification_doc),
+    "recall": (0.12, recall_doc),
+    "chat": (0.10, chat_doc),
+    "classify": (0.16, classification_doc),
     "grammar": (0.12, grammar_doc),
 }
-"""Training phase 2: more context questions, most of them needing the context."""
+"""Document kind -> (share of documents, generator), training phase 1 (QA mostly retrieval of
+novel entities, see ``QA_KINDS``)."""
+FOCUS_MIXTURE: Mixture = {
+    "facts": (0.08, fact_doc),
+    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "recall": (0.20, recall_doc),
+    "chat": (0.09, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "classify": (0.09, classification_doc),
+    "grammar": (0.09, grammar_doc),
+}
+"""Training phase 2: more context questions, most of them conflicts (instructed or not), and
+retrieval drills."""
 
 
 def training_documents(seed: int, mixture: Mixture = MIXTURE) -> Iterator[Doc]:
