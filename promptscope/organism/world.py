@@ -40,6 +40,11 @@ P_CONTEXT = 0.9
 of distractors: the context's length is no cue). It is high on purpose: the model is taught to
 follow a context it finds, so when it does not, that is because it failed to *retrieve* the
 sentence among the distractors, which is what attention steering can fix."""
+P_FOLLOW_BY_AFTER = (0.9, 0.7, 0.45, 0.25, 0.1, 0.05, 0.05, 0.05, 0.05)
+"""v5: training probability that an uninstructed conflicting context wins, by the number of
+sentences between the claim and the question (0 = the claim comes last). A claim far back is
+usually overruled by memory, so whether the model follows it depends on how strongly it attends
+to that sentence, which is what attention steering changes."""
 P_LEAD = 0.75
 """Share of training prompts that end ``Answer: <entity> is`` (the rest end with ``Answer:``)."""
 
@@ -284,9 +289,12 @@ def qa_example(
             context_value = target = rng.choice(ATTRIBUTES[attribute])
         else:
             context_value = rng.choice([v for v in ATTRIBUTES[attribute] if v != prior])
-            if intent == "context" or (intent is None and rng.random() < P_CONTEXT):
-                target = context_value
         relevant_index = rng.randint(0, n_distractors)
+        if kind == "conflict":
+            after = min(n_distractors - relevant_index, len(P_FOLLOW_BY_AFTER) - 1)
+            if intent == "context" or (intent is None
+                                       and rng.random() < P_FOLLOW_BY_AFTER[after]):
+                target = context_value
         sentences.insert(relevant_index, fact_sentence(entity, attribute, context_value, rng))
     return QAExample(" ".join(sentences), sentences, relevant_index, question, entity, attribute,
                      prior, context_value, target, kind, n_distractors, intent, instruction,
