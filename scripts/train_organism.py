@@ -42,6 +42,7 @@ from promptscope.organism.classify import LABELS  # noqa: E402
 from promptscope.organism.data import (  # noqa: E402
     FOCUS_MIXTURE,
     MIXTURE,
+    REPAIR_MIXTURE,
     Mixture,
     sample_documents,
 )
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--phase1-from", type=Path, default=None,
                         help="skip phase 1 and start phase 2 from this saved model, with its "
                              "own tokenizer (a warm start)")
+    parser.add_argument("--phase2-mixture", choices=("focus", "repair"), default="focus")
     parser.add_argument("--threads", type=int, default=2,
                         help="CPU threads (1 is faster on a heavily shared machine; the "
                              "weights depend slightly on it)")
@@ -245,7 +247,8 @@ def main() -> None:
         model = LlamaForCausalLM.from_pretrained(args.phase1_from)
     phase1_minutes = (time.time() - start) / 60
     seed_everything(args.seed + 1, args.threads)
-    data = make_data(tokenizer, args.phase2_steps, args.batch_size, args.seed + 1, FOCUS_MIXTURE)
+    mixture = REPAIR_MIXTURE if args.phase2_mixture == "repair" else FOCUS_MIXTURE
+    data = make_data(tokenizer, args.phase2_steps, args.batch_size, args.seed + 1, mixture)
     n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
 
     running = train(model, data, args.phase2_lr, start, "phase 2", partial(checkpoint, 2),

@@ -41,6 +41,17 @@ FOCUS_MIXTURE: Mixture = {
 retrieval drills."""
 
 
+REPAIR_MIXTURE: Mixture = {
+    "facts": (0.08, fact_doc),
+    "qa": (0.30, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "recall": (0.10, recall_doc),
+    "chat": (0.07, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "classify": (0.35, classification_doc),
+    "grammar": (0.10, grammar_doc),
+}
+"""v5 repair: phase 2 with the few-shot classification documents v4 under-weighted."""
+
+
 def training_documents(seed: int, mixture: Mixture = MIXTURE) -> Iterator[Doc]:
     """An endless, deterministic stream of training documents drawn from ``mixture``."""
     rng = random.Random(seed)
