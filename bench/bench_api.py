@@ -5,7 +5,8 @@ unless ``--base-url`` points at a running one), the same choices run three ways:
 
 - baseline: the loop a user would write with the ``openai`` client, one request per variant
   (all its choices in one echo request), one after another;
-- promptscope: ``run_prompt`` on an ``OpenAIModel`` (concurrent requests, cache off);
+- promptscope: ``run_prompt`` on an ``OpenAIModel`` (concurrent requests, one or several
+  prompts per echo request, cache off);
 - cached re-run: the same run again with the on-disk cache on (second pass).
 
 Both run twice: straight to the local server, and through a proxy that adds ``--latency``
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="served model name (with --base-url)")
     ap.add_argument("--rows", type=int, default=40, help="template rows (8 variants each)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--per-request", type=int, nargs="+", default=[1, 16],
+                    help="prompts per echo request (promptscope's default is 16)")
     ap.add_argument("--latency", type=float, default=0.05, help="added round trip, seconds")
     args = ap.parse_args()
 
@@ -88,13 +91,16 @@ def main() -> None:
                              (f"+{args.latency * 1000:.0f} ms round trip (proxy)", proxy.url)]:
             base = baseline(where, name, prompts)
             table = [("openai client, sequential loop (baseline)", base)]
-            for c in args.concurrency:
-                model = OpenAIModel(name, base_url=where, max_concurrency=c, cache=False)
-                t0 = time.perf_counter()
-                run = promptscope.run_prompt(TEMPLATE, model, vars=rows, choices=CHOICES,
-                                             progress=False, save=False)
-                table.append((f"promptscope, {c} in flight", time.perf_counter() - t0))
-                assert run.params["api"]["failed"] == 0
+            for per in args.per_request:
+                for c in args.concurrency:
+                    model = OpenAIModel(name, base_url=where, max_concurrency=c, cache=False,
+                                        prompts_per_request=per)
+                    t0 = time.perf_counter()
+                    run = promptscope.run_prompt(TEMPLATE, model, vars=rows, choices=CHOICES,
+                                                 progress=False, save=False)
+                    table.append((f"promptscope, {c} in flight x {per} per request",
+                                  time.perf_counter() - t0))
+                    assert run.params["api"]["failed"] == 0
             model = OpenAIModel(name, base_url=where, cache=True)
             promptscope.run_prompt(TEMPLATE, model, vars=rows, choices=CHOICES,
                                    progress=False, save=False)
@@ -107,9 +113,9 @@ def main() -> None:
 
     for label, base, table in tables:
         print(f"\n{label}: {n} variants x {len(CHOICES)} choices\n")
-        print(f"{'how':<44} {'seconds':>8} {'variants/s':>11} {'vs baseline':>12}")
+        print(f"{'how':<52} {'seconds':>8} {'variants/s':>11} {'vs baseline':>12}")
         for how, secs in table:
-            print(f"{how:<44} {secs:>8.2f} {n / secs:>11.1f} {base / secs:>11.1f}x")
+            print(f"{how:<52} {secs:>8.2f} {n / secs:>11.1f} {base / secs:>11.1f}x")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Ways to generate the same greedy continuation of one prompt:
 
 - ``plain``: the model's SDPA attention, no steering (the reference time);
 - ``promptscope``: PASTA as a per-head key bias inside promptscope's attention function (SDPA);
+- ``promptscope flex``: the same bias as a ``flex_attention`` score modifier (``kernel="flex"``:
+  no dense ``[B, H, L, L]`` mask; compiled into a fused kernel on CUDA, unfused eager elsewhere);
 - ``eager PASTA``: what one writes without promptscope: eager attention whose post-softmax
   weights are scaled by alpha off the emphasised span on the steered heads and renormalised;
 - ``vector add``: a steering vector added to the residual stream after two layers (CAA-style,
@@ -31,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("plain", "promptscope", "eager PASTA", "vector add", "vector ICV")
+METHODS = ("plain", "promptscope", "promptscope flex", "eager PASTA", "vector add", "vector ICV")
 HEADS = {1: [0, 2], 2: [1, 3]}  # a typical PASTA head set: a few heads in a few layers
 ALPHA = 0.01
 
@@ -82,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-        enc = model._encode(prompt, offsets=True)
+        enc = model.encode(prompt, offsets=True)
         start = prompt.index(key)
         inside = [b > a and a < start + len(key) and b > start for a, b in enc["offset_mapping"]]
         down = {"mask": ~torch.tensor(inside, device=model.device)}
@@ -108,8 +110,9 @@ def child(args: argparse.Namespace) -> None:
         if vector is not None and steered:
             with promptscope.steer(model, vector=vector, strength=strength):
                 return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
-        if args.child == "promptscope":
-            with promptscope.steer(model, heads=HEADS, alpha=ALPHA, emphasis=key):
+        if args.child.startswith("promptscope"):
+            kernel = "flex" if args.child.endswith("flex") else "sdpa"
+            with promptscope.steer(model, heads=HEADS, alpha=ALPHA, emphasis=key, kernel=kernel):
                 return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
         return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
 
@@ -220,8 +223,8 @@ def main() -> None:
             if out.returncode:
                 sys.exit(f"{method} at {length} tokens failed:\n{out.stderr[-3000:]}")
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        same = ("promptscope" in res and "eager PASTA" in res
-                and res["promptscope"]["text"] == res["eager PASTA"]["text"])
+        same = {m: res[m]["text"] == res["eager PASTA"]["text"]
+                for m in ("promptscope", "promptscope flex") if m in res and "eager PASTA" in res}
         rows.append((length, res, same))
     where = args.device or "default device"
     print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, small llama "
@@ -229,18 +232,18 @@ def main() -> None:
           f"{HEADS}, alpha {ALPHA}; vector add: layers 1-2, strength 2; vector ICV: every layer, "
           f"lambda 0.1. Times are the best of {args.repeats}; vector rows are compared with plain "
           f"runs alternated in their own process (the plain row's time in brackets).\n")
-    print(f"{'tokens':>7} {'method':<13}{'seconds':>9}{'vs plain':>10}{'peak MB':>10}"
+    print(f"{'tokens':>7} {'method':<17}{'seconds':>9}{'vs plain':>10}{'peak MB':>10}"
           f"{'same text as eager':>20}")
     for _, res, same in rows:
         for method in res:
             r = res[method]
             base = r.get("plain_seconds") or res["plain"]["seconds"]
             flag = ""
-            if method == "promptscope" and "eager PASTA" in res:
-                flag = "yes" if same else "NO"
+            if method in same:
+                flag = "yes" if same[method] else "NO"
             elif r.get("plain_seconds"):
                 flag = f"(plain {base:.3f} s)"
-            print(f"{r['tokens']:>7} {method:<13}{r['seconds']:>9.3f}{r['seconds'] / base:>9.2f}x"
+            print(f"{r['tokens']:>7} {method:<17}{r['seconds']:>9.3f}{r['seconds'] / base:>9.2f}x"
                   f"{r['peak_mb']:>10.0f}{flag:>20}")
 
 

@@ -79,6 +79,9 @@ def _prompt_parser() -> _Parser:
     p.add_argument("--alpha", type=float, default=0.01, help="PASTA's scaling of the "
                    "non-emphasised tokens, in (0, 1] (default 0.01)")
     p.add_argument("--steer-mode", default="exclude", choices=["exclude", "include"])
+    p.add_argument("--kernel", default="sdpa", choices=["sdpa", "flex"], help="with --steer: "
+                   "PASTA's attention kernel (flex: flex_attention, no dense bias mask; fused "
+                   "on CUDA)")
     p.add_argument("--auto-emphasis", action="store_true", help="with --steer: AutoPASTA, the "
                    "model names the key sentence inside <<...>> (or the prompt) to steer")
     p.add_argument("--compare", action="store_true", help="with --steer: run each variant "
@@ -113,6 +116,8 @@ def _promptscope_parser() -> _Parser:
                    "request (default 60)")
     m.add_argument("--no-cache", action="store_true", help="openai:MODEL only: do not cache "
                    "responses on disk")
+    m.add_argument("--tokenizer", metavar="PATH", help="openai:MODEL only: the served model's "
+                   "tokenizer (folder or hub id) for %%%%reach (default: the root vLLM reports)")
     sub.add_parser("models", help="list the models loaded in this kernel")
     s = sub.add_parser("sessions", help="list saved sessions, newest first")
     s.add_argument("--kind")
@@ -168,11 +173,13 @@ class PromptscopeMagics(Magics):
                                      ("api_key_env", args.api_key_env),
                                      ("max_concurrency", args.max_concurrency),
                                      ("timeout", args.timeout),
-                                     ("cache", False if args.no_cache else None)]
+                                     ("cache", False if args.no_cache else None),
+                                     ("tokenizer", args.tokenizer)]
                    if v is not None}
             if api and not args.name.startswith("openai:"):
-                raise UsageError("--base-url, --api-key-env, --max-concurrency, --timeout and "
-                                 "--no-cache are for API models: name them openai:MODEL.")
+                raise UsageError("--base-url, --api-key-env, --max-concurrency, --timeout, "
+                                 "--no-cache and --tokenizer are for API models: name them "
+                                 "openai:MODEL.")
             model = promptscope.load_model(args.name, device=args.device, dtype=args.dtype,
                                            alias=args.alias, reload=args.reload, **api)
             print(f"Loaded {model!r}; it is now the default model.")
@@ -218,6 +225,8 @@ class PromptscopeMagics(Magics):
         if args.steer:
             steer = {"heads": args.heads, "alpha": args.alpha, "mode": args.steer_mode,
                      "compare": args.compare, "auto": args.auto_emphasis}
+            if args.kernel != "sdpa":
+                steer["kernel"] = args.kernel
             if args.steer == "vector":  # PASTA's options do not apply
                 steer = {"compare": args.compare, "auto": args.auto_emphasis,
                          **_vector_options(args, ns)}
@@ -314,7 +323,8 @@ def _reach_parser() -> _Parser:
     p.add_argument("--targets", default="top:10", help="true, top:N, random:N, bottom:N, "
                    "several joined by ',' (top:5,random:5), or token texts joined by '|' "
                    "(default top:10)")
-    p.add_argument("--method", default="gcg", choices=["gcg", "greedy", "both"])
+    p.add_argument("--method", choices=["gcg", "greedy", "both"],
+                   help="default: gcg on a local model, greedy on an API model")
     p.add_argument("--steps", type=int, default=32, help="GCG iterations per length")
     p.add_argument("--width", type=int, default=128, help="GCG candidates per step")
     p.add_argument("--top-k", type=int, default=64, help="GCG tokens per position")

@@ -103,6 +103,21 @@ class Variant:
         """Character ranges marked with ``<<...>>``."""
         return [(s.start, s.end) for s in self.spans if s.kind == "emph"]
 
+    def offset_in(self, text: str) -> int:
+        """Where this variant's text starts inside ``text`` (itself, or it wrapped in a chat
+        template)."""
+        offset = text.rfind(self.text) if text != self.text else 0
+        if offset < 0:
+            raise TemplateError("Cannot find the prompt inside its chat-templated text to place "
+                                "the emphasis; the chat template changes the message. Drop "
+                                "--chat.")
+        return offset
+
+    def emphasis_in(self, text: str) -> list[tuple[int, int]]:
+        """The emphasised character ranges, placed inside ``text`` (see :meth:`offset_in`)."""
+        offset = self.offset_in(text)
+        return [(a + offset, b + offset) for a, b in self.emphasis]
+
 
 @dataclass(frozen=True)
 class Template:

@@ -170,17 +170,19 @@ md("""
 ## On your own labelled DataFrame
 
 `compare_steering` takes any template and labelled rows. Here the rows are a small yes/no task
-(the organism's few-shot classification data, standing in for your own DataFrame): PASTA
-emphasises the colour field, and a contrastive vector is built from the rows the model gets
-right against those it gets wrong.
+(the organism's few-shot classification data, standing in for your own DataFrame) in a prompt
+format the model never saw, where it leans to "no": PASTA emphasises the colour field, and a
+contrastive vector is built from the training rows the model gets right against those it gets
+wrong; both are measured on the other rows.
 """)
 code("""
 from promptscope.organism.classify import classification_dataset
 
 mine = classification_dataset(120, seed=7)           # columns: item, color, label
 mine["answer"] = " " + mine["label"]
-demo = "Item: apple\\nColor: red\\nAnswer: yes\\n\\nItem: stone\\nColor: blue\\nAnswer: no\\n\\n"
-MY_TEMPLATE = demo + "Item: {item}\\n<<Color: {color}>>\\nAnswer:"
+# your own prompt format (upper-case fields: one the organism never saw in training)
+DEMO = "ITEM: apple\\nCOLOR: red\\nANSWER: yes\\n\\nITEM: stone\\nCOLOR: blue\\nANSWER: no\\n\\n"
+MY_TEMPLATE = DEMO + "ITEM: {item}\\n<<COLOR: {color}>>\\nANSWER:"
 first = promptscope.run_prompt(MY_TEMPLATE, vars=mine.head(60), choices=[" yes", " no"],
                                name="my task (train)", progress=False)
 picked = first.df[first.df.chosen]
@@ -189,10 +191,14 @@ mine_vec = promptscope.contrastive_vector(right, wrong, layers=[2], name="my tas
 mine_cmp = promptscope.compare_steering(
     MY_TEMPLATE, mine.tail(60), choices=[" yes", " no"], name="steering compared (my data)",
     text=texts, progress=False,
-    methods={"PASTA": {"heads": "all", "alpha": [0.1, 0.01]},
+    methods={"PASTA (all heads)": {"heads": "all", "alpha": [0.1, 0.01]},
              "CAA (layer 2)": {"vector": mine_vec, "strength": [1, 2, 4]}})
-print(f"{len(right)} right / {len(wrong)} wrong training rows")
+print(f"{len(right)} right / {len(wrong)} wrong training rows; unsteered accuracy "
+      f"{mine_cmp.params['baseline']['accuracy']:.0%} on the other {len(mine.tail(60))}")
 mine_cmp.summary()
+""")
+code("""
+mine_cmp.figure()
 """)
 md("""
 ## In a `%%prompt` cell

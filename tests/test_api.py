@@ -114,6 +114,7 @@ def proxy(server):
 def _proxied(proxy, server, **kwargs):
     kwargs.setdefault("backoff", 0.05)
     kwargs.setdefault("cache", False)
+    kwargs.setdefault("prompts_per_request", 1)  # the fault tests count one request per prompt
     model = OpenAIModel(server[2], base_url=proxy.url, name="proxied", **kwargs)
     model.begin_run("choices", chat=False)  # its probe of the server, before any fault
     return model
@@ -142,7 +143,7 @@ def test_choices_and_target_agree_with_the_white_box_model(hf, api):
     assert black_t.df["n_tokens"].tolist() == white_t.df["n_tokens"].tolist()
     assert min(black_t.df["n_tokens"]) > 1
     back = promptscope.load(black_t.session_id)
-    assert back == black_t and back.params["api"]["requests"] == 2
+    assert back == black_t and back.params["api"]["requests"] == 1  # both prompts in one
 
 
 def test_format_spread_and_posix_agree_with_the_white_box_model(hf, api):
@@ -167,6 +168,72 @@ def test_format_spread_and_posix_agree_with_the_white_box_model(hf, api):
                                                             abs=1e-3)
 
 
+def test_part_attribution_by_ablation_agrees_with_the_white_box_model(hf, api):
+    """captum's perturbation methods over template parts run through the endpoint: the same
+    attributions as the local path (ablation, and Shapley sampling with the same seed)."""
+    template = "Note: {x} <<Paris is in France.>> Q: Where is Paris? A:"
+    for method in ("ablation", "shapley"):
+        runs = [promptscope.attribute(template, m, vars=[{"x": "Tea is hot."}], target=" France",
+                                      method=method, n_samples=3, progress=False)
+                for m in (hf, api)]
+        white, black = (r.df for r in runs)
+        assert black["part"].tolist() == white["part"].tolist() == [
+            "text1", "x", "text2", "emphasis", "text3"]
+        assert black["attribution"].tolist() == pytest.approx(white["attribution"].tolist(),
+                                                              abs=1e-3)
+        assert black["logprob"].tolist() == pytest.approx(white["logprob"].tolist(), abs=1e-3)
+        assert (black["error"] == "").all() and runs[1].params["api"]["scoring"] == "echo"
+        assert runs[1].params["api"]["requests"] >= 2  # the whole prompt, then the ablations
+    # choices: one row set per choice, the same pick as the local model
+    picks = [promptscope.attribute("Is {city} in Europe? Answer:", m, vars=CITIES[:1],
+                                   choices=" yes| no", progress=False).df for m in (hf, api)]
+    assert picks[1]["chosen"].tolist() == picks[0]["chosen"].tolist()
+    assert picks[1]["attribution"].tolist() == pytest.approx(picks[0]["attribution"].tolist(),
+                                                             abs=1e-3)
+    with pytest.raises(CapabilityError, match="gradients"):
+        promptscope.attribute(template, api, vars=[{"x": "a"}], target=" France",
+                              level="tokens", progress=False)
+    with pytest.raises(PromptscopeError, match="local model"):
+        promptscope.attribute("A {x} B {y}", api, vars=[{"x": "1", "y": "2"}], target_part="y",
+                              progress=False)
+
+
+def test_attribution_needs_log_probs_from_the_endpoint(server):
+    answers_only = OpenAIModel(server[2], base_url=server[0], scoring="generated", cache=False)
+    with pytest.raises(CapabilityError, match="needs log-probabilities"):
+        promptscope.attribute("Is {city} in Europe? Answer:", answers_only, vars=CITIES[:1],
+                              choices=" yes| no", progress=False)
+
+
+def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, api):
+    """The greedy back-generation on token ids, scored by the server: the same control prompts,
+    probabilities and ranks as the local search."""
+    from promptscope.analyses.reachability import ReachabilityError
+
+    tok = api.tokenizer
+    assert len(tok) == len(hf.tokenizer)
+    x0s = ["Is Paris in Europe? Answer", "Hello there"]
+    kwargs = dict(targets=["top:3", "random:2"], k_max=2, method="greedy",
+                  control_tokens=list(range(40, 160)), seed=1, progress=False)
+    white, black = (promptscope.reachability(m, x0s, **kwargs) for m in (hf, api))
+    cols = ["x0", "target_id", "base_rank", "reached", "k", "control_ids", "rank", "steps",
+            "text_roundtrip"]
+    assert black.df[cols].astype(str).values.tolist() == white.df[cols].astype(str).values.tolist()
+    for col in ("base_prob", "prob"):
+        assert black.df[col].tolist() == pytest.approx(white.df[col].tolist(), abs=1e-3)
+    assert black.df["reached"].any() and not black.df["reached"].all()
+    assert black.params["unverified_claims"] == 0 and "bound_skipped" in black.params
+    assert black.params["api"]["requests"] > 0 and black.params["method"] == "greedy"
+    with pytest.raises(CapabilityError, match="greedy"):
+        promptscope.reachability(api, x0s, "top:2", method="gcg", progress=False)
+    with pytest.raises(ReachabilityError, match="bottom:3"):
+        promptscope.reachability(api, x0s, "bottom:3", progress=False)
+    wrong = OpenAIModel(api.model_id, base_url=api.base_url,
+                        tokenizer=promptscope.models.organism_path())
+    with pytest.raises(CapabilityError, match="does not tokenise like"):
+        promptscope.reachability(wrong, x0s, "top:2", progress=False)
+
+
 def test_greedy_generation_agrees_plain_and_chat(hf, api):
     template = "{{Hi|Hello|The cat|Question: what colour is the sky?}} {{there|now}}"
     for chat in (False, True):
@@ -185,7 +252,7 @@ def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, 
     import torch
 
     top_k = 300  # within the vocabulary (vLLM's server fails on more)
-    api = OpenAIModel(server[2], base_url=server[0], top_logprobs=top_k)
+    api = OpenAIModel(server[2], base_url=server[0], top_logprobs=top_k, scoring="top_logprobs")
     black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, choices="yes|no", chat=True,
                                    progress=False)
     assert black.params["api"]["scoring"] == "top_logprobs"
@@ -204,6 +271,24 @@ def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, 
             assert got == pytest.approx(expected, abs=1e-3)
     with pytest.raises(CapabilityError, match="--target with --chat"):
         promptscope.run_prompt("Hi", api, target=" yes", chat=True, progress=False)
+
+
+def test_chat_target_and_choices_are_exact_through_the_servers_chat_template(hf, api):
+    """vLLM renders the chat template (/tokenize + /detokenize), so chat prompts are scored
+    with echo: the log-prob of a given reply equals the white-box model's, like plain ones."""
+    reply = " Paris is in Europe."
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES, target=reply, chat=True,
+                                   progress=False)
+    black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, target=reply, chat=True,
+                                   progress=False)
+    assert black.params["api"]["scoring"] == "echo"
+    assert black.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
+    white = promptscope.run_prompt(TEMPLATE, hf, vars=CITIES, choices="yes|no", chat=True,
+                                   progress=False)
+    black = promptscope.run_prompt(TEMPLATE, api, vars=CITIES, choices="yes|no", chat=True,
+                                   progress=False)
+    assert black.params["api"]["scoring"] == "echo"
+    assert black.df["logprob"].tolist() == pytest.approx(white.df["logprob"].tolist(), abs=1e-3)
 
 
 def test_the_magic_runs_an_api_model(server, hf, capsys):
@@ -240,6 +325,24 @@ def test_concurrency_is_bounded_and_progress_is_reported(server, proxy):
     assert sum(seen) == 24 and all(s.error is None for s in scores)
     assert proxy.counts["/v1/completions"] >= 24
     assert 2 <= proxy.max_in_flight <= 3
+
+
+def test_several_prompts_per_request_give_the_same_scores(server, proxy):
+    one = _proxied(proxy, server)
+    packed = _proxied(proxy, server, prompts_per_request=4, max_concurrency=2)
+    prompts = [f"Question {i}: is it" for i in range(10)]
+    conts = [" yes", " no"] * 5
+    before = proxy.counts["/v1/completions"]
+    seen: list[int] = []
+    scores = packed.score(prompts, conts, progress=seen.append)
+    assert proxy.counts["/v1/completions"] - before == 3 and sorted(seen) == [2, 4, 4]
+    single = one.score(prompts, conts)
+    assert [s.logprob for s in scores] == pytest.approx([s.logprob for s in single], abs=1e-5)
+    assert [s.tokens for s in scores] == [s.tokens for s in single]
+    flaky = _proxied(proxy, server, prompts_per_request=4, max_concurrency=1, max_retries=2)
+    proxy.inject("500", "500", "500")  # a pack that fails for good fails its prompts only
+    got = flaky.score(prompts, conts)
+    assert [s.error is not None for s in got] == [True] * 4 + [False] * 6
 
 
 def test_cache_makes_a_rerun_free_and_can_be_turned_off(server, proxy, capsys):
@@ -358,6 +461,7 @@ def test_notebook_runs_against_the_server(server, tmp_path, monkeypatch):
     assert SECRET not in text
     assert "cdn.plot.ly" not in text and "application/vnd.plotly.v1+json" in text
     assert "agree" in text and "from the cache" in text
+    assert "same control prompts: True" in text  # greedy reachability through the endpoint
     for folder in (tmp_path, Path(os.environ["PROMPTSCOPE_HOME"])):
         for path in folder.rglob("*"):
             if path.is_file():

@@ -160,8 +160,9 @@ def test_errors_say_what_to_fix(tiny_llama):
 
     api = OpenAIModel("some-model", base_url="http://127.0.0.1:9/v1", api_key="k", check=False,
                       cache=False)
+    # gradients need local weights (part ablation on an API model: tests/test_api.py)
     with pytest.raises(CapabilityError, match="local transformers model"):
-        promptscope.attribute(TEMPLATE, api, vars=ROWS, target=" Rome")
+        promptscope.attribute(TEMPLATE, api, vars=ROWS, target=" Rome", method="ig")
     with pytest.raises(AttributionError, match="'who' is empty in variant 0"):
         promptscope.attribute(TEMPLATE, tiny_llama, vars=[{"fact": "Ann is here.", "who": ""}],
                               target=" Rome", save=False)

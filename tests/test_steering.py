@@ -70,7 +70,7 @@ def _register_reference():
 
 def _batch(model, prompts, emphasis):
     """Left-padded ids, mask, positions, and the keys PASTA down-weights."""
-    encs = [model._encode(p, offsets=True) for p in prompts]
+    encs = [model.encode(p, offsets=True) for p in prompts]
     width = max(len(e["input_ids"]) for e in encs)
     ids = torch.full((len(prompts), width), model.tokenizer.pad_token_id)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -93,9 +93,16 @@ def _logits(model, impl, ids, mask, pos, padded=True):
         return model.model(input_ids=ids, **kwargs).logits.float()
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 @pytest.mark.parametrize("padded", [True, False], ids=["batch-with-padding", "unpadded-mask-none"])
-def test_key_bias_equals_eager_pasta(tiny_model, padded):
+def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
+    from promptscope.models import steering
+
     _register_reference()
+    flex_calls = []
+    real_flex = steering._flex_function
+    monkeypatch.setattr(steering, "_flex_function",
+                        lambda device: flex_calls.append(device) or real_flex(device))
     prompts, emphasis = (PROMPTS, EMPHASIS) if padded else (PROMPTS[:1], EMPHASIS[:1])
     ids, mask, pos, down = _batch(tiny_model, prompts, emphasis)
     _REF.update(heads=HEADS, alpha=ALPHA, down=down)
@@ -107,7 +114,7 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded):
 
             bias = key_bias(tiny_model.steering, ~down & mask.bool(), mask.bool(),
                             tiny_model.model.config.num_attention_heads)
-            with forward_context(_Forward(key_bias=bias)):
+            with forward_context(_Forward(key_bias=bias, kernel=kernel)):
                 ours = _logits(tiny_model, "promptscope_sdpa", ids, mask, pos, padded)
     finally:
         tiny_model.model.set_attn_implementation("sdpa")
@@ -115,13 +122,16 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded):
     assert torch.allclose(ours[real], reference[real], atol=1e-4)
     # ...and steering changes the model's output (the check above is not vacuous).
     assert (ours[real] - plain[real]).abs().max() > 1e-2
+    assert len(flex_calls) == (len(HEADS) if kernel == "flex" else 0)  # steered layers only
 
 
-def test_steered_scores_match_reference_through_the_backend(tiny_llama):
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_steered_scores_match_reference_through_the_backend(tiny_llama, kernel):
     """HFModel.score under steer(): batched, padded, multi-token continuations over the cache."""
     _register_reference()
     conts = [" Rome and more", " yes", " on the mat"]
-    with promptscope.steer(tiny_llama, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS):
+    with promptscope.steer(tiny_llama, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS,
+                           kernel=kernel):
         steered = tiny_llama.score(PROMPTS, conts)
     for prompt, sub, cont, s in zip(PROMPTS, EMPHASIS, conts, steered):
         ids, mask, pos, down = _batch(tiny_llama, [prompt], [sub])
@@ -138,12 +148,14 @@ def test_steered_scores_match_reference_through_the_backend(tiny_llama):
         assert s.logprob == pytest.approx(expected, abs=1e-4)
 
 
-def test_steered_generation_with_kv_cache_matches_reference(tiny_model):
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_steered_generation_with_kv_cache_matches_reference(tiny_model, kernel):
     """Greedy generation: cached steps (queries of generated tokens steered, their keys not)
     equal a full recompute with the eager reference at every step."""
     _register_reference()
     prompts, emphasis = PROMPTS[:2], EMPHASIS[:2]
-    with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=emphasis):
+    with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=emphasis,
+                           kernel=kernel):
         gens = tiny_model.generate(prompts, max_new_tokens=5)
     unsteered = tiny_model.generate(prompts, max_new_tokens=5)
     for prompt, sub, (g,) in zip(prompts, emphasis, gens):
@@ -184,7 +196,7 @@ def test_alpha_one_changes_nothing_and_include_mode_upweights(tiny_llama):
 
 def test_token_emphasis_at_span_edges(tiny_llama):
     text = "Ann lives in Rome."
-    enc = tiny_llama._encode(text, offsets=True)
+    enc = tiny_llama.encode(text, offsets=True)
     # A span that cuts a token in half still emphasises that whole token.
     cut = text.index("Rome") + 2
     flags = token_emphasis(enc["offset_mapping"], [(cut, len(text))], text)
@@ -198,7 +210,7 @@ def test_emphasis_in_a_chat_template(tiny_llama):
     chat = tiny_llama.chat_prompt(PROMPTS[0])
     with promptscope.steer(tiny_llama, heads="all", emphasis=EMPHASIS[0]):
         (flags,) = tiny_llama._emphasis_flags([chat])
-    enc = tiny_llama._encode(chat, offsets=True)
+    enc = tiny_llama.encode(chat, offsets=True)
     marked = "".join(chat[a:b] for (a, b), f in zip(enc["offset_mapping"], flags) if f)
     assert marked.strip() == EMPHASIS[0]
 
@@ -289,6 +301,10 @@ def test_prompt_magic_steer_flags(ip, tiny_llama_dir):
     run = ip.run_cell_magic("prompt", '--steer --compare --heads 1.0 --alpha 0.1 --target " x"',
                             "Say <<{{hi|yo}}>> now")
     assert len(run.df) == 4 and run.params["steer"]["heads"] == {"1": [0]}
+    flex = ip.run_cell_magic("prompt", '--steer --compare --heads 1.0 --alpha 0.1 --target " x" '
+                             "--kernel flex", "Say <<{{hi|yo}}>> now")
+    assert flex.params["steer"]["kernel"] == "flex"
+    assert flex.df["logprob"].tolist() == pytest.approx(run.df["logprob"].tolist(), abs=1e-4)
     with pytest.raises(UsageError, match="out of range"):
         ip.run_cell_magic("prompt", "--steer --heads 9.0 --target x", "<<a>> b")
     with pytest.raises(UsageError, match=r"outside \(0, 1\]"):

@@ -104,6 +104,22 @@ def test_workspace_dir_walks_up_like_git(tmp_path, monkeypatch):
     assert workspace_dir(deep) == tmp_path / "home"
 
 
+def test_workspace_dir_stops_at_ceiling_folders(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.delenv("PROMPTSCOPE_HOME")
+    (tmp_path / ".promptscope").mkdir()
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.setenv("PROMPTSCOPE_CEILING_DIRS", str(tmp_path / "a"))
+    assert workspace_dir(deep) == deep / ".promptscope"  # the ceiling is not looked into
+    assert workspace_dir(tmp_path / "a") == tmp_path / "a" / ".promptscope"  # nor above it
+    monkeypatch.delenv("PROMPTSCOPE_CEILING_DIRS")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # tmp_path is now "the temp folder"
+    assert workspace_dir(deep) == deep / ".promptscope"
+    assert workspace_dir(tmp_path) == tmp_path / ".promptscope"  # started there: still found
+
+
 def _run_and_die(path: str) -> None:
     """A 'kernel' that starts a run, saves a chunk and dies without finishing it."""
     store = Store(path)

@@ -9,6 +9,7 @@ carries it as ``exc.partial_result``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from promptscope.result import Result
@@ -56,6 +57,18 @@ class Recorder:
                       model=self.model_info, source=self.source, name=self.name, status=status,
                       tables=tables)
 
+    def save_run_info(self, model: Any, verbose: bool = False) -> None:
+        """Save the backend's per-run facts (API requests, failures, cache hits, tokens, cost)
+        as ``params["api"]``; print a line on them when ``verbose`` or when requests failed."""
+        info = model.run_info()
+        if not info:
+            return
+        self.params["api"] = info
+        if self.store is not None and self.session_id:
+            self.store.update_params(self.session_id, self.params)
+        if verbose or info.get("failed"):
+            print(api_note(info), file=sys.stderr)
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             if self.store is not None and self.session_id:
@@ -82,3 +95,22 @@ class Recorder:
         else:
             self.store.finish(self.session_id, status, error=f"{exc_type.__name__}: {exc}",
                               summary={"rows": len(partial.df)})
+
+
+def api_note(info: Mapping[str, Any]) -> str:
+    """One line on an API run: requests, failures, cache hits, tokens, cost, scoring method."""
+    parts = [f"{info['requests']} requests"]
+    if info.get("cached"):
+        parts.append("all from the cache (no cost)" if info["cached"] == info["requests"]
+                     else f"{info['cached']} from the cache")
+    if info.get("failed"):
+        parts.append(f"{info['failed']} FAILED after retries (see the 'error' column)")
+    if info.get("retries"):
+        parts.append(f"{info['retries']} retries")
+    parts.append(f"{info.get('prompt_tokens', 0)} prompt + {info.get('completion_tokens', 0)} "
+                 "completion tokens")
+    if "cost_usd" in info:
+        parts.append(f"${info['cost_usd']:.4f}")
+    if info.get("scoring"):
+        parts.append(f"choices scored by {info['scoring']}")
+    return "API: " + ", ".join(parts) + "."

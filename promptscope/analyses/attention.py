@@ -121,14 +121,14 @@ def attention(
         try:
             while chunk := list(itertools.islice(variants, CHUNK_SIZE)):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
-                shifts = [t.rfind(v.text) if t != v.text else 0 for v, t in zip(chunk, texts)]
+                shifts = [v.offset_in(t) for v, t in zip(chunk, texts)]
                 if steering is not None:
-                    for v, t, sh in zip(chunk, texts, shifts):
-                        steering.spans[t] = [(a + sh, b + sh) for a, b in v.emphasis]
+                    for v, t in zip(chunk, texts):
+                        steering.spans[t] = v.emphasis_in(t)
                 tokens_rows, mass_rows, weight_frames = [], [], []
                 parts_of: dict[int, list[str]] = {}
                 for j, (v, t, sh) in enumerate(zip(chunk, texts, shifts)):
-                    enc = mdl._encode(t, offsets=True)  # type: ignore[attr-defined]
+                    enc = mdl.encode(t, offsets=True)  # type: ignore[attr-defined]
                     parts_of[j] = token_parts(enc["offset_mapping"], v, sh)
 
                 def keep(j: int, layer: int, weights: Any, chunk: list[Variant] = chunk,

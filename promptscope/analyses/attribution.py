@@ -37,8 +37,8 @@ from typing import Any
 
 from promptscope.analyses._recorder import Recorder
 from promptscope.analyses.attention import token_parts
-from promptscope.analyses.prompt import RESERVED, _extra_columns, parse_choices
-from promptscope.errors import PromptscopeError, TemplateError
+from promptscope.analyses.prompt import RESERVED, extra_columns, parse_choices
+from promptscope.errors import CapabilityError, PromptscopeError, TemplateError
 from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
@@ -237,9 +237,23 @@ def attribute(
         raise TemplateError(f"Template name(s) {sorted(clash)} clash with result columns; "
                             "rename the variable or group.")
     mdl = resolve_model(model)
-    # Every method runs the model's own forward pass (perturbed prompts, or gradients).
-    mdl.require("gradients" if method == "ig" else "forward",
-                f"Attribution (captum, method '{method}')")
+    # Perturbation methods over parts need only scores of text, so they run on API models too;
+    # tokens, gradients and in-prompt targets need the model's own forward pass.
+    scored = ("forward" not in mdl.capabilities and "score" in mdl.capabilities
+              and level == "parts" and method != "ig")
+    if scored:
+        if target_part is not None:
+            raise AttributionError("target_part scores the template's own tokens inside the "
+                                   "prompt, which needs a local model; attribute choices, a "
+                                   "target or the answer instead.")
+        if steer is not None:
+            mdl.require("attention", "Attribution under steering")
+        # an API model settles how it scores (a --target needs exact echoed log-probs)
+        mdl.begin_run("choices" if picks is not None else "target", chat)
+        _check_logprobs(mdl, chat)
+    else:
+        mdl.require("gradients" if method == "ig" else "forward",
+                    f"Attribution (captum, method '{method}', level '{level}')")
     if chat:
         mdl.chat_prompt("")  # fails early when the model has no chat template
     mode = ("choices" if picks is not None else "target" if target is not None
@@ -280,15 +294,16 @@ def attribute(
 
     from tqdm.auto import tqdm
 
-    variants = tpl.expand(vars, namespace, carry=_extra_columns(vars, tpl))
+    variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
     head = list(itertools.islice(variants, CHUNK_SIZE))
     for v in head:  # mistakes in the first variants fail before a session exists
         _check_segments(tpl, v)
         if mode == "target":
             _fill_target(target or "", v)
     variants = itertools.chain(head, variants)
-    engine = _Engine(mdl, tpl, method, level, n_samples, n_steps, dict(baselines or {}),
-                     chat, seed)
+    engine_class = _ScoredEngine if scored else _Engine
+    engine = engine_class(mdl, tpl, method, level, n_samples, n_steps, dict(baselines or {}),
+                          chat, seed)
     bar = tqdm(total=total * len(conditions), disable=not progress or total < 2,
                desc=f"attribution ({method})", unit="variant", leave=False)
     with contextlib.ExitStack() as stack:
@@ -333,6 +348,7 @@ def attribute(
                     mdl.steering = steering  # type: ignore[attr-defined]
         finally:
             bar.close()
+            rec.save_run_info(mdl, verbose=progress)
     return rec.result()
 
 
@@ -383,12 +399,11 @@ def _fill_target(target: str, v: Variant) -> str:
 def _generate(mdl: Any, chunk: list[Variant], chat: bool, steering: Any,
               max_new_tokens: int) -> list[str]:
     """The backend's greedy answers for a chunk (steering spans registered as run_prompt does)."""
-    from promptscope.analyses.prompt import _shift_spans
 
     texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
     if steering is not None:
         for v, t in zip(chunk, texts):
-            steering.spans[t] = _shift_spans(v, t)
+            steering.spans[t] = v.emphasis_in(t)
     gens = mdl.generate(texts, max_new_tokens=max_new_tokens, temperature=0.0, n=1)
     if steering is not None:
         steering.spans.clear()
@@ -414,8 +429,12 @@ class _Engine:
         self.mdl, self.tpl, self.method, self.level = mdl, tpl, method, level
         self.n_samples, self.n_steps, self.baselines = n_samples, n_steps, baselines
         self.chat, self.seed = chat, seed
-        self.runner = _runner(mdl)
-        tok = mdl.tokenizer
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """The module captum calls, and the pad id that stands in for a removed token."""
+        self.runner = _runner(self.mdl)
+        tok = self.mdl.tokenizer
         self.baseline_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def wrap(self, text: str) -> str:
@@ -460,7 +479,7 @@ class _Engine:
         """Token attributions (IG or perturbation); summed per part for ``level="parts"``."""
         text = self.wrap(v.text)
         shift = text.rfind(v.text) if text != v.text else 0
-        enc = self.mdl._encode(text, offsets=True)
+        enc = self.mdl.encode(text, offsets=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         keep = [b > a for a, b in offsets]  # special tokens (BOS, chat markers) are no feature
         self.runner.flags = _flags(self, text, [(a + shift, b + shift) for a, b in v.emphasis],
@@ -559,6 +578,66 @@ class _Engine:
                          "start": s.start, "end": s.end,
                          "attribution": math.nan if s is goal else attr[s.index]})
         return _with_share(rows, by="part")
+
+
+class _ScoredEngine(_Engine):
+    """Part attribution on a model that only scores text (an API model): captum's perturbation
+    method runs over a 0/1 mask of the parts, and each of its steps is a batch of perturbed
+    prompts scored concurrently by the backend (``Model.score``).
+
+    An ablated part is removed (or replaced by its baseline text), as in the local path, so both
+    give the same numbers on the same model.
+    """
+
+    def _prepare(self) -> None:
+        """Nothing to prepare: the backend scores text."""
+
+    def _one(self, v: Variant, segments: list[Segment], target: str | None,
+             target_part: str | None) -> list[dict[str, Any]]:
+        torch = self.torch
+        ids_of: dict[str, int] = {}  # a variable used twice is one feature
+        feature = [ids_of.setdefault(s.part if s.kind == "var" else f"#{s.index}", len(ids_of))
+                   for s in segments]
+        n = len(ids_of)
+
+        def forward(mask: Any) -> Any:
+            texts = ["".join(s.text if row[f] else self.baselines.get(s.part, "")
+                             for s, f in zip(segments, feature)) for row in mask.tolist()]
+            scores = self.mdl.score([self.wrap(t) for t in texts], [target] * len(texts))
+            failed = next((sc.error for sc in scores if sc.error), None)
+            if failed:
+                raise _ScoreFailed(failed)
+            return torch.tensor([sc.logprob for sc in scores], dtype=torch.float64)
+
+        kwargs: dict[str, Any] = {"perturbations_per_eval": max(1, n)}
+        if self.method != "ablation":
+            kwargs["n_samples"] = self.n_samples or 25
+        whole = torch.ones(1, n, dtype=torch.float64)
+        try:
+            lp = float(forward(whole)[0])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + v.index)
+                attr = _perturbation(self.method, forward).attribute(
+                    whole, baselines=torch.zeros_like(whole), **kwargs)[0].tolist()
+        except _ScoreFailed as exc:  # this variant's rows say why; the run goes on
+            rows = self._part_rows(segments, [math.nan] * len(segments), target, math.nan)
+            return [{**r, "error": str(exc)} for r in rows]
+        rows = self._part_rows(segments, [attr[f] for f in feature], target, lp)
+        return [{**r, "error": ""} for r in rows] if self.mdl.per_request_errors else rows
+
+
+class _ScoreFailed(Exception):
+    """A perturbed prompt the backend could not score (the variant's rows carry the reason)."""
+
+
+def _check_logprobs(mdl: Any, chat: bool) -> None:
+    """Attribution on an API model needs real log-probs, not a generated answer."""
+    method = getattr(mdl, "scoring_method", lambda chat: "echo")(chat)
+    if method == "generated":
+        raise CapabilityError(
+            f"Attribution on '{mdl.name}' needs log-probabilities, but its endpoint returns "
+            "neither echoed nor top log-probs (answers could only be matched as text). Use a "
+            "server that returns logprobs (e.g. vLLM) or a local model.")
 
 
 def _perturbation(method: str, runner: Any) -> Any:
@@ -661,7 +740,7 @@ def _runner(mdl: Any) -> Any:
             if mdl.steering is not None and self.flags is not None:
                 width = len(self.flags)
                 # extra: the appended target tokens (and IG's earlier target tokens) get no bias
-                state = mdl._forward_state([self.flags], [0], width,
+                state = mdl.forward_state([self.flags], [0], width,
                                            extra=input_ids.shape[1] - width)
             with state:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask,
@@ -715,7 +794,7 @@ def _parts_input(engine: _Engine, segments: list[Segment], fixed: int | None = N
             joined = super().to_model_input(perturbed_tensor)
             text = engine.wrap(joined)
             shift = text.rfind(joined) if text != joined else 0
-            enc = mdl._encode(text, offsets=True)
+            enc = mdl.encode(text, offsets=True)
             self.offsets = [tuple(o) for o in enc["offset_mapping"]]
             self.last_text = text
             engine.runner.flags = _flags(engine, text,

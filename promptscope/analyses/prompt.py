@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -122,7 +121,7 @@ def run_prompt(
     mode = "choices" if picks is not None else "target" if target is not None else "generate"
     check_rows(tpl, vars, namespace)  # a missing variable fails before a session exists
     total = tpl.n_variants(count_rows(vars))
-    variants = tpl.expand(vars, namespace, carry=_extra_columns(vars, tpl))
+    variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
     chunk_size = chunk_size or CHUNK_SIZE
     params: dict[str, Any] = {"mode": mode, "template": tpl.source, "n_variants": total,
                               "chat": chat}
@@ -164,7 +163,7 @@ def run_prompt(
                 keys = None
                 if attn is not None:
                     for v, text in zip(chunk, texts):
-                        attn.spans[text] = _shift_spans(v, text)
+                        attn.spans[text] = v.emphasis_in(text)
                     if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
                         keys = _auto_spans(mdl, texts, attn.spans, question)
                 for steered in conditions:
@@ -187,39 +186,8 @@ def run_prompt(
                     _set_steered(mdl, steering, True)
         finally:
             bar.close()
-            _record_run_info(rec, mdl, progress)
+            rec.save_run_info(mdl, verbose=progress)
     return rec.result()
-
-
-def _record_run_info(rec: Recorder, mdl: Model, verbose: bool) -> None:
-    """Save the backend's per-run facts (API requests, failures, cache hits, tokens, cost)."""
-    info = mdl.run_info()
-    if not info:
-        return
-    rec.params["api"] = info
-    if rec.store is not None and rec.session_id:
-        rec.store.update_params(rec.session_id, rec.params)
-    if verbose or info.get("failed"):
-        print(api_note(info), file=sys.stderr)
-
-
-def api_note(info: Mapping[str, Any]) -> str:
-    """One line on an API run: requests, failures, cache hits, tokens, cost, scoring method."""
-    parts = [f"{info['requests']} requests"]
-    if info.get("cached"):
-        parts.append("all from the cache (no cost)" if info["cached"] == info["requests"]
-                     else f"{info['cached']} from the cache")
-    if info.get("failed"):
-        parts.append(f"{info['failed']} FAILED after retries (see the 'error' column)")
-    if info.get("retries"):
-        parts.append(f"{info['retries']} retries")
-    parts.append(f"{info.get('prompt_tokens', 0)} prompt + {info.get('completion_tokens', 0)} "
-                 "completion tokens")
-    if "cost_usd" in info:
-        parts.append(f"${info['cost_usd']:.4f}")
-    if info.get("scoring"):
-        parts.append(f"choices scored by {info['scoring']}")
-    return "API: " + ", ".join(parts) + "."
 
 
 def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],
@@ -239,7 +207,7 @@ def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],
     return _target_rows(chunk, target, scores, elapsed, mdl.per_request_errors)
 
 
-def _extra_columns(rows: Any, tpl: Template) -> list[str]:
+def extra_columns(rows: Any, tpl: Template) -> list[str]:
     """Row columns the template does not use, carried into the results (gold answers, ids...);
     those named like a result column are left out."""
     if hasattr(rows, "columns"):
@@ -287,16 +255,6 @@ def _set_steered(mdl: Model, steering: Any, on: bool) -> None:
     from promptscope.models.steering import set_steered
 
     set_steered(mdl, steering, on)
-
-
-def _shift_spans(v: Variant, text: str) -> list[tuple[int, int]]:
-    """The variant's emphasis spans in ``text`` (the variant itself, or it inside a chat
-    template)."""
-    offset = text.rfind(v.text) if text != v.text else 0
-    if offset < 0:
-        raise TemplateError("Cannot find the prompt inside its chat-templated text to place the "
-                            "emphasis; the chat template changes the message. Drop --chat.")
-    return [(a + offset, b + offset) for a, b in v.emphasis]
 
 
 def _progress_bar(total: int, enabled: bool, mode: str) -> Any:

@@ -92,7 +92,7 @@ def reachability(
     *,
     k_max: int = 4,
     k_min: int = 1,
-    method: str = "gcg",
+    method: str | None = None,
     steps: int = 32,
     search_width: int = 128,
     top_k: int = 64,
@@ -112,7 +112,11 @@ def reachability(
     each target the model's most likely next token.
 
     Args:
-        model: a local transformers model (API models cannot give gradients).
+        model: a local transformers model, or an API model whose completions endpoint echoes
+            prompt log-probs for token-id prompts (vLLM) with ``method="greedy"``: the same
+            search on the same token ids, each candidate scored by the server (the served
+            model's tokenizer is loaded here for the vocabulary; ``targets="bottom:N"`` and
+            ``top:N`` beyond the server's top log-probs need the full distribution).
         x0s: an initial state (text), a list of them, or ``(text, true_next)`` pairs (the true next
             token as text or id, e.g. from :func:`heldout_states`) for ``targets="true"``.
         targets: what to reach after each ``x0``: ``"true"`` (the true next token), ``"top:N"``
@@ -124,8 +128,9 @@ def reachability(
         k_max: the longest control prompt tried (>= 1). ``k = 0`` means the target already is the
             argmax without control.
         k_min: the shortest control prompt tried (default 1; the benchmark fixes ``k``).
-        method: ``"gcg"``, ``"greedy"`` (back-generation) or ``"both"`` (greedy first, then GCG
-            on what greedy did not reach, warm-started from greedy's prompts).
+        method: ``"gcg"`` (default on local models), ``"greedy"`` (back-generation; default
+            and the only one on API models) or ``"both"`` (greedy first, then GCG on what greedy
+            did not reach, warm-started from greedy's prompts).
         steps: GCG iterations per prompt length.
         search_width: GCG candidates (single-token swaps) evaluated per pair and iteration.
         top_k: GCG tokens per position taken from the gradient.
@@ -158,7 +163,15 @@ def reachability(
     from tqdm.auto import tqdm
 
     mdl = resolve_model(model)
-    mdl.require("gradients", "Reachability (control-prompt search)")
+    white = "gradients" in mdl.capabilities
+    method = method or ("gcg" if white else "greedy")
+    if method in ("gcg", "both"):
+        mdl.require("gradients", f"Reachability by GCG (method={method!r}; method='greedy' "
+                    "needs only log-probs)")
+    elif not white and not hasattr(mdl, "token_logprobs"):
+        mdl.require("gradients", "Reachability (control-prompt search)")
+    if not white:
+        mdl.begin_run("generate", False)  # an API model: reset its request tally
     if not isinstance(k_max, int) or k_max < 1:
         raise ReachabilityError(f"k_max={k_max!r}: the longest control prompt must be at least "
                                 "1 token (k = 0 is always checked).")
@@ -172,7 +185,7 @@ def reachability(
     if steps < 1 or search_width < 1 or top_k < 1:
         raise ReachabilityError("steps, search_width and top_k must each be at least 1.")
 
-    search = _Search(mdl, control_tokens, seed)
+    search = (_Search if white else _EndpointSearch)(mdl, control_tokens, seed)
     states, true_next = search.parse_states(x0s)
     base = search.base_logits(states)
     pairs = search.resolve_targets(targets, states, true_next, base)
@@ -189,7 +202,9 @@ def reachability(
         "paper_headline": PAPER_HEADLINE,
     }
     bound_df = None
-    if bound:
+    if bound and not white:
+        params["bound_skipped"] = "the bound needs the model's weights (an API model)"
+    elif bound:
         from promptscope.analyses.reach_bound import BoundUnsupported, attention_bound
 
         try:
@@ -260,6 +275,7 @@ def reachability(
             bar.close()
         rec.params["time_s"] = round(time.perf_counter() - t0, 3)
         rec.params["unverified_claims"] = search.unverified
+        rec.save_run_info(mdl, verbose=progress)
         if rec.store is not None and rec.session_id:
             rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
@@ -351,11 +367,12 @@ class _Search:
         import torch
 
         self.mdl = mdl
-        self.lm = mdl.model  # type: ignore[attr-defined]
         self.tok = mdl.tokenizer  # type: ignore[attr-defined]
-        self.device = mdl.device  # type: ignore[attr-defined]
-        self.embed = self.lm.get_input_embeddings()
-        self.vocab = int(self.embed.weight.shape[0])
+        # an API model has no weights here: the vocabulary is its tokenizer's
+        self.lm = mdl.model if "forward" in mdl.capabilities else None  # type: ignore[attr-defined]
+        self.device = mdl.device if self.lm is not None else torch.device("cpu")  # type: ignore[attr-defined]
+        self.embed = self.lm.get_input_embeddings() if self.lm is not None else None
+        self.vocab = int(self.embed.weight.shape[0]) if self.embed is not None else len(self.tok)
         specials = set(self.tok.all_special_ids)
         n_tok = min(len(self.tok), self.vocab)
         if control_tokens is None:
@@ -383,7 +400,6 @@ class _Search:
         self.unverified = 0
         self.init_control: list[int] | None = None
         self.budget = _TOKEN_BUDGET.get(self.device.type, 16384)
-        self.dtype = next(self.lm.parameters()).dtype
 
     # ------------------------------------------------------------------ inputs
     def parse_states(self, x0s: Any) -> tuple[list[str], list[int | None]]:
@@ -781,6 +797,71 @@ class _Search:
             "prob": p.prob, "rank": p.rank, "steps": p.steps, "method": p.method,
             "text_roundtrip": roundtrip, "time_s": round(time.perf_counter() - p.started, 4),
         }
+
+
+class _EndpointSearch(_Search):
+    """Greedy back-generation through an API model that echoes prompt log-probs (vLLM).
+
+    The same search on the same token ids as :class:`_Search`: every candidate prompt is sent
+    as token ids with its target appended, and the echoed log-prob (and rank) of the target is
+    the score; batches of candidates go out as concurrent requests. Needs no weights, only the
+    served model's tokenizer (for the vocabulary and to encode x0).
+    """
+
+    def base_logits(self, states: list[str]) -> Any:
+        """Per x0 the server's top next tokens as logits (the rest ``-inf``): enough to pick
+        ``top:N`` targets; each pair's exact base log-prob and rank are asked for after."""
+        import torch
+
+        out = []
+        for s in range(len(states)):
+            top = self.mdl.top_tokens(self.seq(s, []), self.mdl.top_logprobs)  # type: ignore[attr-defined]
+            logits = torch.full((self.vocab,), -math.inf)
+            for tid, lp in top.items():
+                if 0 <= tid < self.vocab:
+                    logits[tid] = lp
+            out.append(logits)
+        return out
+
+    def resolve_targets(self, targets: Any, states: list[str], true_next: list[int | None],
+                        base: Any) -> list[_Pair]:
+        n_top = self.mdl.top_logprobs  # type: ignore[attr-defined]
+        for spec in _split_targets(targets) if not isinstance(targets, (list, tuple)) else []:
+            kind, _, num = str(spec).partition(":")
+            if kind == "bottom" or kind == "top" and num.isdigit() and int(num) > n_top:
+                raise ReachabilityError(
+                    f"targets {spec!r} needs the next-token distribution beyond the server's top "
+                    f"{n_top}; on an API model use 'true', 'top:N' with N <= {n_top} "
+                    "(top_logprobs=... at load time, within the server's --max-logprobs), "
+                    "'random:N' or given tokens.")
+        pairs = super().resolve_targets(targets, states, true_next, base)
+        exact = self.mdl.token_logprobs(  # type: ignore[attr-defined]
+            [self.seq(p.state, []) for p in pairs], [p.target for p in pairs])
+        for p, (lp, rank) in zip(pairs, exact):
+            p.base_prob, p.base_rank = math.exp(lp), rank
+        return pairs
+
+    def evaluate(self, seqs: Any, targets: Any) -> tuple[Any, Any]:
+        import torch
+
+        rows = seqs.tolist()
+        n, g = targets.shape
+        flat = self.mdl.token_logprobs(  # type: ignore[attr-defined]
+            [rows[i] for i in range(n) for _ in range(g)], targets.flatten().tolist())
+        logp = torch.tensor([lp for lp, _ in flat], dtype=torch.float32).reshape(n, g)
+        # a failed request (rank 0) can never count as reached
+        rank = torch.tensor([r if r > 0 else self.vocab for _, r in flat]).reshape(n, g)
+        return logp, rank
+
+    def verify(self, pair: _Pair, u: list[int]) -> bool:
+        """A claimed success asked again, alone, in its own request."""
+        ((lp, rank),) = self.mdl.token_logprobs(  # type: ignore[attr-defined]
+            [self.seq(pair.state, u)], [pair.target], batch=1)
+        if rank == 1:
+            pair.prob, pair.rank = math.exp(lp), 1
+            return True
+        self.unverified += 1
+        return False
 
 
 def _split_targets(targets: Any) -> list[Any]:

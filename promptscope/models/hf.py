@@ -183,9 +183,11 @@ class HFModel(Model):
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt, with the tokenizer's special tokens unless already in the text
         (a chat-templated prompt carries its own BOS)."""
-        return self._encode(text)["input_ids"]
+        return self.encode(text)["input_ids"]
 
-    def _encode(self, text: str, offsets: bool = False) -> Any:
+    def encode(self, text: str, offsets: bool = False) -> Any:
+        """Token ids (and, with ``offsets``, character offsets) of ``text``; BOS is added unless
+        the text starts with it (a chat-templated prompt)."""
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
         return self.tokenizer(text, add_special_tokens=add_special,
@@ -199,12 +201,12 @@ class HFModel(Model):
 
         flags = []
         for text in texts:
-            enc = self._encode(text, offsets=True)
+            enc = self.encode(text, offsets=True)
             flags.append(token_emphasis(enc["offset_mapping"], self.steering.spans_for(text),
                                         text))
         return flags
 
-    def _forward_state(self, flags: list[list[bool]] | None, rows: list[int], width: int,
+    def forward_state(self, flags: list[list[bool]] | None, rows: list[int], width: int,
                        capture: Any = None, layers: frozenset[int] = frozenset(),
                        extra: int = 0) -> Any:
         """The attention-function state for a left-padded batch of prompts ``rows``: the
@@ -223,7 +225,9 @@ class HFModel(Model):
                 real[r, width - n:] = True
             bias = key_bias(self.steering, emph, real, self.model.config.num_attention_heads,
                             extra, next(self.model.parameters()).dtype, self.device)
-        return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers))
+        kernel = self.steering.kernel if flags is not None else "sdpa"
+        return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers,
+                                        kernel=kernel))
 
     @torch.inference_mode()
     def forward_with_attention(
@@ -258,7 +262,7 @@ class HFModel(Model):
                     pad = width - len(ids[u])
                     on_weights(u, layer, weights[r, :, pad:, pad:].float().cpu())
 
-            with self._forward_state(flags, batch, width, capture, frozenset(layers)):
+            with self.forward_state(flags, batch, width, capture, frozenset(layers)):
                 self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                            use_cache=False)
             if progress:
@@ -354,7 +358,7 @@ class HFModel(Model):
         input_ids, mask = self._left_pad([prompt_ids[u] for u in batch], width)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         need_cache = any(len(cont_ids[i]) > 1 for u in batch for i in by_prompt[u])
-        with self._forward_state(flags, batch, width):
+        with self.forward_state(flags, batch, width):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=need_cache)
         first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
@@ -378,7 +382,7 @@ class HFModel(Model):
             c_pos = torch.tensor([lengths[r] for r, _ in rows], device=dev)[:, None] + \
                 torch.arange(clen, device=dev)[None, :]
             rows_of = [batch[r] for r, _ in rows]
-            with self._forward_state(flags, rows_of, width):
+            with self.forward_state(flags, rows_of, width):
                 out2 = self.model(input_ids=c_ids, attention_mask=full_mask, position_ids=c_pos,
                                   use_cache=False, **{self._cache_kwarg: cache})
             logp = torch.log_softmax(out2.logits.float(), dim=-1)
@@ -441,7 +445,7 @@ class HFModel(Model):
         input_ids, mask = self._left_pad([ids[u] for u in batch], width)
         sample = temperature > 0
         # generate() expands the batch n times (row-major), so the steering rows repeat too.
-        with self._forward_state(flags, [u for u in batch for _ in range(n)], width,
+        with self.forward_state(flags, [u for u in batch for _ in range(n)], width,
                                  extra=max_new_tokens):
             out = self.model.generate(
                 input_ids=input_ids,

@@ -10,7 +10,10 @@ Scoring a continuation uses, in this order, whichever the server supports (decid
 and recorded in the run's ``params["api"]["scoring"]``; a run never mixes methods):
 
 - ``echo``: the completions endpoint with ``echo`` and ``logprobs`` returns the log-prob of every
-  prompt token, so the continuation's log-prob is exact (vLLM does this);
+  prompt token, so the continuation's log-prob is exact (vLLM does this). Chat prompts are
+  scored this way too when the server renders its chat template for us (vLLM's ``/tokenize``
+  with ``messages``, then ``/detokenize``): the templated text, plus the reply to score, goes to
+  the completions endpoint without a second BOS (``add_special_tokens: false``);
 - ``top_logprobs``: the first answer token's ``top_logprobs`` (chat models such as OpenAI's): a
   choice's log-prob is that of the top tokens equal to it (ignoring surrounding whitespace), or
   else those it starts with; ``-inf`` when none is among the top ``top_logprobs``;
@@ -120,6 +123,11 @@ class OpenAIModel(Model):
         scoring: ``"auto"`` (the best the server supports) or one of :data:`SCORING_METHODS`.
         top_logprobs: how many top tokens to ask for (``top_logprobs`` scoring).
         prices: USD per million tokens, ``{"input": 0.15, "output": 0.60}``, for the cost tally.
+        prompts_per_request: prompts scored in one echo request (the completions endpoint
+            takes a list; several per request cut the round trips, and the server batches them).
+        tokenizer: the served model's tokenizer (a folder or hub id), for token-level analyses
+            (the greedy reachability search); default: the model root the server reports
+            (vLLM), when it loads here.
         name: the name shown in tables (default ``openai:MODEL``).
         check: contact the server now (list its models) so a wrong URL, key or model name fails
             here with a clear message.
@@ -150,6 +158,8 @@ class OpenAIModel(Model):
         scoring: str = "auto",
         top_logprobs: int = 20,
         prices: dict[str, float] | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        prompts_per_request: int = 16,
         name: str | None = None,
         check: bool = True,
     ) -> None:
@@ -159,8 +169,9 @@ class OpenAIModel(Model):
             raise ModelLoadError("Give the API model's id, e.g. 'openai:gpt-4o-mini'.")
         if scoring != "auto" and scoring not in SCORING_METHODS:
             raise PromptscopeError(f"scoring must be 'auto' or one of {list(SCORING_METHODS)}.")
-        if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise PromptscopeError("max_concurrency must be >= 1, max_retries >= 0, timeout > 0.")
+        if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or prompts_per_request < 1:
+            raise PromptscopeError("max_concurrency and prompts_per_request must be >= 1, "
+                                   "max_retries >= 0, timeout > 0.")
         from_env = base_url is None and bool(os.environ.get("OPENAI_BASE_URL"))
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
         _check_url(url)
@@ -179,6 +190,8 @@ class OpenAIModel(Model):
         self.base_url = url
         self.name = name or f"openai:{model}"
         self.max_concurrency = max_concurrency
+        self.prompts_per_request = prompts_per_request
+        self._pool: ThreadPoolExecutor | None = None
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = backoff
@@ -190,10 +203,15 @@ class OpenAIModel(Model):
         self.top_logprobs = top_logprobs
         self.prices = dict(prices) if prices else None
         self._methods: dict[bool, str] = {}  # chat? -> scoring method, decided once
+        self._templates: dict[str, str | None] = {}  # user message -> chat-templated text
+        self._template_lock = threading.Lock()
         self._echo_max_tokens = 0
         self._tally = _Tally()
         self._last_scoring: str | None = None
         self._is_openai = is_openai
+        self._tokenizer_source = os.fspath(tokenizer) if tokenizer is not None else None
+        self._tokenizer: Any = None
+        self._served_root: str | None = None
         # The key goes into the client and nowhere else; retries are ours, not the client's.
         self._client = openai.OpenAI(api_key=key or "EMPTY", base_url=url, timeout=self.timeout,
                                      max_retries=0)
@@ -216,14 +234,15 @@ class OpenAIModel(Model):
         self._tally = _Tally()
         self._last_scoring = None
         if mode == "choices":
-            self._last_scoring = self._scoring_method(chat)
+            self._last_scoring = self.scoring_method(chat)
         elif mode == "target":
-            if chat:
+            if chat and self.scoring_method(True) != "echo":
                 raise CapabilityError(
                     "--target with --chat needs the log-prob of a given assistant reply, which "
-                    f"the chat API of '{self.name}' does not return. Drop --chat (completions "
-                    "endpoint), or rank answers with --choices.")
-            if self._scoring_method(False) != "echo":
+                    f"the chat API of '{self.name}' does not return (and the server does not "
+                    "render its chat template for the completions endpoint, as vLLM's "
+                    "/tokenize does). Drop --chat, or rank answers with --choices.")
+            if self.scoring_method(chat) != "echo":
                 raise CapabilityError(
                     f"--target needs exact continuation log-probs (completions with echo + "
                     f"logprobs), which the server at {_public_url(self.base_url)} does not "
@@ -264,45 +283,69 @@ class OpenAIModel(Model):
         if not prompts:
             return []
         chat = isinstance(prompts[0], ChatText)
-        method = self._scoring_method(chat)
+        method = self.scoring_method(chat)
         if self._last_scoring is None:
             self._last_scoring = method
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
         results: list[Score | None] = [None] * len(prompts)
+        # echo scores several prompts per request (the completions endpoint takes a list):
+        # far fewer round trips, and the server batches them
+        per_request = self.prompts_per_request if method == "echo" else 1
+        items = list(groups.items())
 
-        def job(prompt: str, idx: list[int]) -> Callable[[], None]:
-            conts = list(dict.fromkeys(continuations[i] for i in idx))
+        def job(pack: list[tuple[str, list[int]]]) -> Callable[[], None]:
+            wanted = [(p, list(dict.fromkeys(continuations[i] for i in idx))) for p, idx in pack]
 
             def run() -> None:
                 try:
-                    scores = self._score_prompt(method, prompt, conts)
+                    scores = self._score_pack(method, wanted)
                 except _Failed as exc:
-                    scores = {c: _failed_score(str(exc)) for c in conts}
-                for i in idx:
-                    results[i] = scores[continuations[i]]
+                    scores = [{c: _failed_score(str(exc)) for c in conts} for _, conts in wanted]
+                for (_, idx), got in zip(pack, scores):
+                    for i in idx:
+                        results[i] = got[continuations[i]]
             return run
 
-        self._run_jobs([(job(p, idx), len(idx)) for p, idx in groups.items()], progress)
+        packs = [items[k:k + per_request] for k in range(0, len(items), per_request)]
+        self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
+                       progress)
         return results  # type: ignore[return-value]
 
-    def _score_prompt(self, method: str, prompt: str, conts: list[str]) -> dict[str, Score]:
+    def _score_pack(self, method: str, wanted: list[tuple[str, list[str]]],
+                    ) -> list[dict[str, Score]]:
+        """Scores of each prompt's continuations; one request (echo) or one per prompt."""
         if method == "echo":
-            return self._score_echo(prompt, conts)
-        if method == "top_logprobs":
-            return self._score_top(prompt, conts)
-        return self._score_generated(prompt, conts)
+            return self._score_echo(wanted)
+        score = self._score_top if method == "top_logprobs" else self._score_generated
+        return [score(prompt, conts) for prompt, conts in wanted]
 
-    def _score_echo(self, prompt: str, conts: list[str]) -> dict[str, Score]:
-        body = {"model": self.model_id, "prompt": [prompt + c for c in conts], "echo": True,
+    def _score_echo(self, wanted: list[tuple[str, list[str]]]) -> list[dict[str, Score]]:
+        texts: list[str] = []
+        chat = False
+        for prompt, conts in wanted:
+            if isinstance(prompt, ChatText):
+                chat = True
+                text = self._templated(prompt)
+                if text is None:
+                    raise _Failed("the server no longer renders the chat template")
+            else:
+                text = prompt
+            texts += [text + c for c in conts]
+        body = {"model": self.model_id, "prompt": texts, "echo": True,
                 "logprobs": 1, "max_tokens": self._echo_max_tokens, "temperature": 0.0}
+        if chat:
+            body["extra_body"] = {"add_special_tokens": False}  # the template has its BOS
         data = self._request("completions", body, cacheable=True)
         choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
-        if len(choices) != len(conts):
-            raise _Failed(f"malformed response: {len(choices)} choices for {len(conts)} prompts")
-        return {c: _echo_score(prompt, c, ch.get("logprobs") or {}, self._echo_max_tokens)
-                for c, ch in zip(conts, choices)}
+        if len(choices) != len(texts):
+            raise _Failed(f"malformed response: {len(choices)} choices for {len(texts)} prompts")
+        out, it = [], iter(choices)
+        for prompt, conts in wanted:
+            out.append({c: _echo_score(prompt, c, next(it).get("logprobs") or {},
+                                       self._echo_max_tokens) for c in conts})
+        return out
 
     def _score_top(self, prompt: str, conts: list[str]) -> dict[str, Score]:
         chat = isinstance(prompt, ChatText)
@@ -332,7 +375,7 @@ class OpenAIModel(Model):
                          token_logprobs=[], tokens=[answer], prompt_tokens=gen.prompt_tokens)
                 for c in conts}
 
-    def _scoring_method(self, chat: bool) -> str:
+    def scoring_method(self, chat: bool) -> str:
         """The scoring method for chat or plain prompts, found once by asking the server."""
         if chat not in self._methods:
             self._methods[chat] = self._probe_scoring(chat)
@@ -340,10 +383,11 @@ class OpenAIModel(Model):
 
     def _probe_scoring(self, chat: bool) -> str:
         wanted = [self.scoring] if self.scoring != "auto" else list(SCORING_METHODS)
-        if chat and "echo" in wanted:
+        if chat and "echo" in wanted and self._templated(ChatText("Hi")) is None:
             if self.scoring == "echo":
-                raise CapabilityError("scoring='echo' needs plain prompts (the completions "
-                                      "endpoint); drop --chat or use scoring='top_logprobs'.")
+                raise CapabilityError("scoring='echo' with --chat needs a server that renders "
+                                      "its chat template (vLLM's /tokenize); drop --chat or use "
+                                      "scoring='top_logprobs'.")
             wanted.remove("echo")
         for method in wanted:
             if method == "generated" or self._probe(method, chat):
@@ -355,12 +399,15 @@ class OpenAIModel(Model):
         """Whether the server answers a tiny request of this method (retried, cached)."""
         try:
             if method == "echo":
+                body = {"model": self.model_id, "prompt": "Hi there", "echo": True,
+                        "logprobs": 1, "temperature": 0.0}
+                if chat:
+                    body.update(prompt=f"{self._templated(ChatText('Hi'))}Hello",
+                                extra_body={"add_special_tokens": False})
                 for max_tokens in (0, 1):  # some servers refuse max_tokens=0
                     try:
-                        data = self._request("completions", {
-                            "model": self.model_id, "prompt": "Hi there", "echo": True,
-                            "logprobs": 1, "max_tokens": max_tokens, "temperature": 0.0},
-                            cacheable=True, probe=True)
+                        data = self._request("completions", {**body, "max_tokens": max_tokens},
+                                             cacheable=True, probe=True)
                     except _Refused:
                         continue
                     lps = ((data.get("choices") or [{}])[0].get("logprobs") or {})
@@ -382,6 +429,144 @@ class OpenAIModel(Model):
         except (_Failed, _Fatal) as exc:
             raise APIRequestError(f"The server at {_public_url(self.base_url)} did not answer a "
                                   f"first request: {exc}.") from None
+
+    def _templated(self, message: ChatText) -> str | None:
+        """The server's chat-templated text of one user message (with the generation prompt),
+        or ``None`` when the server cannot render it (vLLM's ``/tokenize`` + ``/detokenize``,
+        next to ``/v1``)."""
+        if self._is_openai:  # OpenAI's API renders no templates for us
+            return None
+        with self._template_lock:
+            if message in self._templates:
+                return self._templates[message]
+        root = self.base_url.removesuffix("/v1")
+        try:
+            ids = self._post_json(f"{root}/tokenize", {
+                "model": self.model_id, "messages": [{"role": "user", "content": str(message)}],
+                "add_generation_prompt": True})["tokens"]
+            text = self._post_json(f"{root}/detokenize",
+                                   {"model": self.model_id, "tokens": ids})["prompt"]
+            text = text if isinstance(text, str) and text else None
+        except (OSError, KeyError, TypeError, ValueError):
+            text = None
+        with self._template_lock:
+            self._templates[message] = text
+        return text
+
+    def _post_json(self, url: str, body: dict[str, Any]) -> Any:
+        """A plain JSON POST to the server (for endpoints the openai client does not know)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self._secrets[0]}"} if self._secrets else {}
+        try:
+            resp = httpx.post(url, json=body, headers=headers, timeout=min(self.timeout, 30.0))
+        except httpx.HTTPError as exc:
+            raise OSError(self._redact(str(exc))) from None
+        if resp.status_code != 200:
+            raise OSError(f"HTTP {resp.status_code}")
+        return resp.json()
+
+    # ------------------------------------------------------------------ token level
+    @property
+    def tokenizer(self) -> Any:
+        """The served model's tokenizer, loaded here (``tokenizer=`` at load time, else the
+        model root the server reports) and checked against the server's own ``/tokenize``."""
+        if self._tokenizer is None:
+            source = self._tokenizer_source or self._served_root
+            if not source:
+                raise CapabilityError(
+                    f"Token-level analyses on '{self.name}' need the served model's tokenizer: "
+                    "pass tokenizer='FOLDER or hub id' to load_model (the server does not say "
+                    "which model it loaded).")
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError) as exc:
+                raise CapabilityError(
+                    f"Could not load the tokenizer of '{self.name}' from {source!r} "
+                    f"({_message(exc)}); pass tokenizer='FOLDER or hub id' to load_model.") \
+                    from None
+            probe = "Hello there, 12 tokens!"
+            try:
+                theirs = self._post_json(f"{self.base_url.removesuffix('/v1')}/tokenize",
+                                         {"model": self.model_id, "prompt": probe})["tokens"]
+            except (OSError, KeyError, TypeError, ValueError):
+                theirs = None  # a server without /tokenize: trust the given tokenizer
+            if theirs is not None and theirs != tok(probe)["input_ids"]:
+                raise CapabilityError(
+                    f"The tokenizer from {source!r} does not tokenise like the server of "
+                    f"'{self.name}'; pass the served model's tokenizer (tokenizer=...).")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as the server tokenises a text prompt (special tokens added)."""
+        return self.tokenizer(text)["input_ids"]
+
+    def token_logprobs(self, prompts: Sequence[Sequence[int]], targets: Sequence[int], *,
+                       batch: int = 64, progress: ProgressFn | None = None,
+                       ) -> list[tuple[float, int]]:
+        """Exact ``log P(targets[i] | prompts[i])`` for token-id prompts, and the target's rank
+        there (1 = the argmax), from echoed prompt log-probs: ``prompts[i] + [targets[i]]`` is
+        sent as token ids, ``batch`` prompts per request, requests run concurrently.
+
+        The rank is exact where the server reports it (vLLM's ``prompt_logprobs``); elsewhere it
+        is 1 for the argmax and 2 ("not the argmax") otherwise. A prompt whose request failed
+        for good gives ``(-inf, 0)``.
+
+        Example:
+            >>> api.token_logprobs([[0, 712, 491]], [702])                  # doctest: +SKIP
+            [(-2.3778, 3)]
+        """
+        if len(prompts) != len(targets):
+            raise PromptscopeError("token_logprobs() needs one target per prompt.")
+        if self.scoring_method(False) != "echo":
+            raise CapabilityError(
+                f"Token-level log-probs need a completions endpoint that echoes prompt "
+                f"log-probs (vLLM does); the server at {_public_url(self.base_url)} does not for "
+                f"'{self.model_id}'.")
+        out: list[tuple[float, int]] = [(-math.inf, 0)] * len(prompts)
+
+        def job(lo: int) -> Callable[[], None]:
+            idx = range(lo, min(lo + batch, len(prompts)))
+
+            def run() -> None:
+                body = {"model": self.model_id, "prompt": [[*map(int, prompts[i]), int(targets[i])]
+                                                           for i in idx],
+                        "echo": True, "logprobs": 1, "max_tokens": self._echo_max_tokens,
+                        "temperature": 0.0,
+                        "extra_body": {"return_tokens_as_token_ids": True,
+                                       "add_special_tokens": False}}
+                try:
+                    data = self._request("completions", body, cacheable=True)
+                except _Failed:
+                    return
+                choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+                if len(choices) != len(idx):
+                    return
+                for i, ch in zip(idx, choices):
+                    out[i] = _target_logprob(ch, len(prompts[i]), int(targets[i]))
+            return run
+
+        starts = range(0, len(prompts), batch)
+        self._run_jobs([(job(lo), min(batch, len(prompts) - lo)) for lo in starts], progress)
+        return out
+
+    def top_tokens(self, prompt: Sequence[int], n: int) -> dict[int, float]:
+        """The ``n`` most likely next tokens after a token-id prompt: ``{token id: logprob}``
+        (``n`` at most the server's limit on logprobs, 20 on vLLM unless raised)."""
+        body = {"model": self.model_id, "prompt": [[*map(int, prompt)]], "max_tokens": 1,
+                "logprobs": n, "temperature": 0.0,
+                "extra_body": {"return_tokens_as_token_ids": True, "add_special_tokens": False}}
+        try:
+            data = self._request("completions", body, cacheable=True)
+        except _Failed as exc:
+            raise APIRequestError(f"Could not get the top {n} next tokens: {exc}. (vLLM allows "
+                                  "20 unless started with --max-logprobs.)") from None
+        top = (((data.get("choices") or [{}])[0].get("logprobs") or {}).get("top_logprobs")
+               or [None])[0] or {}
+        return {_token_id(k): float(v) for k, v in top.items()}
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -463,8 +648,10 @@ class OpenAIModel(Model):
                 fn()
             return run
 
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs)),
-                                  thread_name_prefix="promptscope-api")
+        if self._pool is None:  # kept across calls: starting threads on a busy machine is slow
+            self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency,
+                                            thread_name_prefix="promptscope-api")
+        pool = self._pool
         pending: set[Future[None]] = set()
         weight: dict[Future[None], int] = {}
         try:
@@ -482,7 +669,8 @@ class OpenAIModel(Model):
             raise APIRequestError(str(exc)) from None
         finally:
             stop.set()  # requests still waiting to retry give up
-            pool.shutdown(wait=False, cancel_futures=True)
+            for fut in pending:
+                fut.cancel()
 
     @property
     def _cache(self) -> Any:
@@ -581,7 +769,7 @@ class OpenAIModel(Model):
 
         where = _public_url(self.base_url)
         try:
-            served = [m.id for m in self._client.models.list(timeout=min(self.timeout, 15.0))]
+            listed = list(self._client.models.list(timeout=min(self.timeout, 15.0)))
         except openai.APIConnectionError as exc:
             raise ModelLoadError(
                 f"Cannot reach the API server at {where} ({self._redact(_root_cause(exc))}). "
@@ -596,6 +784,10 @@ class OpenAIModel(Model):
         except (json.JSONDecodeError, openai.APIResponseValidationError):
             raise ModelLoadError(f"{where} did not answer like an OpenAI-compatible API; "
                                  "check the URL.") from None
+        served = [m.id for m in listed]
+        # vLLM reports the folder or hub id it loaded: the tokenizer for token-level analyses
+        self._served_root = next((getattr(m, "root", None) for m in listed
+                                  if m.id == self.model_id), None)
         if served and self.model_id not in served:
             shown = ", ".join(served[:10]) + (" ..." if len(served) > 10 else "")
             raise ModelLoadError(f"The server at {where} does not serve '{self.model_id}'; it "
@@ -702,6 +894,27 @@ def _echo_score(prompt: str, cont: str, lp: dict[str, Any], generated: int) -> S
         return _failed_score("malformed response: missing echoed log-probs")
     return Score(logprob=math.fsum(picked), token_logprobs=[float(v) for v in picked],
                  tokens=tokens[start:], prompt_tokens=start)
+
+
+def _token_id(key: str) -> int:
+    """``"token_id:712"`` (vLLM's ``return_tokens_as_token_ids``) -> 712."""
+    return int(str(key).rpartition(":")[2])
+
+
+def _target_logprob(choice: dict[str, Any], pos: int, target: int) -> tuple[float, int]:
+    """Log-prob and rank of the echoed token at ``pos`` (the target after its prompt)."""
+    exact = choice.get("prompt_logprobs")  # vLLM: every prompt position, with ranks
+    if isinstance(exact, list) and len(exact) > pos and exact[pos]:
+        entry = exact[pos].get(str(target))
+        if entry is not None:
+            return float(entry["logprob"]), int(entry["rank"])
+    lp = choice.get("logprobs") or {}
+    values, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    if len(values) <= pos or values[pos] is None:
+        return -math.inf, 0
+    value = float(values[pos])
+    best = max((tops[pos] or {}).values(), default=value) if len(tops) > pos else value
+    return value, 1 if value >= best else 2
 
 
 def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[str, float] | None:

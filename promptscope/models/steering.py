@@ -35,6 +35,10 @@ from promptscope.errors import CapabilityError, PromptscopeError
 
 ATTENTION_NAME = "promptscope_sdpa"
 MODES = ("exclude", "include")
+#: How the steered layers compute attention: SDPA with the bias in a dense ``[B, H, Lq, Lk]``
+#: float mask, or ``flex_attention`` with the bias as a score modifier (no dense mask; fused and
+#: compiled on CUDA).
+KERNELS = ("sdpa", "flex")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class AttentionSteering:
         mode: ``"exclude"`` (PASTA's default) or ``"include"``.
         emphasis: substrings to emphasise wherever they occur in a prompt.
         spans: exact prompt text -> emphasised character spans (``%%prompt``'s ``<<...>>``).
+        kernel: ``"sdpa"`` or ``"flex"`` (see :data:`KERNELS`); the same numbers either way.
     """
 
     heads: dict[int, list[int]]
@@ -56,8 +61,12 @@ class AttentionSteering:
     mode: str = "exclude"
     emphasis: tuple[str, ...] = ()
     spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    kernel: str = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise PromptscopeError(f"kernel must be one of {', '.join(KERNELS)}, not "
+                                   f"{self.kernel!r}.")
         if self.mode not in MODES:
             raise PromptscopeError(f"Steering mode must be 'exclude' or 'include', not "
                                    f"{self.mode!r}.")
@@ -86,8 +95,11 @@ class AttentionSteering:
 
     def to_json(self) -> dict[str, Any]:
         """PASTA's head config (``{"layer": [heads]}``) plus alpha and mode."""
-        return {"heads": {str(k): v for k, v in sorted(self.heads.items())},
-                "alpha": self.alpha, "mode": self.mode}
+        out = {"heads": {str(k): v for k, v in sorted(self.heads.items())},
+               "alpha": self.alpha, "mode": self.mode}
+        if self.kernel != "sdpa":
+            out["kernel"] = self.kernel
+        return out
 
     def n_heads(self) -> int:
         return sum(len(v) for v in self.heads.values())
@@ -142,6 +154,8 @@ class _Forward:
     key_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, 1, L]
     capture: Callable[[int, torch.Tensor], None] | None = None  # (layer, weights [B,H,Lq,Lk])
     capture_layers: frozenset[int] = frozenset()
+    kernel: str = "sdpa"  # how steered layers attend (KERNELS)
+    block_masks: dict[Any, Any] = field(default_factory=dict)  # flex: one per mask and shape
 
 
 _local = threading.local()
@@ -245,6 +259,9 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if bias is not None and bias.shape[-1] < lk:  # more keys than the bias was padded for
         bias = torch.nn.functional.pad(bias, (0, lk - bias.shape[-1]))
     b = bias[..., :lk] if bias is not None else None  # a view: [B, H, 1, Lk]
+    if b is not None and not capture and state.kernel == "flex":
+        return _flex_attention(state, query, key, value, attention_mask, b,
+                               getattr(module, "is_causal", True), kwargs.get("scaling"))
     if b is not None and attention_mask is None and query.shape[2] == 1:
         mask = b  # a decoding step without padding: the bias is the whole mask
     else:
@@ -263,6 +280,78 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     state.capture(layer, weights.detach())
     out = torch.matmul(weights, v).transpose(1, 2).contiguous()
     return out, None
+
+
+def _flex_attention(state: _Forward, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, bias: torch.Tensor,
+                    causal: bool, scaling: float | None) -> tuple[torch.Tensor, None]:
+    """Steered attention through ``flex_attention``: the key bias is a score modifier and the
+    causal/padding mask a block mask, so no dense ``[B, H, Lq, Lk]`` mask is built."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, n_heads, lq, _ = query.shape
+    lk = key.shape[2]
+    per_key = bias[:, :, 0, :]  # [B, H, Lk]
+
+    def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return score + per_key[b, h, kv].to(score.dtype)
+
+    # One block mask per forward pass and shape: every layer gets the same attention_mask.
+    cache_key = (None if attention_mask is None else attention_mask.data_ptr(), batch, lq, lk)
+    block = state.block_masks.get(cache_key)
+    if block is None:
+        if attention_mask is None:
+            offset = lk - lq
+
+            def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+                return q + offset >= kv if causal else kv >= 0
+        else:
+            allowed = (attention_mask if attention_mask.dtype == torch.bool
+                       else attention_mask > torch.finfo(attention_mask.dtype).min / 2)
+
+            def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+                return allowed[b if allowed.shape[0] > 1 else 0, 0, q, kv]
+        block = create_block_mask(mask_mod, batch, None, lq, lk, device=query.device)
+        state.block_masks[cache_key] = block
+    out = _flex_function(query.device)(
+        query, key, value, score_mod=score_mod, block_mask=block, scale=scaling,
+        enable_gqa=key.shape[1] != n_heads)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_FUSED_FLEX: dict[str, Any] = {}  # "fn": the compiled flex_attention; "broken": why not
+
+
+def _flex_function(device: torch.device) -> Callable[..., torch.Tensor]:
+    """``flex_attention`` compiled into a fused kernel on CUDA; elsewhere its unfused eager
+    form (the same numbers; compiling for the CPU costs more than it saves in a notebook, and
+    inductor's CPU template failed on dynamic shapes in torch 2.13)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def eager(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without")
+            return flex_attention(*args, **kwargs)
+
+    if device.type != "cuda":
+        return eager
+
+    def fused(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "broken" not in _FUSED_FLEX:
+            try:
+                if "fn" not in _FUSED_FLEX:
+                    _FUSED_FLEX["fn"] = torch.compile(flex_attention)
+                return _FUSED_FLEX["fn"](*args, **kwargs)
+            except Exception as exc:  # a compiler failure: the eager form gives the same numbers
+                _FUSED_FLEX["broken"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                warnings.warn("flex_attention could not be compiled here "
+                              f"({_FUSED_FLEX['broken']}); steering runs it unfused.",
+                              stacklevel=2)
+        return eager(*args, **kwargs)
+
+    return fused
 
 
 def register() -> None:
@@ -353,7 +442,8 @@ def set_steered(model: Any, steering: Any, on: bool) -> None:
 def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any = "all",
           alpha: float = 0.01, mode: str = "exclude",
           emphasis: str | Sequence[str] | None = None, vector: Any = None,
-          strength: float = 1.0, layers: Any = None, start: int | str = 0) -> Iterator[Any]:
+          strength: float = 1.0, layers: Any = None, start: int | str = 0,
+          kernel: str = "sdpa") -> Iterator[Any]:
     """Steer ``model`` for everything run inside the block: PASTA, a vector, or both.
 
     Args:
@@ -374,6 +464,9 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
         layers: the vector's layers to steer (default: all the vector has).
         start: steer tokens from this position of each prompt on (default 0: all tokens), or
             ``"last"``: the last prompt token and what is generated after it.
+        kernel: PASTA's attention kernel on the steered layers: ``"sdpa"`` (default; the bias
+            in a dense float mask) or ``"flex"`` (``flex_attention`` with the bias as a score
+            modifier: no ``[B, H, L, L]`` mask, a fused compiled kernel on CUDA).
 
     Yields:
         The :class:`AttentionSteering` (PASTA), a ``VectorSteering``, or a
@@ -405,7 +498,7 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
     with contextlib.ExitStack() as stack:
         attn = None
         if "pasta" in which:
-            attn = stack.enter_context(_pasta(model, heads, alpha, mode, emphasis))
+            attn = stack.enter_context(_pasta(model, heads, alpha, mode, emphasis, kernel))
         if vec_steering is not None:
             from promptscope.models.vectors import vector_hooks
 
@@ -420,7 +513,8 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
 
 @contextlib.contextmanager
 def _pasta(model: Any, heads: Any, alpha: float, mode: str,
-           emphasis: str | Sequence[str] | None) -> Iterator[AttentionSteering]:
+           emphasis: str | Sequence[str] | None, kernel: str = "sdpa",
+           ) -> Iterator[AttentionSteering]:
     """PASTA's part of :func:`steer`."""
     cfg = model.model.config
     if isinstance(heads, str) and heads.startswith(("top:", "profile:")):
@@ -428,8 +522,15 @@ def _pasta(model: Any, heads: Any, alpha: float, mode: str,
 
         heads = resolve_profile_heads(heads, model.name)
     subs = (emphasis,) if isinstance(emphasis, str) else tuple(emphasis or ())
+    if kernel == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise CapabilityError("kernel='flex' needs torch >= 2.5 (flex_attention); use "
+                                  "kernel='sdpa'.") from None
     steering = AttentionSteering(parse_heads(heads, cfg.num_hidden_layers,
-                                             cfg.num_attention_heads), alpha, mode, subs)
+                                             cfg.num_attention_heads), alpha, mode, subs,
+                                 kernel=kernel)
     use_promptscope_attention(model.model)
     model.steering = steering
     try:

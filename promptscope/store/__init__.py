@@ -74,15 +74,36 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def workspace_dir(start: str | os.PathLike | None = None) -> Path:
-    """The ``.promptscope`` folder for ``start`` (default: the current directory)."""
+    """The ``.promptscope`` folder for ``start`` (default: the current directory): the nearest
+    one from ``start`` upwards, else ``start/.promptscope``.
+
+    Like git's ceiling directories, the walk up does not look into (or above) the system temp
+    folder, the folder holding the home directory, or any folder in ``$PROMPTSCOPE_CEILING_DIRS``
+    (``os.pathsep``-separated), so a stray ``/tmp/.promptscope`` does not capture every
+    temporary workspace. ``$PROMPTSCOPE_HOME`` overrides all of this.
+    """
     env = os.environ.get("PROMPTSCOPE_HOME")
     if env:
         return Path(env).expanduser()
     here = Path(start or os.getcwd()).resolve()
+    ceilings = _ceiling_dirs()
     for folder in (here, *here.parents):
+        if folder != here and folder in ceilings:
+            break
         if (folder / ".promptscope").is_dir():
             return folder / ".promptscope"
+        if folder in ceilings:  # started at a ceiling: nothing above it either
+            break
     return here / ".promptscope"
+
+
+def _ceiling_dirs() -> set[Path]:
+    import tempfile
+
+    dirs = {Path(tempfile.gettempdir()), Path.home().parent}
+    dirs.update(Path(d) for d in os.environ.get("PROMPTSCOPE_CEILING_DIRS", "").split(os.pathsep)
+                if d)
+    return {d.expanduser().resolve() for d in dirs}
 
 
 @dataclass

@@ -256,7 +256,7 @@ def format_spread(
             "best": _fmt_summary(best), "worst": _fmt_summary(worst),
             "atomic": atomic,
         })
-        _record_api_info(rec, mdl)
+        rec.save_run_info(mdl)
         if rec.store is not None and rec.session_id:
             rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
@@ -277,12 +277,6 @@ def _fmt_summary(row: Any) -> dict[str, Any]:
     return {"format": int(row["format"]), "key": row["key"], "accuracy": float(row["accuracy"]),
             "ci": [float(row["ci_low"]), float(row["ci_high"])],
             "evaluations": int(row["evaluations"])}
-
-
-def _record_api_info(rec: Recorder, mdl: Model) -> None:
-    info = mdl.run_info()
-    if info:
-        rec.params["api"] = info
 
 
 def format_table(formats: Sequence[PromptFormat], successes: Any, trials: Any,
