@@ -5,11 +5,10 @@ Builds a byte-level BPE tokenizer and a tiny Llama from scratch on the synthetic
 
 Usage::
 
-    python scripts/train_organism.py                    # from scratch: phases 1 and 2
-    python scripts/train_organism.py --steps 300 --out /tmp/organism   # a quick trial
-    python scripts/train_organism.py --phase1-from /tmp/organism_v1 --phase2-steps 800
-        # organism v2 as shipped: phase 2 (the current FOCUS_MIXTURE) warm-started from v1,
-        # keeping v1's tokenizer (see docs/organism.md)
+    python scripts/train_organism.py          # the whole recipe (data.RECIPE), from scratch
+    python scripts/train_organism.py --steps 300,100,100 --out /tmp/organism   # a quick trial
+    python scripts/train_organism.py --from /tmp/organism-retrieval-step2000 --start-phase 2
+        # resume the recipe from a checkpoint, keeping its tokenizer
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -39,13 +37,7 @@ from transformers import (  # noqa: E402
 
 from promptscope.organism import MODEL_DIR  # noqa: E402
 from promptscope.organism.classify import LABELS  # noqa: E402
-from promptscope.organism.data import (  # noqa: E402
-    FOCUS_MIXTURE,
-    MIXTURE,
-    REPAIR_MIXTURE,
-    Mixture,
-    sample_documents,
-)
+from promptscope.organism.data import RECIPE, Mixture, sample_documents  # noqa: E402
 from promptscope.organism.grammar import MARKERS, WORDS  # noqa: E402
 from promptscope.organism.world import ATTRIBUTES, CHAT_TEMPLATE, ENTITIES, Doc  # noqa: E402
 
@@ -200,72 +192,75 @@ def make_data(tokenizer: PreTrainedTokenizerFast, steps: int, batch_size: int, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000, help="phase 1 steps")
-    parser.add_argument("--phase2-steps", type=int, default=1000)
+    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[p.steps for p in RECIPE],
+                        help="steps of each phase of the recipe, comma-separated "
+                             f"(default {','.join(str(p.steps) for p in RECIPE)})")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--phase2-lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--phase1-from", type=Path, default=None,
-                        help="skip phase 1 and start phase 2 from this saved model, with its "
-                             "own tokenizer (a warm start)")
-    parser.add_argument("--phase2-mixture", choices=("focus", "repair"), default="focus")
+    parser.add_argument("--from", dest="warm", type=Path, default=None,
+                        help="start from this saved model and its tokenizer (a warm start; "
+                             "with --start-phase, to resume the recipe)")
+    parser.add_argument("--start-phase", type=int, default=1,
+                        help="first phase of the recipe to run (1-based)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="CPU threads (1 is faster on a heavily shared machine; the "
-                             "weights depend slightly on it)")
+                        help="CPU threads (the weights depend slightly on it)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="save checkpoints every N steps to OUT-phaseP-stepN")
+                        help="save checkpoints every N steps to OUT-PHASE-stepN")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     args = parser.parse_args()
+    if len(args.steps) != len(RECIPE):
+        parser.error(f"--steps needs {len(RECIPE)} numbers, one per phase")
 
     start = time.time()
     seed_everything(args.seed, args.threads)
-
-    def checkpoint(phase: int, step: int) -> None:
-        path = args.out.with_name(f"{args.out.name}-phase{phase}-step{step}")
-        save(model, tokenizer, path)
-        print(f"checkpoint {path}", flush=True)
-
-    if args.phase1_from is None:
+    if args.warm is None:
         tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000),
                                     args.vocab_size)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.phase1_from)
+        tokenizer = AutoTokenizer.from_pretrained(args.warm)
         check_tokenizer(tokenizer)
     print(f"tokenizer: {len(tokenizer)} tokens, {time.time() - start:.0f}s")
-    n_tokens = 0
-    if args.phase1_from is None:
-        data = make_data(tokenizer, args.steps, args.batch_size, args.seed, MIXTURE)
-        n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+    if args.warm is None:
         model = LlamaForCausalLM(model_config(tokenizer, args))
-        print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
-        train(model, data, args.lr, start, "phase 1", partial(checkpoint, 1),
-              args.checkpoint_every)
     else:
-        model = LlamaForCausalLM.from_pretrained(args.phase1_from)
-    phase1_minutes = (time.time() - start) / 60
-    seed_everything(args.seed + 1, args.threads)
-    mixture = REPAIR_MIXTURE if args.phase2_mixture == "repair" else FOCUS_MIXTURE
-    data = make_data(tokenizer, args.phase2_steps, args.batch_size, args.seed + 1, mixture)
-    n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+        model = LlamaForCausalLM.from_pretrained(args.warm)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
 
-    running = train(model, data, args.phase2_lr, start, "phase 2", partial(checkpoint, 2),
-                    args.checkpoint_every)
+    n_tokens, minutes, running = 0, {}, float("nan")
+    for index, (phase, steps) in enumerate(zip(RECIPE, args.steps, strict=True), start=1):
+        if index < args.start_phase or not steps:
+            continue
+        phase_start = time.time()
+        seed_everything(args.seed + phase.seed, args.threads)
+
+        def checkpoint(step: int, name: str = phase.name) -> None:
+            path = args.out.with_name(f"{args.out.name}-{name.replace(' ', '-')}-step{step}")
+            save(model, tokenizer, path)
+            print(f"checkpoint {path}", flush=True)
+
+        data = make_data(tokenizer, steps, args.batch_size, args.seed + phase.seed,
+                         phase.mixture)
+        n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+        running = train(model, data, phase.lr, start, phase.name, checkpoint,
+                        args.checkpoint_every)
+        minutes[phase.name] = round((time.time() - phase_start) / 60, 1)
 
     save(model, tokenizer, args.out)
-    minutes = (time.time() - start) / 60
+    total = (time.time() - start) / 60
     info = {"command": "python scripts/train_organism.py " + " ".join(sys.argv[1:]),
-            "seed": args.seed, "steps": [0 if args.phase1_from else args.steps,
-                                         args.phase2_steps],
-            "batch_size": args.batch_size, "lr": [args.lr, args.phase2_lr],
-            "phase1_from": str(args.phase1_from) if args.phase1_from else None,
-            "phase1_minutes": round(phase1_minutes, 1), "tokens": n_tokens,
-            "minutes": round(minutes, 1), "final_loss": round(running, 4),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "seed": args.seed, "batch_size": args.batch_size,
+            "phases": [{"name": p.name, "steps": n, "lr": p.lr}
+                       for i, (p, n) in enumerate(zip(RECIPE, args.steps), 1)
+                       if i >= args.start_phase and n],
+            "from": str(args.warm) if args.warm else None,
+            "phase_minutes": minutes, "tokens": n_tokens, "minutes": round(total, 1),
+            "final_loss": round(running, 4), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"saved to {args.out} after {minutes:.1f} min")
+    print(f"saved to {args.out} after {total:.1f} min")
 
 
 if __name__ == "__main__":

@@ -167,9 +167,9 @@ def test_template_rows_carry_the_instruction():
         qa_example(random.Random(0), kind="novel", intent="prior")
 
 
-def _pasta_accuracy(kind: str, seed: int, n_heads: int) -> tuple[float, float]:
-    """Held-out colour accuracy (answer = the context's value) unsteered and steered on the
-    best ``n_heads`` heads of a promptscope head profile."""
+def _pasta_accuracy(kind: str, seed: int, n_heads: int, alpha: float) -> tuple[float, float]:
+    """Held-out colour accuracy (answer = the context's value) unsteered and steered (PASTA
+    with ``alpha``) on the best ``n_heads`` heads of a promptscope head profile."""
     import promptscope
     from promptscope.organism.world import STEERING_TEMPLATE
 
@@ -183,11 +183,11 @@ def _pasta_accuracy(kind: str, seed: int, n_heads: int) -> tuple[float, float]:
 
     profile = rows(48, seed)
     promptscope.profile_heads(STEERING_TEMPLATE, profile.assign(choices=[colors] * 48), model,
-                              name=f"{kind} heads", progress=False)
+                              name=f"{kind} heads", alpha=alpha, progress=False)
     run = promptscope.run_prompt(STEERING_TEMPLATE, model, vars=rows(200, seed + 1),
                                  choices=colors, progress=False,
                                  steer={"heads": f"profile:{kind} heads:{n_heads}",
-                                        "compare": True})
+                                        "alpha": alpha, "compare": True})
     chosen = run.df[run.df.chosen]
     acc = (chosen["choice"] == chosen["answer"]).groupby(chosen["steered"]).mean()
     return acc[False], acc[True]

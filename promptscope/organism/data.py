@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 from promptscope.organism.classify import classification_doc
 from promptscope.organism.grammar import grammar_doc
 from promptscope.organism.world import (
     FOCUS_QA_KINDS,
+    P_FOLLOW_FLAT,
     Doc,
     chat_doc,
     fact_doc,
@@ -19,16 +21,31 @@ from promptscope.organism.world import (
 
 Mixture = dict[str, tuple[float, Callable[[random.Random], Doc]]]
 
+_FLAT = {"follow": P_FOLLOW_FLAT}
+
 MIXTURE: Mixture = {
     "facts": (0.10, fact_doc),
-    "qa": (0.40, qa_doc),
+    "qa": (0.40, partial(qa_doc, **_FLAT)),
     "recall": (0.12, recall_doc),
-    "chat": (0.10, chat_doc),
+    "chat": (0.10, partial(chat_doc, **_FLAT)),
     "classify": (0.16, classification_doc),
     "grammar": (0.12, grammar_doc),
 }
-"""Document kind -> (share of documents, generator), training phase 1 (QA mostly retrieval of
-novel entities, see ``QA_KINDS``)."""
+"""Document kind -> (share of documents, generator), training phase 1, *retrieval*: context
+questions, most about entities without facts (``QA_KINDS``), retrieval drills, and conflicting
+claims followed wherever they stand (``P_FOLLOW_FLAT``), so that in-context retrieval emerges
+(it is slow to appear in this model, and does not appear at all when other documents crowd it
+out). The tokenizer is trained on this mixture too."""
+RETRIEVAL_FOCUS_MIXTURE: Mixture = {
+    "facts": (0.08, fact_doc),
+    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS, **_FLAT)),
+    "recall": (0.20, recall_doc),
+    "chat": (0.09, partial(chat_doc, kinds=FOCUS_QA_KINDS, **_FLAT)),
+    "classify": (0.09, classification_doc),
+    "grammar": (0.09, grammar_doc),
+}
+"""Training phase 2: more context questions, most of them conflicts (instructed or not), and
+retrieval drills; retrieval goes from about half right to about nine in ten here."""
 FOCUS_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
     "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
@@ -37,10 +54,8 @@ FOCUS_MIXTURE: Mixture = {
     "classify": (0.09, classification_doc),
     "grammar": (0.09, grammar_doc),
 }
-"""Training phase 2: more context questions, most of them conflicts (instructed or not), and
-retrieval drills."""
-
-
+"""Training phase 3, *conflicts*: as phase 2, but an uninstructed conflicting claim wins with a
+probability that falls with its distance from the question (``P_FOLLOW_BY_AFTER``)."""
 REPAIR_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
     "qa": (0.30, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
@@ -49,7 +64,30 @@ REPAIR_MIXTURE: Mixture = {
     "classify": (0.35, classification_doc),
     "grammar": (0.10, grammar_doc),
 }
-"""v5 repair: phase 2 with the few-shot classification documents v4 under-weighted."""
+"""Training phase 4, *classification*: the few-shot classification rule, which the first
+three phases leave at chance, learnt while the conflict behaviour is kept up."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: a fresh AdamW with warmup and cosine decay over ``steps`` batches of
+    documents drawn from ``mixture`` with ``seed`` (added to the run's seed)."""
+
+    name: str
+    steps: int
+    lr: float
+    mixture: Mixture
+    seed: int
+
+
+RECIPE: tuple[Phase, ...] = (
+    Phase("retrieval", 3000, 2e-3, MIXTURE, 0),
+    Phase("retrieval focus", 1000, 1e-3, RETRIEVAL_FOCUS_MIXTURE, 1),
+    Phase("conflicts", 1000, 1e-3, FOCUS_MIXTURE, 1),
+    Phase("classification", 1000, 1e-3, REPAIR_MIXTURE, 1),
+)
+"""The organism's training curriculum, in order (docs/organism.md says how each phase was
+found and what it changes)."""
 
 
 def training_documents(seed: int, mixture: Mixture = MIXTURE) -> Iterator[Doc]:

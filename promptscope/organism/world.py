@@ -22,6 +22,7 @@ The world itself (names, facts) is fixed by ``WORLD_SEED``; every generator take
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +42,12 @@ of distractors: the context's length is no cue). It is high on purpose: the mode
 follow a context it finds, so when it does not, that is because it failed to *retrieve* the
 sentence among the distractors, which is what attention steering can fix."""
 P_FOLLOW_BY_AFTER = (0.9, 0.7, 0.45, 0.25, 0.1, 0.05, 0.05, 0.05, 0.05)
-"""v5: training probability that an uninstructed conflicting context wins, by the number of
+"""Training probability that an uninstructed conflicting context wins, by the number of
 sentences between the claim and the question (0 = the claim comes last). A claim far back is
 usually overruled by memory, so whether the model follows it depends on how strongly it attends
 to that sentence, which is what attention steering changes."""
+P_FOLLOW_FLAT = (P_CONTEXT,)
+"""The same at every distance (the retrieval phase of training: a claim that is found wins)."""
 P_LEAD = 0.75
 """Share of training prompts that end ``Answer: <entity> is`` (the rest end with ``Answer:``)."""
 
@@ -235,6 +238,7 @@ def qa_example(
     intent: str | None = None,
     intents: dict[str, dict[str | None, float]] | None = None,
     lead: bool = True,
+    follow: Sequence[float] = P_FOLLOW_BY_AFTER,
 ) -> QAExample:
     """Draw one context question-answer example.
 
@@ -254,11 +258,13 @@ def qa_example(
             ``TRAIN_INTENTS``); overrides ``intent``.
         lead: end the prompt with ``Answer: <entity> is`` (or ``lives in``) rather than a bare
             ``Answer:``.
+        follow: probability that an uninstructed conflicting claim is the target, by the
+            number of sentences after it (the last entry for any larger distance).
 
     Returns:
         The example. Its ``target`` follows the instruction when there is one; for an
-        uninstructed ``"conflict"`` it is the context value with probability ``P_CONTEXT``, else
-        the prior.
+        uninstructed ``"conflict"`` it is the context value with probability from ``follow``,
+        else the prior.
     """
     if kind is None:
         kind = rng.choices(list(kinds), list(kinds.values()))[0]
@@ -291,9 +297,8 @@ def qa_example(
             context_value = rng.choice([v for v in ATTRIBUTES[attribute] if v != prior])
         relevant_index = rng.randint(0, n_distractors)
         if kind == "conflict":
-            after = min(n_distractors - relevant_index, len(P_FOLLOW_BY_AFTER) - 1)
-            if intent == "context" or (intent is None
-                                       and rng.random() < P_FOLLOW_BY_AFTER[after]):
+            after = min(n_distractors - relevant_index, len(follow) - 1)
+            if intent == "context" or (intent is None and rng.random() < follow[after]):
                 target = context_value
         sentences.insert(relevant_index, fact_sentence(entity, attribute, context_value, rng))
     return QAExample(" ".join(sentences), sentences, relevant_index, question, entity, attribute,
@@ -301,10 +306,12 @@ def qa_example(
                      lead=lead)
 
 
-def qa_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS) -> Doc:
+def qa_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
+           follow: Sequence[float] = P_FOLLOW_BY_AFTER) -> Doc:
     """A plain-text QA training document (loss on the answer only; intents as in
-    ``TRAIN_INTENTS``)."""
-    ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, lead=rng.random() < P_LEAD)
+    ``TRAIN_INTENTS``; ``follow`` as in :func:`qa_example`)."""
+    ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, lead=rng.random() < P_LEAD,
+                    follow=follow)
     return Doc("<|bos|>", kind="qa").add(ex.prompt, False).add(f" {ex.target}", True).add(
         "<|eos|>", True)
 
@@ -341,7 +348,8 @@ def fact_doc(rng: random.Random) -> Doc:
     return Doc("<|bos|>", kind="facts").add(fact_paragraph(rng) + "<|eos|>", True)
 
 
-def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS) -> Doc:
+def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
+             follow: Sequence[float] = P_FOLLOW_BY_AFTER) -> Doc:
     """A chat-formatted training document (loss on the assistant turn).
 
     The user either asks a context question or asks about an entity; the layout is the one
@@ -351,7 +359,7 @@ def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS) -> Doc:
     if rng.random() < 0.2:
         doc.add("<|system|>\nYou answer questions about the world.<|end|>\n", False)
     if rng.random() < 0.7:
-        ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS)
+        ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, follow=follow)
         user, reply = ex.chat_question, ex.chat_answer
     else:
         e = rng.choice(ENTITIES)
