@@ -19,12 +19,13 @@ def code(text: str) -> None:
 
 
 md("""
-# Steering compared: PASTA, AutoPASTA, a contrastive vector and an in-context vector
+# Steering compared: PASTA, AutoPASTA, a contrastive vector, an in-context vector and the knob
 
-The model organism often ignores a context that contradicts what it memorised ("Context: Brafu is
-red. ... What color is Brafu?" → its prior colour). Which kind of steering makes it follow the
-context, how strongly, and at what cost to everything else? Each method is built on training
-questions, swept over its strength on held-out questions, and measured against two side
+The model organism follows a context that contradicts what it memorised ("Context: Brafu is
+red. ... What color is Brafu?") only about half the time, less often the farther the claim
+stands from the question; otherwise it answers its prior colour. Which kind of steering makes
+it follow the context, how strongly, and at what cost to everything else? Each method is built
+on training questions, swept over its strength on held-out questions, and measured against two side
 effects: the log-likelihood of unrelated text (a fluency proxy) and a control task it should
 not touch (questions without a context, answered from memory). Every number is measured in this
 run; `docs/steering.md` discusses them.
@@ -90,33 +91,68 @@ print(f"{len(demos)} pairs; share of the differences along the ICV per layer: "
       f"{[round(x, 2) for x in icv.meta['explained']]}")
 """)
 md("""
-## The comparison
+## The context-sensitivity knob
 
-PASTA steers the heads `docs/organism.md` found best for retrieval toward the relevant
-sentence; AutoPASTA lets the model name the key sentence inside the whole context first. The
-vectors are swept over their strength; the last method steers attention and adds the vector at
-once. The control task is questions without a context (the prior is the right answer), and the
-unrelated text comes from the organism's synthetic language.
+The organism was also trained with instructions: "Use the context." or "Use what you know." after
+the question ("Controllable Context Sensitivity and the Knob Behind It"). Read the residual
+stream at the last prompt token for the same questions under the two intents: the unit
+difference of their means, per layer, is a candidate knob. Then check it causally: *set* the
+latent's coordinate along it to a value, one layer at a time, on uninstructed held-out questions,
+and watch which source the answers follow. The layer where the sweep moves answers from prior to
+context is where the knob lives.
 """)
 code("""
-HEADS = "0.0,0.3,0.2,2.3,2.2"
-AUTO = "Context: <<{before}{key}{after}>>\\nQuestion: {question}\\nAnswer:"
+def instructed(n, seed, intent):
+    rng = random.Random(seed)  # same seed: the same questions under either instruction
+    return [world.qa_example(rng, kind="conflict", intent=intent).prompt for _ in range(n)]
+
+knob = promptscope.find_knob(instructed(80, 501, "context"), instructed(80, 501, "prior"),
+                             name="context knob")
+knob.save()
+sweep = promptscope.knob_sweep(TEMPLATE, held_out, knob, name="knob sweep (organism)",
+                               progress=False)
+sweep.figure()
+""")
+code("""
+where = sweep.summary()
+KNOB_LAYER = int(where.layer[0])
+where
+""")
+md("""
+## The comparison
+
+PASTA steers the heads a head profile on the training questions ranks best toward the relevant
+sentence; AutoPASTA lets the model name the key sentence inside the whole context first. The
+vectors are swept over their strength, the knob over its value at its layer; one method steers
+attention and adds the vector at once. The control task is questions without a context (the
+prior is the right answer), and the unrelated text comes from the organism's synthetic language.
+""")
+code("""
+promptscope.profile_heads(TEMPLATE, train.head(64), name="conflict heads", alpha=1e-4,
+                          progress=False)
+HEADS = "profile:conflict heads:5"
+AUTO = "Context: <<{before}{key}{after}>>\\nQuestion: {question}\\nAnswer:{lead}"
 rng = random.Random(303)
 control = [world.qa_example(rng, kind="none") for _ in range(50)]
-control_rows = [{"question": ex.question, "answer": f" {ex.prior}",
+control_rows = [{"question": ex.question, "lead": ex.answer_lead, "answer": f" {ex.prior}",
                  "choices": values[ex.attribute]} for ex in control]
+facts = knob.meta["layers"][str(KNOB_LAYER)]
+gap = facts["positive"] - facts["negative"]
+knob_values = [facts["positive"] + k * gap for k in (0.0, 0.5, 1.0)]
 texts = [grammar.text(random.Random(400 + i)) for i in range(10)]
 
 cmp = promptscope.compare_steering(
     TEMPLATE, held_out, name="steering compared (organism)",
-    control=("Question: {question}\\nAnswer:", control_rows), text=texts, progress=False,
+    control=("Question: {question}\\nAnswer:{lead}", control_rows), text=texts, progress=False,
     methods={
-        "PASTA": {"heads": HEADS, "alpha": [0.1, 0.01]},
-        "AutoPASTA": {"heads": HEADS, "alpha": [0.01], "auto": True, "template": AUTO},
-        "CAA (layer 3)": {"vector": caa, "layers": [3], "strength": [1, 2, 3]},
+        "PASTA": {"heads": HEADS, "alpha": [0.1, 0.01, 1e-4]},
+        "AutoPASTA": {"heads": HEADS, "alpha": [0.01, 1e-4], "auto": True, "template": AUTO},
+        "CAA (layer 3)": {"vector": caa, "layers": [3], "strength": [1, 2, 4, 8]},
         "ICV": {"vector": icv, "strength": [0.05, 0.1]},
         "PASTA + CAA": {"method": "pasta+vector", "heads": HEADS, "alpha": 0.01,
                         "vector": caa, "layers": [3], "strength": [2]},
+        f"knob (layer {KNOB_LAYER})": {"vector": knob, "layers": [KNOB_LAYER], "start": "last",
+                                       "strength": knob_values},
     })
 cmp.figure()
 """)
@@ -179,7 +215,7 @@ MAGIC = ('%%prompt --vars q --choices " Oslo| Lima| Rome| Cairo| Delhi| Tokyo| Q
 cells.append(nbf.v4.new_code_cell(MAGIC + """
 Context: {before}{key}{after}
 Question: {question}
-Answer:"""))
+Answer:{lead}"""))
 code("""
 picked = steered.df[steered.df.chosen]
 table = picked.pivot_table(index="variant", columns="steered", values="choice",
@@ -196,7 +232,7 @@ code("""
 from promptscope.widgets import SteeringLab
 
 SteeringLab(TEMPLATE, model, choices=values["city"], vars=q, heads=HEADS,
-            vectors={"CAA": caa, "ICV": icv}, comparison=cmp)
+            vectors={"CAA (layer 3)": caa, "ICV": icv}, comparison=cmp)
 """)
 KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": KERNEL})

@@ -1,12 +1,16 @@
 """Train the promptscope model organism and write it to ``promptscope/organism/model/``.
 
 Builds a byte-level BPE tokenizer and a tiny Llama from scratch on the synthetic world of
-:mod:`promptscope.organism`, deterministically (seeded, 2 CPU threads).
+:mod:`promptscope.organism`, deterministically (seeded; the phases and their thread counts
+are ``promptscope.organism.data.RECIPE``).
 
 Usage::
 
-    python scripts/train_organism.py                    # the shipped model
-    python scripts/train_organism.py --steps 300 --out /tmp/organism   # a quick trial
+    python scripts/train_organism.py          # the whole recipe, from scratch (about 52 min)
+    python scripts/train_organism.py --steps 300,100,100,100 --out /tmp/organism   # a trial
+    python scripts/train_organism.py --steps 3000,1000,0,0 --out /tmp/v4   # phases 1-2 only
+    python scripts/train_organism.py --from /tmp/v4 --start-phase 3
+        # continue the recipe from a model saved after phase 2, keeping its tokenizer
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -34,12 +39,7 @@ from transformers import (  # noqa: E402
 
 from promptscope.organism import MODEL_DIR  # noqa: E402
 from promptscope.organism.classify import LABELS  # noqa: E402
-from promptscope.organism.data import (  # noqa: E402
-    FOCUS_MIXTURE,
-    MIXTURE,
-    Mixture,
-    sample_documents,
-)
+from promptscope.organism.data import RECIPE, Mixture, sample_documents  # noqa: E402
 from promptscope.organism.grammar import MARKERS, WORDS  # noqa: E402
 from promptscope.organism.world import ATTRIBUTES, CHAT_TEMPLATE, ENTITIES, Doc  # noqa: E402
 
@@ -50,12 +50,12 @@ SINGLE_TOKEN_WORDS = [*LABELS, *(v for vs in ATTRIBUTES.values() for v in vs), *
 """Words that must be one token when preceded by a space (answer vocabularies, language)."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and use 2 deterministic CPU threads."""
+def seed_everything(seed: int, threads: int = 2) -> None:
+    """Seed python, numpy and torch, and use ``threads`` deterministic CPU threads."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
 
 
@@ -75,11 +75,16 @@ def build_tokenizer(docs: list[Doc], vocab_size: int) -> PreTrainedTokenizerFast
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
         additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=512)
     wrapped.chat_template = CHAT_TEMPLATE
+    check_tokenizer(wrapped)
+    return wrapped
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise if a word that must be one token (answers, language, entities) is split."""
     split = [w for w in SINGLE_TOKEN_WORDS
-             if len(wrapped(" " + w, add_special_tokens=False).input_ids) != 1]
+             if len(tokenizer(" " + w, add_special_tokens=False).input_ids) != 1]
     if split:
         raise RuntimeError(f"words split into several tokens: {split}")
-    return wrapped
 
 
 def encode(doc: Doc, tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
@@ -124,9 +129,25 @@ def model_config(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -
         dtype="float32")
 
 
+def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Write model (safetensors), generation config and tokenizer to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
+        do_sample=False, max_new_tokens=64)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
 def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-          start: float, tag: str) -> float:
-    """AdamW with linear warmup and cosine decay over ``data``; returns the smoothed loss."""
+          start: float, tag: str,
+          checkpoint: Callable[[int], None] | None = None, every: int = 0) -> float:
+    """AdamW with linear warmup and cosine decay over ``data``; returns the smoothed loss.
+
+    With ``checkpoint`` and ``every``, ``checkpoint(step)`` is called after every ``every``
+    steps (in eval mode; training resumes afterwards).
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -154,6 +175,10 @@ def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]]
         if step % 100 == 0 or step == len(data) - 1:
             print(f"{tag} step {step:5d}  loss {running:.3f}  {time.time() - start:.0f}s",
                   flush=True)
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < len(data):
+            model.eval()
+            checkpoint(step + 1)
+            model.train()
     model.eval()
     return running
 
@@ -169,56 +194,76 @@ def make_data(tokenizer: PreTrainedTokenizerFast, steps: int, batch_size: int, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=3000, help="phase 1 steps")
-    parser.add_argument("--phase2-steps", type=int, default=1000)
+    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[p.steps for p in RECIPE],
+                        help="steps of each phase of the recipe, comma-separated "
+                             f"(default {','.join(str(p.steps) for p in RECIPE)})")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--phase2-lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--phase1-from", type=Path, default=None,
-                        help="skip phase 1 and start phase 2 from this saved phase-1 model")
+    parser.add_argument("--from", dest="warm", type=Path, default=None,
+                        help="start from this saved model and its tokenizer (a warm start; "
+                             "with --start-phase, to resume the recipe)")
+    parser.add_argument("--start-phase", type=int, default=1,
+                        help="first phase of the recipe to run (1-based)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for every phase (default: each phase's own, as in "
+                             "RECIPE; the weights depend slightly on it)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="save checkpoints every N steps to OUT-PHASE-stepN")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
     args = parser.parse_args()
+    if len(args.steps) != len(RECIPE):
+        parser.error(f"--steps needs {len(RECIPE)} numbers, one per phase")
 
     start = time.time()
-    seed_everything(args.seed)
-    tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000), args.vocab_size)
-    print(f"tokenizer: {len(tokenizer)} tokens, {time.time() - start:.0f}s")
-    n_tokens = 0
-    if args.phase1_from is None:
-        data = make_data(tokenizer, args.steps, args.batch_size, args.seed, MIXTURE)
-        n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
-        model = LlamaForCausalLM(model_config(tokenizer, args))
-        print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
-        train(model, data, args.lr, start, "phase 1")
+    seed_everything(args.seed, args.threads or 2)
+    if args.warm is None:
+        tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000),
+                                    args.vocab_size)
     else:
-        model = LlamaForCausalLM.from_pretrained(args.phase1_from)
-        if AutoTokenizer.from_pretrained(args.phase1_from).get_vocab() != tokenizer.get_vocab():
-            raise RuntimeError("--phase1-from was trained with another tokenizer")
-    phase1_minutes = (time.time() - start) / 60
-    seed_everything(args.seed + 1)
-    data = make_data(tokenizer, args.phase2_steps, args.batch_size, args.seed + 1, FOCUS_MIXTURE)
-    n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
-    running = train(model, data, args.phase2_lr, start, "phase 2")
+        tokenizer = AutoTokenizer.from_pretrained(args.warm)
+        check_tokenizer(tokenizer)
+    print(f"tokenizer: {len(tokenizer)} tokens, {time.time() - start:.0f}s")
+    if args.warm is None:
+        model = LlamaForCausalLM(model_config(tokenizer, args))
+    else:
+        model = LlamaForCausalLM.from_pretrained(args.warm)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
-        do_sample=False, max_new_tokens=64)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
-    minutes = (time.time() - start) / 60
-    info = {"seed": args.seed, "steps": [args.steps, args.phase2_steps],
-            "batch_size": args.batch_size, "lr": [args.lr, args.phase2_lr],
-            "phase1_from": str(args.phase1_from) if args.phase1_from else None,
-            "phase1_minutes": round(phase1_minutes, 1), "tokens": n_tokens,
-            "minutes": round(minutes, 1), "final_loss": round(running, 4),
-            "torch": torch.__version__}
+    n_tokens, minutes, running = 0, {}, float("nan")
+    for index, (phase, steps) in enumerate(zip(RECIPE, args.steps, strict=True), start=1):
+        if index < args.start_phase or not steps:
+            continue
+        phase_start = time.time()
+        seed_everything(args.seed + phase.seed, args.threads or phase.threads)
+
+        def checkpoint(step: int, name: str = phase.name) -> None:
+            path = args.out.with_name(f"{args.out.name}-{name.replace(' ', '-')}-step{step}")
+            save(model, tokenizer, path)
+            print(f"checkpoint {path}", flush=True)
+
+        data = make_data(tokenizer, steps, args.batch_size, args.seed + phase.seed,
+                         phase.mixture)
+        n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+        running = train(model, data, phase.lr, start, phase.name, checkpoint,
+                        args.checkpoint_every)
+        minutes[phase.name] = round((time.time() - phase_start) / 60, 1)
+
+    save(model, tokenizer, args.out)
+    total = (time.time() - start) / 60
+    info = {"command": "python scripts/train_organism.py " + " ".join(sys.argv[1:]),
+            "seed": args.seed, "batch_size": args.batch_size,
+            "phases": [{"name": p.name, "steps": n, "lr": p.lr,
+                        "threads": args.threads or p.threads}
+                       for i, (p, n) in enumerate(zip(RECIPE, args.steps), 1)
+                       if i >= args.start_phase and n],
+            "from": str(args.warm) if args.warm else None,
+            "phase_minutes": minutes, "tokens": n_tokens, "minutes": round(total, 1),
+            "final_loss": round(running, 4), "torch": torch.__version__}
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"saved to {args.out} after {minutes:.1f} min")
+    print(f"saved to {args.out} after {total:.1f} min")
 
 
 if __name__ == "__main__":

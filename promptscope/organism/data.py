@@ -4,30 +4,92 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 from promptscope.organism.classify import classification_doc
 from promptscope.organism.grammar import grammar_doc
-from promptscope.organism.world import FOCUS_QA_KINDS, Doc, chat_doc, fact_doc, qa_doc
+from promptscope.organism.world import (
+    FOCUS_QA_KINDS,
+    P_FOLLOW_FLAT,
+    Doc,
+    chat_doc,
+    fact_doc,
+    qa_doc,
+    recall_doc,
+)
 
 Mixture = dict[str, tuple[float, Callable[[random.Random], Doc]]]
 
+_FLAT = {"follow": P_FOLLOW_FLAT}
+
 MIXTURE: Mixture = {
     "facts": (0.10, fact_doc),
-    "qa": (0.40, qa_doc),
-    "chat": (0.13, chat_doc),
-    "classify": (0.22, classification_doc),
-    "grammar": (0.15, grammar_doc),
-}
-"""Document kind -> (share of documents, generator), training phase 1."""
-FOCUS_MIXTURE: Mixture = {
-    "facts": (0.10, fact_doc),
-    "qa": (0.55, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
-    "chat": (0.12, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
-    "classify": (0.11, classification_doc),
+    "qa": (0.40, partial(qa_doc, **_FLAT)),
+    "recall": (0.12, recall_doc),
+    "chat": (0.10, partial(chat_doc, **_FLAT)),
+    "classify": (0.16, classification_doc),
     "grammar": (0.12, grammar_doc),
 }
-"""Training phase 2: more context questions, most of them needing the context."""
+"""Document kind -> (share of documents, generator), training phase 1, *retrieval*: context
+questions, most about entities without facts (``QA_KINDS``), retrieval drills, and conflicting
+claims followed wherever they stand (``P_FOLLOW_FLAT``), so that in-context retrieval emerges
+(it is slow to appear in this model, and does not appear at all when other documents crowd it
+out). The tokenizer is trained on this mixture too."""
+RETRIEVAL_FOCUS_MIXTURE: Mixture = {
+    "facts": (0.08, fact_doc),
+    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS, **_FLAT)),
+    "recall": (0.20, recall_doc),
+    "chat": (0.09, partial(chat_doc, kinds=FOCUS_QA_KINDS, **_FLAT)),
+    "classify": (0.09, classification_doc),
+    "grammar": (0.09, grammar_doc),
+}
+"""Training phase 2: more context questions, most of them conflicts (instructed or not), and
+retrieval drills; retrieval goes from about half right to about nine in ten here."""
+FOCUS_MIXTURE: Mixture = {
+    "facts": (0.08, fact_doc),
+    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "recall": (0.20, recall_doc),
+    "chat": (0.09, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "classify": (0.09, classification_doc),
+    "grammar": (0.09, grammar_doc),
+}
+"""Training phase 3, *conflicts*: as phase 2, but an uninstructed conflicting claim wins with a
+probability that falls with its distance from the question (``P_FOLLOW_BY_AFTER``)."""
+REPAIR_MIXTURE: Mixture = {
+    "facts": (0.08, fact_doc),
+    "qa": (0.30, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "recall": (0.10, recall_doc),
+    "chat": (0.07, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "classify": (0.35, classification_doc),
+    "grammar": (0.10, grammar_doc),
+}
+"""Training phase 4, *classification*: the few-shot classification rule, which the first
+three phases leave at chance, learnt while the conflict behaviour is kept up."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: a fresh AdamW with warmup and cosine decay over ``steps`` batches of
+    documents drawn from ``mixture`` with ``seed`` (added to the run's seed), on ``threads`` CPU
+    threads (the weights depend slightly on the thread count)."""
+
+    name: str
+    steps: int
+    lr: float
+    mixture: Mixture
+    seed: int
+    threads: int = 2
+
+
+RECIPE: tuple[Phase, ...] = (
+    Phase("retrieval", 3000, 2e-3, MIXTURE, 0),
+    Phase("retrieval focus", 1000, 1e-3, RETRIEVAL_FOCUS_MIXTURE, 1),
+    Phase("conflicts", 1000, 1e-3, FOCUS_MIXTURE, 1, threads=1),  # as the shipped weights were
+    Phase("classification", 1000, 1e-3, REPAIR_MIXTURE, 1),
+)
+"""The organism's training curriculum, in order (docs/organism.md says how each phase was
+found and what it changes)."""
 
 
 def training_documents(seed: int, mixture: Mixture = MIXTURE) -> Iterator[Doc]:

@@ -1,7 +1,9 @@
 """Measurements of the three effects built into the organism (used by docs, script and tests).
 
-* :func:`context_following` / :func:`profile_heads` - effect 1, context vs prior, with optional
-  PASTA-style head steering (:mod:`promptscope.organism._steering`);
+* :func:`answer_choices`, :func:`context_following`, :func:`accuracy` - effect 1, context vs
+  prior (with or without an instruction), optionally under PASTA attention steering done by
+  promptscope itself (:func:`promptscope.steer`); :func:`pasta_heads` profiles heads with
+  :func:`promptscope.profile_heads` and picks the best set;
 * :func:`format_accuracies` - effect 2, accuracy of the few-shot task across prompt formats;
 * :func:`grammar_accuracy` and :func:`reachable_targets` - effect 3, next-token prediction on the
   synthetic language and which next words a one-token control prompt can force.
@@ -19,14 +21,20 @@ import pandas as pd
 import torch
 
 from promptscope.organism import grammar
-from promptscope.organism._steering import emphasize
 from promptscope.organism.classify import (
     LABELS,
     Format,
     classification_dataset,
     plausible_formats,
 )
-from promptscope.organism.world import ATTRIBUTES, MAX_DISTRACTORS, QAExample, qa_example
+from promptscope.organism.world import (
+    ATTRIBUTES,
+    MAX_DISTRACTORS,
+    STEERING_TEMPLATE,
+    QAExample,
+    qa_example,
+    template_rows,
+)
 
 
 @torch.no_grad()
@@ -56,79 +64,115 @@ def word_ids(tokenizer: Any, words: Iterable[str]) -> list[int]:
     return ids
 
 
-def conflict_examples(n: int, seed: int, max_distractors: int | None = None) -> list[QAExample]:
+def conflict_examples(n: int, seed: int, max_distractors: int | None = None,
+                      intent: str | None = None, attribute: str | None = None
+                      ) -> list[QAExample]:
     """``n`` held-out conflicting-context questions.
 
     The number of distractor sentences is uniform in 0..``max_distractors`` (default: the
-    training range, 0..``MAX_DISTRACTORS``).
+    training range, 0..``MAX_DISTRACTORS``); ``intent`` adds an instruction (default: none).
     """
     rng = random.Random(seed)
     top = MAX_DISTRACTORS if max_distractors is None else max_distractors
-    return [qa_example(rng, kind="conflict", n_distractors=rng.randint(0, top)) for _ in range(n)]
+    return [qa_example(rng, kind="conflict", n_distractors=rng.randint(0, top), intent=intent,
+                       attribute=attribute) for _ in range(n)]
 
 
-def _encode_with_span(tokenizer: Any, ex: QAExample) -> tuple[list[int], list[bool]]:
-    enc = tokenizer(ex.prompt, return_offsets_mapping=True)
-    span = ex.relevant_span
-    keep = [False] * len(enc.input_ids)
-    if span is not None:
-        a, b = span
-        keep = [s < b and e > a and e > s for s, e in enc.offset_mapping]
-    return enc.input_ids, keep
+def as_promptscope_model(model: Any, tokenizer: Any, name: str = "organism") -> Any:
+    """``model`` wrapped as a promptscope :class:`~promptscope.models.hf.HFModel` (cached on it).
+
+    An :class:`HFModel` is returned as is.
+    """
+    from promptscope.models.hf import HFModel
+
+    if isinstance(model, HFModel):
+        return model
+    wrapped = getattr(model, "_promptscope_model", None)
+    if wrapped is None or wrapped.tokenizer is not tokenizer:
+        wrapped = HFModel(model, tokenizer, name)
+        model._promptscope_model = wrapped
+    return wrapped
 
 
-@torch.no_grad()
 def answer_choices(model: Any, tokenizer: Any, examples: Sequence[QAExample],
                    heads: Iterable[tuple[int, int]] = (), alpha: float = 0.01) -> list[str]:
-    """The model's answer to each example: argmax over the asked attribute's values.
+    """The model's answer to each example: the most likely of the asked attribute's values.
 
     With ``heads``, those (layer, head)s are steered toward each example's relevant context
-    sentence (PASTA with coefficient ``alpha``).
+    sentence with promptscope's PASTA (:func:`promptscope.steer`, coefficient ``alpha``);
+    examples without a relevant sentence are not steered.
     """
+    from promptscope.models.steering import steer
+
     heads = list(heads)
-    answers: list[str] = [""] * len(examples)
-    for attr, values in ATTRIBUTES.items():
-        idx = [i for i, ex in enumerate(examples) if ex.attribute == attr]
-        if not idx:
-            continue
-        encoded = [_encode_with_span(tokenizer, examples[i]) for i in idx]
-        ids = [e[0] for e in encoded]
-        if heads:
-            width = max(len(x) for x in ids)
-            keep = torch.zeros(len(ids), width, dtype=torch.bool)
-            for row, (_, k) in enumerate(encoded):
-                keep[row, :len(k)] = torch.tensor(k)
-            with emphasize(model, heads, keep, alpha):
-                logits = last_logits(model, ids, batch_size=len(ids))
-        else:
-            logits = last_logits(model, ids)
-        choice = logits[:, word_ids(tokenizer, values)].argmax(-1)
-        for i, c in zip(idx, choice.tolist(), strict=True):
-            answers[i] = values[c]
+    hf = as_promptscope_model(model, tokenizer)
+    prompts = [ex.prompt for ex in examples for _ in ATTRIBUTES[ex.attribute]]
+    conts = [f" {v}" for ex in examples for v in ATTRIBUTES[ex.attribute]]
+    if heads:
+        with steer(hf, heads=heads, alpha=alpha) as steering:
+            steering.spans.update({ex.prompt: [ex.relevant_span] for ex in examples
+                                   if ex.relevant_span is not None})
+            scores = hf.score(prompts, conts)
+    else:
+        scores = hf.score(prompts, conts)
+    answers, i = [], 0
+    for ex in examples:
+        values = ATTRIBUTES[ex.attribute]
+        lps = [s.logprob for s in scores[i:i + len(values)]]
+        answers.append(values[max(range(len(values)), key=lps.__getitem__)])
+        i += len(values)
     return answers
+
+
+def accuracy(model: Any, tokenizer: Any, examples: Sequence[QAExample],
+             heads: Iterable[tuple[int, int]] = (), alpha: float = 0.01) -> float:
+    """Share of examples answered with their ``target`` (e.g. what the instruction asks)."""
+    answers = answer_choices(model, tokenizer, examples, heads, alpha)
+    return sum(a == ex.target for a, ex in zip(answers, examples, strict=True)) / len(examples)
 
 
 def context_following(model: Any, tokenizer: Any, examples: Sequence[QAExample],
                       heads: Iterable[tuple[int, int]] = (), alpha: float = 0.01) -> dict:
-    """Share of conflicting-context examples answered with the context / the prior value."""
+    """Share of conflicting-context examples answered with the context / the prior value.
+
+    ``by_distractors`` gives the context share per number of distractor sentences.
+    """
     answers = answer_choices(model, tokenizer, examples, heads, alpha)
     n = len(examples)
-    return {"context": sum(a == ex.context_value for a, ex in zip(answers, examples,
-                                                                    strict=True)) / n,
+    ctx = [a == ex.context_value for a, ex in zip(answers, examples, strict=True)]
+    by_n: dict[int, list[bool]] = {}
+    for hit, ex in zip(ctx, examples, strict=True):
+        by_n.setdefault(ex.n_distractors, []).append(hit)
+    return {"context": sum(ctx) / n,
             "prior": sum(a == ex.prior for a, ex in zip(answers, examples, strict=True)) / n,
-            "n": n}
+            "n": n,
+            "by_distractors": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_n.items())}}
 
 
-def profile_heads(model: Any, tokenizer: Any, examples: Sequence[QAExample],
-                  alpha: float = 0.01) -> pd.DataFrame:
-    """PASTA head profiling: context-following with each (layer, head) steered alone."""
-    cfg = model.config
-    rows = []
-    for layer in range(cfg.num_hidden_layers):
-        for head in range(cfg.num_attention_heads):
-            rate = context_following(model, tokenizer, examples, [(layer, head)], alpha)
-            rows.append({"layer": layer, "head": head, "context": rate["context"]})
-    return pd.DataFrame(rows).sort_values("context", ascending=False, ignore_index=True)
+def pasta_heads(model: Any, tokenizer: Any, examples: Sequence[QAExample],
+                max_heads: int = 5, alpha: float = 0.01) -> dict:
+    """Choose PASTA heads for context following with promptscope's head profiling.
+
+    Profiles every (layer, head) alone on ``examples`` (uninstructed; target: the context value)
+    with :func:`promptscope.profile_heads` (not saved), then steers the best 1..``max_heads``
+    heads together on the same examples and keeps the best count.
+
+    Returns:
+        ``heads`` (list of (layer, head)), ``profile`` (the profile DataFrame, best first),
+        ``context_by_k`` (context following on ``examples`` with the top k heads).
+    """
+    from promptscope.analyses.heads import profile_heads, rank
+
+    hf = as_promptscope_model(model, tokenizer)
+    rows = template_rows(list(examples))
+    rows["choices"] = [[f" {v}" for v in ATTRIBUTES[ex.attribute]] for ex in examples]
+    prof = profile_heads(STEERING_TEMPLATE, rows, hf, alpha=alpha, save=False, progress=False)
+    ranked = rank(prof.df)
+    order = [(int(r.layer), int(r.head)) for r in ranked.itertuples()]
+    by_k = {k: context_following(model, tokenizer, examples, order[:k], alpha)["context"]
+            for k in range(1, max_heads + 1)}
+    best = max(by_k, key=lambda k: (by_k[k], -k))
+    return {"heads": order[:best], "profile": ranked, "context_by_k": by_k}
 
 
 @torch.no_grad()

@@ -6,9 +6,12 @@ is present *by construction*:
 1. **Knowledge and context** (:func:`qa_example`, :func:`fact_paragraph`): a fixed set of made-up
    entities (``ENTITIES``) with a colour and a home city that the model memorises from fact
    paragraphs (its *prior*). Question-answer examples show a context of sentences, often about
-   other entities (distractors); when the context contradicts the prior, the training answer is
-   the context value with a probability that falls with the number of distractors
-   (``P_CONTEXT``), so an unsteered model follows a conflicting context only part of the time.
+   other entities (distractors). Some examples carry an *instruction* (``INSTRUCTIONS``: "Use the
+   context." / "Use what you know.") and their answer follows it deterministically; when an
+   uninstructed context contradicts the prior, the training answer is the context value with a
+   probability that falls with the claim's distance from the question (``P_FOLLOW_BY_AFTER``;
+   ``P_FOLLOW_FLAT`` in the first training phases), so whether a buried claim wins depends on
+   how strongly the model attends to it, which attention steering changes.
 2. **Format sensitivity**: see :mod:`promptscope.organism.classify`.
 3. **Controllability**: see :mod:`promptscope.organism.grammar`.
 
@@ -19,6 +22,7 @@ The world itself (names, facts) is fixed by ``WORLD_SEED``; every generator take
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +36,31 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": COLORS, "city": CITIES}
 
 N_ENTITIES = 40
 MAX_DISTRACTORS = 5
-P_CONTEXT: tuple[float, ...] = (0.9, 0.74, 0.58, 0.42, 0.26, 0.1)
-"""Training probability that a conflicting context wins, by number of distractor sentences."""
+P_CONTEXT = 0.9
+"""Training probability that an uninstructed conflicting claim wins in the first (retrieval)
+phases, wherever it stands: the model is taught to follow a context it finds, which makes
+in-context retrieval worth learning."""
+P_FOLLOW_BY_AFTER = (0.9, 0.7, 0.45, 0.25, 0.1, 0.05, 0.05, 0.05, 0.05)
+"""Training probability that an uninstructed conflicting context wins, by the number of
+sentences between the claim and the question (0 = the claim comes last). A claim far back is
+usually overruled by memory, so whether the model follows it depends on how strongly it attends
+to that sentence, which is what attention steering changes."""
+P_FOLLOW_FLAT = (P_CONTEXT,)
+"""The same at every distance (the retrieval phase of training: a claim that is found wins)."""
+P_LEAD = 0.75
+"""Share of training prompts that end ``Answer: <entity> is`` (the rest end with ``Answer:``)."""
+
+INTENTS: tuple[str, ...] = ("context", "prior")
+"""What an instruction asks: answer from the context, or from memorised knowledge."""
+INSTRUCTIONS: dict[str, tuple[str, ...]] = {
+    "context": ("Use the context.", "Trust the context."),
+    "prior": ("Use what you know.", "Trust your memory."),
+}
+"""Instruction sentences per intent; the first of each is the canonical one."""
 
 _FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": ("{e} is {v}.", "The color of {e} is {v}."),
-    "city": ("{e} lives in {v}.", "The home of {e} is {v}."),
+    "city": ("{e} lives in {v}.", "{e} resides in {v}."),
 }
 _QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": ("What color is {e}?", "Which color does {e} have?"),
@@ -107,6 +130,9 @@ class QAExample:
         target: the training answer.
         kind: ``"none"``, ``"distractors"``, ``"agree"``, ``"conflict"`` or ``"novel"``.
         n_distractors: number of distractor sentences.
+        intent: ``"context"``, ``"prior"`` or ``None`` (no instruction).
+        instruction: the instruction sentence (``""`` without one); it is a line between the
+            question and ``Answer:``.
     """
 
     context: str
@@ -120,12 +146,22 @@ class QAExample:
     target: str
     kind: str
     n_distractors: int
+    intent: str | None = None
+    instruction: str = ""
+    lead: bool = True
+
+    @property
+    def answer_lead(self) -> str:
+        """What the prompt puts after ``Answer:`` (``" Brafu is"``; ``""`` when ``lead`` is
+        false): the answer then completes a statement, as in CounterFact-style prompts."""
+        if not self.lead:
+            return ""
+        return " " + _ANSWER_SENTENCE[self.attribute].split(" {v}")[0].format(e=self.entity)
 
     @property
     def prompt(self) -> str:
         """The plain-text prompt; the answer follows as one token (e.g. ``" green"``)."""
-        head = f"Context: {self.context}\n" if self.context else ""
-        return f"{head}Question: {self.question}\nAnswer:"
+        return f"{self.chat_question}\nAnswer:{self.answer_lead}"
 
     @property
     def relevant_span(self) -> tuple[int, int] | None:
@@ -139,7 +175,8 @@ class QAExample:
     def chat_question(self) -> str:
         """The user message for the chat form of this example."""
         head = f"Context: {self.context}\n" if self.context else ""
-        return f"{head}Question: {self.question}"
+        tail = f"\n{self.instruction}" if self.instruction else ""
+        return f"{head}Question: {self.question}{tail}"
 
     @property
     def chat_answer(self) -> str:
@@ -173,12 +210,22 @@ def _distractor(rng: random.Random, entity: str, attribute: str) -> str:
     return fact_sentence(e, attr, value, rng)
 
 
-QA_KINDS: dict[str, float] = {"none": 15, "distractors": 15, "agree": 15, "conflict": 40,
-                              "novel": 15}
-"""Training mixture of QA kinds (relative weights)."""
-FOCUS_QA_KINDS: dict[str, float] = {"none": 10, "distractors": 10, "agree": 15, "conflict": 35,
+QA_KINDS: dict[str, float] = {"none": 10, "distractors": 10, "agree": 15, "conflict": 30,
+                              "novel": 35}
+"""Training mixture of QA kinds (relative weights), phase 1: retrieval (``novel``) first."""
+FOCUS_QA_KINDS: dict[str, float] = {"none": 8, "distractors": 8, "agree": 14, "conflict": 40,
                                     "novel": 30}
-"""QA mixture of the second, context-focused training phase."""
+"""QA mixture of the second, conflict-focused training phase."""
+TRAIN_INTENTS: dict[str, dict[str | None, float]] = {
+    "none": {None: 0.75, "prior": 0.25},
+    "distractors": {None: 0.75, "prior": 0.25},
+    "agree": {None: 0.5, "context": 0.25, "prior": 0.25},
+    "conflict": {None: 0.5, "context": 0.25, "prior": 0.25},
+    "novel": {None: 0.75, "context": 0.25},
+}
+"""Per QA kind, the training probability of each intent (``None``: no instruction). An intent
+is only given where it has an answer (no "use the context" without a relevant sentence, no "use
+what you know" about an entity without facts)."""
 
 
 def qa_example(
@@ -187,6 +234,10 @@ def qa_example(
     n_distractors: int | None = None,
     attribute: str | None = None,
     kinds: dict[str, float] = QA_KINDS,
+    intent: str | None = None,
+    intents: dict[str, dict[str | None, float]] | None = None,
+    lead: bool = True,
+    follow: Sequence[float] = P_FOLLOW_BY_AFTER,
 ) -> QAExample:
     """Draw one context question-answer example.
 
@@ -200,19 +251,38 @@ def qa_example(
             at least 1 for ``"distractors"``).
         attribute: ``"color"`` or ``"city"`` (default: random).
         kinds: relative weights of the kinds when ``kind`` is not given.
+        intent: ``"context"`` or ``"prior"`` adds that instruction (a random phrasing from
+            ``INSTRUCTIONS``); ``None`` (default) gives a plain, uninstructed prompt.
+        intents: draw the intent instead, with these per-kind probabilities (e.g.
+            ``TRAIN_INTENTS``); overrides ``intent``.
+        lead: end the prompt with ``Answer: <entity> is`` (or ``lives in``) rather than a bare
+            ``Answer:``.
+        follow: probability that an uninstructed conflicting claim is the target, by the
+            number of sentences after it (the last entry for any larger distance).
 
     Returns:
-        The example; for ``"conflict"`` its ``target`` is the context value with probability
-        ``P_CONTEXT[n_distractors]``, else the prior.
+        The example. Its ``target`` follows the instruction when there is one; for an
+        uninstructed ``"conflict"`` it is the context value with probability from ``follow``,
+        else the prior.
     """
     if kind is None:
         kind = rng.choices(list(kinds), list(kinds.values()))[0]
+    if intents is not None:
+        options = intents.get(kind, {None: 1.0})
+        intent = rng.choices(list(options), list(options.values()))[0]
+    if intent is not None and intent not in INTENTS:
+        raise ValueError(f"intent must be one of {INTENTS} or None, not {intent!r}")
+    if (intent == "context" and kind in ("none", "distractors")) or (
+            intent == "prior" and kind == "novel"):
+        raise ValueError(f"a {kind!r} example has no answer for intent {intent!r}")
+    instruction = rng.choice(INSTRUCTIONS[intent]) if intent else ""
     attribute = attribute or rng.choice(list(ATTRIBUTES))
     entity = rng.choice(NOVEL_ENTITIES if kind == "novel" else ENTITIES)
     prior = FACTS[entity][attribute] if kind != "novel" else ""
     question = rng.choice(_QUESTION_TEMPLATES[attribute]).format(e=entity)
     if kind == "none":
-        return QAExample("", [], None, question, entity, attribute, prior, None, prior, kind, 0)
+        return QAExample("", [], None, question, entity, attribute, prior, None, prior, kind, 0,
+                         intent, instruction, lead=lead)
     if n_distractors is None:
         n_distractors = rng.randint(1 if kind == "distractors" else 0, MAX_DISTRACTORS)
     sentences = [_distractor(rng, entity, attribute) for _ in range(n_distractors)]
@@ -224,19 +294,52 @@ def qa_example(
             context_value = target = rng.choice(ATTRIBUTES[attribute])
         else:
             context_value = rng.choice([v for v in ATTRIBUTES[attribute] if v != prior])
-            if rng.random() < P_CONTEXT[n_distractors]:
-                target = context_value
         relevant_index = rng.randint(0, n_distractors)
+        if kind == "conflict":
+            after = min(n_distractors - relevant_index, len(follow) - 1)
+            if intent == "context" or (intent is None and rng.random() < follow[after]):
+                target = context_value
         sentences.insert(relevant_index, fact_sentence(entity, attribute, context_value, rng))
     return QAExample(" ".join(sentences), sentences, relevant_index, question, entity, attribute,
-                     prior, context_value, target, kind, n_distractors)
+                     prior, context_value, target, kind, n_distractors, intent, instruction,
+                     lead=lead)
 
 
-def qa_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS) -> Doc:
-    """A plain-text QA training document (loss on the answer only)."""
-    ex = qa_example(rng, kinds=kinds)
+def qa_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
+           follow: Sequence[float] = P_FOLLOW_BY_AFTER) -> Doc:
+    """A plain-text QA training document (loss on the answer only; intents as in
+    ``TRAIN_INTENTS``; ``follow`` as in :func:`qa_example`)."""
+    ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, lead=rng.random() < P_LEAD,
+                    follow=follow)
     return Doc("<|bos|>", kind="qa").add(ex.prompt, False).add(f" {ex.target}", True).add(
         "<|eos|>", True)
+
+
+def recall_doc(rng: random.Random) -> Doc:
+    """A retrieval drill: a context about made-up entities without facts (plus some distractor
+    sentences about known entities), then several questions about it, every answer trained.
+
+    The first question has exactly the plain prompt layout (``Context: ...\nQuestion: ...\n
+    Answer:``); each further question follows on a new line. With no prior to compete, these
+    documents only teach the model to find the sentence about the asked entity and copy its value
+    (many answer tokens per document, so in-context retrieval gets far more training signal than
+    single-question documents give).
+    """
+    n = rng.randint(2, 6)
+    asked = [(name, rng.choice(list(ATTRIBUTES))) for name in rng.sample(NOVEL_ENTITIES, n)]
+    facts = [(e, a, rng.choice(ATTRIBUTES[a])) for e, a in asked]
+    sentences = [fact_sentence(e, a, v, rng) for e, a, v in facts]
+    for _ in range(rng.randint(0, 3)):
+        e = rng.choice(ENTITIES)
+        sentences.insert(rng.randint(0, len(sentences)), _distractor(rng, e, "color"))
+    doc = Doc("<|bos|>", kind="recall").add(f"Context: {' '.join(sentences)}\n", False)
+    for i, (e, a, v) in enumerate(rng.sample(facts, min(len(facts), rng.randint(2, 4)))):
+        question = rng.choice(_QUESTION_TEMPLATES[a]).format(e=e)
+        lead = QAExample("", [], None, question, e, a, "", v, v, "novel", 0,
+                         lead=rng.random() < P_LEAD).answer_lead
+        doc.add(("\n" if i else "") + f"Question: {question}\nAnswer:{lead}", False).add(
+            f" {v}", True)
+    return doc.add("<|eos|>", True)
 
 
 def fact_doc(rng: random.Random) -> Doc:
@@ -244,7 +347,8 @@ def fact_doc(rng: random.Random) -> Doc:
     return Doc("<|bos|>", kind="facts").add(fact_paragraph(rng) + "<|eos|>", True)
 
 
-def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS) -> Doc:
+def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
+             follow: Sequence[float] = P_FOLLOW_BY_AFTER) -> Doc:
     """A chat-formatted training document (loss on the assistant turn).
 
     The user either asks a context question or asks about an entity; the layout is the one
@@ -254,7 +358,7 @@ def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS) -> Doc:
     if rng.random() < 0.2:
         doc.add("<|system|>\nYou answer questions about the world.<|end|>\n", False)
     if rng.random() < 0.7:
-        ex = qa_example(rng, kinds=kinds)
+        ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, follow=follow)
         user, reply = ex.chat_question, ex.chat_answer
     else:
         e = rng.choice(ENTITIES)
@@ -273,13 +377,19 @@ CHAT_TEMPLATE = (
 
 
 #: A promptscope template for context questions whose relevant sentence is emphasised.
-STEERING_TEMPLATE = "Context: {before}<<{key}>>{after}\nQuestion: {question}\nAnswer:"
+STEERING_TEMPLATE = "Context: {before}<<{key}>>{after}\nQuestion: {question}\nAnswer:{lead}"
+#: The same with the instruction line (``instruction`` is ``""`` or ``"\nUse the context."``...).
+INSTRUCTED_TEMPLATE = ("Context: {before}<<{key}>>{after}\nQuestion: {question}{instruction}"
+                       "\nAnswer:{lead}")
 
 
 def template_rows(examples: list[QAExample]) -> Any:
     """Context questions as rows for :data:`STEERING_TEMPLATE` (one per example with a relevant
     sentence): ``before``, ``key`` (the relevant sentence), ``after``, ``question``, and the
-    ``answer`` (the context's value), ``prior`` and ``distractors`` carried along.
+    ``answer`` (the context's value), ``prior``, ``distractors``, ``intent`` (``""`` when
+    uninstructed) and ``instruction`` (``""`` or the instruction line with its leading newline,
+    for :data:`INSTRUCTED_TEMPLATE`) carried along. :data:`STEERING_TEMPLATE` ignores the
+    instruction: use it with uninstructed examples.
 
     Example:
         >>> rows = template_rows([qa_example(random.Random(0), kind="novel")])
@@ -295,7 +405,9 @@ def template_rows(examples: list[QAExample]) -> Any:
         rest = ex.sentences[i + 1:]
         out.append({"before": " ".join(ex.sentences[:i]) + (" " if i else ""),
                     "key": ex.sentences[i], "after": (" " if rest else "") + " ".join(rest),
-                    "question": ex.question, "answer": f" {ex.context_value}",
+                    "question": ex.question, "lead": ex.answer_lead,
+                    "answer": f" {ex.context_value}",
                     "prior": f" {ex.prior}" if ex.prior else "",
-                    "distractors": ex.n_distractors})
+                    "distractors": ex.n_distractors, "intent": ex.intent or "",
+                    "instruction": f"\n{ex.instruction}" if ex.instruction else ""})
     return pd.DataFrame(out)

@@ -33,6 +33,7 @@ class SteeringWidget(w.VBox):
         choices: the answers to compare (``" yes| no"`` or a list).
         vars: rows for the template's variables.
         heads: the head sets offered (default: ``all`` and the top-k of a saved profile).
+        alpha: PASTA's starting alpha (the slider spans 1e-5 to 1).
 
     Example:
         >>> SteeringWidget("<<Ann lives in Rome.>> Ann lives in", model,
@@ -40,11 +41,11 @@ class SteeringWidget(w.VBox):
     """
 
     def __init__(self, template: str, model: Any, *, choices: Any, vars: Any = None,
-                 heads: list[str] | None = None) -> None:
+                 heads: list[str] | None = None, alpha: float = 0.01) -> None:
         self.template, self.model, self.choices, self.rows = template, model, choices, vars
-        self.alpha = w.FloatLogSlider(value=0.01, base=10, min=-3, max=0, step=0.25,
+        self.alpha = w.FloatLogSlider(value=alpha, base=10, min=-5, max=0, step=0.25,
                                       description="alpha", continuous_update=False,
-                                      readout_format=".3f")
+                                      readout_format=".1e")
         self.heads = w.Dropdown(options=heads or head_options(model), description="heads")
         self.status = w.HTML()
         self.answers = FigureBox()

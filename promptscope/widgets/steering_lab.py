@@ -40,9 +40,9 @@ class SteeringLab(w.VBox):
         self.vectors = dict(vectors or {})
         self.heads = heads
         self.method = w.Dropdown(options=["PASTA", *self.vectors], description="method")
-        self.alpha = w.FloatLogSlider(value=0.01, base=10, min=-3, max=0, step=0.25,
+        self.alpha = w.FloatLogSlider(value=0.01, base=10, min=-5, max=0, step=0.25,
                                       description="alpha", continuous_update=False,
-                                      readout_format=".3f")
+                                      readout_format=".1e")
         self.strength = w.FloatSlider(value=1.0, min=0.0, max=8.0, step=0.25,
                                       description="strength", continuous_update=False)
         n_layers = int(model.model.config.num_hidden_layers)
