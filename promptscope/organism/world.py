@@ -294,15 +294,25 @@ def qa_example(
             context_value = target = rng.choice(ATTRIBUTES[attribute])
         else:
             context_value = rng.choice([v for v in ATTRIBUTES[attribute] if v != prior])
+            # A rule that ignores distance is drawn before the claim is placed, the distance
+            # rule after it: the order the shipped weights were trained on (same seed, same data).
+            if len(follow) == 1 and _follows(rng, intent, follow[0]):
+                target = context_value
         relevant_index = rng.randint(0, n_distractors)
-        if kind == "conflict":
+        if kind == "conflict" and len(follow) > 1:
             after = min(n_distractors - relevant_index, len(follow) - 1)
-            if intent == "context" or (intent is None and rng.random() < follow[after]):
+            if _follows(rng, intent, follow[after]):
                 target = context_value
         sentences.insert(relevant_index, fact_sentence(entity, attribute, context_value, rng))
     return QAExample(" ".join(sentences), sentences, relevant_index, question, entity, attribute,
                      prior, context_value, target, kind, n_distractors, intent, instruction,
                      lead=lead)
+
+
+def _follows(rng: random.Random, intent: str | None, p: float) -> bool:
+    """Whether a conflicting claim is the target: always when told to use the context, with
+    probability ``p`` without an instruction, never when told to use what the model knows."""
+    return intent == "context" or (intent is None and rng.random() < p)
 
 
 def qa_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
