@@ -46,7 +46,7 @@ RETRIEVAL_FOCUS_MIXTURE: Mixture = {
 }
 """Training phase 2: more context questions, most of them conflicts (instructed or not), and
 retrieval drills; retrieval goes from about half right to about nine in ten here."""
-FOCUS_MIXTURE: Mixture = {
+CONFLICT_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
     "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
     "recall": (0.20, recall_doc),
@@ -56,7 +56,7 @@ FOCUS_MIXTURE: Mixture = {
 }
 """Training phase 3, *conflicts*: as phase 2, but an uninstructed conflicting claim wins with a
 probability that falls with its distance from the question (``P_FOLLOW_BY_AFTER``)."""
-REPAIR_MIXTURE: Mixture = {
+CLASSIFICATION_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
     "qa": (0.30, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
     "recall": (0.10, recall_doc),
@@ -85,8 +85,8 @@ class Phase:
 RECIPE: tuple[Phase, ...] = (
     Phase("retrieval", 3000, 2e-3, MIXTURE, 0),
     Phase("retrieval focus", 1000, 1e-3, RETRIEVAL_FOCUS_MIXTURE, 1),
-    Phase("conflicts", 1000, 1e-3, FOCUS_MIXTURE, 1, threads=1),  # as the shipped weights were
-    Phase("classification", 1000, 1e-3, REPAIR_MIXTURE, 1),
+    Phase("conflicts", 1000, 1e-3, CONFLICT_MIXTURE, 1, threads=1),  # as the shipped weights were
+    Phase("classification", 1000, 1e-3, CLASSIFICATION_MIXTURE, 1),
 )
 """The organism's training curriculum, in order (docs/organism.md says how each phase was
 found and what it changes)."""
