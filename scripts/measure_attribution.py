@@ -19,6 +19,7 @@ import time
 import torch
 
 import promptscope
+from promptscope.analyses.heads import top_heads
 from promptscope.organism import world
 
 
@@ -40,8 +41,8 @@ def main() -> None:
     colors = [f" {c}" for c in world.ATTRIBUTES["color"]]
     profile = promptscope.profile_heads(tpl, questions("conflict", 48, 15), model, choices=colors,
                                         alpha=1e-4, save=False, progress=False)
-    heads = ",".join(f"{r.layer}.{r.head}" for r in profile.summary().head(5).itertuples())
-    out["heads"] = heads
+    heads = top_heads(profile.df, 5)
+    out["heads"] = {str(layer): hs for layer, hs in heads.items()}
 
     for kind, seed in (("novel", 13), ("conflict", 14)):
         rows = questions(kind, args.n, seed)
