@@ -60,7 +60,7 @@ def test_bad_url_missing_key_and_unreachable_server_are_clear(monkeypatch):
 
 def test_api_model_states_what_it_cannot_do():
     model = OpenAIModel("m", base_url=f"http://127.0.0.1:{_closed_port()}/v1", check=False)
-    assert model.capabilities == {"score", "generate"}
+    assert model.capabilities == {"score", "generate", "token_logprobs"}
     for capability, word in [("attention", "attention"), ("hidden_states", "steering"),
                              ("gradients", "gradients")]:
         with pytest.raises(CapabilityError, match=word) as err:

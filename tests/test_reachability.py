@@ -154,8 +154,10 @@ def test_errors_say_what_to_fix(tiny_llama):
     with pytest.raises(ReachabilityError, match="init_control"):
         promptscope.reachability(tiny_llama, STATES, "top:2", k_min=2, k_max=2,
                                  init_control=[5], save=False)
-    with pytest.raises(CapabilityError, match="gradients"):
+    with pytest.raises(CapabilityError, match="next-token log-probabilities"):
         promptscope.reachability(_APIModel(), STATES, "top:2", save=False)
+    with pytest.raises(CapabilityError, match="gradients"):
+        promptscope.reachability(_APIModel(), STATES, "top:2", method="gcg", save=False)
 
 
 def test_interrupt_keeps_found_rows_in_the_session(tiny_llama):

@@ -168,8 +168,8 @@ def reachability(
     if method in ("gcg", "both"):
         mdl.require("gradients", f"Reachability by GCG (method={method!r}; method='greedy' "
                     "needs only log-probs)")
-    elif not white and not hasattr(mdl, "token_logprobs"):
-        mdl.require("gradients", "Reachability (control-prompt search)")
+    elif not white:
+        mdl.require("token_logprobs", "Reachability (control-prompt search)")
     if not white:
         mdl.begin_run("generate", False)  # an API model: reset its request tally
     if not isinstance(k_max, int) or k_max < 1:

@@ -17,6 +17,7 @@ from promptscope.errors import CapabilityError
 #: Capability names an analysis may require.
 CAPABILITIES = {
     "score": "log-probabilities of given continuations",
+    "token_logprobs": "next-token log-probabilities after token-id prompts",
     "forward": "running the model's own forward pass on token ids (local weights)",
     "generate": "text generation",
     "attention": "attention weights and attention steering",

@@ -138,7 +138,7 @@ class OpenAIModel(Model):
         -0.21
     """
 
-    capabilities = frozenset({"score", "generate"})
+    capabilities = frozenset({"score", "generate", "token_logprobs"})
     per_request_errors = True
 
     def __init__(
