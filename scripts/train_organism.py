@@ -1,15 +1,15 @@
 """Train the promptscope model organism and write it to ``promptscope/organism/model/``.
 
 Builds a byte-level BPE tokenizer and a tiny Llama from scratch on the synthetic world of
-:mod:`promptscope.organism`, deterministically (seeded; the phases and their thread counts
-are ``promptscope.organism.data.RECIPE``).
+:mod:`promptscope.organism`, deterministically (seeded, on two CPU threads; the phases are
+``promptscope.organism.data.RECIPE``).
 
 Usage::
 
-    python scripts/train_organism.py          # the whole recipe, from scratch (about 52 min)
+    python scripts/train_organism.py          # the whole recipe, from scratch (about 35 min)
     python scripts/train_organism.py --steps 300,100,100,100 --out /tmp/organism   # a trial
-    python scripts/train_organism.py --steps 3000,1000,0,0 --out /tmp/v4   # phases 1-2 only
-    python scripts/train_organism.py --from /tmp/v4 --start-phase 3
+    python scripts/train_organism.py --steps 2500,1000,0,0 --out /tmp/p12   # phases 1-2 only
+    python scripts/train_organism.py --from /tmp/p12 --start-phase 3
         # continue the recipe from a model saved after phase 2, keeping its tokenizer
 """
 
@@ -119,11 +119,12 @@ def batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id:
 
 
 def model_config(tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> LlamaConfig:
-    """The organism's architecture: a few layers, head_dim 64, grouped-query attention."""
+    """The organism's architecture: a few layers, head_dim 64 (vLLM's CPU attention needs it),
+    grouped-query attention; the heads together are wider than the residual stream."""
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 128, head_dim=64, max_position_embeddings=512,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, head_dim=64, max_position_embeddings=512,
         rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         dtype="float32")
@@ -199,17 +200,18 @@ def main() -> None:
                         help="steps of each phase of the recipe, comma-separated "
                              f"(default {','.join(str(p.steps) for p in RECIPE)})")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (of size 64)")
+    parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--from", dest="warm", type=Path, default=None,
                         help="start from this saved model and its tokenizer (a warm start; "
                              "with --start-phase, to resume the recipe)")
     parser.add_argument("--start-phase", type=int, default=1,
                         help="first phase of the recipe to run (1-based)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for every phase (default: each phase's own, as in "
-                             "RECIPE; the weights depend slightly on it)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads (the weights depend slightly on the thread count)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="save checkpoints every N steps to OUT-PHASE-stepN")
     parser.add_argument("--out", type=Path, default=MODEL_DIR)
@@ -218,7 +220,7 @@ def main() -> None:
         parser.error(f"--steps needs {len(RECIPE)} numbers, one per phase")
 
     start = time.time()
-    seed_everything(args.seed, args.threads or 2)
+    seed_everything(args.seed, args.threads)
     if args.warm is None:
         tokenizer = build_tokenizer(sample_documents(20000, seed=args.seed + 10_000),
                                     args.vocab_size)
@@ -237,7 +239,7 @@ def main() -> None:
         if index < args.start_phase or not steps:
             continue
         phase_start = time.time()
-        seed_everything(args.seed + phase.seed, args.threads or phase.threads)
+        seed_everything(args.seed + phase.seed, args.threads)
 
         def checkpoint(step: int, name: str = phase.name) -> None:
             path = args.out.with_name(f"{args.out.name}-{name.replace(' ', '-')}-step{step}")
@@ -256,7 +258,7 @@ def main() -> None:
     info = {"command": "python scripts/train_organism.py " + " ".join(sys.argv[1:]),
             "seed": args.seed, "batch_size": args.batch_size,
             "phases": [{"name": p.name, "steps": n, "lr": p.lr,
-                        "threads": args.threads or p.threads}
+                        "threads": args.threads}
                        for i, (p, n) in enumerate(zip(RECIPE, args.steps), 1)
                        if i >= args.start_phase and n],
             "from": str(args.warm) if args.warm else None,

@@ -35,12 +35,15 @@ from promptscope.organism.world import (
 )
 
 # Thresholds, tolerant around the measured numbers of docs/organism.md.
-CONFLICT_RANGE = (0.3, 0.8)  # measured 44.5 % (600 held-out), 51 % on this test's 200
-INSTRUCTION_PRIOR_GAIN = 0.3  # "Use what you know.": measured prior 100 % vs 38 % uninstructed
+CONFLICT_RANGE = (0.3, 0.8)  # measured 42 % (600 held-out)
+INSTRUCTION_GAIN = 0.25  # each instruction over uninstructed: measured +36 (context), +50 (prior)
+INSTRUCTION_FOLLOWED = {"context": 0.7, "prior": 0.9}  # measured 78 % and 100 % (300 each)
 PASTA_HEADS = 5
-PASTA_ALPHA = 1e-4  # near-hard emphasis; at PASTA's usual 0.01 the gain is about 9 points
-PASTA_CONFLICT_GAIN = 0.12  # issue target 15; measured +19.3 (600 held-out), +17 on this test's
-CHAT_STARTS_RIGHT_MIN = 0.8  # measured 100 % (the reply then often runs on: docs/organism.md)
+PASTA_ALPHA = 0.01  # PASTA's usual coefficient
+PASTA_CONFLICT_GAIN = 0.15  # the issue's target; measured +44 (600 held-out, top 4 heads)
+NOVEL_UNSTEERED = 0.6  # measured 72.7 % (chance 12.5 %): the narrow model misses some sentences
+NOVEL_STEERED = 0.95  # measured 99.7 %: steered toward the sentence, it finds the value
+CHAT_EXACT_MIN = 0.8  # replies that are exactly the right sentence: measured 100 %
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +105,8 @@ def test_chat_template(organism):
             out = model.generate(**ids, max_new_tokens=16, do_sample=False)
             reply = tok.decode(out[0, ids["input_ids"].shape[1]:])
             assert reply.endswith("<|end|>")  # the turn is closed, generation stops
-            right += reply.startswith(answer)
-    assert right >= CHAT_STARTS_RIGHT_MIN * 2 * len(entities)
+            right += reply == answer + "<|end|>"
+    assert right >= CHAT_EXACT_MIN * 2 * len(entities)
 
 
 def test_prior_and_context(organism, random_organism):
@@ -130,8 +133,7 @@ def test_conflicting_context_followed_part_of_the_time(organism, random_organism
 
 
 def test_instruction_moves_the_source(organism, random_organism):
-    """ "Use what you know." makes the prior win; "Use the context." is rendered as trained (it
-    barely moves this organism: docs/organism.md)."""
+    """Each instruction is rendered as trained and moves the answer toward its source."""
     plain = context_following(*organism, conflict_examples(150, seed=78))
     told = {intent: conflict_examples(150, seed=79, intent=intent) for intent in INSTRUCTIONS}
     for intent, exs in told.items():
@@ -140,17 +142,14 @@ def test_instruction_moves_the_source(organism, random_organism):
         assert all(e.answer_lead == f" {e.entity} is" if e.attribute == "color"
                    else e.answer_lead == f" {e.entity} lives in" for e in exs)
         assert accuracy(*random_organism, exs) < 0.5
-    prior = context_following(*organism, told["prior"])
-    assert prior["prior"] >= plain["prior"] + INSTRUCTION_PRIOR_GAIN
+    for intent, exs in told.items():
+        assert context_following(*organism, exs)[intent] >= plain[intent] + INSTRUCTION_GAIN
 
 
-@pytest.mark.parametrize("intent", [
-    pytest.param("context", marks=pytest.mark.xfail(
-        reason="'Use the context.' is followed about half the time (51-56 %, no more than "
-               "uninstructed; docs/organism.md)", strict=False)),
-    "prior"])
+@pytest.mark.parametrize("intent", INSTRUCTIONS)
 def test_instruction_decides_the_source(organism, intent):
-    assert accuracy(*organism, conflict_examples(120, seed=78, intent=intent)) >= 0.85
+    exs = conflict_examples(120, seed=78, intent=intent)
+    assert accuracy(*organism, exs) >= INSTRUCTION_FOLLOWED[intent]
 
 
 def test_template_rows_carry_the_instruction():
@@ -202,9 +201,9 @@ def test_promptscope_pasta_raises_context_following():
     assert after - before >= PASTA_CONFLICT_GAIN
 
 
-def test_retrieval_of_novel_entities_is_reliable_and_survives_steering():
+def test_retrieval_of_novel_entities_works_and_steering_sharpens_it():
     before, after = _pasta_accuracy("novel", 1, PASTA_HEADS, PASTA_ALPHA)
-    assert before >= 0.9 and after >= before - 0.02
+    assert before >= NOVEL_UNSTEERED and after >= NOVEL_STEERED
 
 
 def test_steering_is_identity_at_alpha_one_and_removed_after(organism):

@@ -71,21 +71,19 @@ three phases leave at chance, learnt while the conflict behaviour is kept up."""
 @dataclass(frozen=True)
 class Phase:
     """One training phase: a fresh AdamW with warmup and cosine decay over ``steps`` batches of
-    documents drawn from ``mixture`` with ``seed`` (added to the run's seed), on ``threads`` CPU
-    threads (the weights depend slightly on the thread count)."""
+    documents drawn from ``mixture`` with ``seed`` (added to the run's seed)."""
 
     name: str
     steps: int
     lr: float
     mixture: Mixture
     seed: int
-    threads: int = 2
 
 
 RECIPE: tuple[Phase, ...] = (
-    Phase("retrieval", 3000, 2e-3, MIXTURE, 0),
+    Phase("retrieval", 2500, 2e-3, MIXTURE, 0),
     Phase("retrieval focus", 1000, 1e-3, RETRIEVAL_FOCUS_MIXTURE, 1),
-    Phase("conflicts", 1000, 1e-3, CONFLICT_MIXTURE, 1, threads=1),  # as the shipped weights were
+    Phase("conflicts", 1000, 1e-3, CONFLICT_MIXTURE, 1),
     Phase("classification", 1000, 1e-3, CLASSIFICATION_MIXTURE, 1),
 )
 """The organism's training curriculum, in order (docs/organism.md says how each phase was
