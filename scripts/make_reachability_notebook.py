@@ -71,8 +71,9 @@ the paper's headline (dashed); the right panel is the analytic bound discussed b
 The least likely tokens of the whole vocabulary are fragments the organism never predicts; the
 `bottom` rows above (and longer searches, see `docs/reachability.md`) move them up thousands of
 ranks but not to the top within a few tokens. Its own answers are another matter: after
-`"Badrok lives in"` (a person the model knows nothing about) it bets on Tokyo; Lima is the least
-likely of its eight cities. Two control tokens make Lima the most likely next token:"""),
+`"Badrok lives in"` (a person the model knows nothing about) it bets on one city and ranks
+another last of its eight. A control prompt of at most two tokens makes that least likely city
+the most likely next token:"""),
     ("code", """x0 = "Badrok lives in"
 dist = next_tokens(model, x0)
 cities = [model.tokenizer(" " + c, add_special_tokens=False).input_ids[0]
