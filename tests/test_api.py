@@ -205,7 +205,8 @@ def test_attribution_needs_log_probs_from_the_endpoint(server):
                               choices=" yes| no", progress=False)
 
 
-def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, api):
+def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, api, server,
+                                                                         tmp_path):
     """The greedy back-generation on token ids, scored by the server: the same control prompts,
     probabilities and ranks as the local search."""
     from promptscope.analyses.reachability import ReachabilityError
@@ -229,8 +230,12 @@ def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, ap
     for bottom in ("bottom:3", ["top:2", "bottom:3"], [["bottom:3"], ["top:1"]]):
         with pytest.raises(ReachabilityError, match="bottom:3"):
             promptscope.reachability(api, x0s, bottom, progress=False)
-    wrong = OpenAIModel(api.model_id, base_url=api.base_url,
-                        tokenizer=promptscope.models.organism_path())
+    other = promptscope.models.organism_path()
+    if server[2] == "organism":  # serving the organism: a tiny model's tokenizer is the wrong one
+        from promptscope.testing import make_tiny_model
+
+        other = make_tiny_model(tmp_path / "other", arch="llama")
+    wrong = OpenAIModel(api.model_id, base_url=api.base_url, tokenizer=str(other))
     with pytest.raises(CapabilityError, match="does not tokenise like"):
         promptscope.reachability(wrong, x0s, "top:2", progress=False)
 
