@@ -21,7 +21,7 @@ CELLS: list[tuple[str, str]] = [
 *"My model scores 71 % with this prompt — how much of that is the prompt's surface form, and which
 form should I report or ship?"*
 
-This notebook asks that of the bundled **model organism**, a 3.7 M-parameter llama trained on a
+This notebook asks that of the bundled **model organism**, a 1.25 M-parameter llama trained on a
 few-shot classification task in only three surface formats (see `docs/organism.md`), so a real
 format sensitivity exists by construction. Everything runs on CPU in about two minutes:
 
@@ -65,9 +65,10 @@ chance. **Reporting a single format's accuracy would be anywhere in that interva
 
 ### Finding the extremes on a budget
 
-The Thompson-sampling search spends a quarter of the exhaustive budget on the formats most
-likely to be the best and the worst (top-two Thompson sampling; formats compared on the same
-examples):"""),
+The Thompson-sampling search spends at most a quarter of the exhaustive budget on the formats
+that may still be the best or the worst (top-two Thompson sampling on each format's accuracy over
+all examples; formats whose bounds rule them out are set aside; formats compared on the same
+examples), and stops early once both sides are settled:"""),
     ("code", """search = promptscope.format_spread(data, model, formats=formats, shots=3,
                                    budget=0.25, batch=12, name="organism spread, bandit")
 truth = spread.tables["formats"]["accuracy"]

@@ -143,6 +143,29 @@ def test_bandit_finds_true_best_and_worst_on_synthetic_tables():
     assert hits >= 16, hits
 
 
+def test_bandit_bounds_are_exact_once_a_format_has_seen_every_example():
+    b = SpreadBandit(3, 40, batch=10, seed=0)
+    for f, (s, n) in enumerate([(30, 40), (12, 20), (0, 0)]):
+        b.successes[f], b.trials[f] = s, n
+    mean, lo, hi = b.bounds()
+    assert lo[0] == hi[0] == mean[0] == 0.75          # all 40 seen: exact
+    assert lo[1] < 0.6 < hi[1] and hi[1] - lo[1] < 0.5  # half seen: a finite interval
+    assert lo[2] == -np.inf and hi[2] == np.inf        # unseen: anything goes
+
+
+def test_bandit_sets_aside_clear_losers_and_stops_when_both_sides_are_settled():
+    """Two formats far apart from the rest: the search names them, evaluates the middle
+    formats only briefly, and stops well before its budget."""
+    rng = np.random.default_rng(3)
+    acc = np.r_[0.95, np.full(8, 0.5), 0.05]
+    table = rng.random((10, 200)) < acc[:, None]
+    b = run_bandit(lambda pulls: [table[p.format, list(p.examples)] for p in pulls], 10, 200,
+                   budget=1000, batch=10, seed=0)
+    assert (b.best(), b.worst()) == (0, 9)
+    assert b.spent <= 400  # measured: 280
+    assert b.trials[1:9].mean() < b.trials[[0, 9]].mean()
+
+
 def test_bandit_is_exhaustive_with_a_full_budget_and_never_repeats_examples():
     table = np.random.default_rng(0).random((5, 23)) < 0.5
     seen: dict[int, list[int]] = {}

@@ -1,12 +1,24 @@
 """FormatSpread's search: Thompson sampling for the best and the worst format under a budget.
 
-Each format is an arm whose reward is "the model answered this example right". Every arm has a
-Beta posterior on its accuracy (prior Beta(1, 1)). A round makes two pulls: one for the arm whose
-posterior draw is the highest (looking for the best format) and one for the lowest (the worst),
-each on the arm's next ``batch`` examples. All arms walk the same seeded permutation of the
-examples, so two formats are always compared on the same examples (paired, lower variance), and
-no format sees an example twice. Nothing here touches a model: ``evaluate`` is a callback, so the
-search is tested on synthetic accuracy tables.
+Each format is an arm whose reward is "the model answered this example right", and the quantity
+searched is each format's accuracy over *all* the examples (a finite population). All arms walk
+the same seeded permutation of the examples, so formats are compared on the same examples and no
+format sees an example twice. A round makes two pulls, one for each side (best, worst), each on
+the arm's next ``batch`` examples:
+
+* every format is first seen on one batch;
+* formats that can no longer be the extreme of a side are set aside for that side: their
+  finite-population bound (observed accuracy +- ``z`` standard errors, shrunk by the share of
+  examples still unseen, so a fully seen format has its exact accuracy) falls short of another
+  format's bound on the other side;
+* among the rest, top-two Thompson sampling (Russo, 2016) picks the arm: a draw of each format's
+  full-population accuracy (its observed successes plus a beta-binomial draw for the unseen
+  examples); the arm with the most extreme draw is pulled with probability ``top_two``, otherwise
+  a challenger that comes out on top in a repeated draw;
+* when one format is left on both sides, the search stops before its budget.
+
+Nothing here touches a model: ``evaluate`` is a callback, so the search is tested on synthetic
+accuracy tables (``bench/bench_spread.py`` measures it against a clairvoyant bound).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ class SpreadBandit:
     seed: int = 0
     prior: tuple[float, float] = (1.0, 1.0)
     top_two: float | None = 0.5
+    z: float = 1.5
     successes: Any = None
     trials: Any = None
     spent: int = 0
@@ -67,47 +80,79 @@ class SpreadBandit:
         a, b = self.prior
         return (self.successes + a) / (self.trials + a + b)
 
+    def bounds(self) -> tuple[Any, Any, Any]:
+        """Observed accuracy and its finite-population bounds on each format's accuracy over
+        all examples: +- ``z`` standard errors times sqrt((N - n) / (N - 1)) (exact once a
+        format has seen every example); unseen formats are unbounded."""
+        n, s, big_n = self.trials, self.successes, self.n_examples
+        seen = n > 0
+        mean = np.where(seen, s / np.maximum(n, 1), 0.5)
+        a, b = self.prior
+        smooth = (s + a) / (n + a + b)  # keeps the error above 0 for 0 % or 100 % so far
+        fpc = (big_n - n) / max(1, big_n - 1)
+        half = self.z * np.sqrt(smooth * (1 - smooth) / np.maximum(n, 1) * fpc)
+        half = np.where(seen, half, np.inf)
+        return mean, mean - half, mean + half
+
+    def contenders(self, sign: int) -> Any:
+        """Formats that may still be the best (``sign`` +1) or the worst (-1)."""
+        mean, lo, hi = self.bounds()
+        if sign < 0:
+            lo, hi = -hi, -lo
+        return np.flatnonzero(hi >= lo.max() - 1e-12)
+
     def _take(self, f: int, limit: int, side: str) -> Pull:
         start = int(self.trials[f])
         n = min(self.batch, self.n_examples - start, limit)
         return Pull(f, tuple(int(i) for i in self.order[start:start + n]), side)
 
     def _draw(self, arms: Any) -> Any:
+        """One posterior draw of each arm's accuracy over all examples."""
         a, b = self.prior
-        return self.rng.beta(self.successes[arms] + a, self.trials[arms] - self.successes[arms]
-                             + b)
+        n, s = self.trials[arms], self.successes[arms]
+        rate = self.rng.beta(s + a, n - s + b)
+        return (s + self.rng.binomial(self.n_examples - n, rate)) / self.n_examples
 
     def _thompson(self, arms: Any, sign: int) -> int:
-        """The arm to pull for the best (``sign`` +1) or worst (-1) side.
+        """Top-two Thompson sampling among ``arms`` for the best (``sign`` +1) or worst (-1)
+        side: the arm with the most extreme draw with probability ``top_two`` (always, when
+        ``top_two`` is None), otherwise the first other arm to come out on top in a new draw."""
+        def pick() -> int:
+            return int(arms[np.argmax(sign * self._draw(arms))])
 
-        Plain Thompson sampling pulls the arm whose posterior draw is the most extreme. With
-        ``top_two`` (Russo's top-two Thompson sampling, made for *identifying* the extreme arm
-        rather than for reward), that leader is pulled with probability ``top_two``; otherwise
-        draws are repeated until another arm comes out on top, the challenger, and it is pulled.
-        """
-        def pick(draws: Any) -> int:
-            return int(arms[np.argmax(sign * draws)])
-
-        leader = pick(self._draw(arms))
+        leader = pick()
         if self.top_two is None or len(arms) < 2 or self.rng.random() < self.top_two:
             return leader
         for _ in range(50):
-            challenger = pick(self._draw(arms))
+            challenger = pick()
             if challenger != leader:
                 return challenger
         return leader
 
+    def _choose(self, sign: int, taken: Sequence[int]) -> int | None:
+        """The arm this side pulls next, or None when the side is settled."""
+        fresh = [int(f) for f in np.flatnonzero(self.trials == 0) if f not in taken]
+        if fresh:
+            return fresh[0]
+        arms = self.contenders(sign)
+        if len(arms) < 2:
+            return None
+        pulled = self._thompson(arms, sign)
+        open_ = [int(f) for f in arms if self.trials[f] < self.n_examples and f not in taken]
+        if pulled in open_:
+            return pulled
+        # A fully seen (exactly known) or already pulled arm: measure the least-seen contender.
+        return min(open_, key=lambda f: self.trials[f]) if open_ else None
+
     def propose(self, limit: int) -> list[Pull]:
-        """This round's pulls (at most ``limit`` evaluations in all)."""
-        arms = self.open_arms()
-        if not len(arms) or limit < 1:
-            return []
-        pulls = [self._take(self._thompson(arms, +1), limit, "best")]
-        left = limit - len(pulls[0].examples)
-        # The worst-side pull goes to another arm when there is one: its examples would repeat.
-        others = arms[arms != pulls[0].format]
-        if left > 0 and len(others):
-            pulls.append(self._take(self._thompson(others, -1), left, "worst"))
+        """This round's pulls (at most ``limit`` evaluations in all); empty when both sides are
+        settled or nothing is left to evaluate."""
+        pulls: list[Pull] = []
+        for sign, side in ((+1, "best"), (-1, "worst")):
+            left = limit - sum(len(p.examples) for p in pulls)
+            arm = self._choose(sign, [p.format for p in pulls]) if left > 0 else None
+            if arm is not None:
+                pulls.append(self._take(arm, left, side))
         return pulls
 
     def update(self, pull: Pull, correct: Sequence[bool]) -> None:
@@ -122,22 +167,18 @@ class SpreadBandit:
         seen = np.flatnonzero(self.trials > 0)
         if not len(seen):
             return -1
-        a, b = self.prior
-        al = self.successes[seen] + a
-        be = self.trials[seen] - self.successes[seen] + b
-        mean = al / (al + be)
-        sd = np.sqrt(al * be / ((al + be) ** 2 * (al + be + 1)))
-        # A cautious pick: the best (worst) posterior mean less (plus) one posterior standard
-        # deviation, so a format seen on one lucky batch is not named before it is measured.
-        key = np.lexsort((-self.trials[seen], -(sign * mean - sd)))
+        mean, lo, hi = self.bounds()
+        # A cautious pick: the best lower (worst upper) bound, so a format seen on one lucky
+        # batch is not named before it is measured; ties go to the more measured format.
+        key = np.lexsort((-self.trials[seen], -(lo if sign > 0 else -hi)[seen]))
         return int(seen[key[0]])
 
     def best(self) -> int:
-        """The format named best: the highest posterior mean minus one posterior std."""
+        """The format named best: the highest finite-population lower bound."""
         return self._pick(+1)
 
     def worst(self) -> int:
-        """The format named worst: the lowest posterior mean plus one posterior std."""
+        """The format named worst: the lowest finite-population upper bound."""
         return self._pick(-1)
 
     def record(self) -> None:
@@ -169,7 +210,7 @@ def check_budget(budget: int, n_formats: int, n_examples: int, batch: int) -> No
 
 def run_bandit(evaluate: Callable[[list[Pull]], Sequence[Sequence[bool]]], n_formats: int,
                n_examples: int, budget: int, *, batch: int = 10, seed: int = 0,
-               top_two: float | None = 0.5,
+               top_two: float | None = 0.5, z: float = 1.5,
                on_round: Callable[[SpreadBandit, list[Pull], Any], None] | None = None
                ) -> SpreadBandit:
     """Search for the best and the worst format with at most ``budget`` evaluations.
@@ -178,10 +219,13 @@ def run_bandit(evaluate: Callable[[list[Pull]], Sequence[Sequence[bool]]], n_for
     ``budget >= n_formats * n_examples`` every format is evaluated on every example instead
     (exhaustive; pulls of side ``"all"``). ``on_round(bandit, pulls, outcomes)`` is called after
     each round (progress bars, live plots, saving rows). ``top_two``: see
-    :meth:`SpreadBandit._thompson` (``None`` = plain Thompson sampling).
+    :meth:`SpreadBandit._thompson` (``None`` = plain Thompson sampling); ``z``: the width of
+    the finite-population bounds that set formats aside and name the extremes, in standard
+    errors. The search may stop below ``budget`` once both sides are settled.
     """
     check_budget(budget, n_formats, n_examples, batch)
-    bandit = SpreadBandit(n_formats, n_examples, batch=batch, seed=seed, top_two=top_two)
+    bandit = SpreadBandit(n_formats, n_examples, batch=batch, seed=seed, top_two=top_two,
+                          z=z)
     exhaustive = budget >= n_formats * n_examples
     while bandit.spent < budget:
         if exhaustive:  # several formats per round: larger backend batches
