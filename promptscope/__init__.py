@@ -26,7 +26,7 @@ from promptscope.analyses.attention import attention
 from promptscope.analyses.attribution import attribute
 from promptscope.analyses.compare_steering import compare_steering
 from promptscope.analyses.heads import profile_heads
-from promptscope.analyses.knob import find_knob, knob_sweep
+from promptscope.analyses.knob import find_knob, intent_patching, knob_sweep
 from promptscope.analyses.prompt import run_prompt
 from promptscope.analyses.reachability import reachability
 from promptscope.analyses.sensitivity import format_spread, posix, select_prompt
@@ -42,7 +42,7 @@ __all__ = [
     # running prompts, attention and steering
     "run_prompt", "attention", "profile_heads", "steer",
     "contrastive_vector", "in_context_vector", "load_vector", "compare_steering",
-    "find_knob", "knob_sweep",
+    "find_knob", "knob_sweep", "intent_patching",
     # analyses
     "format_spread", "posix", "select_prompt", "reachability", "attribute",
     # models, sessions, templates

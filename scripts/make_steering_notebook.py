@@ -119,6 +119,31 @@ KNOB_LAYER = int(where.layer[0])
 where
 """)
 md("""
+Does one direction carry the instruction at all? Activation patching answers it (the paper's
+first step): move the last prompt token's state of each "Use what you know." question to that of
+its "Use the context." twin after one layer, wholly or only within a few directions fitted on
+other pairs (the knob's, or the top principal directions of the differences), and count the
+answers that switch to the context's.
+""")
+code("""
+def twins(n, seed):
+    rng = random.Random(seed)
+    exs = [world.qa_example(rng, kind="conflict", intent="context",
+                            n_distractors=rng.randint(0, 5)) for _ in range(n)]
+    swap = dict(zip(world.INSTRUCTIONS["context"], world.INSTRUCTIONS["prior"]))
+    return exs, [e.prompt.replace(e.instruction, swap[e.instruction]) for e in exs]
+
+exs, told_prior = twins(200, seed=7)
+patching = promptscope.intent_patching(
+    [e.prompt for e in exs], told_prior, answers=[f" {e.context_value}" for e in exs],
+    choices=[values[e.attribute] for e in exs], name="intent patching (organism)",
+    progress=False)
+patching.figure()
+""")
+code("""
+patching.summary()
+""")
+md("""
 ## The comparison
 
 PASTA steers the heads a head profile on the training questions ranks best toward the relevant

@@ -131,3 +131,83 @@ def test_knob_sweep_errors(tiny_llama):
     with pytest.raises(PromptscopeError, match="'last'"):
         with promptscope.steer(tiny_llama, vector=knob, start="first"):
             pass
+
+
+# ----------------------------------------------------------------------------- intent patching
+
+NAMES = ("Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal")
+PAIRS_POS = [f"Context: {n} is red.\nQuestion: What color is {n}?\nUse the context.\nAnswer:"
+             for n in NAMES]
+PAIRS_NEG = [p.replace("Use the context.", "Use what you know.") for p in PAIRS_POS]
+
+
+def test_patching_the_whole_state_after_the_last_layer_gives_the_positive_prediction(tiny_llama):
+    from promptscope.analyses.knob import _next_token_logprobs
+
+    last = tiny_llama.model.config.num_hidden_layers - 1
+    hp = collect_states(tiny_llama, PAIRS_POS, [last])[:, 0]
+    size = hp.shape[-1]
+    want = _next_token_logprobs(tiny_llama, PAIRS_POS)
+    plain = _next_token_logprobs(tiny_llama, PAIRS_NEG)
+    full = _next_token_logprobs(tiny_llama, PAIRS_NEG, last, hp)
+    whole_basis = _next_token_logprobs(tiny_llama, PAIRS_NEG, last, hp, torch.eye(size))
+    assert not torch.allclose(plain, want, atol=1e-4)
+    assert torch.allclose(full, want, atol=1e-4)
+    assert torch.allclose(whole_basis, want, atol=1e-4)
+    # A direction orthogonal to every pair's difference changes nothing.
+    diff = hp - collect_states(tiny_llama, PAIRS_NEG, [last])[:, 0]
+    u = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    q, _ = torch.linalg.qr(torch.cat([diff.T, u[:, None]], dim=1))
+    ortho = q[:, -1][None]  # the part of u orthogonal to the differences
+    assert torch.allclose(_next_token_logprobs(tiny_llama, PAIRS_NEG, last, hp, ortho), plain,
+                          atol=1e-4)
+
+
+def test_intent_patching_result(tiny_llama):
+    r = promptscope.intent_patching(PAIRS_POS, PAIRS_NEG, tiny_llama, answers=[" red"] * 8,
+                                    choices=[" red", " blue"], ranks=(1, 2, 99), save=False,
+                                    progress=False)
+    layers = tiny_llama.model.config.num_hidden_layers
+    assert r.kind == "intent_patching" and r.params["n_fit"] == 4 and r.params["n_test"] == 4
+    assert r.params["ranks"] == [1, 2]  # a rank above the fitted pairs is dropped
+    assert len(r.df) == layers * 4  # knob, top 1, top 2, full per layer
+    last = r.df[(r.df.layer == layers - 1) & (r.df.patch == "full")].followed.item()
+    assert last == r.params["baseline"]["positive"]
+    assert set(r.summary().columns) >= {"layer", "full", "knob", "dims_for_90%"}
+    assert len(r.figure().data) == layers
+
+
+def test_intent_patching_errors(tiny_llama):
+    run = promptscope.intent_patching
+    with pytest.raises(PromptscopeError, match="equal lists"):
+        run(PAIRS_POS, PAIRS_NEG[:5], tiny_llama, answers=[" red"] * 8, choices=[" red", " b"])
+    with pytest.raises(PromptscopeError, match="at least 4 pairs"):
+        run(PAIRS_POS[:3], PAIRS_NEG[:3], tiny_llama, answers=[" red"] * 3, choices=[" red"])
+    with pytest.raises(PromptscopeError, match="not among its choices"):
+        run(PAIRS_POS, PAIRS_NEG, tiny_llama, answers=[" green"] * 8, choices=[" red", " blue"])
+    with pytest.raises(PromptscopeError, match="share a first token"):
+        run(PAIRS_POS, PAIRS_NEG, tiny_llama, answers=[" red"] * 8, choices=[" red", " red!"])
+
+
+def test_organism_carries_the_instruction_at_the_last_token_in_several_directions():
+    """Measured on v9 (docs/steering.md, 150 test pairs): the whole last-token state after
+    layer 0 switches 70 % of "Use what you know." answers to the context's; its top 16
+    principal directions 67 %; one direction (the knob's or the top one) 0-1 %."""
+    import random
+
+    from promptscope.organism import world
+
+    model = promptscope.load_model("organism")
+    rng = random.Random(7)
+    exs = [world.qa_example(rng, kind="conflict", intent="context",
+                            n_distractors=rng.randint(0, 5)) for _ in range(120)]
+    swap = dict(zip(world.INSTRUCTIONS["context"], world.INSTRUCTIONS["prior"]))
+    prior = [e.prompt.replace(e.instruction, swap[e.instruction]) for e in exs]
+    r = promptscope.intent_patching(
+        [e.prompt for e in exs], prior, model, answers=[f" {e.context_value}" for e in exs],
+        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs], layers=[0],
+        ranks=(1, 16), save=False, progress=False)
+    share = dict(zip(r.df.patch, r.df.followed))
+    assert r.params["baseline"]["negative"] <= 0.1 and r.params["baseline"]["positive"] >= 0.6
+    assert share["full"] >= 0.5
+    assert share["top 16"] >= share["top 1"] + 0.3

@@ -208,3 +208,170 @@ def knob_sweep(
         finally:
             bar.close()
     return rec.result()
+
+
+PATCHING_KIND = "intent_patching"
+
+
+def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = None,
+                         source: Any = None, basis: Any = None) -> Any:
+    """Log-probabilities of the next token after each prompt, ``[N, vocab]``. With ``layer``:
+    the last prompt token's residual stream after that layer is patched toward ``source[i]``
+    (``[N, H]``), in the span of ``basis`` (``[k, H]``, orthonormal rows) or wholly (None)."""
+    import torch
+
+    from promptscope.models.vectors import decoder_layers
+
+    ids = [mdl.encode_prompt(p) for p in prompts]
+    out = torch.zeros(len(prompts), mdl.model.config.vocab_size)
+    for batch in mdl._batches([len(x) for x in ids]):
+        width = max(len(ids[u]) for u in batch)
+        input_ids, mask = mdl._left_pad([ids[u] for u in batch], width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+        def patch(module: Any, args: Any, output: Any, batch: list[int] = batch) -> Any:
+            h = output[0] if isinstance(output, tuple) else output
+            last = h[:, -1].float()  # left padding: the last column is every prompt's last token
+            delta = source[batch].to(last) - last
+            if basis is not None:
+                b = basis.to(last)
+                delta = (delta @ b.T) @ b
+            h = h.clone()
+            h[:, -1] = (last + delta).to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handle = (decoder_layers(mdl.model)[layer].register_forward_hook(patch)
+                  if layer is not None else None)
+        try:
+            with torch.no_grad():
+                logits = mdl.model(input_ids=input_ids, attention_mask=mask,
+                                   position_ids=positions, use_cache=False).logits[:, -1]
+        finally:
+            if handle is not None:
+                handle.remove()
+        out[batch] = torch.log_softmax(logits.float(), dim=-1).cpu()
+    return out
+
+
+def intent_patching(
+    positive: Any,
+    negative: Any,
+    model: Model | str | None = None,
+    *,
+    answers: Sequence[str],
+    choices: Sequence[str] | Sequence[Sequence[str]],
+    layers: Sequence[int] | None = None,
+    ranks: Sequence[int] = (1, 2, 4, 8, 16),
+    name: str = "",
+    save: bool = True,
+    store: Store | None = None,
+    progress: bool = True,
+) -> Result:
+    """Where, and in how many dimensions, does an intent decide the answer?
+
+    Activation patching at the last prompt token (the paper's first step, before it looks for
+    the knob): the same questions under two intents, e.g. "Use the context." (``positive``) and
+    "Use what you know." (``negative``), paired by position. The first half of the pairs fits
+    the directions: per layer, the knob's direction (the unit mean difference of the two
+    intents, as :func:`find_knob`) and the top principal directions of the per-pair
+    differences. On the second half, each negative prompt's last-token state after one layer is
+    moved to its positive twin's, within the knob's direction, within the top ``k`` principal
+    directions (``ranks``), or wholly ("full"), and the share of answers that become the
+    positive intent's answer is recorded. A knob exists where the knob's direction (or one
+    principal direction) does what the full patch does; if the full patch works and one
+    direction does not, the intent is carried there, but spread over several directions.
+
+    Args:
+        positive, negative: the two intents' prompts, pair ``i`` being the same question (lists
+            of strings, DataFrames with a ``prompt`` column or ``%%prompt`` Results), at least
+            four pairs.
+        model: a loaded white-box model (default: the last loaded).
+        answers: for each pair, the answer the positive intent asks for (e.g. the context's).
+        choices: each pair's candidate answers (or one list for all); they are told apart by
+            their first token, so the first tokens must differ.
+        layers: layers to patch (default: all).
+        ranks: numbers of principal directions to patch.
+
+    Returns:
+        A Result of kind ``intent_patching``: one row per (layer, patch) with ``dims`` and
+        ``followed`` (share of the tested negative prompts answered with the positive intent's
+        answer); ``params["baseline"]`` holds the unpatched shares of both intents.
+        ``figure()`` plots ``followed`` against the patched dimensions, one line per layer.
+
+    Example:
+        >>> r = promptscope.intent_patching(context_prompts, prior_prompts, model,
+        ...     answers=context_answers, choices=colors)                    # doctest: +SKIP
+        >>> r.figure(); r.summary()                                         # doctest: +SKIP
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from promptscope.analyses.steering_vectors import _prompts
+    from promptscope.models.vectors import check_layers, collect_states
+
+    mdl = resolve_model(model)
+    mdl.require("hidden_states", "Intent patching")
+    pos, neg = _prompts(positive), _prompts(negative)
+    if len(pos) != len(neg):
+        raise PromptscopeError(f"Intent patching pairs prompts by position: got {len(pos)} "
+                               f"positive and {len(neg)} negative prompts; give equal lists.")
+    if len(pos) < 4:
+        raise PromptscopeError(f"Intent patching needs at least 4 pairs (half fit the "
+                               f"directions, half test them); got {len(pos)}.")
+    if len(answers) != len(pos):
+        raise PromptscopeError(f"Give one answer per pair ({len(pos)}), not {len(answers)}.")
+    per_row = [list(choices)] * len(pos) if choices and isinstance(choices[0], str) else \
+        [list(c) for c in choices]
+    if len(per_row) != len(pos):
+        raise PromptscopeError(f"Give one list of choices per pair ({len(pos)}) or one list "
+                               "for all.")
+    first: list[list[int]] = []
+    for cands, answer in zip(per_row, answers):
+        if answer not in cands:
+            raise PromptscopeError(f"The answer {answer!r} is not among its choices {cands}.")
+        toks = [mdl.encode_continuation(c)[0] for c in cands]
+        if len(set(toks)) < len(toks):
+            raise PromptscopeError(f"The choices {cands} share a first token; intent patching "
+                                   "tells choices apart by their first token.")
+        first.append(toks)
+    target = [cands.index(a) for cands, a in zip(per_row, answers)]
+
+    n_layers = int(mdl.model.config.num_hidden_layers)  # type: ignore[attr-defined]
+    chosen = check_layers(layers, n_layers) or list(range(n_layers))
+    half = len(pos) // 2
+    fit, test = slice(0, half), slice(half, len(pos))
+    test_first, test_target = first[fit.stop:], target[fit.stop:]
+
+    def followed(logprobs: Any) -> float:
+        picks = [int(torch.argmax(row[toks])) for row, toks in zip(logprobs, test_first)]
+        return sum(p == t for p, t in zip(picks, test_target)) / len(picks)
+
+    hp = collect_states(mdl, pos, chosen, "last")
+    hn = collect_states(mdl, neg, chosen, "last")
+    baseline = {"positive": followed(_next_token_logprobs(mdl, pos[test])),
+                "negative": followed(_next_token_logprobs(mdl, neg[test]))}
+    usable = sorted({k for k in ranks if 0 < k <= half})
+    params = {"n_fit": half, "n_test": len(pos) - half, "layers": chosen, "ranks": usable,
+              "baseline": baseline}
+    bar = tqdm(total=len(chosen) * (len(usable) + 2), disable=not progress,
+               desc="intent patching", unit="patch", leave=False)
+    with Recorder(PATCHING_KIND, name=name, model=mdl, params=params, save=save,
+                  store=store) as rec:
+        try:
+            for j, layer in enumerate(chosen):
+                diff = hp[fit, j] - hn[fit, j]
+                knob = torch.nn.functional.normalize(diff.mean(0), dim=0)[None]
+                _, _, vh = torch.linalg.svd(diff, full_matrices=False)
+                patches = [("knob", knob)] + [(f"top {k}", vh[:k]) for k in usable]
+                patches.append(("full", None))
+                for label, basis in patches:
+                    got = followed(_next_token_logprobs(mdl, neg[test], layer, hp[test, j],
+                                                        basis))
+                    dims = basis.shape[0] if basis is not None else hp.shape[-1]
+                    rec.add(pd.DataFrame([{"layer": layer, "patch": label, "dims": int(dims),
+                                           "followed": got}]))
+                    bar.update(1)
+        finally:
+            bar.close()
+    return rec.result()
