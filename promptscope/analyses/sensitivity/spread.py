@@ -159,8 +159,8 @@ def format_spread(
     Each query of ``data`` is rendered with ``shots`` labelled demonstrations (the same ones in
     every format) in each format; the label is the choice with the highest log-probability
     (``model.score``; API models score by their probed method). With a ``budget`` below
-    exhaustive evaluation, a Thompson-sampling bandit spends it on the formats most likely to be
-    the best and the worst.
+    exhaustive evaluation, a Thompson-sampling bandit spends it on the formats that may still be
+    the best or the worst, and stops early once both are settled (``params["evaluations"]``).
 
     Args:
         data: DataFrame or list of dicts: input columns and the ``label`` column.
