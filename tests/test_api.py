@@ -38,6 +38,37 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_response_cache_opened_by_many_threads_at_once(tmp_path):
+    """Request threads (and kernels) may open the same new cache file together: each one works
+    (CI once saw "database is locked" from two connections switching the file to WAL)."""
+    import threading
+
+    from promptscope.models.cache import ResponseCache
+
+    for round_ in range(20):  # the race is rare: without the fix about 1 round in 40 failed
+        path = tmp_path / f"cache{round_}.sqlite"
+        errors: list[BaseException] = []
+        start = threading.Barrier(16)
+
+        def open_and_write(i: int, path: Path = path, errors: list = errors,
+                           start: threading.Barrier = start) -> None:
+            try:
+                start.wait()
+                cache = ResponseCache(path)
+                for j in range(30):  # writes while other threads still open the file
+                    cache.put(f"k{i}-{j}", {"i": i})
+            except BaseException as exc:  # noqa: BLE001 - the test collects every failure
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len(ResponseCache(path)) == 16 * 30
+
+
 def test_bad_url_missing_key_and_unreachable_server_are_clear(monkeypatch):
     with pytest.raises(ModelLoadError, match="not an http"):
         promptscope.load_model("openai:m", base_url="localhost:8000")

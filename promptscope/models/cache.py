@@ -36,9 +36,18 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
                                      isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, "
-                           "value TEXT NOT NULL, created REAL NOT NULL)")
+        for attempt in range(50):
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY "
+                                   "KEY, value TEXT NOT NULL, created REAL NOT NULL)")
+                break
+            except sqlite3.OperationalError as exc:
+                # Another connection (kernel) switching the new file to WAL at the same moment
+                # makes this fail at once, without the busy timeout: wait and try again.
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.1)
 
     @classmethod
     def default(cls) -> ResponseCache:

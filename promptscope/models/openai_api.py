@@ -199,6 +199,7 @@ class OpenAIModel(Model):
         self.cache_enabled = cache
         self._cache_path = cache_path
         self._cache_obj: Any = None
+        self._cache_lock = threading.Lock()  # request threads open the cache once, together
         self.scoring = scoring
         self.top_logprobs = top_logprobs
         self.prices = dict(prices) if prices else None
@@ -676,11 +677,12 @@ class OpenAIModel(Model):
     def _cache(self) -> Any:
         if not self.cache_enabled:
             return None
-        if self._cache_obj is None:
-            from promptscope.models.cache import ResponseCache
+        with self._cache_lock:
+            if self._cache_obj is None:
+                from promptscope.models.cache import ResponseCache
 
-            self._cache_obj = (ResponseCache(self._cache_path) if self._cache_path
-                               else ResponseCache.default())
+                self._cache_obj = (ResponseCache(self._cache_path) if self._cache_path
+                                   else ResponseCache.default())
         return self._cache_obj
 
     def _request(self, kind: str, body: dict[str, Any], *, cacheable: bool,
