@@ -50,4 +50,5 @@ def summary(result: Any) -> Any:
                       (part["followed"] - low >= 0.9 * (full - low))]
         rows.append({"layer": layer, "full": full, "knob": share.get("knob"),
                      "dims_for_90%": int(enough["dims"].min()) if len(enough) else None})
-    return pd.DataFrame(rows).sort_values("full", ascending=False, ignore_index=True)
+    out = pd.DataFrame(rows).astype({"dims_for_90%": "Int64"})  # <NA> where none reaches it
+    return out.sort_values("full", ascending=False, ignore_index=True)
