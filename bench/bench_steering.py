@@ -18,6 +18,7 @@ at most 1.15x the plain time.
 
     python bench/bench_steering.py                       # lengths 128 512 2048, CPU
     python bench/bench_steering.py --lengths 128 512 --device cuda
+    python bench/bench_steering.py --preset 0.6b --lengths 512 2048 8192 --device cuda
     python bench/bench_steering.py --methods plain "vector add" "vector ICV"
     python bench/bench_steering.py --hook-cost --model organism
 """
@@ -35,6 +36,12 @@ from pathlib import Path
 
 METHODS = ("plain", "promptscope", "promptscope flex", "eager PASTA", "vector add", "vector ICV")
 HEADS = {1: [0, 2], 2: [1, 3]}  # a typical PASTA head set: a few heads in a few layers
+# Random llama shapes built when no --model is given: "small" for CPUs; "0.6b" (about 0.6 B
+# parameters, head size 64, GQA 4:1) to see steering's cost where attention is real GPU work.
+PRESETS = {
+    "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2},
+    "0.6b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8},
+}
 ALPHA = 0.01
 
 
@@ -189,7 +196,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
-    p.add_argument("--model", help="model folder (default: a small llama built now)")
+    p.add_argument("--model", help="model folder (default: a random llama of --preset's shape)")
+    p.add_argument("--preset", choices=PRESETS, default="small",
+                   help="shape of the random llama built when no --model is given")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="which rows to run ('plain' is always run: the reference)")
     p.add_argument("--hook-cost", action="store_true", help="time the vector hooks alone "
@@ -203,12 +212,13 @@ def main() -> None:
     if args.hook_cost:
         hook_cost(args)
         return
+    given_model = bool(args.model)
     if not args.model:
         from promptscope.testing import make_tiny_model
 
         args.model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-llama",
-                                          hidden_size=256, num_layers=4, num_heads=4,
-                                          num_kv_heads=2, head_dim=64, max_positions=4096))
+                                          **PRESETS[args.preset], head_dim=64,
+                                          max_positions=max(4096, max(args.lengths) + 64)))
     rows = []
     for length in args.lengths:
         res = {}
@@ -227,8 +237,12 @@ def main() -> None:
                 for m in ("promptscope", "promptscope flex") if m in res and "eager PASTA" in res}
         rows.append((length, res, same))
     where = args.device or "default device"
-    print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, small llama "
-          f"(4 layers, 4 heads of 64, GQA), {where}, {args.threads} threads; steered heads "
+    shape = PRESETS[args.preset]
+    what = (f"random llama ({shape['num_layers']} layers, hidden {shape['hidden_size']}, "
+            f"{shape['num_heads']} heads of 64, {shape['num_kv_heads']} KV heads)"
+            if not given_model else args.model)
+    print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, {what}, "
+          f"{where}, {args.threads} threads; steered heads "
           f"{HEADS}, alpha {ALPHA}; vector add: layers 1-2, strength 2; vector ICV: every layer, "
           f"lambda 0.1. Times are the best of {args.repeats}; vector rows are compared with plain "
           f"runs alternated in their own process (the plain row's time in brackets).\n")

@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Set (e.g. to "cuda") to run the tiny-model tests on an accelerator, in fp32 so the numerical
+# equivalence checks keep their tolerances. Unset: the default device (the CPU in CI).
+TEST_DEVICE = os.environ.get("PROMPTSCOPE_TEST_DEVICE")
+_ON_DEVICE = {"device": TEST_DEVICE, "dtype": "fp32"} if TEST_DEVICE else {}
+
 
 @pytest.fixture(autouse=True)
 def _isolated_store(tmp_path, monkeypatch):
@@ -35,14 +40,14 @@ def tiny_gpt2_dir(tmp_path_factory):
 def tiny_llama(tiny_llama_dir):
     from promptscope.models.hf import HFModel
 
-    return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama")
+    return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama", **_ON_DEVICE)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_gpt2_dir):
     from promptscope.models.hf import HFModel
 
-    return HFModel.from_pretrained(tiny_gpt2_dir, name="tiny-gpt2")
+    return HFModel.from_pretrained(tiny_gpt2_dir, name="tiny-gpt2", **_ON_DEVICE)
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -41,7 +41,8 @@ def pasta_reference(module, query, key, value, attention_mask, scaling=None, dro
     scores = torch.matmul(query, k.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
     lq, lk = query.shape[2], key.shape[2]
     if attention_mask is None:
-        causal = torch.arange(lq)[:, None] + (lk - lq) >= torch.arange(lk)[None, :]
+        at = {"device": scores.device}
+        causal = torch.arange(lq, **at)[:, None] + (lk - lq) >= torch.arange(lk, **at)[None, :]
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
@@ -51,7 +52,7 @@ def pasta_reference(module, query, key, value, attention_mask, scaling=None, dro
     heads = _REF["heads"].get(module.layer_idx, [])
     if heads:
         down = _REF["down"]  # bool [B, L_prompt]: prompt keys to scale by alpha
-        scale = torch.ones(weights.shape[0], lk)
+        scale = torch.ones(weights.shape[0], lk, device=weights.device)
         scale[:, : down.shape[1]] = torch.where(down, _REF["alpha"], 1.0)
         for h in heads:
             w = weights[:, h] * scale[:, None, :]
@@ -83,7 +84,8 @@ def _batch(model, prompts, emphasis):
         for i, (a, b) in enumerate(e["offset_mapping"]):
             inside = b > a and a < start + len(sub) and b > start
             down[r, width - n + i] = not inside
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), down
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return tuple(t.to(model.device) for t in (ids, mask, pos, down))
 
 
 def _logits(model, impl, ids, mask, pos, padded=True):
@@ -136,7 +138,7 @@ def test_steered_scores_match_reference_through_the_backend(tiny_llama, kernel):
     for prompt, sub, cont, s in zip(PROMPTS, EMPHASIS, conts, steered):
         ids, mask, pos, down = _batch(tiny_llama, [prompt], [sub])
         c = tiny_llama.encode_continuation(cont)
-        full = torch.cat([ids, torch.tensor([c])], dim=1)
+        full = torch.cat([ids, torch.tensor([c], device=ids.device)], dim=1)
         _REF.update(heads=HEADS, alpha=ALPHA, down=down)  # continuation keys are not scaled
         try:
             logits = _logits(tiny_llama, "pasta_reference", full, None, None, padded=False)
