@@ -219,7 +219,19 @@ def main() -> None:
         args.model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-llama",
                                           **PRESETS[args.preset], head_dim=64,
                                           max_positions=max(4096, max(args.lengths) + 64)))
-    rows = []
+    where = args.device or "default device"
+    shape = PRESETS[args.preset]
+    what = (f"random llama ({shape['num_layers']} layers, hidden {shape['hidden_size']}, "
+            f"{shape['num_heads']} heads of 64, {shape['num_kv_heads']} KV heads)"
+            if not given_model else args.model)
+    print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, {what}, "
+          f"{where}, {args.threads} threads; steered heads "
+          f"{HEADS}, alpha {ALPHA}; vector add: layers 1-2, strength 2; vector ICV: every layer, "
+          f"lambda 0.1. Times are the best of {args.repeats}; vector rows are compared with plain "
+          f"runs alternated in their own process (the plain row's time in brackets).\n")
+    print(f"{'tokens':>7} {'method':<17}{'seconds':>9}{'vs plain':>10}{'peak MB':>10}"
+          f"{'same text as eager':>20}", flush=True)
+    # Each row prints as soon as its run ends, so a run cut short still leaves its rows.
     for length in args.lengths:
         res = {}
         methods = ["plain", *[x for x in args.methods if x != "plain"]]
@@ -232,34 +244,21 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{method} at {length} tokens failed:\n{out.stderr[-3000:]}")
-            res[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        same = {m: res[m]["text"] == res["eager PASTA"]["text"]
-                for m in ("promptscope", "promptscope flex") if m in res and "eager PASTA" in res}
-        rows.append((length, res, same))
-    where = args.device or "default device"
-    shape = PRESETS[args.preset]
-    what = (f"random llama ({shape['num_layers']} layers, hidden {shape['hidden_size']}, "
-            f"{shape['num_heads']} heads of 64, {shape['num_kv_heads']} KV heads)"
-            if not given_model else args.model)
-    print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, {what}, "
-          f"{where}, {args.threads} threads; steered heads "
-          f"{HEADS}, alpha {ALPHA}; vector add: layers 1-2, strength 2; vector ICV: every layer, "
-          f"lambda 0.1. Times are the best of {args.repeats}; vector rows are compared with plain "
-          f"runs alternated in their own process (the plain row's time in brackets).\n")
-    print(f"{'tokens':>7} {'method':<17}{'seconds':>9}{'vs plain':>10}{'peak MB':>10}"
-          f"{'same text as eager':>20}")
-    for _, res, same in rows:
-        for method in res:
-            r = res[method]
+            r = res[method] = json.loads(out.stdout.strip().splitlines()[-1])
             base = r.get("plain_seconds") or res["plain"]["seconds"]
-            flag = ""
-            if method in same:
-                flag = "yes" if same[method] else "NO"
-            elif r.get("plain_seconds"):
-                flag = f"(plain {base:.3f} s)"
-            print(f"{r['tokens']:>7} {method:<17}{r['seconds']:>9.3f}{r['seconds'] / base:>9.2f}x"
-                  f"{r['peak_mb']:>10.0f}{flag:>20}")
+            flag = f"(plain {base:.3f} s)" if r.get("plain_seconds") else ""
+            if method.startswith("promptscope") and "eager PASTA" in methods:
+                res.setdefault("_pending", []).append((method, r, base))
+                continue
+            print(_row(method, r, base, flag), flush=True)
+            if method == "eager PASTA":  # now the PASTA rows can say if their text matches
+                for m, rr, b in res.pop("_pending", []):
+                    print(_row(m, rr, b, "yes" if rr["text"] == r["text"] else "NO"), flush=True)
 
+
+def _row(method: str, r: dict, base: float, flag: str) -> str:
+    return (f"{r['tokens']:>7} {method:<17}{r['seconds']:>9.3f}{r['seconds'] / base:>9.2f}x"
+            f"{r['peak_mb']:>10.0f}{flag:>20}")
 
 if __name__ == "__main__":
     main()

@@ -215,7 +215,7 @@ def key_bias(steering: AttentionSteering, emphasised: torch.Tensor, real: torch.
     per_key = torch.nn.functional.pad(target.float() * log_alpha, (0, extra))  # [B, L + extra]
     out = {}
     for layer, heads in steering.heads.items():
-        bias = torch.zeros(per_key.shape[0], n_heads, 1, per_key.shape[1])
+        bias = torch.zeros(per_key.shape[0], n_heads, 1, per_key.shape[1], device=per_key.device)
         bias[:, heads, 0, :] = per_key[:, None, :]
         out[layer] = bias.to(device=device, dtype=dtype)
     return out
