@@ -3,19 +3,10 @@
     python scripts/make_attention_notebook.py
 """
 
-from pathlib import Path
+from notebook_cells import NOTEBOOKS, Cells
 
-import nbformat as nbf
-
-cells = []
-
-
-def md(text: str) -> None:
-    cells.append(nbf.v4.new_markdown_cell(text.strip()))
-
-
-def code(text: str) -> None:
-    cells.append(nbf.v4.new_code_cell(text.strip()))
+cells = Cells()
+md, code = cells.md, cells.code
 
 
 md("""
@@ -136,6 +127,4 @@ print(f"AutoPASTA picked the relevant sentence for {found:.0%} of the questions;
       f"the context is followed {(picked.choice == picked.answer).mean():.0%}")
 picked[["key", "key_sentence", "choice", "answer", "prior"]].head()
 """)
-KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": KERNEL})
-nbf.write(nb, Path(__file__).resolve().parent.parent / "notebooks" / "02_attention_steering.ipynb")
+cells.write(NOTEBOOKS / "02_attention_steering.ipynb")

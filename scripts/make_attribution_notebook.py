@@ -6,12 +6,10 @@ Run ``python scripts/make_attribution_notebook.py`` to regenerate it, then execu
 
 from __future__ import annotations
 
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
+from notebook_cells import NOTEBOOKS, Cells
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-OUT = Path(__file__).resolve().parent.parent / "notebooks" / "05_attribution.ipynb"
+OUT = NOTEBOOKS / "05_attribution.ipynb"
 
 CELLS = [
     new_markdown_cell("""\
@@ -147,12 +145,7 @@ Say {{|please }}hello to Ann""", metadata={"tags": ["raises-exception"]}),
 
 
 def main() -> None:
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    nbformat.write(nb, OUT)
-    print(f"wrote {OUT}")
+    Cells(CELLS).write(OUT)
 
 
 if __name__ == "__main__":

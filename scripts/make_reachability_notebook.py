@@ -5,12 +5,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from notebook_cells import NOTEBOOKS, Cells
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-OUT = Path(__file__).resolve().parent.parent / "notebooks" / "04_reachability.ipynb"
+OUT = NOTEBOOKS / "04_reachability.ipynb"
 
 CELLS = [
     ("md", """# Controllability: how far can a few prompt tokens move the model?
@@ -137,13 +134,7 @@ ReachWidget(model, "tike lara", k_max=2)"""),
 
 
 def main() -> None:
-    nb = new_notebook()
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
-                                 "name": "python3"}
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-                for kind, src in CELLS]
-    nbformat.write(nb, OUT)
-    print(f"wrote {OUT}")
+    Cells.of(CELLS).write(OUT)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from notebook_cells import NOTEBOOKS, Cells
 
-PATH = Path(__file__).resolve().parent.parent / "notebooks" / "03_sensitivity.ipynb"
+PATH = NOTEBOOKS / "03_sensitivity.ipynb"
 
 CELLS: list[tuple[str, str]] = [
     ("md", """# Prompt sensitivity: FormatSpread, POSIX and label-free prompt selection
@@ -146,12 +145,7 @@ panel):"""),
 
 
 def build() -> nbformat.NotebookNode:
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-                for kind, src in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    return nb
+    return Cells.of(CELLS).notebook()
 
 
 def main() -> None:

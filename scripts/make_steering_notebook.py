@@ -3,19 +3,10 @@
     python scripts/make_steering_notebook.py
 """
 
-from pathlib import Path
+from notebook_cells import NOTEBOOKS, Cells
 
-import nbformat as nbf
-
-cells = []
-
-
-def md(text: str) -> None:
-    cells.append(nbf.v4.new_markdown_cell(text.strip()))
-
-
-def code(text: str) -> None:
-    cells.append(nbf.v4.new_code_cell(text.strip()))
+cells = Cells()
+md, code = cells.md, cells.code
 
 
 md("""
@@ -237,10 +228,10 @@ q = held_out[held_out.attribute == "city"].head(4)
 """)
 MAGIC = ('%%prompt --vars q --choices " Oslo| Lima| Rome| Cairo| Delhi| Tokyo| Quito| Paris" '
          "--steer vector --vector caa --strength 2 --steer-layers 3 --compare -o steered")
-cells.append(nbf.v4.new_code_cell(MAGIC + """
+code(MAGIC + """
 Context: {before}{key}{after}
 Question: {question}
-Answer:{lead}"""))
+Answer:{lead}""")
 code("""
 picked = steered.df[steered.df.chosen]
 table = picked.pivot_table(index="variant", columns="steered", values="choice",
@@ -259,6 +250,4 @@ from promptscope.widgets import SteeringLab
 SteeringLab(TEMPLATE, model, choices=values["city"], vars=q, heads=HEADS,
             vectors={"CAA (layer 3)": caa, "ICV": icv}, comparison=cmp)
 """)
-KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
-nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": KERNEL})
-nbf.write(nb, Path(__file__).resolve().parent.parent / "notebooks" / "06_steering_compared.ipynb")
+cells.write(NOTEBOOKS / "06_steering_compared.ipynb")
