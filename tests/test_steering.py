@@ -95,9 +95,11 @@ def _logits(model, impl, ids, mask, pos, padded=True):
         return model.model(input_ids=ids, **kwargs).logits.float()
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+@pytest.mark.parametrize("kernel", ["sdpa", "sdpa-head-split", "flex"])
 @pytest.mark.parametrize("padded", [True, False], ids=["batch-with-padding", "unpadded-mask-none"])
 def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
+    """Each kernel: SDPA with a dense all-head bias, SDPA on the steered heads only (what
+    HFModel uses when at most half a layer's heads are steered), flex attention."""
     from promptscope.models import steering
 
     _register_reference()
@@ -105,6 +107,10 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     real_flex = steering._flex_function
     monkeypatch.setattr(steering, "_flex_function",
                         lambda device: flex_calls.append(device) or real_flex(device))
+    split_calls = []
+    real_split = steering._steer_some_heads
+    monkeypatch.setattr(steering, "_steer_some_heads",
+                        lambda *a, **k: split_calls.append(1) or real_split(*a, **k))
     prompts, emphasis = (PROMPTS, EMPHASIS) if padded else (PROMPTS[:1], EMPHASIS[:1])
     ids, mask, pos, down = _batch(tiny_model, prompts, emphasis)
     _REF.update(heads=HEADS, alpha=ALPHA, down=down)
@@ -116,7 +122,11 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
 
             bias = key_bias(tiny_model.steering, ~down & mask.bool(), mask.bool(),
                             tiny_model.model.config.num_attention_heads)
-            with forward_context(_Forward(key_bias=bias, kernel=kernel)):
+            split = {layer: torch.tensor(h, device=tiny_model.device)
+                     for layer, h in HEADS.items()} if kernel == "sdpa-head-split" else {}
+            state = _Forward(key_bias=bias, kernel=kernel.removesuffix("-head-split"),
+                             heads=split)
+            with forward_context(state):
                 ours = _logits(tiny_model, "promptscope_sdpa", ids, mask, pos, padded)
     finally:
         tiny_model.model.set_attn_implementation("sdpa")
@@ -125,6 +135,7 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     # ...and steering changes the model's output (the check above is not vacuous).
     assert (ours[real] - plain[real]).abs().max() > 1e-2
     assert len(flex_calls) == (len(HEADS) if kernel == "flex" else 0)  # steered layers only
+    assert len(split_calls) == (len(HEADS) if kernel == "sdpa-head-split" else 0)
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])

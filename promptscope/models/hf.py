@@ -226,8 +226,10 @@ class HFModel(Model):
             bias = key_bias(self.steering, emph, real, self.model.config.num_attention_heads,
                             extra, next(self.model.parameters()).dtype, self.device)
         kernel = self.steering.kernel if flags is not None else "sdpa"
+        heads = ({layer: torch.tensor(h, device=self.device)
+                  for layer, h in self.steering.heads.items()} if flags is not None else {})
         return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers,
-                                        kernel=kernel))
+                                        kernel=kernel, heads=heads))
 
     @torch.inference_mode()
     def forward_with_attention(

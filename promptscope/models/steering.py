@@ -155,6 +155,9 @@ class _Forward:
     capture: Callable[[int, torch.Tensor], None] | None = None  # (layer, weights [B,H,Lq,Lk])
     capture_layers: frozenset[int] = frozenset()
     kernel: str = "sdpa"  # how steered layers attend (KERNELS)
+    # layer -> the steered heads (a long tensor on the model's device). When given and they are
+    # at most half the layer's heads, "sdpa" steers by head split (see _steer_some_heads).
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)
     block_masks: dict[Any, Any] = field(default_factory=dict)  # flex: (mask, block) per shape
 
 
@@ -262,6 +265,9 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if b is not None and not capture and state.kernel == "flex":
         return _flex_attention(state, query, key, value, attention_mask, b,
                                getattr(module, "is_causal", True), kwargs.get("scaling"))
+    heads = state.heads.get(layer) if b is not None and not capture else None
+    if heads is not None and 2 * len(heads) <= query.shape[1]:
+        return _steer_some_heads(module, query, key, value, attention_mask, b, heads, **kwargs)
     if b is not None and attention_mask is None and query.shape[2] == 1:
         mask = b  # a decoding step without padding: the bias is the whole mask
     else:
@@ -279,6 +285,26 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     state.capture(layer, weights.detach())
     out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+    return out, None
+
+
+def _steer_some_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      bias: torch.Tensor, heads: torch.Tensor,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Every head through plain SDPA (its fastest kernel: no bias), then only the steered heads
+    again with the bias. The dense mask is ``[B, len(heads), Lq, Lk]`` instead of
+    ``[B, H, Lq, Lk]``: a few steered heads of many cost a few heads' attention, not a slower
+    kernel and a full-size mask for the whole layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kv_heads = heads // (query.shape[1] // key.shape[1])  # the KV head each query head reads
+    mask = _float_mask(attention_mask, query, key, getattr(module, "is_causal", True))
+    steered = torch.nn.functional.scaled_dot_product_attention(
+        query[:, heads], key[:, kv_heads], value[:, kv_heads], attn_mask=mask + bias[:, heads],
+        scale=kwargs.get("scaling"))
+    out[:, :, heads] = steered.transpose(1, 2).to(out.dtype)  # out: [B, Lq, H, D]
     return out, None
 
 
