@@ -107,10 +107,10 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     real_flex = steering._flex_function
     monkeypatch.setattr(steering, "_flex_function",
                         lambda device: flex_calls.append(device) or real_flex(device))
-    split_calls = []
-    real_split = steering._steer_some_heads
-    monkeypatch.setattr(steering, "_steer_some_heads",
-                        lambda *a, **k: split_calls.append(1) or real_split(*a, **k))
+    sdpa_heads = []  # the `heads` each steered SDPA call got (None: all heads at once)
+    real_sdpa = steering._steered_sdpa
+    monkeypatch.setattr(steering, "_steered_sdpa",
+                        lambda *a, **k: sdpa_heads.append(a[6]) or real_sdpa(*a, **k))
     prompts, emphasis = (PROMPTS, EMPHASIS) if padded else (PROMPTS[:1], EMPHASIS[:1])
     ids, mask, pos, down = _batch(tiny_model, prompts, emphasis)
     _REF.update(heads=HEADS, alpha=ALPHA, down=down)
@@ -135,7 +135,11 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     # ...and steering changes the model's output (the check above is not vacuous).
     assert (ours[real] - plain[real]).abs().max() > 1e-2
     assert len(flex_calls) == (len(HEADS) if kernel == "flex" else 0)  # steered layers only
-    assert len(split_calls) == (len(HEADS) if kernel == "sdpa-head-split" else 0)
+    if kernel == "flex":
+        assert sdpa_heads == []
+    else:  # one call per steered layer, split only when asked
+        assert len(sdpa_heads) == len(HEADS)
+        assert all((h is not None) == (kernel == "sdpa-head-split") for h in sdpa_heads)
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])
@@ -162,11 +166,13 @@ def test_steered_scores_match_reference_through_the_backend(tiny_llama, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])
-def test_steered_generation_with_kv_cache_matches_reference(tiny_model, kernel):
+@pytest.mark.parametrize("n_prompts", [1, 2], ids=["unpadded", "padded"])
+def test_steered_generation_with_kv_cache_matches_reference(tiny_model, kernel, n_prompts):
     """Greedy generation: cached steps (queries of generated tokens steered, their keys not)
-    equal a full recompute with the eager reference at every step."""
+    equal a full recompute with the eager reference at every step (one prompt: no mask, the
+    bias folded into the dot product; two: padding, an explicit mask)."""
     _register_reference()
-    prompts, emphasis = PROMPTS[:2], EMPHASIS[:2]
+    prompts, emphasis = PROMPTS[:n_prompts], EMPHASIS[:n_prompts]
     with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=emphasis,
                            kernel=kernel):
         gens = tiny_model.generate(prompts, max_new_tokens=5)

@@ -156,7 +156,7 @@ class _Forward:
     capture_layers: frozenset[int] = frozenset()
     kernel: str = "sdpa"  # how steered layers attend (KERNELS)
     # layer -> the steered heads (a long tensor on the model's device). When given and they are
-    # at most half the layer's heads, "sdpa" steers by head split (see _steer_some_heads).
+    # at most half the layer's heads, "sdpa" recomputes only those (see _steered_sdpa).
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     block_masks: dict[Any, Any] = field(default_factory=dict)  # flex: (mask, block) per shape
 
@@ -265,18 +265,13 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if b is not None and not capture and state.kernel == "flex":
         return _flex_attention(state, query, key, value, attention_mask, b,
                                getattr(module, "is_causal", True), kwargs.get("scaling"))
-    heads = state.heads.get(layer) if b is not None and not capture else None
-    if heads is not None and 2 * len(heads) <= query.shape[1]:
-        return _steer_some_heads(module, query, key, value, attention_mask, b, heads, **kwargs)
-    if b is not None and attention_mask is None and query.shape[2] == 1:
-        mask = b  # a decoding step without padding: the bias is the whole mask
-    else:
-        mask = _float_mask(attention_mask, query, key, getattr(module, "is_causal", True))
-        if b is not None:
-            mask = mask + b
-    if not capture:
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    if not capture:  # steering
+        return _steered_sdpa(module, query, key, value, attention_mask, b,
+                             state.heads.get(layer), **kwargs)
 
+    mask = _float_mask(attention_mask, query, key, getattr(module, "is_causal", True))
+    if b is not None:
+        mask = mask + b
     # Capture: this layer's weights computed explicitly (the other layers stay on SDPA).
     groups = query.shape[1] // key.shape[1]
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -288,23 +283,51 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return out, None
 
 
-def _steer_some_heads(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, attention_mask: torch.Tensor | None,
-                      bias: torch.Tensor, heads: torch.Tensor,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Every head through plain SDPA (its fastest kernel: no bias), then only the steered heads
-    again with the bias. The dense mask is ``[B, len(heads), Lq, Lk]`` instead of
-    ``[B, H, Lq, Lk]``: a few steered heads of many cost a few heads' attention, not a slower
-    kernel and a full-size mask for the whole layer."""
+def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, bias: torch.Tensor,
+                  heads: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA with the key bias ``[B, H, 1, Lk]`` on a steered layer.
+
+    When ``heads`` (the steered ones) are at most half the layer's, every head first runs
+    through plain SDPA (its fastest kernel) and only the steered heads are recomputed with the
+    bias; otherwise all heads are computed once with it. Without padding (transformers passes no
+    mask) the bias is folded into the dot product, so SDPA keeps its causal fast path and no
+    mask is built: an extra query component ``1 / scale`` meets a key component equal to that
+    key's bias, adding exactly the bias to the scaled scores. With padding the computed heads get
+    an explicit ``[B, h, Lq, Lk]`` mask.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kv_heads = heads // (query.shape[1] // key.shape[1])  # the KV head each query head reads
-    mask = _float_mask(attention_mask, query, key, getattr(module, "is_causal", True))
-    steered = torch.nn.functional.scaled_dot_product_attention(
-        query[:, heads], key[:, kv_heads], value[:, kv_heads], attn_mask=mask + bias[:, heads],
-        scale=kwargs.get("scaling"))
-    out[:, :, heads] = steered.transpose(1, 2).to(out.dtype)  # out: [B, Lq, H, D]
+    n_heads = query.shape[1]
+    out = None
+    if heads is not None and 2 * len(heads) <= n_heads:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    else:
+        heads = torch.arange(n_heads, device=query.device)
+    q, b = query[:, heads], bias[:, heads]
+    kv_heads = heads // (n_heads // key.shape[1])  # the KV head each query head reads
+    k, v = key[:, kv_heads], value[:, kv_heads]
+    scale = kwargs.get("scaling") or q.shape[-1] ** -0.5
+    lq, lk = q.shape[2], k.shape[2]
+    causal = getattr(module, "is_causal", True)
+    if attention_mask is None and (lq == 1 or lq == lk):
+        extra = 8  # kernels like head sizes in multiples of 8; the other 7 components are zero
+        q_extra = q.new_zeros(*q.shape[:-1], extra)
+        q_extra[..., 0] = 1 / scale
+        k_extra = k.new_zeros(*k.shape[:-1], extra)
+        k_extra[..., 0] = b[:, :, 0, :]
+        steered = torch.nn.functional.scaled_dot_product_attention(
+            torch.cat([q, q_extra], -1), torch.cat([k, k_extra], -1),
+            torch.nn.functional.pad(v, (0, extra)), is_causal=causal and lq > 1,
+            scale=scale)[..., : v.shape[-1]]
+    else:
+        mask = _float_mask(attention_mask, query, key, causal)
+        steered = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask + b,
+                                                                   scale=scale)
+    steered = steered.transpose(1, 2)  # [B, Lq, h, D], transformers' layout
+    if out is None:
+        return steered.contiguous(), None
+    out[:, :, heads] = steered.to(out.dtype)
     return out, None
 
 
