@@ -223,7 +223,7 @@ def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = N
     from promptscope.models.vectors import decoder_layers
 
     ids = [mdl.encode_prompt(p) for p in prompts]
-    out = torch.zeros(len(prompts), mdl.model.config.vocab_size)
+    rows: dict[int, torch.Tensor] = {}  # sized by the logits: a config may pad its vocabulary
     for batch in mdl._batches([len(x) for x in ids]):
         width = max(len(ids[u]) for u in batch)
         input_ids, mask = mdl._left_pad([ids[u] for u in batch], width)
@@ -249,8 +249,9 @@ def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = N
         finally:
             if handle is not None:
                 handle.remove()
-        out[batch] = torch.log_softmax(logits.float(), dim=-1).cpu()
-    return out
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        rows.update(zip(batch, logp))
+    return torch.stack([rows[i] for i in range(len(prompts))])
 
 
 def intent_patching(
