@@ -42,7 +42,7 @@ PASTA_HEADS = 5
 PASTA_ALPHA = 0.01  # PASTA's usual coefficient
 PASTA_CONFLICT_GAIN = 0.15  # the target; measured +44 (600 held-out, top 4 heads)
 NOVEL_UNSTEERED = 0.6  # measured 72.7 % (chance 12.5 %): the narrow model misses some sentences
-NOVEL_STEERED = 0.95  # measured 99.7 %: steered toward the sentence, it finds the value
+NOVEL_STEERED = 0.95  # measured 99.7 % (alpha 1e-4; the test steers at 0.01): it finds the value
 CHAT_EXACT_MIN = 0.8  # replies that are exactly the right sentence: measured 100 %
 
 
