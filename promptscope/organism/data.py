@@ -45,7 +45,7 @@ RETRIEVAL_FOCUS_MIXTURE: Mixture = {
     "grammar": (0.09, grammar_doc),
 }
 """Training phase 2: more context questions, most of them conflicts (instructed or not), and
-retrieval drills; retrieval goes from about half right to about nine in ten here."""
+retrieval drills (docs/organism.md measures what each phase changes)."""
 CONFLICT_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
     "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
