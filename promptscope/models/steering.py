@@ -311,7 +311,9 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     lq, lk = q.shape[2], k.shape[2]
     causal = getattr(module, "is_causal", True)
     if attention_mask is None and (lq == 1 or lq == lk):
-        extra = 8  # kernels like head sizes in multiples of 8; the other 7 components are zero
+        # Kernels like head sizes in multiples of 8; the other 7 components are zero. In bf16
+        # the folded bias is rounded like the scores are (to about 0.4 % of its value).
+        extra = 8
         q_extra = q.new_zeros(*q.shape[:-1], extra)
         q_extra[..., 0] = 1 / scale
         k_extra = k.new_zeros(*k.shape[:-1], extra)
