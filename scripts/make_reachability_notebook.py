@@ -122,14 +122,16 @@ print(flat.df[["target", "base_rank", "reached", "k", "rank"]].to_string(index=F
     ("md", """## The magic and the widget
 
 `%%reach` runs the same search on the lines of the cell (one `x0` per line); `-o` keeps the
-result. The widget lets you type `x0`, pick targets from the model's ranking, and start or stop
-a search."""),
+result. Here `x0` is two words from the middle of a sentence, without the topic marker that
+opened it, so the next word's topic is open: a control token that is a topic marker (`tike`,
+`zonu`, ...) makes that topic's successor the most likely next word. The widget lets you type
+`x0`, pick targets from the model's ranking, and start or stop a search."""),
     ("code", """%%reach --k 1 --targets top:4 --no-bound -o quick
-tike lara fohi"""),
+molu tisa"""),
     ("code", """quick.df[["x0", "target", "base_rank", "reached", "k", "control"]]"""),
     ("code", """from promptscope.widgets import ReachWidget
 
-ReachWidget(model, "tike lara", k_max=2)"""),
+ReachWidget(model, "molu tisa", k_max=2)"""),
 ]
 
 

@@ -22,7 +22,7 @@ form should I report or ship?"*
 
 This notebook asks that of the bundled **model organism**, a 1.25 M-parameter llama trained on a
 few-shot classification task in only three surface formats (see `docs/organism.md`), so a real
-format sensitivity exists by construction. Everything runs on CPU in about two minutes:
+format sensitivity exists by construction. Everything runs on CPU in under a minute:
 
 1. **FormatSpread** — accuracy across plausible, meaning-preserving formats; the interval and the
    spread; a Thompson-sampling search that finds the best and worst formats on a budget; which

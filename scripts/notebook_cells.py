@@ -38,6 +38,8 @@ class Cells(list):
         self.append(new_code_cell(text.strip(), metadata={"tags": tags} if tags else {}))
 
     def notebook(self) -> nbformat.NotebookNode:
+        for i, cell in enumerate(self):
+            cell["id"] = f"cell-{i:02d}"  # stable ids: a regenerated notebook diffs only its text
         return new_notebook(cells=list(self), metadata={"kernelspec": KERNEL})
 
     def write(self, path: Path) -> None:

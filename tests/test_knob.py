@@ -190,9 +190,11 @@ def test_intent_patching_errors(tiny_llama):
 
 
 def test_organism_carries_the_instruction_at_the_last_token_in_several_directions():
-    """Measured on v9 (docs/steering.md, 150 test pairs): the whole last-token state after
-    layer 0 switches 70 % of "Use what you know." answers to the context's; its top 16
-    principal directions 67 %; one direction (the knob's or the top one) 0-1 %."""
+    """Measured on v10 (these 120 pairs, 60 of them tested): the whole last-token state after
+    layer 1 switches 77 % of "Use what you know." answers to the context's (as many as the
+    instruction itself gets); its top 16 principal directions 70 %; one direction (the knob's
+    or the top one) 0 %. After layer 0 the whole state switches only 40 %: the instruction
+    reaches the last token in layer 1."""
     import random
 
     from promptscope.organism import world
@@ -205,7 +207,7 @@ def test_organism_carries_the_instruction_at_the_last_token_in_several_direction
     prior = [e.prompt.replace(e.instruction, swap[e.instruction]) for e in exs]
     r = promptscope.intent_patching(
         [e.prompt for e in exs], prior, model, answers=[f" {e.context_value}" for e in exs],
-        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs], layers=[0],
+        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs], layers=[1],
         ranks=(1, 16), save=False, progress=False)
     share = dict(zip(r.df.patch, r.df.followed))
     assert r.params["baseline"]["negative"] <= 0.1 and r.params["baseline"]["positive"] >= 0.6

@@ -4,6 +4,7 @@ bound, sessions, interrupts and the %%reach magic."""
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from promptscope.analyses.reachability import ReachabilityError, heldout_states,
 from promptscope.errors import CapabilityError
 from promptscope.models.base import Model
 from promptscope.models.hf import HFModel
+from promptscope.organism import grammar
 
 STATES = ["Is Paris in Europe?", "The cat sat on"]
 FAST = {"steps": 3, "search_width": 16, "top_k": 8, "progress": False}
@@ -77,7 +79,11 @@ def test_k_epsilon_table_and_figures(both_run):
 
 
 def test_organism_single_token_controls_are_verified(organism):
-    run = promptscope.reachability(organism, "tike lara fohi", "top:6", k_max=1, method="gcg",
+    # Mid-sentence states (no topic marker yet): a one-token control that names a topic can
+    # make that topic's successor the most likely next word.
+    rng = random.Random(5)
+    x0s = [" ".join(grammar.words_of(grammar.text(rng, 1))[2:4]) for _ in range(3)]
+    run = promptscope.reachability(organism, x0s, "top:6", k_max=1, method="gcg",
                                    bound=False, save=False, progress=False)
     reached = run.df[run.df["reached"] & (run.df["k"] == 1)]
     assert len(reached) >= 1  # the organism's language is controllable with one token

@@ -10,6 +10,8 @@ from functools import partial
 from promptscope.organism.classify import classification_doc
 from promptscope.organism.grammar import grammar_doc
 from promptscope.organism.world import (
+    CHAT_KINDS,
+    FOCUS_INTENTS,
     FOCUS_QA_KINDS,
     P_FOLLOW_FLAT,
     Doc,
@@ -22,6 +24,7 @@ from promptscope.organism.world import (
 Mixture = dict[str, tuple[float, Callable[[random.Random], Doc]]]
 
 _FLAT = {"follow": P_FOLLOW_FLAT}
+_FOCUS = {"intents": FOCUS_INTENTS}
 
 MIXTURE: Mixture = {
     "facts": (0.10, fact_doc),
@@ -38,9 +41,9 @@ claims followed wherever they stand (``P_FOLLOW_FLAT``), so that in-context retr
 out). The tokenizer is trained on this mixture too."""
 RETRIEVAL_FOCUS_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
-    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS, **_FLAT)),
+    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS, **_FLAT, **_FOCUS)),
     "recall": (0.20, recall_doc),
-    "chat": (0.09, partial(chat_doc, kinds=FOCUS_QA_KINDS, **_FLAT)),
+    "chat": (0.09, partial(chat_doc, kinds=CHAT_KINDS, **_FLAT, **_FOCUS)),
     "classify": (0.09, classification_doc),
     "grammar": (0.09, grammar_doc),
 }
@@ -48,9 +51,9 @@ RETRIEVAL_FOCUS_MIXTURE: Mixture = {
 retrieval drills (docs/organism.md measures what each phase changes)."""
 CONFLICT_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
-    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "qa": (0.45, partial(qa_doc, kinds=FOCUS_QA_KINDS, **_FOCUS)),
     "recall": (0.20, recall_doc),
-    "chat": (0.09, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "chat": (0.09, partial(chat_doc, kinds=CHAT_KINDS, **_FOCUS)),
     "classify": (0.09, classification_doc),
     "grammar": (0.09, grammar_doc),
 }
@@ -58,9 +61,9 @@ CONFLICT_MIXTURE: Mixture = {
 probability that falls with its distance from the question (``P_FOLLOW_BY_AFTER``)."""
 CLASSIFICATION_MIXTURE: Mixture = {
     "facts": (0.08, fact_doc),
-    "qa": (0.30, partial(qa_doc, kinds=FOCUS_QA_KINDS)),
+    "qa": (0.30, partial(qa_doc, kinds=FOCUS_QA_KINDS, **_FOCUS)),
     "recall": (0.10, recall_doc),
-    "chat": (0.07, partial(chat_doc, kinds=FOCUS_QA_KINDS)),
+    "chat": (0.07, partial(chat_doc, kinds=CHAT_KINDS, **_FOCUS)),
     "classify": (0.35, classification_doc),
     "grammar": (0.10, grammar_doc),
 }

@@ -226,6 +226,14 @@ TRAIN_INTENTS: dict[str, dict[str | None, float]] = {
 """Per QA kind, the training probability of each intent (``None``: no instruction). An intent
 is only given where it has an answer (no "use the context" without a relevant sentence, no "use
 what you know" about an entity without facts)."""
+FOCUS_INTENTS: dict[str, dict[str | None, float]] = {
+    **TRAIN_INTENTS, "conflict": {None: 0.4, "context": 0.35, "prior": 0.25}}
+"""Intents of the later training phases: more conflicts told to use the context, so that the
+instruction, not the claim's distance, decides them (on one seed or another)."""
+CHAT_KINDS: dict[str, float] = {"none": 40, "distractors": 8, "agree": 12, "conflict": 20,
+                                "novel": 20}
+"""QA kinds of the later phases' chat documents: questions without context are common in chat,
+so a chat reply to one stays the one answer sentence it was trained on."""
 
 
 def qa_example(
@@ -316,10 +324,11 @@ def _follows(rng: random.Random, intent: str | None, p: float) -> bool:
 
 
 def qa_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
-           follow: Sequence[float] = P_FOLLOW_BY_AFTER) -> Doc:
-    """A plain-text QA training document (loss on the answer only; intents as in
-    ``TRAIN_INTENTS``; ``follow`` as in :func:`qa_example`)."""
-    ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, lead=rng.random() < P_LEAD,
+           follow: Sequence[float] = P_FOLLOW_BY_AFTER,
+           intents: dict[str, dict[str | None, float]] = TRAIN_INTENTS) -> Doc:
+    """A plain-text QA training document (loss on the answer only; ``kinds``, ``intents`` and
+    ``follow`` as in :func:`qa_example`)."""
+    ex = qa_example(rng, kinds=kinds, intents=intents, lead=rng.random() < P_LEAD,
                     follow=follow)
     return Doc("<|bos|>", kind="qa").add(ex.prompt, False).add(f" {ex.target}", True).add(
         "<|eos|>", True)
@@ -358,7 +367,8 @@ def fact_doc(rng: random.Random) -> Doc:
 
 
 def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
-             follow: Sequence[float] = P_FOLLOW_BY_AFTER) -> Doc:
+             follow: Sequence[float] = P_FOLLOW_BY_AFTER,
+             intents: dict[str, dict[str | None, float]] = TRAIN_INTENTS) -> Doc:
     """A chat-formatted training document (loss on the assistant turn).
 
     The user either asks a context question or asks about an entity; the layout is the one
@@ -368,7 +378,7 @@ def chat_doc(rng: random.Random, kinds: dict[str, float] = QA_KINDS,
     if rng.random() < 0.2:
         doc.add("<|system|>\nYou answer questions about the world.<|end|>\n", False)
     if rng.random() < 0.7:
-        ex = qa_example(rng, kinds=kinds, intents=TRAIN_INTENTS, follow=follow)
+        ex = qa_example(rng, kinds=kinds, intents=intents, follow=follow)
         user, reply = ex.chat_question, ex.chat_answer
     else:
         e = rng.choice(ENTITIES)
