@@ -44,8 +44,8 @@ class AddHook:
 
     def __call__(self, module, args, out):
         h = _hidden(out).clone()
-        pos = torch.arange(h.shape[1]) + self.offset
-        h[:, pos >= self.start] += self.s * self.v
+        pos = torch.arange(h.shape[1], device=h.device) + self.offset
+        h[:, pos >= self.start] += self.s * self.v.to(h)
         return _with_hidden(out, h)
 
     def __enter__(self):
@@ -56,9 +56,9 @@ class AddHook:
 
 
 def _logits(model, text):
-    ids = torch.tensor([model.encode_prompt(text)])
+    ids = torch.tensor([model.encode_prompt(text)], device=model.device)
     with torch.no_grad():
-        return model.model(input_ids=ids).logits[0].float()
+        return model.model(input_ids=ids).logits[0].float().cpu()
 
 
 def _ours(hooks):
@@ -109,10 +109,11 @@ def test_last_layer_steering_equals_head_of_shifted_state(tiny_llama):
     finally:
         handle.remove()
     with torch.no_grad():
-        expected = m.model.lm_head(m.model.model.norm(got["h"] + 2.0 * v.vectors[last]))[0]
+        shifted = got["h"] + 2.0 * v.vectors[last].to(got["h"])
+        expected = m.model.lm_head(m.model.model.norm(shifted))[0]
     with promptscope.steer(m, vector=v, strength=2.0):
         ours = _logits(m, PROMPTS[1])
-    assert torch.allclose(ours, expected.float(), atol=1e-5)
+    assert torch.allclose(ours, expected.float().cpu(), atol=1e-5)
 
 
 def test_start_position_leaves_earlier_tokens_alone(tiny_llama):
@@ -180,7 +181,8 @@ def test_left_padding_untouched_and_batched_scores_match_single(tiny_model):
         ids = m.encode_prompt(prompt)
         with AddHook(m, 0, v.vectors[0], 2.0), AddHook(m, 1, v.vectors[1], 2.0):
             with torch.no_grad():
-                logits = m.model(input_ids=torch.tensor([ids + c])).logits[0].float()
+                full = torch.tensor([ids + c], device=m.device)
+                logits = m.model(input_ids=full).logits[0].float()
         logp = logits.log_softmax(-1)
         expected = sum(logp[len(ids) - 1 + k, t].item() for k, t in enumerate(c))
         assert s.logprob == pytest.approx(expected, abs=1e-4)
@@ -219,7 +221,7 @@ def test_generation_with_kv_cache_equals_no_cache_reference(tiny_model):
     plain = m.generate(prompts, max_new_tokens=6)
     eos = set(m.stop_ids)
     for prompt, (g,) in zip(prompts, gens):
-        seq = torch.tensor([m.encode_prompt(prompt)])
+        seq = torch.tensor([m.encode_prompt(prompt)], device=m.device)
         new = []
         with AddHook(m, LAYER, v.vectors[LAYER], 4.0):
             for _ in range(6):  # full recompute each step: no cache
@@ -228,7 +230,7 @@ def test_generation_with_kv_cache_equals_no_cache_reference(tiny_model):
                 new.append(nxt)
                 if nxt in eos:
                     break
-                seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+                seq = torch.cat([seq, torch.tensor([[nxt]], device=m.device)], dim=1)
         kept = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
         assert g.text == m.tokenizer.decode(kept, skip_special_tokens=True)
     assert any(abs(a[0].logprob - b[0].logprob) > 1e-3 for a, b in zip(gens, plain))
@@ -241,9 +243,9 @@ def _states_via_transformers(model, texts, layer):
     out = []
     for t in texts:
         with torch.no_grad():
-            hs = model.model(input_ids=torch.tensor([model.encode_prompt(t)]),
+            hs = model.model(input_ids=torch.tensor([model.encode_prompt(t)], device=model.device),
                              output_hidden_states=True).hidden_states
-        out.append(hs[layer + 1][0, -1].float())  # [0] is the embeddings
+        out.append(hs[layer + 1][0, -1].float().cpu())  # [0] is the embeddings
     return torch.stack(out)
 
 
@@ -279,7 +281,7 @@ def test_icv_shift_preserves_each_latent_norm(tiny_llama):
             after.remove()
     finally:
         before.remove()
-    pre, post = seen
+    pre, post = (x.cpu() for x in seen)
     assert torch.allclose(pre.norm(dim=-1), post.norm(dim=-1), rtol=1e-5)
     cos = torch.nn.functional.cosine_similarity(pre, post, dim=-1)
     assert cos.min() < 0.999  # moved, not just kept

@@ -288,29 +288,47 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
                   heads: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA with the key bias ``[B, H, 1, Lk]`` on a steered layer.
 
-    When ``heads`` (the steered ones) are at most half the layer's, every head first runs
-    through plain SDPA (its fastest kernel) and only the steered heads are recomputed with the
-    bias; otherwise all heads are computed once with it. Without padding (transformers passes no
-    mask) the bias is folded into the dot product, so SDPA keeps its causal fast path and no
-    mask is built: an extra query component ``1 / scale`` meets a key component equal to that
-    key's bias, adding exactly the bias to the scaled scores. With padding the computed heads get
-    an explicit ``[B, h, Lq, Lk]`` mask.
+    When ``heads`` (the steered ones) are at most half the layer's, only they get the bias: in
+    a decoding step every head first runs through plain SDPA (one contiguous call) and the
+    steered ones are recomputed; in a prompt pass, where attention is the cost, the other heads
+    run alone, so no head is computed twice. Otherwise all heads are computed once with the
+    bias. A decoding step (one query) uses the bias itself as the mask. A prompt pass without
+    padding (transformers passes no mask) folds the bias into the dot product, so SDPA keeps its
+    causal fast path and no mask is built: an extra query component ``1 / scale`` meets a key
+    component equal to that key's bias, adding exactly the bias to the scaled scores. With
+    padding the computed heads get an explicit ``[B, h, Lq, Lk]`` mask.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    n_heads = query.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    n_heads, lq, lk = query.shape[1], query.shape[2], key.shape[2]
+    group = n_heads // key.shape[1]  # query heads per KV head
+    scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    causal = getattr(module, "is_causal", True)
+    unmasked = attention_mask is None and lq == lk  # causal alone: SDPA's is_causal fast path
+    split = heads is not None and 2 * len(heads) <= n_heads
     out = None
-    if heads is not None and 2 * len(heads) <= n_heads:
+    if split and lq == 1:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    elif split:
+        rest = torch.ones(n_heads, dtype=torch.bool, device=query.device)
+        rest[heads] = False
+        rest = rest.nonzero()[:, 0]
+        others = sdpa(query[:, rest], key[:, rest // group], value[:, rest // group],
+                      attn_mask=None if unmasked else _float_mask(attention_mask, query, key,
+                                                                   causal),
+                      is_causal=causal and unmasked, scale=scale)
+        out = query.new_empty(query.shape[0], lq, n_heads, value.shape[-1])
+        out[:, :, rest] = others.transpose(1, 2)
     else:
         heads = torch.arange(n_heads, device=query.device)
     q, b = query[:, heads], bias[:, heads]
-    kv_heads = heads // (n_heads // key.shape[1])  # the KV head each query head reads
-    k, v = key[:, kv_heads], value[:, kv_heads]
-    scale = kwargs.get("scaling") or q.shape[-1] ** -0.5
-    lq, lk = q.shape[2], k.shape[2]
-    causal = getattr(module, "is_causal", True)
-    if attention_mask is None and (lq == 1 or lq == lk):
+    k, v = key[:, heads // group], value[:, heads // group]
+    if lq == 1:  # a decoding step: the bias is the whole mask, [B, h, 1, Lk], no copies
+        mask = b.to(q.dtype) if attention_mask is None else (
+            _float_mask(attention_mask, query, key, causal) + b)
+        steered = sdpa(q, k, v, attn_mask=mask, scale=scale)
+    elif unmasked:
         # Kernels like head sizes in multiples of 8; the other 7 components are zero. In bf16
         # the folded bias is rounded like the scores are (to about 0.4 % of its value).
         extra = 8
@@ -318,14 +336,12 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         q_extra[..., 0] = 1 / scale
         k_extra = k.new_zeros(*k.shape[:-1], extra)
         k_extra[..., 0] = b[:, :, 0, :]
-        steered = torch.nn.functional.scaled_dot_product_attention(
-            torch.cat([q, q_extra], -1), torch.cat([k, k_extra], -1),
-            torch.nn.functional.pad(v, (0, extra)), is_causal=causal and lq > 1,
-            scale=scale)[..., : v.shape[-1]]
+        steered = sdpa(torch.cat([q, q_extra], -1), torch.cat([k, k_extra], -1),
+                       torch.nn.functional.pad(v, (0, extra)), is_causal=causal,
+                       scale=scale)[..., : v.shape[-1]]
     else:
         mask = _float_mask(attention_mask, query, key, causal)
-        steered = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask + b,
-                                                                   scale=scale)
+        steered = sdpa(q, k, v, attn_mask=mask + b, scale=scale)
     steered = steered.transpose(1, 2)  # [B, Lq, h, D], transformers' layout
     if out is None:
         return steered.contiguous(), None
