@@ -106,7 +106,7 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     flex_calls = []
     real_flex = steering._flex_function
     monkeypatch.setattr(steering, "_flex_function",
-                        lambda device: flex_calls.append(device) or real_flex(device))
+                        lambda *a, **k: flex_calls.append(a[0].device) or real_flex(*a, **k))
     sdpa_heads = []  # the `heads` each steered SDPA call got (None: all heads at once)
     real_sdpa = steering._steered_sdpa
     monkeypatch.setattr(steering, "_steered_sdpa",
@@ -435,3 +435,27 @@ def test_steering_widget_reruns_on_its_controls(tiny_llama):
     assert same[True] == pytest.approx(same[False], abs=1e-5)
     assert not first.df.equals(wid.last.df)
     assert "steered" in wid.status.value
+
+
+def test_fused_on_cuda_compiles_only_for_cuda_and_falls_back_once(monkeypatch):
+    """CPU tensors run the plain function; a CUDA call whose compile fails warns once and runs
+    the eager form from then on (a compiler failure must not break steering)."""
+    from types import SimpleNamespace
+
+    from promptscope.models.fused import fused_on_cuda
+
+    compiled = []
+
+    def failing_compile(fn, **kwargs):
+        compiled.append(fn)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    add_one = fused_on_cuda(lambda x: x + 1, "adding one", eager=lambda x: x + 1)
+    assert add_one(torch.zeros(2)).tolist() == [1.0, 1.0] and compiled == []
+    on_gpu = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    seen = fused_on_cuda(lambda x: "compiled", "a stand-in", eager=lambda x: "eager")
+    with pytest.warns(UserWarning, match="a stand-in could not be compiled.*no compiler here"):
+        assert seen(on_gpu) == "eager"
+    assert seen(on_gpu) == "eager" and len(compiled) == 1  # no second try, no second warning
+    assert "RuntimeError" in seen.state["broken"]

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 from promptscope.errors import CapabilityError, PromptscopeError
+from promptscope.models.fused import fused_on_cuda
 
 ATTENTION_NAME = "promptscope_sdpa"
 MODES = ("exclude", "include")
@@ -382,45 +384,23 @@ def _flex_attention(state: _Forward, query: torch.Tensor, key: torch.Tensor,
                 return allowed[b if allowed.shape[0] > 1 else 0, 0, q, kv]
         block = create_block_mask(mask_mod, batch, None, lq, lk, device=query.device)
         state.block_masks[cache_key] = (attention_mask, block)
-    out = _flex_function(query.device)(
+    out = _flex_function(
         query, key, value, score_mod=score_mod, block_mask=block, scale=scaling,
         enable_gqa=key.shape[1] != n_heads)
     return out.transpose(1, 2).contiguous(), None
 
 
-_FUSED_FLEX: dict[str, Any] = {}  # "fn": the compiled flex_attention; "broken": why not
-
-
-def _flex_function(device: torch.device) -> Callable[..., torch.Tensor]:
-    """``flex_attention`` compiled into a fused kernel on CUDA; elsewhere its unfused eager
-    form (the same numbers; compiling for the CPU costs more than it saves in a notebook, and
-    inductor's CPU template failed on dynamic shapes in torch 2.13)."""
+def _flex_eager(*args: Any, **kwargs: Any) -> torch.Tensor:
     import warnings
 
-    from torch.nn.attention.flex_attention import flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without")
+        return flex_attention(*args, **kwargs)
 
-    def eager(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without")
-            return flex_attention(*args, **kwargs)
 
-    if device.type != "cuda":
-        return eager
-
-    def fused(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if "broken" not in _FUSED_FLEX:
-            try:
-                if "fn" not in _FUSED_FLEX:
-                    _FUSED_FLEX["fn"] = torch.compile(flex_attention)
-                return _FUSED_FLEX["fn"](*args, **kwargs)
-            except Exception as exc:  # a compiler failure: the eager form gives the same numbers
-                _FUSED_FLEX["broken"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                warnings.warn("flex_attention could not be compiled here "
-                              f"({_FUSED_FLEX['broken']}); steering runs it unfused.",
-                              stacklevel=2)
-        return eager(*args, **kwargs)
-
-    return fused
+# flex_attention compiled into a fused kernel on CUDA; elsewhere its unfused eager form (the
+# same numbers; inductor's CPU template failed on dynamic shapes in torch 2.13).
+_flex_function = fused_on_cuda(flex_attention, "flex_attention", eager=_flex_eager)
 
 
 def register() -> None:
