@@ -478,8 +478,9 @@ def test_compare_steering_rows_equal_direct_measurements(tiny_llama):
     zero = df[(df.method == "CAA") & (df.value == 0)].iloc[0]  # strength 0 == unsteered
     assert zero["d_accuracy"] == 0 and zero["d_text"] == pytest.approx(0, abs=1e-6)
     assert zero["d_control"] == 0
-    # PASTA has nothing to emphasise in unrelated text: no cost there, by construction.
-    assert df[df.method == "PASTA"]["d_text"].abs().max() == pytest.approx(0, abs=1e-6)
+    # PASTA has nothing to emphasise in unrelated text: no cost there, by construction (exactly
+    # 0 on the CPU; on CUDA the steered layers' other kernels may round differently).
+    assert df[df.method == "PASTA"]["d_text"].abs().max() == pytest.approx(0, abs=1e-5)
     # A row is the direct measurement under steer().
     prompts = [f"Context: {r['name']} lives in {r['city']}. Bob lives in Oslo. Where does "
                f"{r['name']} live?" for r in rows]
