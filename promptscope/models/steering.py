@@ -290,13 +290,13 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
                   heads: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA with the key bias ``[B, H, 1, Lk]`` on a steered layer.
 
-    When ``heads`` (the steered ones) are at most half the layer's, only they get the bias: in
-    a decoding step every head first runs through plain SDPA (one contiguous call) and the
-    steered ones are recomputed; in a prompt pass, where attention is the cost, the other heads
-    run alone, so no head is computed twice. Otherwise all heads are computed once with the
-    bias. A decoding step (one query) uses the bias itself as the mask. A prompt pass without
-    padding (transformers passes no mask) folds the bias into the dot product, so SDPA keeps its
-    causal fast path and no mask is built: an extra query component ``1 / scale`` meets a key
+    A decoding step (one query) is one SDPA call over all heads with the bias as its mask (at
+    one query the mask is no bigger than the bias). In a prompt pass, where attention is the
+    cost, when ``heads`` (the steered ones) are at most half the layer's, the other heads run
+    alone through plain SDPA and only the steered ones get the bias, so no head is computed
+    twice; otherwise all heads are computed once with it. A prompt pass without padding
+    (transformers passes no mask) folds the bias into the dot product, so SDPA keeps its causal
+    fast path and no mask is built: an extra query component ``1 / scale`` meets a key
     component equal to that key's bias, adding exactly the bias to the scaled scores. With
     padding the computed heads get an explicit ``[B, h, Lq, Lk]`` mask.
     """
@@ -307,12 +307,14 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     group = n_heads // key.shape[1]  # query heads per KV head
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     causal = getattr(module, "is_causal", True)
+    if lq == 1:  # a decoding step: the bias [B, H, 1, Lk] is the whole mask, one SDPA call
+        mask = bias.to(query.dtype) if attention_mask is None else (
+            _float_mask(attention_mask, query, key, causal) + bias)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     unmasked = attention_mask is None and lq == lk  # causal alone: SDPA's is_causal fast path
     split = heads is not None and 2 * len(heads) <= n_heads
     out = None
-    if split and lq == 1:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    elif split:
+    if split:
         rest = torch.ones(n_heads, dtype=torch.bool, device=query.device)
         rest[heads] = False
         rest = rest.nonzero()[:, 0]
@@ -326,11 +328,7 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         heads = torch.arange(n_heads, device=query.device)
     q, b = query[:, heads], bias[:, heads]
     k, v = key[:, heads // group], value[:, heads // group]
-    if lq == 1:  # a decoding step: the bias is the whole mask, [B, h, 1, Lk], no copies
-        mask = b.to(q.dtype) if attention_mask is None else (
-            _float_mask(attention_mask, query, key, causal) + b)
-        steered = sdpa(q, k, v, attn_mask=mask, scale=scale)
-    elif unmasked:
+    if unmasked:
         # Kernels like head sizes in multiples of 8; the other 7 components are zero. In bf16
         # the folded bias is rounded like the scores are (to about 0.4 % of its value).
         extra = 8
