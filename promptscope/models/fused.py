@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 
-def fused_on_cuda(fn: Callable[..., Any], what: str, *, eager: Callable[..., Any] | None = None,
-                  dynamic: bool | None = None) -> Callable[..., Any]:
+def fused_on_cuda(fn: Callable[..., Any], what: str, *, eager: Callable[..., Any] | None = None
+                  ) -> Callable[..., Any]:
     """``fn`` compiled with ``torch.compile`` when its first argument is a CUDA tensor.
 
     ``eager`` (default ``fn``) runs on other devices and, with one warning, for good if
@@ -36,7 +36,7 @@ def fused_on_cuda(fn: Callable[..., Any], what: str, *, eager: Callable[..., Any
         if args[0].device.type == "cuda" and "broken" not in state:
             try:
                 if "fn" not in state:
-                    state["fn"] = torch.compile(fn, dynamic=dynamic)
+                    state["fn"] = torch.compile(fn)
                 return state["fn"](*args, **kwargs)
             except Exception as exc:  # a compiler failure: the eager form gives the same numbers
                 state["broken"] = f"{type(exc).__name__}: {str(exc)[:200]}"
