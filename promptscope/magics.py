@@ -301,8 +301,6 @@ class PromptscopeMagics(Magics):
 
 def _vector_options(args: argparse.Namespace, ns: dict[str, Any]) -> dict[str, Any]:
     """``steer=`` options for ``--steer vector`` / ``--steer pasta+vector``."""
-    if args.attention:
-        raise UsageError("--attention captures under PASTA only; drop --steer vector.")
     if not args.vector:
         raise UsageError(f"--steer {args.steer} needs --vector NAME (a SteeringVector variable "
                          "or a saved vector's name).")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -75,6 +77,27 @@ def test_steering_moves_attention_to_the_emphasis(tiny_llama):
     assert mass(steered, 1, 1) == pytest.approx(mass(plain, 1, 1), abs=1e-5)  # others untouched
 
 
+
+def test_vector_steering_changes_attention_only_after_its_layer(tiny_llama):
+    """A vector added to layer 0's output leaves layer 0's attention as it was and moves the
+    attention of the layers after it (no emphasis needed)."""
+    from promptscope.models.vectors import SteeringVector
+
+    size = tiny_llama.model.config.hidden_size
+    v = SteeringVector({0: torch.randn(size, generator=torch.Generator().manual_seed(0))}, size)
+    plain = promptscope.attention(TEMPLATE.replace("<<", "").replace(">>", ""), tiny_llama,
+                                  vars=ROWS[:1], progress=False)
+    steered = promptscope.attention(TEMPLATE.replace("<<", "").replace(">>", ""), tiny_llama,
+                                    vars=ROWS[:1], progress=False,
+                                    steer={"vector": v, "strength": 4.0})
+    assert steered.params["steer"]["method"] == "vector"
+    w0, w1 = (r.tables["weights"] for r in (plain, steered))
+    before, after = (w0.layer == 0), (w0.layer == 1)
+    assert w1[before]["weight"].to_numpy() == pytest.approx(w0[before]["weight"].to_numpy(),
+                                                            abs=1e-6)
+    assert abs(w1[after]["weight"].to_numpy() - w0[after]["weight"].to_numpy()).max() > 1e-2
+    assert tiny_llama.vector_steering is None  # hooks gone after the block
+
 def test_explorer_widget_follows_its_controls(tiny_llama):
     from promptscope.widgets import AttentionExplorer
 
@@ -106,3 +129,10 @@ def test_prompt_magic_attention(ip, tiny_llama_dir):
     assert att.df["variant"].nunique() == 2
     steered = ip.run_cell_magic("prompt", "--attention --steer --heads 0.1", "Say <<hi>> now")
     assert steered.params["steer"]["heads"] == {"0": [1]}
+    from promptscope.models.vectors import SteeringVector
+
+    size = json.loads((tiny_llama_dir / "config.json").read_text())["hidden_size"]
+    ip.user_ns["v"] = SteeringVector({0: torch.ones(size)}, size)
+    moved = ip.run_cell_magic("prompt", "--attention --steer vector --vector v --strength 2",
+                              "Say hi now")
+    assert moved.params["steer"]["method"] == "vector" and moved.params["steer"]["strength"] == 2

@@ -83,7 +83,9 @@ def attention(
         heads: heads to keep within those layers (default all).
         matrices: keep the full token x token weights (table ``weights``); ``False`` keeps only
             the summary, for long prompts or many variants.
-        steer: capture under attention steering (``promptscope.steer`` keyword arguments).
+        steer: capture under steering (``promptscope.steer`` keyword arguments): PASTA, a
+            vector (``{"vector": v, "strength": 4}``; attention changes only after the steered
+            layers) or both.
 
     Returns:
         A Result of kind ``attention``: ``df`` has, per variant, layer and head, the attention
@@ -181,8 +183,11 @@ def _weights_frame(variant: int, layer: int, heads: list[int], w: Any) -> Any:
 def _steer_block(mdl: Model, steer: dict[str, Any] | None, tpl: Template) -> Any:
     if steer is None:
         return contextlib.nullcontext(None)
-    if not tpl.has_emphasis and not steer.get("emphasis"):
-        raise PromptscopeError("Steering needs something to emphasise: mark it with <<...>>.")
+    from promptscope.models.steering import parse_method
     from promptscope.models.steering import steer as _steer
+
+    pasta = "pasta" in parse_method(steer.get("method"), steer.get("vector"))
+    if pasta and not tpl.has_emphasis and not steer.get("emphasis"):
+        raise PromptscopeError("Steering needs something to emphasise: mark it with <<...>>.")
 
     return _steer(mdl, **steer)
