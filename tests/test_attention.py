@@ -85,10 +85,9 @@ def test_vector_steering_changes_attention_only_after_its_layer(tiny_llama):
 
     size = tiny_llama.model.config.hidden_size
     v = SteeringVector({0: torch.randn(size, generator=torch.Generator().manual_seed(0))}, size)
-    plain = promptscope.attention(TEMPLATE.replace("<<", "").replace(">>", ""), tiny_llama,
-                                  vars=ROWS[:1], progress=False)
-    steered = promptscope.attention(TEMPLATE.replace("<<", "").replace(">>", ""), tiny_llama,
-                                    vars=ROWS[:1], progress=False,
+    unmarked = TEMPLATE.replace("<<", "").replace(">>", "")
+    plain = promptscope.attention(unmarked, tiny_llama, vars=ROWS[:1], progress=False)
+    steered = promptscope.attention(unmarked, tiny_llama, vars=ROWS[:1], progress=False,
                                     steer={"vector": v, "strength": 4.0})
     assert steered.params["steer"]["method"] == "vector"
     w0, w1 = (r.tables["weights"] for r in (plain, steered))

@@ -302,15 +302,15 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    causal = getattr(module, "is_causal", True)
+    if query.shape[2] == 1:  # a decoding step: the bias [B, H, 1, Lk] is the whole mask
+        mask = bias.to(query.dtype) if attention_mask is None else (
+            _float_mask(attention_mask, query, key, causal) + bias)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     n_heads, lq, lk = query.shape[1], query.shape[2], key.shape[2]
     group = n_heads // key.shape[1]  # query heads per KV head
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    causal = getattr(module, "is_causal", True)
-    if lq == 1:  # a decoding step: the bias [B, H, 1, Lk] is the whole mask, one SDPA call
-        mask = bias.to(query.dtype) if attention_mask is None else (
-            _float_mask(attention_mask, query, key, causal) + bias)
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     unmasked = attention_mask is None and lq == lk  # causal alone: SDPA's is_causal fast path
     split = heads is not None and 2 * len(heads) <= n_heads
     out = None
