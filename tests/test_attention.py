@@ -96,6 +96,10 @@ def test_vector_steering_changes_attention_only_after_its_layer(tiny_llama):
                                                             abs=1e-6)
     assert abs(w1[after]["weight"].to_numpy() - w0[after]["weight"].to_numpy()).max() > 1e-2
     assert tiny_llama.vector_steering is None  # hooks gone after the block
+    # Without emphasis or variables the figure leads with the prompt's text, not the BOS sink.
+    bare = promptscope.attention("Ann lives in Rome. Where does Ann live?", tiny_llama,
+                                 steer={"vector": v}, progress=False)
+    assert "'text'" in bare.figure().layout.title.text
 
 def test_explorer_widget_follows_its_controls(tiny_llama):
     from promptscope.widgets import AttentionExplorer

@@ -8,13 +8,13 @@ from promptscope.viz.style import apply_style
 
 
 def default_part(df: Any) -> str:
-    """The part worth looking at first: the emphasis, else the first variable/group."""
+    """The part worth looking at first: the emphasis, else the first variable/group, else the
+    prompt's own text (not the special tokens, which would lead with the attention sink)."""
     parts = list(dict.fromkeys(df["part"]))
-    for preferred in ("emphasis",):
-        if preferred in parts:
-            return preferred
+    if "emphasis" in parts:
+        return "emphasis"
     named = [p for p in parts if p not in ("text", "special", "template")]
-    return named[0] if named else parts[0]
+    return named[0] if named else ("text" if "text" in parts else parts[0])
 
 
 def mass_heatmap(result: Any, part: str | None = None, variant: int | None = None) -> Any:
