@@ -154,6 +154,7 @@ def hook_cost(args: argparse.Namespace) -> None:
     import torch
 
     import promptscope
+    from promptscope.models.hf import _output_cache
     from promptscope.models.vectors import SteeringVector, VectorSteering, _Hooks
 
     torch.set_num_threads(args.threads)
@@ -179,11 +180,11 @@ def hook_cost(args: argparse.Namespace) -> None:
         print(f"{mode} on {len(layers)} layers: {per * 1e6:.0f} us per decoding step")
     enc = model.model(input_ids=ids, use_cache=True)
     nxt = enc.logits[:, -1].argmax(-1, keepdim=True)
+    cache = _output_cache(enc)
 
     def decode() -> None:
         with torch.no_grad():
-            model.model(input_ids=nxt, use_cache=False,
-                        **{model._cache_kwarg: enc.past_key_values})
+            model.model(input_ids=nxt, use_cache=False, **{model._cache_kwarg: cache})
 
     per = min(timeit.repeat(decode, number=50, repeat=5)) / 50
     print(f"one decoding step of the model: {per * 1e6:.0f} us")

@@ -7,6 +7,7 @@ import torch
 
 import promptscope
 from promptscope.errors import CapabilityError, PromptscopeError
+from promptscope.models.hf import _output_cache
 from promptscope.models.vectors import SteeringVector, decoder_layers, load_vector
 
 PROMPTS = [
@@ -129,6 +130,23 @@ def test_start_position_leaves_earlier_tokens_alone(tiny_llama):
 
 
 # ------------------------------------------------------------- hooks are removed
+
+def test_start_last_steers_a_cached_continuation_without_a_mask(tiny_llama):
+    """start="last" on direct calls (no 2-D mask): the prompt pass steers its last token, a
+    pass over a KV cache (transformers 5 passes it as ``cache``) steers all its tokens."""
+    m = tiny_llama
+    v = _vector(m, scale=0.5)
+    ids = torch.tensor([m.encode_prompt(PROMPTS[1])], device=m.device)
+    n = ids.shape[1] - 3
+    with promptscope.steer(m, vector=v, strength=3.0, start="last"), torch.no_grad():
+        first = m.model(input_ids=ids[:, :n], use_cache=True)
+        rest = m.model(input_ids=ids[:, n:], use_cache=True,
+                       **{m._cache_kwarg: _output_cache(first)}).logits[0].float().cpu()
+    with AddHook(m, LAYER, v.vectors[LAYER], 3.0, start=n - 1):
+        reference = _logits(m, PROMPTS[1])
+    assert torch.allclose(rest, reference[n:], atol=1e-5)
+    assert (rest - _logits(m, PROMPTS[1])[n:]).abs().max() > 1e-2
+
 def test_hooks_removed_on_exit_exception_and_interrupt(tiny_model):
     v = _vector(tiny_model)
     base = _logits(tiny_model, PROMPTS[2])
