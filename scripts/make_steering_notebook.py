@@ -31,10 +31,10 @@ from promptscope.organism import grammar, world
 model = promptscope.load_model("organism")
 values = {a: [f" {v}" for v in vs] for a, vs in world.ATTRIBUTES.items()}  # colours, cities
 
-def conflicts(n, seed):
+def conflicts(n, seed, distractors=5):
     \"\"\"Questions whose context contradicts the memorised value (0-5 distractors).\"\"\"
     rng = random.Random(seed)
-    exs = [world.qa_example(rng, kind="conflict", n_distractors=rng.randint(0, 5))
+    exs = [world.qa_example(rng, kind="conflict", n_distractors=rng.randint(0, distractors))
            for _ in range(n)]
     rows = world.template_rows(exs)
     rows["attribute"] = [ex.attribute for ex in exs]
@@ -85,22 +85,26 @@ md("""
 ## The context-sensitivity knob
 
 The organism was also trained with instructions: "Use the context." or "Use what you know." after
-the question ("Controllable Context Sensitivity and the Knob Behind It"). Read the residual
-stream at the last prompt token for the same questions under the two intents: the unit
+the question ("Controllable Context Sensitivity and the Knob Behind It"). As in the paper, the
+task here has one context sentence that contradicts the memorised value (with distractor
+sentences, following the context is also limited by finding the right sentence). Read the
+residual stream at the last prompt token for the same questions under the two intents: the unit
 difference of their means, per layer, is a candidate knob. Then check it causally: *set* the
-latent's coordinate along it to a value, one layer at a time, on uninstructed held-out questions,
-and watch which source the answers follow. The layer where the sweep moves answers from prior to
-context is where the knob lives.
+latent's coordinate along it to a value, one layer at a time, on uninstructed held-out
+questions, and watch which source the answers follow. The layer where the sweep moves the
+answers most is where the knob lives.
 """)
 code("""
 def instructed(n, seed, intent):
     rng = random.Random(seed)  # same seed: the same questions under either instruction
-    return [world.qa_example(rng, kind="conflict", intent=intent).prompt for _ in range(n)]
+    return [world.qa_example(rng, kind="conflict", intent=intent, n_distractors=0).prompt
+            for _ in range(n)]
 
 knob = promptscope.find_knob(instructed(80, 501, "context"), instructed(80, 501, "prior"),
                              name="context knob")
 knob.save()
-sweep = promptscope.knob_sweep(TEMPLATE, held_out, knob, name="knob sweep (organism)",
+one_fact = conflicts(100, seed=212, distractors=0)
+sweep = promptscope.knob_sweep(TEMPLATE, one_fact, knob, name="knob sweep (organism)",
                                progress=False)
 sweep.figure()
 """)
@@ -108,6 +112,27 @@ code("""
 where = sweep.summary()
 KNOB_LAYER = int(where.layer[0])
 where
+""")
+md("""
+Does the knob override an instruction? Set it at its layer to the lowest value swept ("knob
+low") and to the "Use the context." intent's own value ("knob high") on one-fact questions that
+carry either instruction, and count the answers that follow the context.
+""")
+code("""
+facts = knob.meta["layers"][str(KNOB_LAYER)]
+ends = [sweep.df[sweep.df.layer == KNOB_LAYER].value.min(), facts["positive"]]
+rng = random.Random(212)
+rows = []
+for intent, says in (("context", "Use / Trust the context."),
+                     ("prior", "Use what you know. / Trust your memory.")):
+    exs = [world.qa_example(rng, kind="conflict", intent=intent, n_distractors=0)
+           for _ in range(60)]
+    told = world.template_rows(exs).assign(choices=[values[e.attribute] for e in exs])
+    r = promptscope.knob_sweep(world.INSTRUCTED_TEMPLATE, told, knob, layers=[KNOB_LAYER],
+                               values=ends, save=False, progress=False)
+    rows.append({"instruction": says, "follows the context": r.params["baseline"]["context"],
+                 "knob low": r.df.context.iloc[0], "knob high": r.df.context.iloc[1]})
+pd.DataFrame(rows).round(2)
 """)
 md("""
 Does one direction carry the instruction at all? Activation patching answers it (the paper's
@@ -152,7 +177,6 @@ rng = random.Random(303)
 control = [world.qa_example(rng, kind="none") for _ in range(50)]
 control_rows = [{"question": ex.question, "lead": ex.answer_lead, "answer": f" {ex.prior}",
                  "choices": values[ex.attribute]} for ex in control]
-facts = knob.meta["layers"][str(KNOB_LAYER)]
 gap = facts["positive"] - facts["negative"]
 knob_values = [facts["positive"] + k * gap for k in (0.0, 0.5, 1.0)]
 texts = [grammar.text(random.Random(400 + i)) for i in range(10)]

@@ -98,15 +98,17 @@ def measure_context(model: Any, tok: Any, args: argparse.Namespace) -> dict:
 
 
 def measure_knob(model: Any, tok: Any) -> dict:
-    """The context-sensitivity knob: found from the two intents on the same 100 questions, then
-    set at each layer (9 values) on 200 uninstructed held-out conflicts."""
+    """The context-sensitivity knob on the paper's task shape (one context sentence that
+    contradicts the memorised value): found from the two intents on the same 100 questions,
+    then set at each layer (9 values) on 200 uninstructed held-out questions."""
     from promptscope import find_knob, knob_sweep
 
     hf = as_promptscope_model(model, tok)
-    prompts = {i: [e.prompt for e in conflict_examples(100, HELDOUT_SEED + 20, intent=i)]
+    prompts = {i: [e.prompt for e in conflict_examples(100, HELDOUT_SEED + 20, max_distractors=0,
+                                                       intent=i)]
                for i in INSTRUCTIONS}
     knob = find_knob(prompts["context"], prompts["prior"], hf)
-    exs = conflict_examples(200, HELDOUT_SEED + 21)
+    exs = conflict_examples(200, HELDOUT_SEED + 21, max_distractors=0)
     rows = template_rows(exs).assign(choices=[[f" {v}" for v in ATTRIBUTES[e.attribute]]
                                               for e in exs])
     sweep = knob_sweep(STEERING_TEMPLATE, rows, knob, hf, save=False, progress=False)

@@ -213,3 +213,34 @@ def test_organism_carries_the_instruction_at_the_last_token_in_several_direction
     assert r.params["baseline"]["negative"] <= 0.1 and r.params["baseline"]["positive"] >= 0.6
     assert share["full"] >= 0.5
     assert share["top 16"] >= share["top 1"] + 0.3
+
+
+def test_organism_knob_lives_in_layer_1_and_turns_one_fact_answers_to_the_prior():
+    """The paper's task shape: one context sentence that contradicts the memorised value.
+    Measured on v10 (this knob, these 80 questions): unsteered, 92.5 % follow the context and
+    7.5 % the prior; the knob set one intent-gap below the "Use what you know." mean at layer 1
+    gives 65 % prior (at layer 0: 20 %); set at the "Use the context." mean, 92.5 % context."""
+    from promptscope.analyses.knob import knob_values
+    from promptscope.organism import world
+    from promptscope.organism.measure import conflict_examples
+
+    model = promptscope.load_model("organism")
+    told = {i: [e.prompt for e in conflict_examples(60, 501, max_distractors=0, intent=i)]
+            for i in ("context", "prior")}
+    knob = promptscope.find_knob(told["context"], told["prior"], model, layers=[0, 1])
+    exs = conflict_examples(80, 202, max_distractors=0)
+    rows = world.template_rows(exs).assign(
+        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs])
+    # knob_values with 3 points and margin 1: [negative - gap, middle, positive + gap]
+    grid = {k: [knob_values(knob, k, 3, 1.0)[0], knob.meta["layers"][str(k)]["positive"]]
+            for k in (0, 1)}
+    sweep = promptscope.knob_sweep(world.STEERING_TEMPLATE, rows, knob, model, values=grid,
+                                   save=False, progress=False)
+    base = sweep.params["baseline"]
+    low, high = (sweep.df[sweep.df.layer == 1].sort_values("value").iloc[i] for i in (0, 1))
+    layer0 = sweep.df[sweep.df.layer == 0].sort_values("value").iloc[0]
+    assert base["context"] >= 0.8
+    assert low.prior >= base["prior"] + 0.35
+    assert high.context >= base["context"] - 0.05
+    assert low.prior >= layer0.prior + 0.25
+    assert sweep.summary().layer[0] == 1
