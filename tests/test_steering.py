@@ -195,6 +195,27 @@ def test_steered_generation_with_kv_cache_matches_reference(tiny_model, kernel, 
     assert max(moved) > 1e-3  # steering did change the generation's probabilities
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_steering_with_a_static_cache_equals_the_dynamic_cache(tiny_llama, kernel):
+    """A checkpoint may ask for a static cache: its prefill hands the attention function no
+    mask and more (empty) key slots than queries, which transformers means as upper-left
+    causal alignment. Steered generation must not see those slots or later prompt tokens."""
+    def generate():
+        with promptscope.steer(tiny_llama, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS[:1],
+                               kernel=kernel):
+            return tiny_llama.generate(PROMPTS[:1], max_new_tokens=4)[0][0]
+
+    config = tiny_llama.model.generation_config
+    dynamic = generate()
+    config.cache_implementation = "static"
+    try:
+        static = generate()
+    finally:
+        config.cache_implementation = None
+    assert static.text == dynamic.text
+    assert static.logprob == pytest.approx(dynamic.logprob, abs=1e-4)
+
+
 def test_rows_without_emphasis_are_not_steered(tiny_llama):
     base = tiny_llama.score(PROMPTS[1:], [" yes", " no"])
     with promptscope.steer(tiny_llama, heads="all", alpha=ALPHA, emphasis="Ann lives"):

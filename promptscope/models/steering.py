@@ -233,13 +233,15 @@ def _float_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tenso
 
     transformers hands ``None`` for unpadded input and expects the attention function to be
     causal itself (as SDPA's ``is_causal``); a bias-only mask would silently drop causality.
+    Its alignment is SDPA's, upper-left: with more keys than queries and no mask (only the
+    prefill of an empty static cache) the extra keys are empty cache slots, never attended.
     """
     lq, lk = query.shape[2], key.shape[2]
     neg = torch.finfo(query.dtype).min
     if mask is None:
         if not causal or lq == 1:
             return torch.zeros(1, 1, lq, lk, dtype=query.dtype, device=query.device)
-        q_pos = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
+        q_pos = torch.arange(lq, device=query.device)[:, None]
         allowed = q_pos >= torch.arange(lk, device=query.device)[None, :]
         return torch.where(allowed, 0.0, neg).to(query.dtype)[None, None]
     if mask.dtype == torch.bool:
@@ -260,18 +262,28 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if bias is None and not capture:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
+    # transformers 5 may pass causality and a relative-position bias per call (as SDPA takes
+    # them); the bias goes into the float mask with transformers' own helper.
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    position_bias = kwargs.pop("position_bias", None)
+    if position_bias is not None:
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+        attention_mask = create_position_bias_mask(position_bias, attention_mask,
+                                                   causal and query.shape[2] > 1, query, key)
     lk = key.shape[2]
     if bias is not None and bias.shape[-1] < lk:  # more keys than the bias was padded for
         bias = torch.nn.functional.pad(bias, (0, lk - bias.shape[-1]))
     b = bias[..., :lk] if bias is not None else None  # a view: [B, H, 1, Lk]
     if b is not None and not capture and state.kernel == "flex":
-        return _flex_attention(state, query, key, value, attention_mask, b,
-                               getattr(module, "is_causal", True), kwargs.get("scaling"))
+        return _flex_attention(state, query, key, value, attention_mask, b, causal,
+                               kwargs.get("scaling"))
     if not capture:  # steering
         return _steered_sdpa(module, query, key, value, attention_mask, b,
-                             state.heads.get(layer), **kwargs)
+                             state.heads.get(layer), causal, **kwargs)
 
-    mask = _float_mask(attention_mask, query, key, getattr(module, "is_causal", True))
+    mask = _float_mask(attention_mask, query, key, causal)
     if b is not None:
         mask = mask + b
     # Capture: this layer's weights computed explicitly (the other layers stay on SDPA).
@@ -287,7 +299,8 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attention_mask: torch.Tensor | None, bias: torch.Tensor,
-                  heads: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                  heads: torch.Tensor | None, causal: bool, **kwargs: Any
+                  ) -> tuple[torch.Tensor, None]:
     """SDPA with the key bias ``[B, H, 1, Lk]`` on a steered layer.
 
     A decoding step (one query) is one SDPA call over all heads with the bias as its mask (at
@@ -302,7 +315,6 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    causal = getattr(module, "is_causal", True)
     if query.shape[2] == 1:  # a decoding step: the bias [B, H, 1, Lk] is the whole mask
         mask = bias.to(query.dtype) if attention_mask is None else (
             _float_mask(attention_mask, query, key, causal) + bias)
@@ -369,11 +381,11 @@ def _flex_attention(state: _Forward, query: torch.Tensor, key: torch.Tensor,
     mask_and_block = state.block_masks.get(cache_key)
     block = mask_and_block[1] if mask_and_block is not None else None
     if block is None:
-        if attention_mask is None:
-            offset = lk - lq
+        if attention_mask is None:  # as _float_mask: one query sees all, else upper-left
+            causal_here = causal and lq > 1
 
             def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
-                return q + offset >= kv if causal else kv >= 0
+                return q >= kv if causal_here else kv >= 0
         else:
             allowed = (attention_mask if attention_mask.dtype == torch.bool
                        else attention_mask > torch.finfo(attention_mask.dtype).min / 2)
