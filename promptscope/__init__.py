@@ -106,10 +106,28 @@ def sessions(*, kind: str | None = None, model: str | None = None, search: str |
     import pandas as pd
 
     records = (store or Store.default()).list(kind=kind, model=model, search=search, limit=limit)
+    if kind and not records:
+        _check_kind(kind)
     cols = ["id", "name", "kind", "model", "status", "n_rows", "created"]
     df = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in records], columns=cols)
     df["created"] = pd.to_datetime(df["created"], unit="s").dt.tz_localize("UTC")
     return df
+
+
+def _check_kind(kind: str) -> None:
+    """A session kind is the name of its figure module in ``promptscope.viz``; a typo there
+    would otherwise just list nothing."""
+    import difflib
+    import pkgutil
+
+    import promptscope.viz
+
+    kinds = sorted(m.name for m in pkgutil.iter_modules(promptscope.viz.__path__)
+                   if m.name not in ("style",) and not m.name.startswith("_"))
+    if kind not in kinds:
+        close = difflib.get_close_matches(kind, kinds, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise PromptscopeError(f"Unknown session kind '{kind}'.{hint} Kinds: {', '.join(kinds)}.")
 
 
 def list_models() -> Any:

@@ -8,6 +8,7 @@ user can fix (a :class:`~promptscope.errors.PromptscopeError`, bad arguments) be
 from __future__ import annotations
 
 import argparse
+import difflib
 import shlex
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -22,7 +23,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports mistakes as a UsageError (short message in the notebook)."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}\n\n{self.format_usage()}See `{self.prog} --help`.")
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            options = [o for a in self._actions for o in a.option_strings]
+            first = message.split(":", 1)[1].split()[0]
+            close = difflib.get_close_matches(first.split("=")[0], options, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+        raise UsageError(f"{self.prog}: {message}.{hint} See `{self.prog} --help`.")
 
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise _HelpShown(self.format_help())
@@ -245,6 +252,10 @@ class PromptscopeMagics(Magics):
                             or not args.vars):
             raise UsageError("--spread LABEL needs --choices and --vars (rows with a LABEL "
                              "column), and goes without --attribute/--attention.")
+        if args.spread:  # before the run: a wrong label column would waste all of it
+            from promptscope.analyses.sensitivity.spread import check_spread_labels
+
+            _friendly(lambda: check_spread_labels(rows, args.spread, args.choices))
 
         def run() -> Any:
             if args.attribute:
@@ -306,7 +317,9 @@ def _vector_options(args: argparse.Namespace, ns: dict[str, Any]) -> dict[str, A
                          "or a saved vector's name).")
     vector = ns.get(args.vector, args.vector)  # a notebook variable, else a saved name
     if not isinstance(vector, str) and type(vector).__name__ != "SteeringVector":
-        vector = args.vector
+        raise UsageError(f"--vector {args.vector}: the notebook variable is a "
+                         f"{type(vector).__name__}, not a SteeringVector (make one with "
+                         "promptscope.contrastive_vector, in_context_vector or find_knob).")
     return {"method": args.steer, "vector": vector, "strength": args.strength,
             "layers": args.steer_layers}
 

@@ -191,21 +191,37 @@ class Template:
 
 
 def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | None = None) -> None:
-    """Raise the :class:`TemplateError` that :meth:`Template.expand` would raise on a row that
-    lacks a variable, before any work starts. Rows given as an iterator are not checked."""
+    """Raise the :class:`TemplateError` that :meth:`Template.expand` would raise on rows of the
+    wrong type or a row that lacks a variable, before any work starts; also refuse rows that
+    would run nothing (none at all) or run something unintended (a dict of lists, which would
+    put each whole list into one prompt). Rows given as an iterator are not checked."""
     namespace = namespace or {}
     if rows is None or isinstance(rows, Mapping):
         rows_list: list[Mapping[str, Any]] = [rows or {}]
+        lists = sorted(k for k in template.variables
+                       if isinstance((rows or {}).get(k), (list, tuple)))
+        if lists:
+            raise TemplateError(
+                f"vars['{lists[0]}'] holds a list, which would go whole into one prompt. For one "
+                "run per value pass a DataFrame (pd.DataFrame(vars)) or a list of dicts.")
     elif hasattr(rows, "columns") and hasattr(rows, "iterrows"):
         rows_list = [dict.fromkeys(rows.columns)]  # every row has every column
+        if len(rows) == 0:
+            raise TemplateError("vars is an empty DataFrame: there is nothing to run.")
     elif isinstance(rows, (list, tuple)):
         rows_list = rows
+        if not rows_list:
+            raise TemplateError("vars is an empty list: there is nothing to run.")
+    elif isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+        raise TemplateError(f"vars must be a dict, a list of dicts or a DataFrame, not "
+                            f"{type(rows).__name__}.")
     else:
         return
     labelled = not (rows is None or isinstance(rows, Mapping))
     for i, row in enumerate(rows_list):
         if not isinstance(row, Mapping):
-            break  # expand() reports the bad row type
+            raise TemplateError(f"vars row {i} is a {type(row).__name__}, not a dict; pass a "
+                                "list of dicts (one per run) or a DataFrame.")
         for name in template.variables:
             if name not in row and name not in namespace:
                 where = f" (row {i})" if labelled else ""

@@ -28,7 +28,12 @@ def _pick(spec: Any, n: int, what: str) -> list[int]:
     """``None`` / ``"all"`` -> everything; ``"0,2"`` or ``[0, 2]`` -> those, checked."""
     if spec is None or spec == "all":
         return list(range(n))
-    items = [int(x) for x in str(spec).split(",")] if isinstance(spec, str) else list(spec)
+    try:
+        items = ([int(x) for x in spec.split(",") if x.strip()] if isinstance(spec, str)
+                 else [int(x) for x in spec])
+    except (TypeError, ValueError):
+        raise PromptscopeError(f"Cannot read {what}s {spec!r}; write e.g. '0,3' or 'all'."
+                               ) from None
     bad = [i for i in items if not 0 <= int(i) < n]
     if bad:
         raise PromptscopeError(f"{what} {bad} out of range: the model has {what}s 0..{n - 1}.")

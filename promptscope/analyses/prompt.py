@@ -109,6 +109,9 @@ def run_prompt(
     picks = parse_choices(choices)
     if picks is not None and target is not None:
         raise PromptscopeError("Give either --choices or --target, not both.")
+    if picks is not None and len(picks) < 2:
+        raise PromptscopeError(f"Ranking needs at least two choices, got {picks}: separate them "
+                               "with '|' (\" yes| no\"); to score one continuation use --target.")
     if target == "":
         raise PromptscopeError("--target is empty; give the continuation to score.")
     clash = RESERVED & (set(tpl.variables) | {g.name for g in tpl.groups})
@@ -119,6 +122,11 @@ def run_prompt(
     if chat:
         mdl.chat_prompt("")  # fails early, with a clear message, when there is no chat template
     mode = "choices" if picks is not None else "target" if target is not None else "generate"
+    if mode == "generate" and (max_new_tokens < 1 or n < 1 or temperature < 0
+                               or not 0 < top_p <= 1):
+        raise PromptscopeError(
+            f"Generation needs max_new_tokens >= 1 (got {max_new_tokens}), n >= 1 (got {n}), "
+            f"temperature >= 0 (got {temperature}) and top_p in (0, 1] (got {top_p}).")
     check_rows(tpl, vars, namespace)  # a missing variable fails before a session exists
     total = tpl.n_variants(count_rows(vars))
     variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
@@ -146,6 +154,9 @@ def run_prompt(
             raise TemplateError("Steering needs something to emphasise: mark it in the template "
                                 "with <<...>> (e.g. <<the key sentence>>).")
         conditions = [False, True] if compare else [True]
+        from promptscope.models.steering import require_steerable
+
+        require_steerable(mdl, _method(steer))  # an API model: say so before any request
     mdl.begin_run(mode, chat)  # an API model settles how it scores, or says it cannot
     bar = _progress_bar(total * len(conditions), progress, mode)
     with contextlib.ExitStack() as stack:

@@ -497,6 +497,15 @@ def set_steered(model: Any, steering: Any, on: bool) -> None:
         vec.enabled = on
 
 
+def require_steerable(model: Any, which: str) -> None:
+    """Fail clearly when ``model`` cannot be steered by ``which`` (from :func:`parse_method`),
+    e.g. an API model (checked before any request is sent)."""
+    if "pasta" in which:
+        model.require("attention", "Attention steering")
+    if "vector" in which:
+        model.require("hidden_states", "Vector steering")
+
+
 @contextlib.contextmanager
 def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any = "all",
           alpha: float = 0.01, mode: str = "exclude",
@@ -538,10 +547,7 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
         ...     model.generate([prompt])                                # doctest: +SKIP
     """
     which = parse_method(method, vector)
-    if "pasta" in which:
-        model.require("attention", "Attention steering")
-    if "vector" in which:
-        model.require("hidden_states", "Vector steering")
+    require_steerable(model, which)
     if (getattr(model, "steering", None) is not None
             or getattr(model, "vector_steering", None) is not None):
         raise PromptscopeError("This model is already being steered; leave the other "

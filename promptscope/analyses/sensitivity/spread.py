@@ -335,6 +335,25 @@ def feature_effects(table: Any, features: Sequence[str] = FEATURES
     return effects, atomic
 
 
+def check_spread_labels(rows: Any, label: str, choices: str | Sequence[str]) -> None:
+    """Before a ``%%prompt --spread LABEL`` run: every row has the label column and every
+    label is one of the choices (compared without surrounding spaces, as the spread is)."""
+    from promptscope.analyses.prompt import parse_choices
+
+    recs = (rows.to_dict("records") if hasattr(rows, "columns")
+            else [rows] if isinstance(rows, Mapping) else list(rows))
+    columns = list(dict.fromkeys(k for r in recs for k in r))
+    if any(label not in r for r in recs):
+        raise PromptscopeError(f"--spread {label}: the --vars rows have no '{label}' column "
+                               f"(columns: {', '.join(map(str, columns))}).")
+    picks = [c.strip() for c in parse_choices(choices) or []]
+    stray = sorted({str(r[label]).strip() for r in recs} - set(picks))
+    if stray:
+        raise PromptscopeError(f"--spread {label}: label(s) {stray} are not among the choices "
+                               f"{picks} (compared without surrounding spaces), so every format "
+                               "would score 0; fix --choices or the labels.")
+
+
 def alternatives_spread(run: Result, label: str, *, name: str = "", save: bool = True,
                         store: Store | None = None) -> Result:
     """FormatSpread over a ``%%prompt`` run's own alternatives (``%%prompt --spread LABEL``).

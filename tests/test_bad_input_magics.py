@@ -1,0 +1,105 @@
+"""Mistakes a notebook user makes in magics: a one-line message that says what to fix, given
+before any session is created (so nothing is half-run or lost)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from IPython.core.error import UsageError
+
+import promptscope
+from promptscope.errors import CapabilityError
+from promptscope.models.base import Model
+
+CELL = "Is {city} in {{Europe|Asia}}? Answer:"
+
+
+@pytest.fixture
+def loaded(ip, tiny_llama_dir):
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as bad-input-llama")
+    return ip
+
+
+def _refused(ip, line: str, cell: str, match: str) -> None:
+    """The magic fails with a short message matching ``match`` and saves no session."""
+    before = len(promptscope.sessions())
+    with pytest.raises(UsageError, match=match) as err:
+        ip.run_cell_magic("prompt", line, cell)
+    assert len(str(err.value).splitlines()) <= 3
+    assert len(promptscope.sessions()) == before
+
+
+@pytest.mark.parametrize("value, match", [
+    (5, "not int"),
+    ("Paris", "not str"),
+    (pd.DataFrame(columns=["city"]), "empty DataFrame"),
+    ([], "empty list"),
+    ({"city": ["Paris", "Tokyo"]}, r"vars\['city'\] holds a list.*pd.DataFrame"),
+    ([{"city": "Paris"}, "Tokyo"], "row 1 is a str"),
+])
+def test_vars_of_the_wrong_shape(loaded, value, match):
+    loaded.user_ns["rows"] = value
+    _refused(loaded, '--vars rows --choices " yes| no"', CELL, match)
+
+
+def test_generation_settings_are_checked_first(loaded):
+    loaded.user_ns["rows"] = [{"city": "Paris"}]
+    _refused(loaded, "--vars rows --n 0", CELL, r"n >= 1 \(got 0\)")
+    _refused(loaded, "--vars rows --temperature -1", CELL, r"temperature >= 0 \(got -1.0\)")
+
+
+def test_one_choice_is_not_a_ranking(loaded):
+    loaded.user_ns["rows"] = [{"city": "Paris"}]
+    _refused(loaded, '--vars rows --choices " yes, no"', CELL, "at least two choices.*--target")
+
+
+def test_spread_labels_checked_before_the_run(loaded):
+    loaded.user_ns["rows"] = [{"city": "Paris", "label": "yes"}, {"city": "Tokyo", "label": "no"}]
+    _refused(loaded, '--vars rows --choices " Yes| No" --spread label', CELL,
+             r"label\(s\) \['no', 'yes'\] are not among the choices")
+    _refused(loaded, '--vars rows --choices " yes| no" --spread answer', CELL,
+             "no 'answer' column.*city, label")
+
+
+def test_attention_layers_that_cannot_be_read(loaded):
+    loaded.user_ns["rows"] = [{"city": "Paris"}]
+    _refused(loaded, "--vars rows --attention --layers first", CELL,
+             "Cannot read layers 'first'")
+
+
+def test_vector_variable_of_the_wrong_type(loaded):
+    loaded.user_ns["vv"] = [0.1, 0.2]
+    _refused(loaded, "--steer vector --vector vv", "Ann is red.", "is a list, not a SteeringVector")
+
+
+def test_misspelled_option_gets_a_suggestion(loaded):
+    _refused(loaded, '--choises " yes| no"', CELL, "Did you mean --choices")
+
+
+def test_reach_set_spec_with_a_bad_count(loaded):
+    with pytest.raises(UsageError, match="top:N.*whole number"):
+        loaded.run_cell_magic("reach", "--targets top:abc --k 1", "Ann is\n")
+
+
+def test_session_kind_typo(loaded):
+    with pytest.raises(UsageError, match="Did you mean 'prompt'"):
+        loaded.run_line_magic("promptscope", "sessions --kind promt")
+    assert promptscope.sessions(kind="posix").empty  # a real kind with no sessions is fine
+
+
+def test_api_model_steering_refused_before_any_request():
+    class APIModel(Model):
+        name = "api"
+        capabilities = frozenset({"score", "generate"})
+
+        def begin_run(self, mode, chat):
+            raise AssertionError("no request may be sent before the capability check")
+
+        def score(self, prompts, continuations, progress=None):
+            raise AssertionError
+
+        def generate(self, prompts, **kw):
+            raise AssertionError
+
+    with pytest.raises(CapabilityError, match="Attention steering"):
+        promptscope.run_prompt("<<Ann is red.>> Ann is", APIModel(), steer={}, save=False)
