@@ -15,7 +15,8 @@ the accuracy gain against strength and against the side-effect cost.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
@@ -33,8 +34,6 @@ class _Task:
     """Prompts, candidate answers and right answers of one labelled task."""
 
     def __init__(self, template: str | Template, data: Any, answer: str, choices: Any) -> None:
-        from promptscope.analyses.heads import _row_choices
-
         self.tpl = template if isinstance(template, Template) else parse_template(template)
         rows = data.to_dict("records") if hasattr(data, "to_dict") else list(data)
         if not rows:
@@ -42,7 +41,7 @@ class _Task:
         if any(answer not in r for r in rows):
             raise PromptscopeError(f"Every row needs an '{answer}' column (the right answer).")
         self.answers = [r[answer] for r in rows]
-        self.cands = [_row_choices(r, choices, answer) for r in rows]
+        self.cands = [_row_choices(r, choices, answer, i) for i, r in enumerate(rows)]
         self.variants = [next(self.tpl.expand(r)) for r in rows]
         self.prompts = [v.text for v in self.variants]
         self.spans = {v.text: list(v.emphasis) for v in self.variants}
@@ -67,6 +66,45 @@ class _Task:
         return acc / len(self.answers), sum(right) / len(right)
 
 
+def _row_choices(row: Mapping[str, Any], choices: Any, answer: str, i: int) -> list[str]:
+    """Row ``i``'s candidates: its ``choices`` column (a list or ``" red| blue"``), or
+    ``choices`` itself (one list or ``" red| blue"`` for every row)."""
+    from promptscope.analyses.prompt import parse_choices
+
+    if choices is None:
+        raise PromptscopeError("Give the candidate answers: choices=[' red', ' blue'] (for every "
+                               "row) or the name of the column that lists each row's.")
+    if isinstance(choices, str) and choices not in row and "|" not in choices:
+        raise PromptscopeError(f"The rows have no '{choices}' column; pass choices=[' red', "
+                               "' blue'] (for every row) or the column that lists each row's.")
+    given = row[choices] if isinstance(choices, str) and choices in row else choices
+    try:
+        picks = parse_choices(given) or []
+    except TypeError:
+        raise PromptscopeError(f"Row {i}: choices must be a list of answers or ' red| blue', "
+                               f"not {given!r}.") from None
+    if len(picks) < 2:
+        raise PromptscopeError(f"Row {i} has choices {picks}; give at least two candidate "
+                               "answers (accuracy over one is always 1).")
+    if row[answer] not in picks:
+        raise PromptscopeError(f"Row {i}: the answer {row[answer]!r} is not among its choices "
+                               f"{picks}.")
+    return picks
+
+
+def _numbers(values: Any, what: str) -> list[float]:
+    """``values`` (a number or an iterable of numbers) as floats; anything else is refused."""
+    many = isinstance(values, Iterable) and not isinstance(values, (str, Mapping))
+    items = list(values) if many else [values]
+    if not all(_is_number(v) and math.isfinite(v) for v in items):
+        raise PromptscopeError(f"{what} must be a list of numbers, not {values!r}.")
+    return [float(v) for v in items]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _text_logprob(mdl: Model, texts: Sequence[str]) -> float:
     """Mean log-prob per token of each text after its first word."""
     heads, tails = [], []
@@ -80,7 +118,7 @@ def _text_logprob(mdl: Model, texts: Sequence[str]) -> float:
     return sum(s.logprob for s in scores) / sum(len(s.tokens) for s in scores)
 
 
-def _sweep(spec: Mapping[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
+def _sweep(label: str, spec: Mapping[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
     """(swept key, its values, the other steer options) of one method's spec."""
     from promptscope.models.steering import parse_method
 
@@ -88,11 +126,11 @@ def _sweep(spec: Mapping[str, Any]) -> tuple[str, list[float], dict[str, Any]]:
     method = parse_method(opts.get("method"), opts.get("vector"))
     opts["method"] = method
     key = "strength" if "vector" in method else "alpha"
-    values = opts.pop(key, [1.0] if key == "strength" else [0.01])
-    values = [values] if isinstance(values, (int, float)) else list(values)
+    values = _numbers(opts.pop(key, [1.0] if key == "strength" else [0.01]),
+                      f"Method '{label}': {key}")
     if not values:
         raise PromptscopeError(f"No {key} values to sweep.")
-    return key, [float(v) for v in values], opts
+    return key, values, opts
 
 
 def compare_steering(
@@ -145,15 +183,25 @@ def compare_steering(
 
     from promptscope.models.steering import attention_part, steer
 
+    example = "e.g. methods={'PASTA': {'heads': 'all', 'alpha': [0.1, 0.01]}}"
+    if not isinstance(methods, Mapping) or not all(isinstance(s, Mapping)
+                                                   for s in methods.values()):
+        raise PromptscopeError(f"methods must be a dict of label -> steer options, {example}.")
+    if not methods:
+        raise PromptscopeError(f"Give at least one method to compare, {example}.")
     mdl = resolve_model(model)
     mdl.require("hidden_states", "Steering comparison")
-    if not methods:
-        raise PromptscopeError("Give at least one method to compare, e.g. methods={'PASTA': "
-                               "{'heads': 'all', 'alpha': [0.01]}}.")
     task = _Task(template, data, answer, choices)
     ctrl = _Task(control[0], control[1], answer, choices) if control is not None else None
     texts = list(text or [])
-    sweeps = {label: _sweep(spec) for label, spec in methods.items()}
+    sweeps = {label: _sweep(label, spec) for label, spec in methods.items()}
+    tasks = {}  # a method's own template: same rows, other <<emphasis>>
+    for label, (_, _, opts) in sweeps.items():
+        own = opts.get("template")
+        tasks[label] = _Task(own, data, answer, choices) if own is not None else task
+        if tasks[label].prompts != task.prompts:
+            raise PromptscopeError(f"Method '{label}': its template must give the same prompts "
+                                   "as the task's (only <<...>> may differ).")
 
     def measure(on: _Task = task) -> dict[str, float]:
         acc, lp = on.evaluate(mdl)
@@ -180,11 +228,8 @@ def compare_steering(
             for label, (key, values, opts) in sweeps.items():
                 opts = dict(opts)
                 auto = opts.pop("auto", False)
-                own = opts.pop("template", None)  # same rows, other <<emphasis>>
-                on = _Task(own, data, answer, choices) if own is not None else task
-                if on.prompts != task.prompts:
-                    raise PromptscopeError(f"Method '{label}': its template must give the same "
-                                           "prompts as the task's (only <<...>> may differ).")
+                opts.pop("template", None)
+                on = tasks[label]
                 spans = _auto_spans(mdl, on) if auto else on.spans  # AutoPASTA: asked once
                 for value in values:
                     with steer(mdl, **opts, **{key: value}) as steering:

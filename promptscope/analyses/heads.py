@@ -121,14 +121,16 @@ def rank(df: Any) -> Any:
 
 
 def _row_choices(row: Mapping[str, Any], choices: Any, answer: str) -> list[str]:
-    if choices is None:
-        picks: list[str] = [row[answer]]
-    elif isinstance(choices, str) and choices in row:
-        picks = list(row[choices])
-    elif isinstance(choices, str):
-        picks = [row[answer]]  # no such column: score the answer alone
+    """The row's candidates: its ``choices`` column or ``choices`` itself (a list, or
+    ``" red| blue"``); ``None`` (or a column the rows lack) scores the answer alone."""
+    from promptscope.analyses.prompt import parse_choices
+
+    if isinstance(choices, str) and choices in row:
+        picks = parse_choices(row[choices]) or []
+    elif choices is None or (isinstance(choices, str) and "|" not in choices):
+        picks = [row[answer]]
     else:
-        picks = list(choices)
+        picks = parse_choices(choices) or []
     if row[answer] not in picks:
         raise PromptscopeError(f"The answer {row[answer]!r} is not among the row's choices "
                                f"{picks}.")

@@ -157,7 +157,7 @@ def knob_sweep(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from promptscope.analyses.compare_steering import _Task
+    from promptscope.analyses.compare_steering import _numbers, _Task
     from promptscope.models.steering import steer
     from promptscope.models.vectors import resolve_vector
 
@@ -168,8 +168,6 @@ def knob_sweep(
         raise PromptscopeError("knob_sweep needs a knob (mode 'set', from promptscope.find_knob),"
                                f" not a '{knob.mode}' vector; sweep that with compare_steering.")
     answers = dict(answers or {"context": "answer", "prior": "prior"})
-    first = next(iter(answers.values()))
-    task = _Task(template, data, first, choices)
     rows = data.to_dict("records") if hasattr(data, "to_dict") else list(data)
     for source, col in answers.items():
         if any(col not in r for r in rows):
@@ -178,12 +176,17 @@ def knob_sweep(
     gold = {source: [r[col] for r in rows] for source, col in answers.items()}
     layers = list(layers if layers is not None else knob.layers)
     facts = {str(k): _layer_facts(knob, k) for k in layers}  # an unknown layer fails here
-    grid = {layer: list(values.get(layer, ()) if isinstance(values, Mapping)
-                        else values if values is not None else knob_values(knob, layer))
-            for layer in layers}
+    what = "values (a list, or {layer: list})"
+    if isinstance(values, Mapping):
+        grid = {layer: _numbers(values.get(layer, ()), what) for layer in layers}
+    else:
+        fixed = _numbers(values, what) if values is not None else None
+        grid = {layer: fixed if fixed is not None else knob_values(knob, layer)
+                for layer in layers}
     for layer in layers:
         if not grid[layer]:
             raise PromptscopeError(f"No knob values to sweep at layer {layer}.")
+    task = _Task(template, data, next(iter(answers.values())), choices)
 
     def shares() -> dict[str, float]:
         picked = task.predict(mdl)

@@ -129,7 +129,9 @@ def in_context_vector(
     if hasattr(demos, "columns"):
         for col in (x, y):
             if col not in demos.columns:
-                raise PromptscopeError(f"The demonstrations have no '{col}' column.")
+                raise PromptscopeError(f"The demonstrations have no '{col}' column (columns: "
+                                       f"{list(demos.columns)}); pass x=COLUMN, y=COLUMN for "
+                                       "the query and the target.")
         pairs = list(zip(demos[x].astype(str), demos[y].astype(str)))
     else:
         pairs = [(str(a), str(b)) for a, b in demos]

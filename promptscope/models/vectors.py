@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,8 +420,9 @@ def make_vector_steering(model: Any, vector: Any, strength: float = 1.0,
     if missing:
         raise PromptscopeError(f"The vector has no direction for layer(s) {missing}; it has "
                                f"layers {vec.layers}.")
-    if not math.isfinite(strength):
-        raise PromptscopeError(f"strength must be a finite number, not {strength}.")
+    if (isinstance(strength, bool) or not isinstance(strength, numbers.Real)
+            or not math.isfinite(strength)):
+        raise PromptscopeError(f"strength must be a number, not {strength!r}.")
     if start != "last" and (not isinstance(start, int) or start < 0):
         raise PromptscopeError("start must be a token position >= 0 (from the prompt's start) "
                                f"or 'last' (the last prompt token on), not {start!r}.")

@@ -130,6 +130,8 @@ def select_prompt(
 
     if calibration not in (None, "cbm"):
         raise PromptscopeError(f"calibration must be 'cbm' or None (got {calibration!r}).")
+    if isinstance(candidates, str):
+        raise PromptscopeError("candidates must be a list of templates, not one string.")
     if len(candidates) < 2:
         raise PromptscopeError("Prompt selection needs at least two candidate prompts.")
     rows = _records(data, "data")
