@@ -80,6 +80,19 @@ def test_greedy_generation_matches_unbatched_generate(tiny_model):
         assert g.finish_reason in ("stop", "length")
 
 
+def test_a_checkpoints_generation_processors_do_not_change_greedy_decoding(tiny_llama):
+    """A checkpoint's generation_config may ask for a repetition penalty and the like; greedy
+    decoding still picks the model's argmax at each step."""
+    plain = tiny_llama.generate(PROMPTS, max_new_tokens=8)
+    config = tiny_llama.model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size = 50.0, 1
+    try:
+        penalised = tiny_llama.generate(PROMPTS, max_new_tokens=8)
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size = 1.0, 0
+    assert [g[0].text for g in penalised] == [g[0].text for g in plain]
+
+
 def test_sampling_is_seeded_and_n_samples(tiny_llama):
     a = tiny_llama.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, n=3, seed=7)
     b = tiny_llama.generate(PROMPTS[:2], max_new_tokens=8, temperature=1.0, n=3, seed=7)

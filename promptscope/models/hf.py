@@ -457,6 +457,10 @@ class HFModel(Model):
                 temperature=temperature if sample else None,
                 top_p=top_p if sample else None,
                 top_k=None,
+                # The model's own distribution: a checkpoint's generation_config may ask for
+                # processors that would change which tokens greedy decoding picks.
+                repetition_penalty=None, no_repeat_ngram_size=None, min_p=None, typical_p=None,
+                min_new_tokens=None, min_length=None,
                 num_return_sequences=n,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=self.stop_ids or None,

@@ -775,7 +775,7 @@ class OpenAIModel(Model):
         except openai.APIConnectionError as exc:
             raise ModelLoadError(
                 f"Cannot reach the API server at {where} ({self._redact(_root_cause(exc))}). "
-                "Is it running? Check --base-url.") from None
+                "Is it running? Check base_url= (--base-url).") from None
         except openai.AuthenticationError:
             raise ModelLoadError(f"The server at {where} rejected the API key (HTTP 401).") \
                 from None

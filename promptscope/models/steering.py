@@ -76,7 +76,8 @@ class AttentionSteering:
             raise PromptscopeError(
                 f"alpha={self.alpha} is outside (0, 1]: PASTA's exclude mode multiplies the "
                 "attention to non-emphasised tokens by alpha (0.01 is the usual value). Use "
-                "mode='include' with alpha > 1 to up-weight the emphasised tokens instead."
+                "mode='include' (--steer-mode include) with alpha > 1 to up-weight the "
+                "emphasised tokens instead."
             )
         if self.mode == "include" and not self.alpha > 0:
             raise PromptscopeError(f"alpha={self.alpha} must be > 0 in include mode.")
