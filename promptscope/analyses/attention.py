@@ -34,10 +34,10 @@ def _pick(spec: Any, n: int, what: str) -> list[int]:
     except (TypeError, ValueError):
         raise PromptscopeError(f"Cannot read {what}s {spec!r}; write e.g. '0,3' or 'all'."
                                ) from None
-    bad = [i for i in items if not 0 <= int(i) < n]
+    bad = [i for i in items if not 0 <= i < n]
     if bad:
         raise PromptscopeError(f"{what} {bad} out of range: the model has {what}s 0..{n - 1}.")
-    return sorted({int(i) for i in items})
+    return sorted(set(items))
 
 
 def token_parts(offsets: Sequence[tuple[int, int]], v: Variant, shift: int = 0) -> list[str]:

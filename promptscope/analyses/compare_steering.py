@@ -67,28 +67,24 @@ class _Task:
 
 
 def _row_choices(row: Mapping[str, Any], choices: Any, answer: str, i: int) -> list[str]:
-    """Row ``i``'s candidates: its ``choices`` column (a list or ``" red| blue"``), or
-    ``choices`` itself (one list or ``" red| blue"`` for every row)."""
-    from promptscope.analyses.prompt import parse_choices
+    """Row ``i``'s candidates (parsed as a head profile's are), at least two: a comparison
+    with one candidate would score every method 100 %."""
+    from promptscope.analyses.heads import _row_choices as parse_row
 
-    if choices is None:
-        raise PromptscopeError("Give the candidate answers: choices=[' red', ' blue'] (for every "
-                               "row) or the name of the column that lists each row's.")
-    if isinstance(choices, str) and choices not in row and "|" not in choices:
-        raise PromptscopeError(f"The rows have no '{choices}' column; pass choices=[' red', "
-                               "' blue'] (for every row) or the column that lists each row's.")
-    given = row[choices] if isinstance(choices, str) and choices in row else choices
+    if choices is None or (isinstance(choices, str) and choices not in row
+                           and "|" not in choices):
+        what = ("Give the candidate answers" if choices is None
+                else f"The rows have no '{choices}' column")
+        raise PromptscopeError(f"{what}; pass choices=[' red', ' blue'] (for every row) or the "
+                               "column that lists each row's.")
     try:
-        picks = parse_choices(given) or []
+        picks = parse_row(row, choices, answer)
     except TypeError:
         raise PromptscopeError(f"Row {i}: choices must be a list of answers or ' red| blue', "
-                               f"not {given!r}.") from None
+                               f"not {row.get(choices, choices)!r}.") from None
     if len(picks) < 2:
         raise PromptscopeError(f"Row {i} has choices {picks}; give at least two candidate "
                                "answers (accuracy over one is always 1).")
-    if row[answer] not in picks:
-        raise PromptscopeError(f"Row {i}: the answer {row[answer]!r} is not among its choices "
-                               f"{picks}.")
     return picks
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from promptscope.analyses._recorder import Recorder
 from promptscope.errors import PromptscopeError, TemplateError
 from promptscope.models import resolve_model
-from promptscope.models.base import Model
+from promptscope.models.base import Model, check_generation
 from promptscope.result import Result
 from promptscope.store import Store
 from promptscope.templates import Template, Variant, check_rows, count_rows, parse_template
@@ -122,11 +122,8 @@ def run_prompt(
     if chat:
         mdl.chat_prompt("")  # fails early, with a clear message, when there is no chat template
     mode = "choices" if picks is not None else "target" if target is not None else "generate"
-    if mode == "generate" and (max_new_tokens < 1 or n < 1 or temperature < 0
-                               or not 0 < top_p <= 1):
-        raise PromptscopeError(
-            f"Generation needs max_new_tokens >= 1 (got {max_new_tokens}), n >= 1 (got {n}), "
-            f"temperature >= 0 (got {temperature}) and top_p in (0, 1] (got {top_p}).")
+    if mode == "generate":
+        check_generation(max_new_tokens, n, temperature, top_p)
     check_rows(tpl, vars, namespace)  # a missing variable fails before a session exists
     total = tpl.n_variants(count_rows(vars))
     variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))

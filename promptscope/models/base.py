@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from promptscope.errors import CapabilityError
+from promptscope.errors import CapabilityError, PromptscopeError
 
 #: Capability names an analysis may require.
 CAPABILITIES = {
@@ -52,6 +52,14 @@ class Generation:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Why this sample could not be generated (an API request that failed for good), else None.
     error: str | None = None
+
+
+def check_generation(max_new_tokens: int, n: int, temperature: float, top_p: float) -> None:
+    """The one check of generation settings (backends and ``run_prompt``, before a session)."""
+    if max_new_tokens < 1 or n < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise PromptscopeError(
+            f"Generation needs max_new_tokens >= 1 (got {max_new_tokens}), n >= 1 (got {n}), "
+            f"temperature >= 0 (got {temperature}) and top_p in (0, 1] (got {top_p}).")
 
 
 class Model(ABC):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
-from promptscope.models.base import Generation, Model, ProgressFn, Score
+from promptscope.models.base import Generation, Model, ProgressFn, Score, check_generation
 
 #: Tokens (prompt tokens x batch rows) per forward pass, by device type.
 _TOKEN_BUDGET = {"cuda": 65536, "mps": 16384, "cpu": 8192}
@@ -420,10 +420,7 @@ class HFModel(Model):
 
         ``logprob`` is the model's own (untempered) log-probability of the generated tokens.
         """
-        if max_new_tokens < 1 or n < 1:
-            raise PromptscopeError("max_new_tokens and n must be at least 1.")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise PromptscopeError("temperature must be >= 0 and top_p in (0, 1].")
+        check_generation(max_new_tokens, n, temperature, top_p)
         if seed is not None:
             torch.manual_seed(seed)
         ids = [self.encode_prompt(p) for p in prompts]

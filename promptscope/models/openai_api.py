@@ -46,7 +46,7 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
-from promptscope.models.base import Generation, Model, ProgressFn, Score
+from promptscope.models.base import Generation, Model, ProgressFn, Score, check_generation
 
 #: OpenAI's own endpoint (the default ``base_url``).
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -585,10 +585,7 @@ class OpenAIModel(Model):
 
         A prompt whose request fails gets ``n`` generations with ``error`` set.
         """
-        if max_new_tokens < 1 or n < 1:
-            raise PromptscopeError("max_new_tokens and n must be at least 1.")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise PromptscopeError("temperature must be >= 0 and top_p in (0, 1].")
+        check_generation(max_new_tokens, n, temperature, top_p)
         results: list[list[Generation] | None] = [None] * len(prompts)
 
         def job(i: int) -> Callable[[], None]:
