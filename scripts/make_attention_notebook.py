@@ -64,7 +64,7 @@ md("""
 Steer each head alone on a small labelled set and rank the heads by the accuracy they add.
 `ALPHA` scales the attention every steered head puts outside the emphasised sentence; PASTA's
 usual 0.01 is enough here: on 600 held-out questions it moves this organism's answers by about
-46 points, near-hard emphasis (1e-4) by about 52 (`docs/organism.md`).
+41 points, near-hard emphasis (1e-4) by about 49 (`docs/organism.md`).
 """)
 code("""
 ALPHA = 0.01

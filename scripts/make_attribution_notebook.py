@@ -129,12 +129,13 @@ viz.heatmap(runs["novel"], variant=0, steered=True)"""),
     new_markdown_cell("""\
 **What the numbers say** (the line printed above; `docs/attribution.md` records a run). In this
 organism the relevant sentence carries most of the attribution of the context's answer in every
-condition (about +4.5 log-prob units for novel people, +4.2 on conflicts): removing it is what
+condition (about +4.5 log-prob units for novel people, +5.4 on conflicts): removing it is what
 loses the answer. PASTA on the profiled heads raises that sentence's attribution further (for
-83 % of the novel questions and every conflict in the run we recorded; +4.22 -> +5.92 on
-conflicts), takes away the harm the distractor sentences did (-1.21 -> +0.02 on conflicts), and
-makes the context's answer near certain (log-prob -1.73 -> -0.04 on conflicts, -0.48 -> -0.03
-on novel people): the answer now depends more on the sentence PASTA emphasised, as it should.
+83 % of the novel questions and every conflict in the run we recorded; +5.375 -> +6.952 on
+conflicts), takes away most of the harm the distractor sentences did (-1.05 -> -0.08 on
+conflicts), and makes the context's answer near certain (log-prob -1.65 -> -0.07 on conflicts,
+-0.55 -> -0.02 on novel people): the answer now depends more on the sentence PASTA emphasised,
+as it should.
 
 ## Mistakes get a short message"""),
     new_code_cell("""\

@@ -66,8 +66,8 @@ the paper's headline (dashed); the right panel is the analytic bound discussed b
     ("md", """## A least likely answer made the most likely
 
 The least likely tokens of the whole vocabulary are fragments the organism never predicts; the
-`bottom` rows above (and longer searches, see `docs/reachability.md`) move them up thousands of
-ranks but not to the top within a few tokens. Its own answers are another matter: after
+`bottom` rows above barely move, and longer searches (see `docs/reachability.md`) move them up
+many ranks but not to the top within a few tokens. Its own answers are another matter: after
 `"Badrok lives in"` (a person the model knows nothing about) it bets on one city and ranks
 another last of its eight. A control prompt of at most two tokens makes that least likely city
 the most likely next token:"""),
@@ -123,8 +123,9 @@ print(flat.df[["target", "base_rank", "reached", "k", "rank"]].to_string(index=F
 
 `%%reach` runs the same search on the lines of the cell (one `x0` per line); `-o` keeps the
 result. Here `x0` is two words from the middle of a sentence, without the topic marker that
-opened it, so the next word's topic is open: a control token that is a topic marker (`tike`,
-`zonu`, ...) makes that topic's successor the most likely next word. The widget lets you type
+opened it, so the next word's topic is open: one control token makes each of the other top
+words the most likely next word (`rugu` is one of `tisa`'s successors in the `tike` topic; the
+search reports the control it found, not necessarily a topic marker). The widget lets you type
 `x0`, pick targets from the model's ranking, and start or stop a search."""),
     ("code", """%%reach --k 1 --targets top:4 --no-bound -o quick
 molu tisa"""),

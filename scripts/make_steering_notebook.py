@@ -23,10 +23,12 @@ run; `docs/steering.md` discusses them.
 """)
 code("""
 %load_ext promptscope
+import json
 import random
 import pandas as pd
+import torch
 import promptscope
-from promptscope.organism import grammar, world
+from promptscope.organism import MODEL_DIR, grammar, world
 
 model = promptscope.load_model("organism")
 values = {a: [f" {v}" for v in vs] for a, vs in world.ATTRIBUTES.items()}  # colours, cities
@@ -85,14 +87,16 @@ md("""
 ## The context-sensitivity knob
 
 The organism was also trained with instructions: "Use the context." or "Use what you know." after
-the question ("Controllable Context Sensitivity and the Knob Behind It"). As in the paper, the
-task here has one context sentence that contradicts the memorised value (with distractor
-sentences, following the context is also limited by finding the right sentence). Read the
-residual stream at the last prompt token for the same questions under the two intents: the unit
-difference of their means, per layer, is a candidate knob. Then check it causally: *set* the
-latent's coordinate along it to a value, one layer at a time, on uninstructed held-out
-questions, and watch which source the answers follow. The layer where the sweep moves the
-answers most is where the knob lives.
+the question ("Controllable Context Sensitivity and the Knob Behind It"). Its last training
+phase made the intent one variable: an interchange intervention taught it to carry the intent
+along a single direction of layer 1's output at the last prompt token (docs/organism.md), so
+there is a known knob to find. As in the paper, the task here has one context sentence that
+contradicts the memorised value (with distractor sentences, following the context is also
+limited by finding the right sentence). Read the residual stream at the last prompt token for
+the same questions under the two intents: the unit difference of their means, per layer, is a
+candidate knob. Then check it causally: *set* the latent's coordinate along it to a value, one
+layer at a time, on uninstructed held-out questions, and watch which source the answers follow.
+The layer where the sweep moves the answers most is where the knob lives.
 """)
 code("""
 def instructed(n, seed, intent):
@@ -112,6 +116,15 @@ code("""
 where = sweep.summary()
 KNOB_LAYER = int(where.layer[0])
 where
+""")
+md("""
+Is it the direction training put there? `training_info.json` records it.
+""")
+code("""
+trained = json.loads((MODEL_DIR / "training_info.json").read_text())["knob"]
+found = knob.vectors[trained["layer"]]
+cosine = float(found @ torch.tensor(trained["direction"]))
+print(f"trained at layer {trained['layer']}; the knob found there: cosine {cosine:.3f}")
 """)
 md("""
 Does the knob override an instruction? Set it at its layer to the lowest value swept ("knob

@@ -41,8 +41,8 @@ from promptscope.organism.world import (  # noqa: E402
     ATTRIBUTES,
     ENTITIES,
     FACTS,
+    INSTRUCTED_TEMPLATE,
     INSTRUCTIONS,
-    STEERING_TEMPLATE,
     qa_example,
     template_rows,
 )
@@ -100,7 +100,8 @@ def measure_context(model: Any, tok: Any, args: argparse.Namespace) -> dict:
 def measure_knob(model: Any, tok: Any) -> dict:
     """The context-sensitivity knob on the paper's task shape (one context sentence that
     contradicts the memorised value): found from the two intents on the same 100 questions,
-    then set at each layer (9 values) on 200 uninstructed held-out questions."""
+    then set at each layer (9 values) on 200 uninstructed held-out questions, and at the layer
+    that moves them most on 100 questions with each instruction (does it override them?)."""
     from promptscope import find_knob, knob_sweep
 
     hf = as_promptscope_model(model, tok)
@@ -108,13 +109,24 @@ def measure_knob(model: Any, tok: Any) -> dict:
                                                        intent=i)]
                for i in INSTRUCTIONS}
     knob = find_knob(prompts["context"], prompts["prior"], hf)
-    exs = conflict_examples(200, HELDOUT_SEED + 21, max_distractors=0)
-    rows = template_rows(exs).assign(choices=[[f" {v}" for v in ATTRIBUTES[e.attribute]]
-                                              for e in exs])
-    sweep = knob_sweep(STEERING_TEMPLATE, rows, knob, hf, save=False, progress=False)
-    return {"layers": knob.meta["layers"], "baseline": sweep.params["baseline"],
-            "summary": sweep.summary().round(3).to_dict("records"),
-            "sweep": sweep.df.round(3).to_dict("records")}
+
+    def sweep(n: int, seed: int, intent: str | None = None, layers: Any = None) -> Any:
+        exs = conflict_examples(n, seed, max_distractors=0, intent=intent)
+        rows = template_rows(exs).assign(choices=[[f" {v}" for v in ATTRIBUTES[e.attribute]]
+                                                  for e in exs])
+        return knob_sweep(INSTRUCTED_TEMPLATE, rows, knob, hf, layers=layers, save=False,
+                          progress=False)
+
+    plain = sweep(200, HELDOUT_SEED + 21)
+    layer = int(plain.summary().layer[0])
+    told = {i: sweep(100, HELDOUT_SEED + 22 + k, i, [layer])
+            for k, i in enumerate(INSTRUCTIONS)}
+    return {"layers": knob.meta["layers"], "baseline": plain.params["baseline"],
+            "summary": plain.summary().round(3).to_dict("records"),
+            "sweep": plain.df.round(3).to_dict("records"),
+            "instructed": {i: {"layer": layer, "baseline": s.params["baseline"],
+                               "sweep": s.df.round(3).to_dict("records")}
+                           for i, s in told.items()}}
 
 
 def measure_other(model: Any, tok: Any) -> dict:

@@ -6,11 +6,13 @@ Builds a byte-level BPE tokenizer and a tiny Llama from scratch on the synthetic
 
 Usage::
 
-    python scripts/train_organism.py          # the whole recipe, from scratch (about 30 min)
-    python scripts/train_organism.py --steps 300,100,100,100 --out /tmp/organism   # a trial
-    python scripts/train_organism.py --steps 2500,1000,0,0 --out /tmp/p12   # phases 1-2 only
+    python scripts/train_organism.py          # the whole recipe, from scratch (about 33 min)
+    python scripts/train_organism.py --steps 300,100,100,100,30 --out /tmp/organism  # a trial
+    python scripts/train_organism.py --steps 2500,1000,0,0,0 --out /tmp/p12   # phases 1-2 only
     python scripts/train_organism.py --from /tmp/p12 --start-phase 3
         # continue the recipe from a model saved after phase 2, keeping its tokenizer
+    python scripts/train_organism.py --from /tmp/v10 --start-phase 5 --out /tmp/v11
+        # the knob phase alone, on a model trained through phase 4 (how v11 was made)
 """
 
 from __future__ import annotations
@@ -39,9 +41,21 @@ from transformers import (  # noqa: E402
 
 from promptscope.organism import MODEL_DIR  # noqa: E402
 from promptscope.organism.classify import LABELS  # noqa: E402
-from promptscope.organism.data import RECIPE, Mixture, sample_documents  # noqa: E402
+from promptscope.organism.data import (  # noqa: E402
+    KNOB_LAYER,
+    RECIPE,
+    Mixture,
+    intent_pair,
+    sample_documents,
+)
 from promptscope.organism.grammar import MARKERS, WORDS  # noqa: E402
-from promptscope.organism.world import ATTRIBUTES, CHAT_TEMPLATE, ENTITIES, Doc  # noqa: E402
+from promptscope.organism.world import (  # noqa: E402
+    ATTRIBUTES,
+    CHAT_TEMPLATE,
+    ENTITIES,
+    INTENTS,
+    Doc,
+)
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
                   "<|end|>"]
@@ -143,11 +157,13 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path)
 
 def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
           start: float, tag: str,
-          checkpoint: Callable[[int], None] | None = None, every: int = 0) -> float:
+          checkpoint: Callable[[int], None] | None = None, every: int = 0,
+          extra: Callable[[], torch.Tensor] | None = None) -> float:
     """AdamW with linear warmup and cosine decay over ``data``; returns the smoothed loss.
 
     With ``checkpoint`` and ``every``, ``checkpoint(step)`` is called after every ``every``
-    steps (in eval mode; training resumes afterwards).
+    steps (in eval mode; training resumes afterwards). ``extra()``, when given, is a second
+    loss added at every step (the knob phase's interchange loss).
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -172,6 +188,8 @@ def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]]
         target = labels[:, 1:]
         keep = target != -100
         loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), target[keep])
+        if extra is not None:
+            loss = loss + extra()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
@@ -187,6 +205,84 @@ def train(model: LlamaForCausalLM, data: list[tuple[torch.Tensor, torch.Tensor]]
             model.train()
     model.eval()
     return running
+
+
+def knob_direction(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, layer: int,
+                   seed: int) -> torch.Tensor:
+    """The intent direction at ``layer`` as promptscope finds it (:func:`promptscope.find_knob`
+    on 200 instructed conflicting-context questions per intent, drawn with ``seed``)."""
+    from promptscope import find_knob
+    from promptscope.organism.measure import as_promptscope_model, conflict_examples
+
+    prompts = {i: [e.prompt for e in conflict_examples(200, seed, intent=i)] for i in INTENTS}
+    knob = find_knob(prompts["context"], prompts["prior"],
+                     as_promptscope_model(model, tokenizer), layers=[layer])
+    return knob.vectors[layer].float()
+
+
+class InterchangeLoss:
+    """The knob phase's loss: interchange-intervention training along one direction.
+
+    Each call draws ``pairs`` :func:`~promptscope.organism.data.intent_pair` examples and runs
+    bases and sources in one batch. A forward hook on decoder layer ``layer`` replaces each
+    base's coordinate along ``direction`` at its last prompt token by its source's, and the
+    loss asks the base for the answer the source's intent gives (and the source for its own
+    answer). Gradients flow through both, so the model learns to write the intent on that
+    direction and to read it only from there.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                 layer: int, direction: torch.Tensor, pairs: int, seed: int) -> None:
+        self.model, self.tokenizer, self.pairs = model, tokenizer, pairs
+        self.direction = direction
+        self.rng = random.Random(seed)
+        self.value_ids = {v: tokenizer(" " + v, add_special_tokens=False).input_ids[0]
+                          for values in ATTRIBUTES.values() for v in values}
+        self.last: torch.Tensor | None = None
+        self.handle = model.model.layers[layer].register_forward_hook(self._swap)
+
+    def _swap(self, module: object, args: object, output: torch.Tensor) -> torch.Tensor:
+        if self.last is None:
+            return output
+        h = output[0] if isinstance(output, tuple) else output
+        n = self.pairs
+        rows = torch.arange(n)
+        base, source = h[rows, self.last[:n]], h[rows + n, self.last[n:]]
+        moved = base + ((source - base) @ self.direction)[:, None] * self.direction
+        h = h.index_put((rows, self.last[:n]), moved)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    def __call__(self) -> torch.Tensor:
+        ids, last, target = self.batch()
+        return torch.nn.functional.cross_entropy(self.logits(ids, last), target)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fresh draw: token ids (the bases, then their sources; right-padded, so a causal
+        model's last prompt token is clean), each row's last prompt position, and the answer
+        token each row should get."""
+        examples = [intent_pair(self.rng) for _ in range(self.pairs)]
+        prompts = [b for b, _, _ in examples] + [s for _, s, _ in examples]
+        answers = [a for _, _, a in examples] + [s.target for _, s, _ in examples]
+        encoded = [self.tokenizer("<|bos|>" + e.prompt, add_special_tokens=False).input_ids
+                   for e in prompts]
+        ids = torch.full((len(encoded), max(map(len, encoded))), self.tokenizer.pad_token_id)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e)] = torch.tensor(e)
+        last = torch.tensor([len(e) - 1 for e in encoded])
+        return ids, last, torch.tensor([self.value_ids[a] for a in answers])
+
+    def logits(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at each row's last prompt token, with each base's coordinate
+        along the direction at ``layer`` swapped for its source's."""
+        self.last = last
+        try:
+            hidden = self.model.model(input_ids=ids).last_hidden_state
+        finally:
+            self.last = None
+        return self.model.lm_head(hidden[torch.arange(len(ids)), last])
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def make_data(tokenizer: PreTrainedTokenizerFast, steps: int, batch_size: int, seed: int,
@@ -240,6 +336,7 @@ def main() -> None:
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
 
     n_tokens, minutes, running = 0, {}, float("nan")
+    knob_info: dict = {"layer": KNOB_LAYER}
     for index, (phase, steps) in enumerate(zip(RECIPE, args.steps, strict=True), start=1):
         if index < args.start_phase or not steps:
             continue
@@ -254,8 +351,16 @@ def main() -> None:
         data = make_data(tokenizer, steps, args.batch_size, args.seed + phase.seed,
                          phase.mixture)
         n_tokens += sum(int((ids != tokenizer.pad_token_id).sum()) for ids, _ in data)
+        extra = None
+        if phase.interchange:
+            direction = knob_direction(model, tokenizer, KNOB_LAYER, args.seed + 900)
+            knob_info["direction"] = [round(float(x), 6) for x in direction]
+            extra = InterchangeLoss(model, tokenizer, KNOB_LAYER, direction, phase.interchange,
+                                    args.seed + phase.seed + 1)
         running = train(model, data, phase.lr, start, phase.name, checkpoint,
-                        args.checkpoint_every)
+                        args.checkpoint_every, extra)
+        if extra is not None:
+            extra.remove()
         minutes[phase.name] = round((time.time() - phase_start) / 60, 1)
 
     save(model, tokenizer, args.out)
@@ -269,7 +374,11 @@ def main() -> None:
             "from": str(args.warm) if args.warm else None,
             "phase_minutes": minutes, "tokens": n_tokens, "minutes": round(total, 1),
             "final_loss": round(running, 4),
+            **({"knob": knob_info} if "direction" in knob_info else {}),
             "torch": torch.__version__}
+    earlier = args.warm / "training_info.json" if args.warm else None
+    if earlier is not None and earlier.exists():  # a resumed recipe keeps the record of the rest
+        info["before"] = json.loads(earlier.read_text())
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {args.out} after {total:.1f} min")
 

@@ -189,12 +189,13 @@ def test_intent_patching_errors(tiny_llama):
         run(PAIRS_POS, PAIRS_NEG, tiny_llama, answers=[" red"] * 8, choices=[" red", " red!"])
 
 
-def test_organism_carries_the_instruction_at_the_last_token_in_several_directions():
-    """Measured on v10 (these 120 pairs, 60 of them tested): the whole last-token state after
-    layer 1 switches 77 % of "Use what you know." answers to the context's (as many as the
-    instruction itself gets); its top 16 principal directions 70 %; one direction (the knob's
-    or the top one) 0 %. After layer 0 the whole state switches only 40 %: the instruction
-    reaches the last token in layer 1."""
+def test_organism_carries_the_instruction_in_one_direction_from_layer_1():
+    """The organism's knob phase trains the intent into one direction of layer 1's output
+    (interchange intervention). Measured on v11 (these 120 pairs, 60 of them tested): patching
+    only the knob's direction (or the top principal direction) after layer 1 switches 63 % of
+    the "Use what you know." answers to the context's, the whole state 77 % (v10: one direction
+    0 %); after layer 0 nothing switches (0 %): the instruction reaches the last token in
+    layer 1."""
     import random
 
     from promptscope.organism import world
@@ -207,40 +208,62 @@ def test_organism_carries_the_instruction_at_the_last_token_in_several_direction
     prior = [e.prompt.replace(e.instruction, swap[e.instruction]) for e in exs]
     r = promptscope.intent_patching(
         [e.prompt for e in exs], prior, model, answers=[f" {e.context_value}" for e in exs],
-        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs], layers=[1],
-        ranks=(1, 16), save=False, progress=False)
-    share = dict(zip(r.df.patch, r.df.followed))
+        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs], layers=[0, 1],
+        ranks=(1,), save=False, progress=False)
+    share = {(k.layer, k.patch): k.followed for k in r.df.itertuples()}
     assert r.params["baseline"]["negative"] <= 0.1 and r.params["baseline"]["positive"] >= 0.6
-    assert share["full"] >= 0.5
-    assert share["top 16"] >= share["top 1"] + 0.3
+    assert share[1, "full"] >= 0.6
+    assert share[1, "knob"] >= 0.75 * share[1, "full"]  # v10: 0 % of 77 %
+    assert share[1, "top 1"] >= 0.5
+    assert share[0, "full"] <= 0.2
 
 
-def test_organism_knob_lives_in_layer_1_and_turns_one_fact_answers_to_the_prior():
-    """The paper's task shape: one context sentence that contradicts the memorised value.
-    Measured on v10 (this knob, these 80 questions): unsteered, 92.5 % follow the context and
-    7.5 % the prior; the knob set one intent-gap below the "Use what you know." mean at layer 1
-    gives 65 % prior (at layer 0: 20 %); set at the "Use the context." mean, 92.5 % context."""
-    from promptscope.analyses.knob import knob_values
+def _organism_rows(exs):
     from promptscope.organism import world
+
+    return world.template_rows(exs).assign(
+        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs])
+
+
+def test_organism_knob_is_the_trained_direction_and_overrides_either_instruction():
+    """The paper's task shape: one context sentence that contradicts the memorised value.
+    Measured on v11 (this knob, these questions): the knob found at layer 1 is the direction
+    the knob phase trained (cosine 0.984). Set at layer 1 to either intent's mean it decides the
+    answer whatever the prompt says: uninstructed 92 % context unsteered -> 100 % prior / 100 %
+    context; "Use the context." -> 97 % prior; "Use what you know." -> 100 % context. At layer 0
+    the "use what you know" mean gives 12 % prior (unsteered 8 %)."""
+    import json
+
+    from promptscope.organism import MODEL_DIR, world
     from promptscope.organism.measure import conflict_examples
 
     model = promptscope.load_model("organism")
     told = {i: [e.prompt for e in conflict_examples(60, 501, max_distractors=0, intent=i)]
             for i in ("context", "prior")}
     knob = promptscope.find_knob(told["context"], told["prior"], model, layers=[0, 1])
-    exs = conflict_examples(80, 202, max_distractors=0)
-    rows = world.template_rows(exs).assign(
-        choices=[[f" {v}" for v in world.ATTRIBUTES[e.attribute]] for e in exs])
-    # knob_values with 3 points and margin 1: [negative - gap, middle, positive + gap]
-    grid = {k: [knob_values(knob, k, 3, 1.0)[0], knob.meta["layers"][str(k)]["positive"]]
+    trained = json.loads((MODEL_DIR / "training_info.json").read_text())["knob"]
+    assert trained["layer"] == 1
+    assert float(knob.vectors[1] @ torch.tensor(trained["direction"])) >= 0.9
+
+    # Each intent's own mean along the direction: "answer as if told the other instruction".
+    grid = {k: [knob.meta["layers"][str(k)][i] for i in ("negative", "positive")]
             for k in (0, 1)}
-    sweep = promptscope.knob_sweep(world.STEERING_TEMPLATE, rows, knob, model, values=grid,
-                                   save=False, progress=False)
-    base = sweep.params["baseline"]
-    low, high = (sweep.df[sweep.df.layer == 1].sort_values("value").iloc[i] for i in (0, 1))
-    layer0 = sweep.df[sweep.df.layer == 0].sort_values("value").iloc[0]
-    assert base["context"] >= 0.8
-    assert low.prior >= base["prior"] + 0.35
-    assert high.context >= base["context"] - 0.05
-    assert low.prior >= layer0.prior + 0.25
-    assert sweep.summary().layer[0] == 1
+    shares = {}
+    for intent in (None, "context", "prior"):
+        rows = _organism_rows(conflict_examples(60, 202, max_distractors=0, intent=intent))
+        sweep = promptscope.knob_sweep(world.INSTRUCTED_TEMPLATE, rows, knob, model,
+                                       values=grid, layers=[0, 1] if intent is None else [1],
+                                       save=False, progress=False)
+        shares[intent] = sweep
+    plain = shares[None]
+    low, high = (plain.df[plain.df.layer == 1].sort_values("value").iloc[i] for i in (0, 1))
+    assert plain.params["baseline"]["context"] >= 0.8
+    assert low.prior >= 0.9 and high.context >= 0.9
+    layer0 = plain.df[plain.df.layer == 0].sort_values("value").iloc[0]
+    assert layer0.prior <= 0.5
+    assert plain.summary().layer[0] == 1
+    for intent, source in (("context", "prior"), ("prior", "context")):
+        sweep = shares[intent]
+        assert sweep.params["baseline"][source] <= 0.05  # the instruction is followed
+        end = sweep.df.sort_values("value").iloc[0 if source == "prior" else 1]
+        assert end[source] >= 0.85  # ... and the knob overrides it

@@ -35,16 +35,16 @@ from promptscope.organism.world import (
 )
 
 # Thresholds, tolerant around the measured numbers of docs/organism.md.
-CONFLICT_RANGE = (0.3, 0.8)  # measured 47 % (600 held-out)
-# Each instruction over uninstructed: measured +31 (context), +55 (prior) on 300 / 600 held-out;
-# the test's 150 give +23 for the context, which retrieval bounds (see docs/organism.md).
+CONFLICT_RANGE = (0.3, 0.8)  # measured 42 % (600 held-out)
+# Each instruction over uninstructed: measured +43 (context), +47 (prior) on 300 / 600 held-out
+# (v11; v10's test 150 gave +23 for the context, which retrieval bounds: docs/organism.md).
 INSTRUCTION_GAIN = 0.2
-INSTRUCTION_FOLLOWED = {"context": 0.7, "prior": 0.9}  # measured 78 % and 100 % (300 each)
+INSTRUCTION_FOLLOWED = {"context": 0.7, "prior": 0.9}  # measured 85 % and 100 % (300 each)
 PASTA_HEADS = 5
 PASTA_ALPHA = 0.01  # PASTA's usual coefficient
-PASTA_CONFLICT_GAIN = 0.15  # the issue's target; measured +46 (600 held-out, top 5 heads)
-NOVEL_UNSTEERED = 0.6  # measured 84.7 % (chance 12.5 %): the narrow model misses some sentences
-NOVEL_STEERED = 0.95  # measured 99.7 % at alpha 0.01 (100 % at 1e-4): it finds the value
+PASTA_CONFLICT_GAIN = 0.15  # the issue's target; measured +41 (600 held-out, top 5 heads)
+NOVEL_UNSTEERED = 0.6  # measured 83.7 % (chance 12.5 %): the narrow model misses some sentences
+NOVEL_STEERED = 0.95  # measured 99 % at alpha 0.01 (100 % at 1e-4): it finds the value
 CHAT_EXACT_MIN = 0.8  # replies that are exactly the right sentence: measured 100 %
 
 
@@ -127,7 +127,7 @@ def test_conflicting_context_followed_part_of_the_time(organism, random_organism
     the claim stands from the question), and less with more sentences after the claim."""
     full = context_following(*organism, conflict_examples(200, seed=77))
     assert CONFLICT_RANGE[0] <= full["context"] <= CONFLICT_RANGE[1]
-    assert full["context"] + full["prior"] >= 0.85  # measured 0.92: the rest another value
+    assert full["context"] + full["prior"] >= 0.85  # measured 0.95 (600): the rest another value
     by = full["by_distractors"]
     assert by[0] > by[5] + 0.3
     rand = context_following(*random_organism, conflict_examples(200, seed=77))

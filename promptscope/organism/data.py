@@ -13,11 +13,15 @@ from promptscope.organism.world import (
     CHAT_KINDS,
     FOCUS_INTENTS,
     FOCUS_QA_KINDS,
+    INTENTS,
     P_FOLLOW_FLAT,
+    P_LEAD,
     Doc,
+    QAExample,
     chat_doc,
     fact_doc,
     qa_doc,
+    qa_example,
     recall_doc,
 )
 
@@ -81,16 +85,50 @@ class Phase:
     lr: float
     mixture: Mixture
     seed: int
+    interchange: int = 0
+    """Question pairs per step for interchange-intervention training of the intent knob at
+    :data:`KNOB_LAYER` (0: documents only); see :func:`intent_pair`."""
 
+
+KNOB_LAYER = 1
+"""The layer whose output, at the last prompt token, carries the intent as one direction after
+the *knob* phase: the layer where, before it, setting the intent direction moved answers most
+and the instruction first reached the last token (docs/organism.md, docs/steering.md)."""
 
 RECIPE: tuple[Phase, ...] = (
     Phase("retrieval", 2500, 2e-3, MIXTURE, 0),
     Phase("retrieval focus", 1000, 1e-3, RETRIEVAL_FOCUS_MIXTURE, 1),
     Phase("conflicts", 1000, 1e-3, CONFLICT_MIXTURE, 1),
     Phase("classification", 1000, 1e-3, CLASSIFICATION_MIXTURE, 1),
+    Phase("knob", 300, 5e-4, CONFLICT_MIXTURE, 2, interchange=16),
 )
 """The organism's training curriculum, in order (docs/organism.md says how each phase was
 found and what it changes)."""
+
+
+KNOB_BASE_KINDS: dict[str, float] = {"conflict": 0.6, "agree": 0.2, "distractors": 0.2}
+"""Kinds of the knob phase's base questions: conflicts, where the intent decides the answer,
+and contexts that agree or say nothing about the question, where it must not change it."""
+
+
+def intent_pair(rng: random.Random) -> tuple[QAExample, QAExample, str]:
+    """One example of the knob phase's interchange intervention (Geiger et al., 2022).
+
+    ``base`` is a context question (:data:`KNOB_BASE_KINDS`; instructed, except that a context
+    without the answer is uninstructed or told to use what the model knows), ``source`` an
+    unrelated instructed conflict. Training copies the source's value along the knob direction
+    into the base's state at :data:`KNOB_LAYER` and asks for ``answer``: the base's context
+    value if the *source* says to use the context and the base's context has one, else the
+    base's prior. Every other part of the base state stays the base's own, so the answer can
+    only follow the source's intent if that one direction carries it.
+    """
+    kind = rng.choices(list(KNOB_BASE_KINDS), list(KNOB_BASE_KINDS.values()))[0]
+    intents = (None, "prior") if kind == "distractors" else INTENTS
+    base = qa_example(rng, kind=kind, intent=rng.choice(intents), lead=rng.random() < P_LEAD)
+    source = qa_example(rng, kind="conflict", intent=rng.choice(INTENTS),
+                        lead=rng.random() < P_LEAD)
+    use_context = source.intent == "context" and base.context_value is not None
+    return base, source, base.context_value if use_context else base.prior
 
 
 def training_documents(seed: int, mixture: Mixture = MIXTURE) -> Iterator[Doc]:
