@@ -568,3 +568,57 @@ def test_steering_lab_marks_the_current_setting_on_the_comparison_curve(tiny_lla
     assert star().y[0] == pytest.approx(caa["d_accuracy"].mean())
     assert len([t for t in lab.curve.figure.data if t.marker.symbol == "star"]) == 2
     _no_hooks_left(tiny_llama)
+
+
+# ------------------------------------------------------------- torch.compile
+def _fresh(tiny_llama_dir):
+    from promptscope.models.hf import HFModel
+
+    return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama-compile")
+
+
+def test_steered_generation_is_steered_when_transformers_compiles_the_decoding_step(
+        tiny_llama_dir):
+    """With a static cache on a GPU, transformers compiles the decoding step the first time it
+    generates, and compiled code runs no hook added later: a vector would steer the prompt pass
+    only. promptscope generates uncompiled while a vector is on (forced here on the CPU with
+    the eager backend, so that it compiles at all)."""
+    from transformers import CompileConfig
+
+    model = _fresh(tiny_llama_dir)
+    v = _vector(model, scale=4.0)
+
+    def run():
+        plain = model.generate(PROMPTS[:1], max_new_tokens=5)[0][0]
+        with promptscope.steer(model, vector=v):
+            steered = model.generate(PROMPTS[:1], max_new_tokens=5)[0][0]
+        return plain, steered
+
+    want_plain, want_steered = run()  # uncompiled
+    config = model.model.generation_config
+    config.cache_implementation = "static"
+    config.compile_config = CompileConfig(backend="eager")
+    config.compile_config._compile_all_devices = True  # transformers compiles on a GPU only
+    plain, steered = run()  # the plain call compiles the decoding step first
+    assert getattr(model.model, "_compiled_call", None) is not None  # it did compile
+    assert steered.text == want_steered.text
+    assert steered.logprob == pytest.approx(want_steered.logprob, abs=1e-4)
+    assert plain.logprob == pytest.approx(want_plain.logprob, abs=1e-4)
+    assert abs(want_steered.logprob - want_plain.logprob) > 1e-3
+
+
+@pytest.mark.parametrize("how", ["module", "forward"])
+def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(tiny_llama_dir, how):
+    from promptscope.models.vectors import collect_states
+
+    model = _fresh(tiny_llama_dir)
+    if how == "module":
+        model.model.compile(backend="eager")
+    else:
+        model.model.forward = torch.compile(model.model.forward, backend="eager")
+    with pytest.raises(CapabilityError, match="compiled with torch.compile"):
+        with promptscope.steer(model, vector=_vector(model)):
+            pass
+    assert model.vector_steering is None
+    with pytest.raises(CapabilityError, match="compiled with torch.compile"):
+        collect_states(model, PROMPTS[:1], [LAYER])

@@ -463,6 +463,9 @@ class HFModel(Model):
                 eos_token_id=self.stop_ids or None,
                 return_dict_in_generate=True,
                 output_logits=True,
+                # transformers compiles the decoding step for static caches on a GPU; compiled
+                # code skips forward hooks added after compiling, so steer it uncompiled.
+                **({"disable_compile": True} if self.vector_steering is not None else {}),
             )
         new = out.sequences[:, width:]
         logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)

@@ -199,7 +199,20 @@ def load_vector(name_or_id: str, *, store: Any = None) -> SteeringVector:
 
 # ---------------------------------------------------------------------- model structure
 def decoder_layers(model: Any) -> Any:
-    """The ``nn.ModuleList`` of a transformers causal LM's decoder layers."""
+    """The ``nn.ModuleList`` of a transformers causal LM's decoder layers, to hook.
+
+    Refuses a ``torch.compile``'d model: its compiled code does not run hooks registered after
+    it was compiled (torch does not guard on them), so steering or reading states would
+    silently do nothing.
+    """
+    if compiled(model):
+        from promptscope.errors import CapabilityError
+
+        raise CapabilityError(
+            "This model's forward is compiled with torch.compile, and compiled code ignores "
+            "hooks added after compiling: vector steering, hidden states and patching would "
+            "silently do nothing. Load the model again without compiling it (promptscope's own "
+            "generation already uses an uncompiled decoding step while steering).")
     n = getattr(model.config, "num_hidden_layers", None)
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
         obj = model
@@ -214,6 +227,14 @@ def decoder_layers(model: Any) -> Any:
 
     raise CapabilityError(f"Cannot find the decoder layers of {type(model).__name__}; vector "
                           "steering needs a list of num_hidden_layers blocks.")
+
+
+def compiled(model: Any) -> bool:
+    """Whether ``torch.compile`` wraps this module's forward: ``torch.compile(model)``,
+    ``model.compile()`` or ``model.forward = torch.compile(model.forward)``."""
+    return (hasattr(model, "_orig_mod")
+            or getattr(model, "_compiled_call_impl", None) is not None
+            or hasattr(getattr(model, "forward", None), "_torchdynamo_orig_callable"))
 
 
 def hidden_size(model: Any) -> int:
