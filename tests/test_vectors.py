@@ -612,6 +612,12 @@ def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(tiny_llama_dir
     from promptscope.models.vectors import collect_states
 
     model = _fresh(tiny_llama_dir)
+
+    def pasta():  # no hooks: its attention function reads the steering state on every call
+        with promptscope.steer(model, heads="all", alpha=0.01, emphasis="Ann lives in Rome."):
+            return model.score(PROMPTS[:1], [" Rome"])[0].logprob
+
+    want = pasta()
     if how == "module":
         model.model.compile(backend="eager")
     else:
@@ -622,3 +628,4 @@ def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(tiny_llama_dir
     assert model.vector_steering is None
     with pytest.raises(CapabilityError, match="compiled with torch.compile"):
         collect_states(model, PROMPTS[:1], [LAYER])
+    assert pasta() == pytest.approx(want, abs=1e-5)
