@@ -628,4 +628,6 @@ def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(tiny_llama_dir
     assert model.vector_steering is None
     with pytest.raises(CapabilityError, match="compiled with torch.compile"):
         collect_states(model, PROMPTS[:1], [LAYER])
+    with pytest.raises(CapabilityError, match="Attention capture needs the model uncompiled"):
+        promptscope.attention(PROMPTS[0], model, save=False)  # was an internal torch error
     assert pasta() == pytest.approx(want, abs=1e-5)

@@ -106,9 +106,12 @@ def attention(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from promptscope.models.vectors import check_uncompiled
+
     tpl = template if isinstance(template, Template) else parse_template(template)
     mdl = resolve_model(model)
     mdl.require("attention", "Attention capture")
+    check_uncompiled(mdl.model, "Attention capture")  # type: ignore[attr-defined]
     cfg = mdl.model.config  # type: ignore[attr-defined]
     layer_ids = _pick(layers, cfg.num_hidden_layers, "layer")
     head_ids = _pick(heads, cfg.num_attention_heads, "head")

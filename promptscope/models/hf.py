@@ -159,6 +159,15 @@ class HFModel(Model):
             "heads": getattr(cfg, "num_attention_heads", None),
         }
 
+    def require(self, capability: str, analysis: str) -> None:
+        """As :meth:`Model.require`; hidden states also need the model uncompiled (they are
+        read and steered with hooks, which compiled code skips)."""
+        super().require(capability, analysis)
+        if capability == "hidden_states":
+            from promptscope.models.vectors import check_uncompiled
+
+            check_uncompiled(self.model, analysis)
+
     @property
     def stop_ids(self) -> list[int]:
         """Token ids that end a generation: the generation config's (a chat model may list its
@@ -249,7 +258,9 @@ class HFModel(Model):
             The tokens of each prompt.
         """
         from promptscope.models.steering import use_promptscope_attention
+        from promptscope.models.vectors import check_uncompiled
 
+        check_uncompiled(self.model, "Attention capture")
         use_promptscope_attention(self.model)
         ids = [self.encode_prompt(p) for p in prompts]
         flags = self._emphasis_flags(prompts)

@@ -199,20 +199,9 @@ def load_vector(name_or_id: str, *, store: Any = None) -> SteeringVector:
 
 # ---------------------------------------------------------------------- model structure
 def decoder_layers(model: Any) -> Any:
-    """The ``nn.ModuleList`` of a transformers causal LM's decoder layers, to hook.
-
-    Refuses a ``torch.compile``'d model: its compiled code does not run hooks registered after
-    it was compiled (torch does not guard on them), so steering or reading states would
-    silently do nothing.
-    """
-    if compiled(model):
-        from promptscope.errors import CapabilityError
-
-        raise CapabilityError(
-            "This model's forward is compiled with torch.compile, and compiled code ignores "
-            "hooks added after compiling: vector steering, hidden states and patching would "
-            "silently do nothing. Load the model again without compiling it (promptscope's own "
-            "generation already uses an uncompiled decoding step while steering).")
+    """The ``nn.ModuleList`` of a transformers causal LM's decoder layers, to hook (refused on
+    a ``torch.compile``'d model, :func:`check_uncompiled`)."""
+    check_uncompiled(model, "Hooking its layers")
     n = getattr(model.config, "num_hidden_layers", None)
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
         obj = model
@@ -227,6 +216,21 @@ def decoder_layers(model: Any) -> Any:
 
     raise CapabilityError(f"Cannot find the decoder layers of {type(model).__name__}; vector "
                           "steering needs a list of num_hidden_layers blocks.")
+
+
+def check_uncompiled(model: Any, analysis: str) -> None:
+    """Refuse a ``torch.compile``'d transformers model for ``analysis``: compiled code does not
+    run forward hooks registered after compiling (torch does not guard on them), so steering,
+    reading states or capturing attention would silently do nothing, or fail deep inside
+    torch."""
+    if compiled(model):
+        from promptscope.errors import CapabilityError
+
+        raise CapabilityError(
+            f"{analysis} needs the model uncompiled: its forward is compiled with torch.compile, "
+            "whose code skips hooks added after compiling. Load the model again without "
+            "compiling it (promptscope's own generation already runs uncompiled while a vector "
+            "steers it).")
 
 
 def compiled(model: Any) -> bool:
