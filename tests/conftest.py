@@ -43,6 +43,14 @@ def tiny_llama(tiny_llama_dir):
     return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama", **_ON_DEVICE)
 
 
+@pytest.fixture
+def fresh_tiny_llama(tiny_llama_dir):
+    """A tiny llama of its own (not the session's), for a test that changes the model."""
+    from promptscope.models.hf import HFModel
+
+    return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama-own", **_ON_DEVICE)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_gpt2_dir):
     from promptscope.models.hf import HFModel

@@ -571,21 +571,15 @@ def test_steering_lab_marks_the_current_setting_on_the_comparison_curve(tiny_lla
 
 
 # ------------------------------------------------------------- torch.compile
-def _fresh(tiny_llama_dir):
-    from promptscope.models.hf import HFModel
-
-    return HFModel.from_pretrained(tiny_llama_dir, name="tiny-llama-compile")
-
-
 def test_steered_generation_is_steered_when_transformers_compiles_the_decoding_step(
-        tiny_llama_dir):
+        fresh_tiny_llama):
     """With a static cache on a GPU, transformers compiles the decoding step the first time it
     generates, and compiled code runs no hook added later: a vector would steer the prompt pass
     only. promptscope generates uncompiled while a vector is on (forced here on the CPU with
     the eager backend, so that it compiles at all)."""
     from transformers import CompileConfig
 
-    model = _fresh(tiny_llama_dir)
+    model = fresh_tiny_llama
     v = _vector(model, scale=4.0)
 
     def run():
@@ -608,10 +602,10 @@ def test_steered_generation_is_steered_when_transformers_compiles_the_decoding_s
 
 
 @pytest.mark.parametrize("how", ["module", "forward"])
-def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(tiny_llama_dir, how):
+def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(fresh_tiny_llama, how):
     from promptscope.models.vectors import collect_states
 
-    model = _fresh(tiny_llama_dir)
+    model = fresh_tiny_llama
 
     def pasta():  # no hooks: its attention function reads the steering state on every call
         with promptscope.steer(model, heads="all", alpha=0.01, emphasis="Ann lives in Rome."):

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU checks a lent device runs in one call (docs/steering.md): the CUDA paths of the
+# steering and vector tests, the static-cache / compile tests, then PASTA and vector timings on a
+# 0.6 B random llama. Full logs (never only a tail) go to $OUT (default /tmp/gpu-check).
+#
+#   bash bench/gpu_check.sh          # about 6-8 minutes on an H100 / H200
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi; python -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } \
+  > "$out/versions.txt" 2>&1
+PROMPTSCOPE_TEST_DEVICE=cuda timeout 300 python -m pytest -q --tb=short -p no:cacheprovider \
+  tests/test_steering.py tests/test_vectors.py > "$out/tests.log" 2>&1
+echo "tests: exit $?" >> "$out/summary.txt"
+timeout 300 python bench/bench_steering.py --device cuda --threads 8 --preset 0.6b \
+  --lengths 128 2048 --methods plain promptscope "vector add" "vector ICV" --repeats 5 \
+  > "$out/bench.log" 2>&1
+echo "bench: exit $?" >> "$out/summary.txt"
+cat "$out/summary.txt"
