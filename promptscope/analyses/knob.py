@@ -15,7 +15,7 @@ moves the answers from prior to context, the knob lives there.
   figure plots context- and prior-following against the knob's value, one panel per layer.
 
 The knob is a steering value like any other: ``promptscope.steer(model, method="vector",
-vector=knob, strength=value, layers=[2], start="last")``, saved with ``knob.save()``, and usable
+vector=knob, strength=value, layers=[1], start="last")``, saved with ``knob.save()``, and usable
 in :func:`promptscope.compare_steering`.
 """
 
@@ -63,7 +63,7 @@ def find_knob(
 
     Example:
         >>> knob = promptscope.find_knob(context_prompts, prior_prompts, model)  # doctest: +SKIP
-        >>> with promptscope.steer(model, vector=knob, strength=30, layers=[2], start="last"):
+        >>> with promptscope.steer(model, vector=knob, strength=30, layers=[1], start="last"):
         ...     model.score([question], [" red"])                                # doctest: +SKIP
     """
     import torch
