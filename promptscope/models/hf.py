@@ -252,15 +252,14 @@ class HFModel(Model):
 
         Only ``layers`` compute their weights explicitly (the others stay on SDPA), and nothing is
         kept here: ``on_weights(index, layer, weights)`` gets one prompt's ``[H, L, L]`` float32
-        tensor (padding removed) and keeps what it needs. Active steering applies.
+        tensor (padding removed) and keeps what it needs. Active steering applies. The model
+        must be uncompiled (``promptscope.attention`` checks that before a session starts).
 
         Returns:
             The tokens of each prompt.
         """
         from promptscope.models.steering import use_promptscope_attention
-        from promptscope.models.vectors import check_uncompiled
 
-        check_uncompiled(self.model, "Attention capture")
         use_promptscope_attention(self.model)
         ids = [self.encode_prompt(p) for p in prompts]
         flags = self._emphasis_flags(prompts)
