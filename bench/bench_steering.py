@@ -21,6 +21,10 @@ at most 1.15x the plain time.
     python bench/bench_steering.py --preset 0.6b --lengths 512 2048 8192 --device cuda
     python bench/bench_steering.py --methods plain "vector add" "vector ICV"
     python bench/bench_steering.py --hook-cost --model organism
+    python bench/bench_steering.py --hook-cost --preset 0.6b --dtype bf16 --device cuda
+
+``--hook-cost`` times the vector hooks alone per decoding step and counts what they dispatch:
+aten ops, and on CUDA the kernels launched (a decoding step at batch 1 is bound by launches).
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
     import promptscope
 
     torch.set_num_threads(args.threads)
-    model = promptscope.load_model(args.model, device=args.device)
+    model = promptscope.load_model(args.model, device=args.device, dtype=args.dtype)
     prompt, key = make_prompt(model.tokenizer, args.length)
     if args.child == "eager PASTA":
         from transformers import AttentionInterface
@@ -146,9 +150,29 @@ def child(args: argparse.Namespace) -> None:
                       "tokens": len(model.encode_prompt(prompt))}))
 
 
+def dispatch_counts(fn) -> tuple[int, int | None]:
+    """(aten ops called at the top level, CUDA kernels launched) by one call of ``fn``; the
+    kernel count is None off CUDA."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"
+              and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))
+    kernels = (sum(1 for e in events if e.device_type.name == "CUDA") if cuda else None)
+    return ops, kernels
+
+
 def hook_cost(args: argparse.Namespace) -> None:
     """The vector hooks' own cost per decoding step (pre-hook + one hook per steered layer),
-    timed alone: end-to-end ratios on a shared machine are dominated by load noise."""
+    timed alone (end-to-end ratios on a shared machine are dominated by load noise), and what
+    they dispatch per step."""
     import timeit
 
     import torch
@@ -158,12 +182,17 @@ def hook_cost(args: argparse.Namespace) -> None:
     from promptscope.models.vectors import SteeringVector, VectorSteering, _Hooks
 
     torch.set_num_threads(args.threads)
-    model = promptscope.load_model(args.model, device=args.device)
+    if not args.model:
+        args.model = _random_llama(args)
+    model = promptscope.load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = model.model.config
     ids = torch.tensor([model.encode_prompt("Context: Ann lives in Rome. Where does Ann live?")],
                        device=model.device)
     mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long, device=model.device)
-    x = torch.randn(1, 1, cfg.hidden_size, device=model.device)
+    x = torch.randn(1, 1, cfg.hidden_size, device=model.device, dtype=model.model.dtype)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    print(f"{args.model}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{model.model.dtype}, {model.device}")
     for mode, layers in (("add", [1, 2]), ("icv", list(range(cfg.num_hidden_layers)))):
         vec = SteeringVector({i: torch.nn.functional.normalize(torch.randn(cfg.hidden_size),
                                                                dim=0) for i in layers},
@@ -176,8 +205,12 @@ def hook_cost(args: argparse.Namespace) -> None:
             for fn in fns:
                 fn(None, None, x)
 
-        per = min(timeit.repeat(step, number=2000, repeat=7)) / 2000
-        print(f"{mode} on {len(layers)} layers: {per * 1e6:.0f} us per decoding step")
+        step()  # caches the vectors on the device
+        ops, kernels = dispatch_counts(step)
+        per = min(timeit.repeat(lambda s=step: (s(), sync()), number=2000, repeat=7)) / 2000
+        launched = f", {kernels} CUDA kernels" if kernels is not None else ""
+        print(f"{mode} on {len(layers)} layers: {per * 1e6:.0f} us per decoding step; "
+              f"{ops} aten ops{launched} per step")
     enc = model.model(input_ids=ids, use_cache=True)
     nxt = enc.logits[:, -1].argmax(-1, keepdim=True)
     cache = _output_cache(enc)
@@ -185,9 +218,20 @@ def hook_cost(args: argparse.Namespace) -> None:
     def decode() -> None:
         with torch.no_grad():
             model.model(input_ids=nxt, use_cache=False, **{model._cache_kwarg: cache})
+        sync()
 
     per = min(timeit.repeat(decode, number=50, repeat=5)) / 50
-    print(f"one decoding step of the model: {per * 1e6:.0f} us")
+    ops, kernels = dispatch_counts(decode)
+    launched = f", {kernels} CUDA kernels" if kernels is not None else ""
+    print(f"one decoding step of the model: {per * 1e6:.0f} us; {ops} aten ops{launched}")
+
+
+def _random_llama(args: argparse.Namespace) -> str:
+    """A random llama of ``--preset``'s shape in a temporary folder."""
+    from promptscope.testing import make_tiny_model
+
+    return str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-llama", **PRESETS[args.preset],
+                               head_dim=64, max_positions=max(4096, max(args.lengths) + 64)))
 
 
 def main() -> None:
@@ -197,6 +241,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="model dtype (default: bf16 on capable GPUs, else fp32)")
     p.add_argument("--model", help="model folder (default: a random llama of --preset's shape)")
     p.add_argument("--preset", choices=PRESETS, default="small",
                    help="shape of the random llama built when no --model is given")
@@ -215,11 +261,7 @@ def main() -> None:
         return
     given_model = bool(args.model)
     if not args.model:
-        from promptscope.testing import make_tiny_model
-
-        args.model = str(make_tiny_model(Path(tempfile.mkdtemp()) / "bench-llama",
-                                          **PRESETS[args.preset], head_dim=64,
-                                          max_positions=max(4096, max(args.lengths) + 64)))
+        args.model = _random_llama(args)
     where = args.device or "default device"
     shape = PRESETS[args.preset]
     what = (f"random llama ({shape['num_layers']} layers, hidden {shape['hidden_size']}, "
@@ -242,6 +284,8 @@ def main() -> None:
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]
             if args.device:
                 cmd += ["--device", args.device]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{method} at {length} tokens failed:\n{out.stderr[-3000:]}")

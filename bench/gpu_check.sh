@@ -3,7 +3,7 @@
 # steering and vector tests, the static-cache / compile tests, then PASTA and vector timings on a
 # 0.6 B random llama. Full logs (never only a tail) go to $OUT (default /tmp/gpu-check).
 #
-#   bash bench/gpu_check.sh          # about 6-8 minutes on an H100 / H200
+#   bash bench/gpu_check.sh          # about 7-9 minutes on an H100 / H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}
@@ -14,6 +14,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PROMPTSCOPE_TEST_DEVICE=cuda timeout 300 python -m pytest -q --tb=short -p no:cacheprovider \
   tests/test_steering.py tests/test_vectors.py > "$out/tests.log" 2>&1
 echo "tests: exit $?" >> "$out/summary.txt"
+# The hooks alone: time, aten ops and CUDA kernels per decoding step (the ICV shift's fused
+# rms_norm form should launch 4 kernels per layer), bf16 as in the generation rows below.
+timeout 120 python bench/bench_steering.py --hook-cost --device cuda --dtype bf16 --preset 0.6b \
+  > "$out/hook_cost.log" 2>&1
+echo "hook cost: exit $?" >> "$out/summary.txt"
 timeout 300 python bench/bench_steering.py --device cuda --threads 8 --preset 0.6b \
   --lengths 128 2048 --methods plain promptscope "vector add" "vector ICV" --repeats 5 \
   > "$out/bench.log" 2>&1

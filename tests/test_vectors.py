@@ -7,8 +7,15 @@ import torch
 
 import promptscope
 from promptscope.errors import CapabilityError, PromptscopeError
+from promptscope.models import vectors
 from promptscope.models.hf import _output_cache
-from promptscope.models.vectors import SteeringVector, decoder_layers, load_vector
+from promptscope.models.vectors import (
+    SteeringVector,
+    VectorSteering,
+    _Hooks,
+    decoder_layers,
+    load_vector,
+)
 
 PROMPTS = [
     "Context: Ann lives in Rome. Bob lives in Oslo. Question: where does Ann live? Answer:",
@@ -286,7 +293,10 @@ def test_icv_is_first_principal_direction_of_differences(tiny_llama):
     assert icv.mode == "icv" and icv.meta["n_pairs"] == 4 and 0 < icv.meta["explained"][0] <= 1
 
 
-def test_icv_shift_preserves_each_latent_norm(tiny_llama):
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu ops", "fused rms_norm ops"])
+def test_icv_shift_preserves_each_latent_norm(tiny_llama, monkeypatch, fused):
+    # The op form GPUs take (fused rms_norm) is checked here on the CPU too.
+    monkeypatch.setattr(vectors, "fused_rms_norm", lambda t: fused)
     icv = promptscope.in_context_vector(DEMOS, tiny_llama)
     block = decoder_layers(tiny_llama.model)[1]
     seen = []
@@ -311,6 +321,32 @@ def test_icv_shift_preserves_each_latent_norm(tiny_llama):
     real = torch.arange(width)[None, :] >= (width - lengths)[:, None]
     assert torch.allclose(post[real], expected[real], atol=1e-4)
     assert torch.equal(post[~real], pre[~real])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu ops", "fused rms_norm ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_icv_shift_in_the_models_dtype(monkeypatch, fused, dtype):
+    """Both op forms of the shift give the paper's formula, computed in fp32, back in the
+    model's dtype; padding stays untouched and an all-zero latent stays zero (no NaN)."""
+    monkeypatch.setattr(vectors, "fused_rms_norm", lambda t: fused)
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    hooks = _Hooks(VectorSteering(SteeringVector({0: u}, 64, mode="icv"), 0.5, [0]))
+    h = (torch.randn(2, 3, 64, generator=g) * 4).to(dtype)
+    h[0, 1] = 0
+    hooks.gate = torch.tensor([[True, True, True], [False, True, True]])[..., None]
+    out = hooks.layer_hook(0)(None, None, (h, "other outputs"))
+    assert out[1] == "other outputs" and out[0].dtype == dtype
+    got, hf = out[0].float(), h.float()
+    n = hf.norm(dim=-1, keepdim=True)
+    expected = (torch.nn.functional.normalize(hf / n + 0.5 * u, dim=-1) * n).to(dtype).float()
+    real = hooks.gate[..., 0].clone()
+    real[0, 1] = False
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got[real], expected[real], rtol=tol, atol=tol)
+    assert torch.allclose(got[real].norm(dim=-1), n[real][:, 0], rtol=tol)
+    assert torch.equal(got[0, 1], torch.zeros(64))
+    assert torch.equal(out[0][1, 0], h[1, 0])  # padding
 
 
 def test_contrastive_vector_is_mean_difference(tiny_llama):
