@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-ARCHITECTURES = ("llama", "gpt2")
+ARCHITECTURES = ("llama", "gpt2", "inkling")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -75,7 +76,9 @@ def make_tiny_model(
 
     Args:
         folder: where to save (created).
-        arch: ``"llama"`` (grouped-query attention: ``num_kv_heads < num_heads``) or ``"gpt2"``.
+        arch: ``"llama"`` (grouped-query attention: ``num_kv_heads < num_heads``), ``"gpt2"``
+            or ``"inkling"`` (transformers' Inkling text model: its attention takes a learnt
+            relative-position bias as ``position_bias``; layer 0 has a sliding window of 8).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: llama only; default ``hidden_size // num_heads``.
         vocab_size: tokenizer vocabulary size.
@@ -101,12 +104,34 @@ def make_tiny_model(
                              head_dim=head_dim or hidden_size // num_heads,
                              max_position_embeddings=max_positions, tie_word_embeddings=True,
                              **ids)
-    else:
+    elif arch == "gpt2":
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
                             n_head=num_heads, n_positions=max_positions, **ids)
+    else:  # a learnt relative-position bias, passed to the attention function per call
+        config = _inkling_config(len(tokenizer), hidden_size, num_layers, num_heads,
+                                 num_kv_heads, head_dim or hidden_size // num_heads,
+                                 max_positions, ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _inkling_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                    head_dim: int, max_positions: int, ids: dict) -> Any:
+    """A small Inkling text config: dense MLPs, layer 0 sliding (window 8), the rest global."""
+    try:
+        from transformers.models.inkling.configuration_inkling import InklingTextConfig
+    except ImportError as e:  # added in transformers 5.x
+        raise ValueError("arch='inkling' needs a transformers with the Inkling model; "
+                         "upgrade transformers") from e
+    return InklingTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, swa_num_attention_heads=heads, swa_num_key_value_heads=kv_heads,
+        swa_head_dim=head_dim, sliding_window_size=8, d_rel=4, rel_extent=64,
+        initializer_range=0.2,  # with 0.02 a tiny random model barely reacts to attention
+        layer_types=["hybrid_sliding"] + ["hybrid"] * (layers - 1),
+        mlp_layer_types=["dense"] * layers, max_position_embeddings=max_positions, **ids)

@@ -58,9 +58,12 @@ def tiny_gpt2(tiny_gpt2_dir):
     return HFModel.from_pretrained(tiny_gpt2_dir, name="tiny-gpt2", **_ON_DEVICE)
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny_model(request, tiny_llama, tiny_gpt2):
-    return tiny_llama if request.param == "llama" else tiny_gpt2
+@pytest.fixture(params=["llama", "gpt2", "inkling"])
+def tiny_model(request):
+    """Each family in turn: llama (GQA), gpt2, and a model with a relative-position bias and a
+    sliding window (fetched lazily: it is skipped where transformers lacks it)."""
+    name = {"llama": "tiny_llama", "gpt2": "tiny_gpt2", "inkling": "tiny_relbias"}[request.param]
+    return request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +76,15 @@ def ip():
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "promptscope")
     return shell
+
+
+@pytest.fixture(scope="session")
+def tiny_relbias(tmp_path_factory):
+    """A tiny model whose attention takes a relative-position bias per call (``position_bias``,
+    transformers' Inkling), with a sliding window on layer 0: the path other families skip."""
+    pytest.importorskip("transformers.models.inkling")
+    from promptscope.models.hf import HFModel
+    from promptscope.testing import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("models") / "inkling", arch="inkling")
+    return HFModel.from_pretrained(folder, name="tiny-relbias", **_ON_DEVICE)

@@ -31,14 +31,17 @@ _REF: dict = {}
 
 
 def pasta_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                    **kwargs):
+                    position_bias=None, **kwargs):
     """PASTA as its paper writes it: eager softmax, then on the steered heads multiply the
-    attention to non-emphasised prompt tokens by alpha and renormalise."""
+    attention to non-emphasised prompt tokens by alpha and renormalise. A relative-position
+    bias (models that pass ``position_bias``) is added to the scores as their eager code does."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     groups = query.shape[1] // key.shape[1]
     k, v = repeat_kv(key, groups), repeat_kv(value, groups)
     scores = torch.matmul(query, k.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
+    if position_bias is not None:
+        scores = scores + position_bias
     lq, lk = query.shape[2], key.shape[2]
     if attention_mask is None:
         at = {"device": scores.device}

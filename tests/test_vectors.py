@@ -230,11 +230,15 @@ def test_left_padding_untouched_and_batched_scores_match_single(tiny_model):
                 h2.remove()
     finally:
         handle.remove()
-    plain, _, steered = seen
+    plain, before, steered = seen  # before / steered: layer 1's output around our hook
     pad = mask == 0
     assert pad.any()
-    assert torch.equal(steered[pad], plain[pad])
-    assert not torch.allclose(steered[~pad], plain[~pad])
+    # The hook leaves padding as it finds it (compared within one pass: in some models, e.g.
+    # Inkling, padding rows attend to real tokens, so they differ from the plain pass anyway).
+    assert torch.equal(steered[pad], before[pad])
+    assert not torch.allclose(steered[~pad], before[~pad])
+    if m.model.config.model_type in ("llama", "gpt2"):  # padding sees only padding there
+        assert torch.equal(steered[pad], plain[pad])
 
 
 def test_generation_with_kv_cache_equals_no_cache_reference(tiny_model):

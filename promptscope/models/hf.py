@@ -238,7 +238,8 @@ class HFModel(Model):
         heads = ({layer: torch.tensor(h, device=self.device)
                   for layer, h in self.steering.heads.items()} if flags is not None else {})
         return forward_context(_Forward(key_bias=bias, capture=capture, capture_layers=layers,
-                                        kernel=kernel, heads=heads))
+                                        kernel=kernel, heads=heads),
+                               self.model if bias else None)
 
     @torch.inference_mode()
     def forward_with_attention(
@@ -380,7 +381,9 @@ class HFModel(Model):
         rest: dict[int, list[float]] = {}
         if rows:
             cache = _output_cache(out)
-            cache.batch_select_indices(torch.tensor([r for r, _ in rows], device=dev))
+            # reorder_cache (beam search's row selection) also selects the conv / recurrent
+            # states of hybrid models' caches; batch_select_indices keeps only keys and values.
+            cache.reorder_cache(torch.tensor([r for r, _ in rows], device=dev))
             clen = max(len(cont_ids[i]) for _, i in rows) - 1
             c_ids = torch.full((len(rows), clen), pad, dtype=torch.long)
             c_mask = torch.zeros((len(rows), clen), dtype=torch.long)

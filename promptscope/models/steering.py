@@ -162,6 +162,23 @@ class _Forward:
     # at most half the layer's heads, "sdpa" recomputes only those (see _steered_sdpa).
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     block_masks: dict[Any, Any] = field(default_factory=dict)  # flex: (mask, block) per shape
+    # How many key positions (cached + this call's) the current forward call ends with, kept by
+    # track(): a sliding-window layer's cache hands attention only its last keys, so its bias
+    # columns are the last ones too. None: not tracked (keys then start at position 0).
+    end: int | None = None
+
+    def track(self, module: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: set :attr:`end` for this call."""
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # covers cache + this call
+            self.end = mask.shape[1]
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 / 4
+        cached = cache.get_seq_length() if cache is not None else 0
+        self.end = None if ids is None else cached + ids.shape[1]
 
 
 _local = threading.local()
@@ -172,13 +189,18 @@ def _current() -> _Forward | None:
 
 
 @contextlib.contextmanager
-def forward_context(state: _Forward) -> Iterator[None]:
-    """Make ``state`` visible to the attention function while the block runs."""
+def forward_context(state: _Forward, model: Any = None) -> Iterator[None]:
+    """Make ``state`` visible to the attention function while the block runs; with ``model``
+    (a transformers model), keep ``state.end`` up to date on each of its forward calls."""
     previous = _current()
     _local.forward = state
+    handle = (model.register_forward_pre_hook(state.track, with_kwargs=True)
+              if model is not None else None)
     try:
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         _local.forward = previous
 
 
@@ -264,22 +286,26 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     # transformers 5 may pass causality and a relative-position bias per call (as SDPA takes
-    # them); the bias goes into the float mask with transformers' own helper.
+    # them). flex adds the bias in its score modifier; otherwise it goes into the float mask
+    # (then per head: [B, H, Lq, Lk]) with transformers' own helper.
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     position_bias = kwargs.pop("position_bias", None)
+    lk = key.shape[2]
+    # The keys are positions [end - lk, end): all of them from 0 on a full (or static) cache,
+    # the last ones on a sliding-window layer's cache.
+    end = max(lk, state.end or 0) if bias is not None else lk
+    if bias is not None and bias.shape[-1] < end:  # more keys than the bias was padded for
+        bias = torch.nn.functional.pad(bias, (0, end - bias.shape[-1]))
+    b = bias[..., end - lk:end] if bias is not None else None  # a view: [B, H, 1, Lk]
+    if b is not None and not capture and state.kernel == "flex":
+        return _flex_attention(state, query, key, value, attention_mask, b, causal,
+                               kwargs.get("scaling"), position_bias)
     if position_bias is not None:
         from transformers.integrations.sdpa_attention import create_position_bias_mask
 
         attention_mask = create_position_bias_mask(position_bias, attention_mask,
                                                    causal and query.shape[2] > 1, query, key)
-    lk = key.shape[2]
-    if bias is not None and bias.shape[-1] < lk:  # more keys than the bias was padded for
-        bias = torch.nn.functional.pad(bias, (0, lk - bias.shape[-1]))
-    b = bias[..., :lk] if bias is not None else None  # a view: [B, H, 1, Lk]
-    if b is not None and not capture and state.kernel == "flex":
-        return _flex_attention(state, query, key, value, attention_mask, b, causal,
-                               kwargs.get("scaling"))
     if not capture:  # steering
         return _steered_sdpa(module, query, key, value, attention_mask, b,
                              state.heads.get(layer), causal, **kwargs)
@@ -332,8 +358,8 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         rest[heads] = False
         rest = rest.nonzero()[:, 0]
         others = sdpa(query[:, rest], key[:, rest // group], value[:, rest // group],
-                      attn_mask=None if unmasked else _float_mask(attention_mask, query, key,
-                                                                   causal),
+                      attn_mask=None if unmasked else _heads_of(
+                          _float_mask(attention_mask, query, key, causal), rest),
                       is_causal=causal and unmasked, scale=scale)
         out = query.new_empty(query.shape[0], lq, n_heads, value.shape[-1])
         out[:, :, rest] = others.transpose(1, 2)
@@ -353,7 +379,7 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
                        torch.nn.functional.pad(v, (0, extra)), is_causal=causal,
                        scale=scale)[..., : v.shape[-1]]
     else:
-        mask = _float_mask(attention_mask, query, key, causal)
+        mask = _heads_of(_float_mask(attention_mask, query, key, causal), heads)
         steered = sdpa(q, k, v, attn_mask=mask + b, scale=scale)
     steered = steered.transpose(1, 2)  # [B, Lq, h, D], transformers' layout
     if out is None:
@@ -362,19 +388,32 @@ def _steered_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return out, None
 
 
+def _heads_of(mask: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """The rows of a float mask for these heads: a mask with a relative-position bias is per
+    head ``[B, H, Lq, Lk]``; one without, ``[B|1, 1, Lq, Lk]``, serves every head."""
+    return mask[:, heads] if mask.shape[1] > 1 else mask
+
+
 def _flex_attention(state: _Forward, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, attention_mask: torch.Tensor | None, bias: torch.Tensor,
-                    causal: bool, scaling: float | None) -> tuple[torch.Tensor, None]:
-    """Steered attention through ``flex_attention``: the key bias is a score modifier and the
-    causal/padding mask a block mask, so no dense ``[B, H, Lq, Lk]`` mask is built."""
+                    causal: bool, scaling: float | None,
+                    position_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    """Steered attention through ``flex_attention``: the key bias (and a model's
+    relative-position bias, when it passes one) is a score modifier and the causal/padding mask
+    a block mask, so no dense ``[B, H, Lq, Lk]`` mask is built for them."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, n_heads, lq, _ = query.shape
     lk = key.shape[2]
     per_key = bias[:, :, 0, :]  # [B, H, Lk]
+    if position_bias is None:
+        def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return score + per_key[b, h, kv].to(score.dtype)
+    else:
+        pos = position_bias.expand(batch, n_heads, lq, lk)  # a view
 
-    def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
-        return score + per_key[b, h, kv].to(score.dtype)
+        def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return score + (per_key[b, h, kv] + pos[b, h, q, kv]).to(score.dtype)
 
     # One block mask per forward pass and shape: every layer gets the same attention_mask
     # object (kept in the cache, so its identity cannot be reused by another tensor).
