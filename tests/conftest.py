@@ -88,3 +88,25 @@ def tiny_relbias(tmp_path_factory):
 
     folder = make_tiny_model(tmp_path_factory.mktemp("models") / "inkling", arch="inkling")
     return HFModel.from_pretrained(folder, name="tiny-relbias", **_ON_DEVICE)
+
+
+@pytest.fixture(scope="session")
+def tiny_sliding(tmp_path_factory):
+    """A Mistral whose every layer has a sliding window of 8 (shorter than the test prompts)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from promptscope.models.hf import HFModel
+    from promptscope.testing import train_tokenizer
+
+    tok = train_tokenizer(512)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           sliding_window=8, max_position_embeddings=256, initializer_range=0.2,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("models") / "mistral-sliding"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return HFModel.from_pretrained(folder, name="tiny-sliding", **_ON_DEVICE)
