@@ -310,6 +310,16 @@ def test_model_without_attention_interface_is_refused():
         use_promptscope_attention(Legacy())
 
 
+def test_model_whose_attention_sdpa_cannot_run_is_refused(fresh_tiny_llama):
+    """Models transformers runs eager only (gpt-oss: attention sinks) get promptscope's reason,
+    not transformers' advice to load them eager."""
+    fresh_tiny_llama.model._supports_sdpa = False
+    with pytest.raises(CapabilityError, match="cannot steer or capture its attention"):
+        with promptscope.steer(fresh_tiny_llama, heads="0.0", emphasis="Ann"):
+            pass
+    assert fresh_tiny_llama.model.config._attn_implementation == "sdpa"  # left as it was
+
+
 def test_nested_steering_is_refused(tiny_llama):
     with promptscope.steer(tiny_llama, heads="0.0", emphasis="x"):
         with pytest.raises(PromptscopeError, match="already being steered"):

@@ -477,6 +477,14 @@ def use_promptscope_attention(model: Any) -> None:
             "AttentionInterface, so promptscope cannot steer or capture its attention. Use a "
             "model whose attention calls ALL_ATTENTION_FUNCTIONS (llama, mistral, qwen, gpt2...)."
         )
+    if not getattr(model, "_supports_sdpa", True):
+        # e.g. attention sinks (gpt-oss): SDPA, which promptscope's attention builds on, would
+        # drop them; transformers refuses too, with advice that does not apply here.
+        raise CapabilityError(
+            f"{type(model).__name__}'s attention does what SDPA cannot (transformers runs it "
+            "eager only, e.g. for attention sinks), so promptscope cannot steer or capture its "
+            "attention without changing its numbers. Vector steering (method='vector') and the "
+            "black-box analyses work on it.")
     model.set_attn_implementation(ATTENTION_NAME)
 
 
