@@ -90,23 +90,26 @@ def tiny_relbias(tmp_path_factory):
     return HFModel.from_pretrained(folder, name="tiny-relbias", **_ON_DEVICE)
 
 
-@pytest.fixture(scope="session")
-def tiny_sliding(tmp_path_factory):
-    """A Mistral whose every layer has a sliding window of 8 (shorter than the test prompts)."""
+@pytest.fixture(scope="session", params=["mistral", "gemma3"])
+def tiny_sliding(request, tmp_path_factory):
+    """Sliding windows of 8 (shorter than the test prompts): a Mistral with the window on every
+    layer, a Gemma 3 with sliding and full layers interleaved."""
     import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
 
     from promptscope.models.hf import HFModel
     from promptscope.testing import train_tokenizer
 
     tok = train_tokenizer(512)
-    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           sliding_window=8, max_position_embeddings=256, initializer_range=0.2,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                 max_position_embeddings=256, initializer_range=0.2,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)
+    config = (MistralConfig(**shape) if request.param == "mistral" else Gemma3TextConfig(
+        head_dim=16, layer_types=["sliding_attention", "full_attention"], **shape))
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("models") / "mistral-sliding"
+    folder = tmp_path_factory.mktemp("models") / f"{request.param}-sliding"
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    return HFModel.from_pretrained(folder, name="tiny-sliding", **_ON_DEVICE)
+    return HFModel.from_pretrained(folder, name=f"tiny-{request.param}-sliding", **_ON_DEVICE)

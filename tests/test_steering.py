@@ -146,11 +146,12 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])
-@pytest.mark.parametrize("family", ["tiny_llama", "tiny_sliding"])
-def test_steered_scores_match_reference_through_the_backend(request, family, kernel):
-    """HFModel.score under steer(): batched, padded, multi-token continuations over the cache
-    (on a sliding window of 8, shorter than the prompts, too)."""
-    tiny_llama = request.getfixturevalue(family)
+def test_steered_scores_match_reference_through_the_backend(tiny_llama, kernel):
+    """HFModel.score under steer(): batched, padded, multi-token continuations over the cache."""
+    _check_scores(tiny_llama, kernel)
+
+
+def _check_scores(tiny_llama, kernel):
     _register_reference()
     conts = [" Rome and more", " yes", " on the mat"]
     with promptscope.steer(tiny_llama, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS,
@@ -180,11 +181,14 @@ def test_steered_generation_with_kv_cache_matches_reference(tiny_model, kernel, 
     _check_generation(tiny_model, kernel, n_prompts)
 
 
-@pytest.mark.parametrize("n_prompts", [1, 2], ids=["unpadded", "padded"])
-def test_sliding_window_layers_steer_the_keys_their_cache_keeps(tiny_sliding, n_prompts):
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_sliding_window_layers_steer_the_keys_their_cache_keeps(tiny_sliding, kernel):
     """Past the window a sliding layer's cache hands attention only its last keys; the bias
-    must follow them (it was applied to the first keys' columns before session 27)."""
-    _check_generation(tiny_sliding, "sdpa", n_prompts)
+    must follow them (it was applied to the first keys' columns before session 27): scoring
+    over the prompt's cache and generation, unpadded and padded."""
+    _check_scores(tiny_sliding, kernel)
+    for n_prompts in (1, 2):
+        _check_generation(tiny_sliding, kernel, n_prompts)
 
 
 def _check_generation(tiny_model, kernel, n_prompts):
