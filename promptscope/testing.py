@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("llama", "gpt2", "inkling")
+ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "inkling")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -76,11 +76,15 @@ def make_tiny_model(
 
     Args:
         folder: where to save (created).
-        arch: ``"llama"`` (grouped-query attention: ``num_kv_heads < num_heads``), ``"gpt2"``
-            or ``"inkling"`` (transformers' Inkling text model: its attention takes a learnt
-            relative-position bias as ``position_bias``; layer 0 has a sliding window of 8).
+        arch: a family whose attention differs in a way promptscope must handle:
+            ``"llama"`` (grouped-query attention: ``num_kv_heads < num_heads``), ``"gpt2"``,
+            ``"qwen3"`` (normed queries and keys), ``"gpt_neox"`` (Pythia's: partial rotary,
+            parallel blocks), ``"mistral"`` (a sliding window of 8 on every layer),
+            ``"gemma3"`` (sliding layers of window 8 interleaved with full ones) or
+            ``"inkling"`` (a learnt relative-position bias passed to attention as
+            ``position_bias``; layer 0 has a sliding window of 8; needs a recent transformers).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
-        head_dim: llama only; default ``hidden_size // num_heads``.
+        head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
         max_positions: longest sequence the model accepts.
         seed: weight initialisation seed.
@@ -89,7 +93,7 @@ def make_tiny_model(
         The folder, ready for ``promptscope.load_model(str(folder))``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, not {arch!r}")
@@ -97,20 +101,28 @@ def make_tiny_model(
     tokenizer = train_tokenizer(vocab_size)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
-    if arch == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                             intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-                             num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                             head_dim=head_dim or hidden_size // num_heads,
-                             max_position_embeddings=max_positions, tie_word_embeddings=True,
-                             **ids)
-    elif arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
-                            n_head=num_heads, n_positions=max_positions, **ids)
-    else:  # a learnt relative-position bias, passed to the attention function per call
-        config = _inkling_config(len(tokenizer), hidden_size, num_layers, num_heads,
-                                 num_kv_heads, head_dim or hidden_size // num_heads,
-                                 max_positions, ids)
+    if arch == "gpt2":
+        config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=hidden_size,
+                                      n_layer=num_layers, n_head=num_heads,
+                                      n_positions=max_positions, **ids)
+    else:
+        model_type, extra = _FAMILIES[arch]
+        if arch == "inkling":
+            extra = {**extra, **_inkling_fields(num_layers, num_heads, num_kv_heads,
+                                                head_dim or hidden_size // num_heads)}
+        if arch == "gemma3":
+            extra = {**extra, "layer_types": [("sliding_attention", "full_attention")[i % 2]
+                                              for i in range(num_layers)]}
+        try:
+            config = AutoConfig.for_model(
+                model_type, vocab_size=len(tokenizer), hidden_size=hidden_size,
+                intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                head_dim=head_dim or hidden_size // num_heads,
+                max_position_embeddings=max_positions, **extra, **ids)
+        except ValueError as e:  # an older transformers without this family
+            raise ValueError(f"arch={arch!r} needs a transformers that has the "
+                             f"{model_type!r} model; upgrade transformers") from e
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -119,19 +131,22 @@ def make_tiny_model(
     return folder
 
 
-def _inkling_config(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                    head_dim: int, max_positions: int, ids: dict) -> Any:
-    """A small Inkling text config: dense MLPs, layer 0 sliding (window 8), the rest global."""
-    try:
-        from transformers.models.inkling.configuration_inkling import InklingTextConfig
-    except ImportError as e:  # added in transformers 5.x
-        raise ValueError("arch='inkling' needs a transformers with the Inkling model; "
-                         "upgrade transformers") from e
-    return InklingTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, swa_num_attention_heads=heads, swa_num_key_value_heads=kv_heads,
-        swa_head_dim=head_dim, sliding_window_size=8, d_rel=4, rel_extent=64,
-        initializer_range=0.2,  # with 0.02 a tiny random model barely reacts to attention
-        layer_types=["hybrid_sliding"] + ["hybrid"] * (layers - 1),
-        mlp_layer_types=["dense"] * layers, max_position_embeddings=max_positions, **ids)
+# arch -> (transformers model type, config fields beyond the shape). Families with sliding
+# windows or a position bias get larger initial weights: at 0.02 a tiny random model's output
+# barely reacts to where it attends, and a steering test would check nothing.
+_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {"tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {}),
+    "gpt_neox": ("gpt_neox", {}),
+    "mistral": ("mistral", {"sliding_window": 8, "initializer_range": 0.2}),
+    "gemma3": ("gemma3_text", {"sliding_window": 8, "initializer_range": 0.2}),
+    "inkling": ("inkling_text", {"sliding_window_size": 8, "d_rel": 4, "rel_extent": 64,
+                                 "initializer_range": 0.2}),
+}
+
+
+def _inkling_fields(layers: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, Any]:
+    """Inkling's own fields: its sliding layers' shape, dense MLPs, layer 0 sliding."""
+    return {"swa_num_attention_heads": heads, "swa_num_key_value_heads": kv_heads,
+            "swa_head_dim": head_dim, "mlp_layer_types": ["dense"] * layers,
+            "layer_types": ["hybrid_sliding"] + ["hybrid"] * (layers - 1)}

@@ -58,12 +58,35 @@ def tiny_gpt2(tiny_gpt2_dir):
     return HFModel.from_pretrained(tiny_gpt2_dir, name="tiny-gpt2", **_ON_DEVICE)
 
 
-@pytest.fixture(params=["llama", "gpt2", "inkling"])
-def tiny_model(request):
-    """Each family in turn: llama (GQA), gpt2, and a model with a relative-position bias and a
-    sliding window (fetched lazily: it is skipped where transformers lacks it)."""
-    name = {"llama": "tiny_llama", "gpt2": "tiny_gpt2", "inkling": "tiny_relbias"}[request.param]
-    return request.getfixturevalue(name)
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """``arch -> `` a loaded tiny model of that family (``promptscope.testing`` archs), each
+    built once per session; a family this transformers lacks is skipped."""
+    from promptscope.models.hf import HFModel
+    from promptscope.testing import make_tiny_model
+
+    made: dict = {}
+
+    def load(arch: str):
+        if arch not in made:
+            try:
+                folder = make_tiny_model(tmp_path_factory.mktemp("models") / arch, arch=arch)
+            except ValueError as e:
+                pytest.skip(str(e))
+            made[arch] = HFModel.from_pretrained(folder, name=f"tiny-{arch}", **_ON_DEVICE)
+        return made[arch]
+
+    return load
+
+
+@pytest.fixture(params=["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "inkling"])
+def tiny_model(request, tiny_family):
+    """Each family in turn. Attention differs in each way promptscope handles: grouped-query
+    (llama), gpt2's own, normed queries and keys (qwen3), partial rotary (gpt_neox), sliding
+    layers interleaved with full ones (gemma3), a relative-position bias (inkling)."""
+    if request.param in ("llama", "gpt2"):  # the session's shared ones
+        return request.getfixturevalue(f"tiny_{request.param}")
+    return tiny_family(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -78,38 +101,8 @@ def ip():
     return shell
 
 
-@pytest.fixture(scope="session")
-def tiny_relbias(tmp_path_factory):
-    """A tiny model whose attention takes a relative-position bias per call (``position_bias``,
-    transformers' Inkling), with a sliding window on layer 0: the path other families skip."""
-    pytest.importorskip("transformers.models.inkling")
-    from promptscope.models.hf import HFModel
-    from promptscope.testing import make_tiny_model
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("models") / "inkling", arch="inkling")
-    return HFModel.from_pretrained(folder, name="tiny-relbias", **_ON_DEVICE)
-
-
-@pytest.fixture(scope="session", params=["mistral", "gemma3"])
-def tiny_sliding(request, tmp_path_factory):
-    """Sliding windows of 8 (shorter than the test prompts): a Mistral with the window on every
-    layer, a Gemma 3 with sliding and full layers interleaved."""
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
-
-    from promptscope.models.hf import HFModel
-    from promptscope.testing import train_tokenizer
-
-    tok = train_tokenizer(512)
-    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                 max_position_embeddings=256, initializer_range=0.2,
-                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                 pad_token_id=tok.pad_token_id)
-    config = (MistralConfig(**shape) if request.param == "mistral" else Gemma3TextConfig(
-        head_dim=16, layer_types=["sliding_attention", "full_attention"], **shape))
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("models") / f"{request.param}-sliding"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return HFModel.from_pretrained(folder, name=f"tiny-{request.param}-sliding", **_ON_DEVICE)
+@pytest.fixture(params=["mistral", "gemma3"])
+def tiny_sliding(request, tiny_family):
+    """Sliding windows of 8 (shorter than the test prompts): on every layer (mistral), or
+    interleaved with full layers (gemma3)."""
+    return tiny_family(request.param)
