@@ -212,3 +212,21 @@ def test_reach_widget_runs_and_shows_the_moved_distribution(tiny_llama):
     fig = widget.dist.figure
     assert fig is not None and len(fig.data) == 2 and "→" in fig.layout.title.text
     widget.stop()  # after the run: harmless
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "inkling"])
+def test_one_hot_controls_are_embedded_as_the_model_embeds_tokens(tiny_family, arch):
+    """GCG's gradient flows through one-hot control tokens; their embeddings must be what the
+    model's own embedding module gives those tokens (Gemma scales rows by sqrt(d), Inkling
+    normalises them), and every position, the padding token's too, must get a gradient."""
+    from promptscope.analyses.reachability import embed_rows
+
+    embed = tiny_family(arch).model.get_input_embeddings()
+    ids = torch.tensor([[embed.padding_idx or 0, 5, 17], [3, 3, 40]])
+    onehot = torch.nn.functional.one_hot(ids, embed.weight.shape[0]).to(embed.weight.dtype)
+    onehot.requires_grad_(True)
+    got = embed_rows(embed, onehot @ embed.weight)
+    assert torch.allclose(got, embed(ids), atol=1e-6)
+    probe = torch.randn(got.shape, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad((got * probe).sum(), [onehot])
+    assert (grad.abs().sum(-1) > 0).all()

@@ -773,7 +773,8 @@ class _Search:
                 onehot.requires_grad_(True)
                 with torch.no_grad():
                     embeds = self.embed(ids)
-                embeds = torch.cat([embeds[:, :s0], onehot @ weight, embeds[:, s0 + k:]], dim=1)
+                control = embed_rows(self.embed, onehot @ weight)
+                embeds = torch.cat([embeds[:, :s0], control, embeds[:, s0 + k:]], dim=1)
                 logits = self.lm(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1].float()
                 tg = torch.tensor([p.target for p in ps], device=self.device)
                 loss = torch.nn.functional.cross_entropy(logits, tg, reduction="sum")
@@ -865,6 +866,23 @@ class _EndpointSearch(_Search):
             return True
         self.unverified += 1
         return False
+
+
+def embed_rows(embed: Any, rows: Any) -> Any:
+    """What the input-embedding module outputs for the weight ``rows`` it looked up
+    (``[..., d]``), differentiably in them: the module's own forward (Gemma's scale, Inkling's
+    norm, ...) over a weight made of those rows, so a one-hot's gradient sees the embeddings
+    the model really gets. A plain ``nn.Embedding`` adds nothing after its lookup."""
+    import torch
+
+    if type(embed).forward is torch.nn.Embedding.forward:
+        return rows
+    flat = rows.reshape(-1, rows.shape[-1])
+    # F.embedding gives the padding_idx row no gradient: look the rows up past it.
+    skip = 0 if embed.padding_idx is None else embed.padding_idx + 1
+    weight = torch.cat([flat.new_zeros(skip, flat.shape[1]), flat])
+    idx = torch.arange(skip, skip + len(flat), device=flat.device).view(rows.shape[:-1])
+    return torch.func.functional_call(embed, {"weight": weight}, (idx,))
 
 
 def _split_targets(targets: Any) -> list[Any]:
