@@ -230,3 +230,34 @@ def test_one_hot_controls_are_embedded_as_the_model_embeds_tokens(tiny_family, a
     probe = torch.randn(got.shape, generator=torch.Generator().manual_seed(0))
     (grad,) = torch.autograd.grad((got * probe).sum(), [onehot])
     assert (grad.abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_layer0_bound_holds_for_every_one_token_control(tiny_family, arch):
+    """At layer 0 the bound is exact in the paper's setting: the attention the last query pays
+    to one control token (after the BOS, as the search places it) never exceeds beta, for every
+    token of the vocabulary. Qwen3 normalises queries and keys per head, so the projections'
+    singular values say nothing about the scores: with its query projection shrunk a
+    thousandfold they would promise a beta the real attention exceeds."""
+    model = tiny_family(arch)
+    lm = copy.deepcopy(model.model)
+    if arch == "qwen3":
+        with torch.no_grad():
+            lm.model.layers[0].self_attn.q_proj.weight.mul_(1e-3)
+    shrunk = HFModel(lm, model.tokenizer, name=f"{arch}-check")
+    x0 = STATES[0]
+    bound = attention_bound(shrunk, x0, k=1)
+    beta = torch.tensor(bound[bound.layer == 0].sort_values("head")["beta"].to_numpy())
+    ids = shrunk.encode_prompt(x0)
+    controls = [t for t in range(len(model.tokenizer))
+                if t not in set(model.tokenizer.all_special_ids)]
+    batch = torch.tensor([[ids[0], t, *ids[1:]] for t in controls])
+    lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = lm(input_ids=batch, output_attentions=True).attentions[0]  # [N, H, L, L]
+    finally:
+        lm.set_attn_implementation("sdpa")
+    to_control = att[:, :, -1, 1]  # [N, H]
+    assert (to_control.max(0).values <= beta + 1e-6).all()
+    assert beta.max() < 0.999  # the check says something: beta is not trivially 1

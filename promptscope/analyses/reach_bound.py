@@ -17,10 +17,15 @@ by at most ``beta * (sigma_o sigma_v M_u + ||W_o ybar_x||)`` (``shift_bound``): 
 every layer (e.g. attention outputs zeroed), no control prompt can change the next-token
 distribution and nothing new is reachable.
 
-``M_u``: layer 0 uses the largest normalised embedding of an allowed control token (exact); deeper
-layers use ``sqrt(d) * max|gamma|``, the largest norm RMSNorm can output whatever its input. The
+``M_u``: layer 0 uses the largest normalised embedding of an allowed control token (exact,
+through the model's own embedding module); deeper layers use ``sqrt(d) * max|gain|``, the largest
+norm RMSNorm can output whatever its input (``gain``: the norm's weight, or ``1 + weight`` in
+Gemma's convention). Where queries and keys are normalised per head after projection (Qwen3),
+the scores are bounded by those norms instead: ``alpha = d_k * gain_q * gain_k * scale``. The
 bound is computed per layer on the uncontrolled states ``X0`` (the paper's single-layer setting);
-across layers it is indicative, except when it is zero.
+across layers it is indicative, except when it is zero. Sliding-window attention and queries and
+keys normalised across heads at once are refused (:class:`BoundUnsupported`: the search still
+runs, without the bound).
 """
 
 from __future__ import annotations
@@ -76,6 +81,12 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
         raise BoundUnsupported(
             f"The singular-value bound is implemented for llama-style attention (q_proj, "
             f"k_proj, v_proj, o_proj); {type(lm).__name__} has another layout.")
+    sliding = [i for i, layer in enumerate(layers)
+               if getattr(layer.self_attn, "sliding_window", None)]
+    if sliding:
+        raise BoundUnsupported(
+            f"The singular-value bound assumes every query sees every earlier key; layers "
+            f"{sliding} of {type(lm).__name__} attend within a sliding window.")
     if any(getattr(layer.self_attn.q_proj, "bias", None) is not None
            or getattr(layer.self_attn.k_proj, "bias", None) is not None for layer in layers):
         raise BoundUnsupported("The singular-value bound assumes attention projections without "
@@ -89,7 +100,15 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or \
         cfg.num_attention_heads
     group = n_heads // n_kv
-    emb = lm.get_input_embeddings().weight
+    embed = lm.get_input_embeddings()
+    emb = embed.weight
+    # Queries and keys normalised per head after projection (qwen3, gemma3): their norms are
+    # at most sqrt(hd) * the norm's largest gain, whatever the projection's singular values.
+    qk_normed = hasattr(layers[0].self_attn, "q_norm")
+    if qk_normed and any(layer.self_attn.q_norm.weight.shape[-1] != hd for layer in layers):
+        raise BoundUnsupported(
+            f"{type(lm).__name__} normalises queries and keys across all heads at once; the "
+            "bound is written for per-head normalisation.")
     if control_tokens is None:
         specials = set(tok.all_special_ids)
         control_tokens = [i for i in range(min(len(tok), emb.shape[0])) if i not in specials]
@@ -113,9 +132,10 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                 "v": [svmax(wv[g * hd:(g + 1) * hd]) for g in range(n_kv)],
                 "o": [svmax(wo[:, h * hd:(h + 1) * hd]) for h in range(n_heads)],
             })
+        # the embedding module's own output (Gemma scales the rows)
         m_u0 = float(layers[0].input_layernorm(
-            emb[torch.tensor(list(control_tokens), device=emb.device)]).float().norm(dim=-1)
-            .max())
+            embed(torch.tensor(list(control_tokens), device=emb.device))).float()
+            .norm(dim=-1).max())
         for s, text in enumerate(texts):
             ids = torch.tensor([mdl.encode_prompt(text)], device=emb.device)  # type: ignore
             out = lm(input_ids=ids, output_hidden_states=True)
@@ -125,9 +145,9 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
             for li, layer in enumerate(layers):
                 a = layer.self_attn
                 x = layer.input_layernorm(hs[li])  # [1, L, d]
-                gamma = layer.input_layernorm.weight
                 m_x = float(x[0].float().norm(dim=-1).max())
-                m_u = m_u0 if li == 0 else math.sqrt(x.shape[-1]) * float(gamma.abs().max())
+                m_u = m_u0 if li == 0 else math.sqrt(x.shape[-1]) * _max_gain(
+                    layer.input_layernorm, x)
                 q = a.q_proj(x).view(1, length, n_heads, hd).transpose(1, 2)
                 kk = a.k_proj(x).view(1, length, n_kv, hd).transpose(1, 2)
                 v = a.v_proj(x).view(1, length, n_kv, hd).transpose(1, 2)
@@ -147,7 +167,8 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                     ybar_o = float((wo[:, h * hd:(h + 1) * hd].float() @ ybar).norm())
                     sq, sk, sv, so = sig[li]["q"][h], sig[li]["k"][g], sig[li]["v"][g], \
                         sig[li]["o"][h]
-                    alpha = sq * sk * m_u * m_x * scale
+                    alpha = (hd * _max_gain(a.q_norm, q) * _max_gain(a.k_norm, kk) * scale
+                             if qk_normed else sq * sk * m_u * m_x * scale)
                     for k_ in ks:
                         # beta = k e^a / (g + k e^a), in log space (e^alpha overflows)
                         beta = 1 / (1 + math.exp(min(700.0, log_g - math.log(k_) - alpha)))
@@ -160,6 +181,16 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                             "resid_norm": resid,
                         })
     return pd.DataFrame(rows)
+
+
+def _max_gain(norm: Any, like: Any) -> float:
+    """The largest factor an RMSNorm-like module applies to one coordinate of a unit-RMS
+    input (its weight ``w``, or ``1 + w`` in Gemma's convention): its output for all-ones. Its
+    outputs' norm is at most ``sqrt(d)`` times this."""
+    import torch
+
+    d = norm.weight.shape[-1]
+    return float(norm(torch.ones(d, dtype=like.dtype, device=like.device)).abs().max())
 
 
 def layer_summary(bound: Any) -> Any:
