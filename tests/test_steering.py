@@ -511,3 +511,32 @@ def test_fused_on_cuda_compiles_only_for_cuda_and_falls_back_once(monkeypatch):
         assert seen(on_gpu) == "eager"
     assert seen(on_gpu) == "eager" and len(compiled) == 1  # no second try, no second warning
     assert "RuntimeError" in seen.state["broken"]
+
+
+def test_pasta_generation_on_sliding_layers_when_transformers_compiles_the_decoding_step(
+        tmp_path):
+    """transformers compiles the decoding step with a static cache on a GPU (forced here on the
+    CPU with the eager backend); a static cache's sliding layers keep only the window, so the
+    bias columns must still follow the keys through the compiled step."""
+    from transformers import CompileConfig
+
+    from promptscope.models.hf import HFModel
+    from promptscope.testing import make_tiny_model
+
+    model = HFModel.from_pretrained(make_tiny_model(tmp_path / "mistral", arch="mistral"),
+                                    name="sliding-compiled")
+
+    def run():
+        with promptscope.steer(model, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS[:1]):
+            return model.generate(PROMPTS[:1], max_new_tokens=6)[0][0]
+
+    want = run()
+    config = model.model.generation_config
+    config.cache_implementation = "static"
+    config.compile_config = CompileConfig(backend="eager")
+    config.compile_config._compile_all_devices = True  # transformers compiles on a GPU only
+    model.generate(PROMPTS[:1], max_new_tokens=6)  # plain: compiles the decoding step
+    assert getattr(model.model, "_compiled_call", None) is not None
+    got = run()
+    assert got.text == want.text
+    assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
