@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "inkling")
+ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "gemma3_vision",
+                 "inkling")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -82,7 +83,9 @@ def make_tiny_model(
             parallel blocks), ``"mistral"`` (a sliding window of 8 on every layer),
             ``"gemma3"`` (sliding layers of window 8 interleaved with full ones) or
             ``"inkling"`` (a learnt relative-position bias passed to attention as
-            ``position_bias``; layer 0 has a sliding window of 8; needs a recent transformers).
+            ``position_bias``; layer 0 has a sliding window of 8; needs a recent transformers)
+            or ``"gemma3_vision"`` (``"gemma3"`` plus a tiny vision tower: a multimodal
+            checkpoint, whose shape lives in a text sub-config).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
@@ -110,16 +113,19 @@ def make_tiny_model(
         if arch == "inkling":
             extra = {**extra, **_inkling_fields(num_layers, num_heads, num_kv_heads,
                                                 head_dim or hidden_size // num_heads)}
-        if arch == "gemma3":
+        if arch in ("gemma3", "gemma3_vision"):
             extra = {**extra, "layer_types": [("sliding_attention", "full_attention")[i % 2]
                                               for i in range(num_layers)]}
+        shape = dict(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                     intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                     num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                     head_dim=head_dim or hidden_size // num_heads,
+                     max_position_embeddings=max_positions, **extra, **ids)
         try:
-            config = AutoConfig.for_model(
-                model_type, vocab_size=len(tokenizer), hidden_size=hidden_size,
-                intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                head_dim=head_dim or hidden_size // num_heads,
-                max_position_embeddings=max_positions, **extra, **ids)
+            config = (AutoConfig.for_model(model_type, **shape) if arch != "gemma3_vision"
+                      else AutoConfig.for_model(
+                          "gemma3", text_config=shape, vision_config=_TINY_VISION,
+                          mm_tokens_per_image=4, **ids))
         except ValueError as e:  # an older transformers without this family
             raise ValueError(f"arch={arch!r} needs a transformers that has the "
                              f"{model_type!r} model; upgrade transformers") from e
@@ -140,9 +146,15 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_neox": ("gpt_neox", {}),
     "mistral": ("mistral", {"sliding_window": 8, "initializer_range": 0.2}),
     "gemma3": ("gemma3_text", {"sliding_window": 8, "initializer_range": 0.2}),
+    "gemma3_vision": ("gemma3_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "inkling": ("inkling_text", {"sliding_window_size": 8, "d_rel": 4, "rel_extent": 64,
                                  "initializer_range": 0.2}),
 }
+
+
+# gemma3_vision's vision tower (SigLIP): as small as it goes; text prompts never run it.
+_TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
 
 
 def _inkling_fields(layers: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, Any]:

@@ -79,11 +79,13 @@ def tiny_family(tmp_path_factory):
     return load
 
 
-@pytest.fixture(params=["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "inkling"])
+@pytest.fixture(params=["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "gemma3_vision",
+                        "inkling"])
 def tiny_model(request, tiny_family):
     """Each family in turn. Attention differs in each way promptscope handles: grouped-query
     (llama), gpt2's own, normed queries and keys (qwen3), partial rotary (gpt_neox), sliding
-    layers interleaved with full ones (gemma3), a relative-position bias (inkling)."""
+    layers interleaved with full ones (gemma3), the same inside a multimodal checkpoint whose
+    shape is in a text sub-config (gemma3_vision), a relative-position bias (inkling)."""
     if request.param in ("llama", "gpt2"):  # the session's shared ones
         return request.getfixturevalue(f"tiny_{request.param}")
     return tiny_family(request.param)

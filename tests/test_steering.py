@@ -124,7 +124,7 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
             from promptscope.models.steering import _Forward, forward_context, key_bias
 
             bias = key_bias(tiny_model.steering, ~down & mask.bool(), mask.bool(),
-                            tiny_model.model.config.num_attention_heads)
+                            tiny_model.text_config.num_attention_heads)
             split = {layer: torch.tensor(h, device=tiny_model.device)
                      for layer, h in HEADS.items()} if kernel == "sdpa-head-split" else {}
             state = _Forward(key_bias=bias, kernel=kernel.removesuffix("-head-split"),

@@ -27,7 +27,7 @@ LAYER = 1
 
 def _vector(model, layers=(LAYER,), seed=0, scale=1.0, mode="add"):
     g = torch.Generator().manual_seed(seed)
-    size = model.model.config.hidden_size
+    size = model.text_config.hidden_size
     return SteeringVector({layer: torch.randn(size, generator=g) * scale for layer in layers},
                           size, mode=mode)
 
@@ -107,7 +107,7 @@ def test_steering_equals_adding_the_vector_by_hand(tiny_model):
 def test_last_layer_steering_equals_head_of_shifted_state(tiny_llama):
     """A plain forward written out: the last block's output + s*v, through norm and lm_head."""
     m = tiny_llama
-    last = m.model.config.num_hidden_layers - 1
+    last = m.text_config.num_hidden_layers - 1
     v = _vector(m, layers=(last,), scale=0.3)
     got = {}
     handle = decoder_layers(m.model)[last].register_forward_hook(

@@ -112,7 +112,7 @@ def attention(
     mdl = resolve_model(model)
     mdl.require("attention", "Attention capture")
     check_uncompiled(mdl.model, "Attention capture")  # type: ignore[attr-defined]
-    cfg = mdl.model.config  # type: ignore[attr-defined]
+    cfg = mdl.text_config  # type: ignore[attr-defined]
     layer_ids = _pick(layers, cfg.num_hidden_layers, "layer")
     head_ids = _pick(heads, cfg.num_attention_heads, "head")
     check_rows(tpl, vars, namespace)

@@ -80,7 +80,7 @@ def profile_heads(
     variants = [next(tpl.expand(r)) for r in rows]
     prompts = [v.text for v in variants]
     pairs = [(i, c) for i, cs in enumerate(cands) for c in cs]
-    cfg = mdl.model.config  # type: ignore[attr-defined]
+    cfg = mdl.text_config  # type: ignore[attr-defined]
     layer_ids = list(layers) if layers is not None else list(range(cfg.num_hidden_layers))
     heads = [(layer, h) for layer in layer_ids for h in range(cfg.num_attention_heads)]
 

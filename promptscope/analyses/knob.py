@@ -77,7 +77,7 @@ def find_knob(
     if len(pos) < 2 or len(neg) < 2:
         raise PromptscopeError(f"A knob needs at least two prompts per intent (got {len(pos)} "
                                f"and {len(neg)}).")
-    n_layers = int(mdl.model.config.num_hidden_layers)  # type: ignore[attr-defined]
+    n_layers = int(mdl.text_config.num_hidden_layers)  # type: ignore[attr-defined]
     chosen = check_layers(layers, n_layers) or list(range(n_layers))
     hp = collect_states(mdl, pos, chosen, "last")
     hn = collect_states(mdl, neg, chosen, "last")
@@ -341,7 +341,7 @@ def intent_patching(
         first.append(toks)
     target = [cands.index(a) for cands, a in zip(per_row, answers)]
 
-    n_layers = int(mdl.model.config.num_hidden_layers)  # type: ignore[attr-defined]
+    n_layers = int(mdl.text_config.num_hidden_layers)  # type: ignore[attr-defined]
     chosen = check_layers(layers, n_layers) or list(range(n_layers))
     half = len(pos) // 2
     fit, test = slice(0, half), slice(half, len(pos))

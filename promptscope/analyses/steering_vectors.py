@@ -76,7 +76,7 @@ def contrastive_vector(
     if not pos or not neg:
         raise PromptscopeError(f"A contrastive vector needs at least one positive and one "
                                f"negative prompt (got {len(pos)} and {len(neg)}).")
-    n_layers = int(mdl.model.config.num_hidden_layers)  # type: ignore[attr-defined]
+    n_layers = int(mdl.text_config.num_hidden_layers)  # type: ignore[attr-defined]
     chosen = check_layers(layers, n_layers) or list(range(n_layers))
     hp = collect_states(mdl, pos, chosen, position)
     hn = collect_states(mdl, neg, chosen, position)
@@ -138,7 +138,7 @@ def in_context_vector(
     if len(pairs) < MIN_ICV_PAIRS:
         raise PromptscopeError(f"An in-context vector needs at least {MIN_ICV_PAIRS} "
                                f"demonstration pairs to estimate a direction (got {len(pairs)}).")
-    n_layers = int(mdl.model.config.num_hidden_layers)  # type: ignore[attr-defined]
+    n_layers = int(mdl.text_config.num_hidden_layers)  # type: ignore[attr-defined]
     chosen = check_layers(layers, n_layers) or list(range(n_layers))
     hx = collect_states(mdl, [a for a, _ in pairs], chosen)
     hy = collect_states(mdl, [b for _, b in pairs], chosen)

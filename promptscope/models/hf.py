@@ -145,8 +145,13 @@ class HFModel(Model):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def text_config(self) -> Any:
+        """The language model's config (:func:`text_config`)."""
+        return text_config(self.model)
+
     def describe(self) -> dict[str, Any]:
-        cfg = self.model.config
+        cfg = self.text_config
         return {
             "name": self.name,
             "backend": type(self).__name__,
@@ -232,7 +237,7 @@ class HFModel(Model):
                 n = len(flags[u])
                 emph[r, width - n:] = torch.tensor(flags[u], dtype=torch.bool)
                 real[r, width - n:] = True
-            bias = key_bias(self.steering, emph, real, self.model.config.num_attention_heads,
+            bias = key_bias(self.steering, emph, real, self.text_config.num_attention_heads,
                             extra, next(self.model.parameters()).dtype, self.device)
         kernel = self.steering.kernel if flags is not None else "sdpa"
         heads = ({layer: torch.tensor(h, device=self.device)
@@ -500,6 +505,14 @@ class HFModel(Model):
                     finish_reason="stop" if stop is not None else "length",
                 ))
             results[u] = samples
+
+
+def text_config(lm: Any) -> Any:
+    """The config that describes a transformers model's language model: its own, or for a
+    multimodal checkpoint loaded as a causal LM (Gemma 3 4B+, Mistral 3, ...) the text
+    sub-config, where ``num_hidden_layers`` and ``num_attention_heads`` live."""
+    get = getattr(lm.config, "get_text_config", None)
+    return get() if get is not None else lm.config
 
 
 def _output_cache(out: Any) -> Any:

@@ -629,7 +629,7 @@ def _pasta(model: Any, heads: Any, alpha: float, mode: str,
            emphasis: str | Sequence[str] | None, kernel: str = "sdpa",
            ) -> Iterator[AttentionSteering]:
     """PASTA's part of :func:`steer`."""
-    cfg = model.model.config
+    cfg = model.text_config
     if isinstance(heads, str) and heads.startswith(("top:", "profile:")):
         from promptscope.analyses.heads import resolve_profile_heads
 

@@ -201,9 +201,13 @@ def load_vector(name_or_id: str, *, store: Any = None) -> SteeringVector:
 def decoder_layers(model: Any) -> Any:
     """The ``nn.ModuleList`` of a transformers causal LM's decoder layers, to hook (refused on
     a ``torch.compile``'d model, :func:`check_uncompiled`)."""
+    from promptscope.models.hf import text_config
+
     check_uncompiled(model, "Hooking its layers")
-    n = getattr(model.config, "num_hidden_layers", None)
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    # (a multimodal checkpoint's vision tower has a list of layers too: name the text one)
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                 "model.language_model.layers", "language_model.model.layers"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -242,7 +246,9 @@ def compiled(model: Any) -> bool:
 
 
 def hidden_size(model: Any) -> int:
-    cfg = model.config
+    from promptscope.models.hf import text_config
+
+    cfg = text_config(model)
     return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
 
@@ -459,7 +465,7 @@ def make_vector_steering(model: Any, vector: Any, strength: float = 1.0,
         raise PromptscopeError(f"The vector has hidden size {vec.hidden_size} but model "
                                f"'{model.name}' has {size}: it was computed on another model"
                                f"{' (' + vec.model + ')' if vec.model else ''}.")
-    n_layers = int(model.model.config.num_hidden_layers)
+    n_layers = int(model.text_config.num_hidden_layers)
     for layer in vec.layers:
         if not 0 <= layer < n_layers:
             raise PromptscopeError(f"The vector has layer {layer}, out of range for model "

@@ -45,7 +45,7 @@ class SteeringLab(w.VBox):
                                       readout_format=".1e")
         self.strength = w.FloatSlider(value=1.0, min=0.0, max=8.0, step=0.25,
                                       description="strength", continuous_update=False)
-        n_layers = int(model.model.config.num_hidden_layers)
+        n_layers = int(model.text_config.num_hidden_layers)
         self.layers = w.SelectMultiple(options=list(range(n_layers)), description="layers",
                                        rows=min(n_layers, 6))
         self.status = w.HTML()
