@@ -157,6 +157,8 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                     cos, sin = rotary(x, pos)
                     q, kk = apply_rope(q, kk, cos, sin)
                 scale = float(getattr(a, "scaling", 1 / math.sqrt(hd)))
+                normed_alpha = (hd * _max_gain(a.q_norm, q) * _max_gain(a.k_norm, kk) * scale
+                                if qk_normed else None)
                 resid = float(hs[li + 1][0, -1].float().norm())
                 wo = a.o_proj.weight
                 for h in range(n_heads):
@@ -167,8 +169,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                     ybar_o = float((wo[:, h * hd:(h + 1) * hd].float() @ ybar).norm())
                     sq, sk, sv, so = sig[li]["q"][h], sig[li]["k"][g], sig[li]["v"][g], \
                         sig[li]["o"][h]
-                    alpha = (hd * _max_gain(a.q_norm, q) * _max_gain(a.k_norm, kk) * scale
-                             if qk_normed else sq * sk * m_u * m_x * scale)
+                    alpha = normed_alpha if qk_normed else sq * sk * m_u * m_x * scale
                     for k_ in ks:
                         # beta = k e^a / (g + k e^a), in log space (e^alpha overflows)
                         beta = 1 / (1 + math.exp(min(700.0, log_g - math.log(k_) - alpha)))
