@@ -507,6 +507,16 @@ class HFModel(Model):
             results[u] = samples
 
 
+def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """``(ids or embeddings, attention_mask, cache)`` of a model call, as a forward pre-hook
+    (``with_kwargs=True``) sees it; each may be None."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 / 4
+    return ids, kwargs.get("attention_mask"), cache
+
+
 def text_config(lm: Any) -> Any:
     """The config that describes a transformers model's language model: its own, or for a
     multimodal checkpoint loaded as a causal LM (Gemma 3 4B+, Mistral 3, ...) the text

@@ -34,6 +34,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from promptscope.errors import CapabilityError, PromptscopeError
 from promptscope.models.fused import fused_on_cuda
+from promptscope.models.hf import forward_inputs
 
 ATTENTION_NAME = "promptscope_sdpa"
 MODES = ("exclude", "include")
@@ -169,14 +170,10 @@ class _Forward:
 
     def track(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: set :attr:`end` for this call."""
-        mask = kwargs.get("attention_mask")
+        ids, mask, cache = forward_inputs(args, kwargs)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # covers cache + this call
             self.end = mask.shape[1]
             return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 / 4
         cached = cache.get_seq_length() if cache is not None else 0
         self.end = None if ids is None else cached + ids.shape[1]
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from promptscope.errors import PromptscopeError
+from promptscope.models.hf import forward_inputs, text_config
 
 KIND = "steering_vector"
 MODES = ("add", "icv", "set")
@@ -201,8 +202,6 @@ def load_vector(name_or_id: str, *, store: Any = None) -> SteeringVector:
 def decoder_layers(model: Any) -> Any:
     """The ``nn.ModuleList`` of a transformers causal LM's decoder layers, to hook (refused on
     a ``torch.compile``'d model, :func:`check_uncompiled`)."""
-    from promptscope.models.hf import text_config
-
     check_uncompiled(model, "Hooking its layers")
     n = getattr(text_config(model), "num_hidden_layers", None)
     # (a multimodal checkpoint's vision tower has a list of layers too: name the text one)
@@ -246,8 +245,6 @@ def compiled(model: Any) -> bool:
 
 
 def hidden_size(model: Any) -> int:
-    from promptscope.models.hf import text_config
-
     cfg = text_config(model)
     return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
@@ -310,10 +307,7 @@ class _Hooks:
         Without a 2-D mask (a direct call on unpadded ids) every token is real and positions
         come from ``position_ids``, else count from 0 (no cache assumed).
         """
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
+        ids, mask, cache = forward_inputs(args, kwargs)
         if ids is None:
             self.gate = None
             return
@@ -321,7 +315,6 @@ class _Hooks:
         if self.s.start == "last":
             # A prompt pass (nothing cached) steers its last token (prompts are left-padded);
             # a later pass (continuation, generation step) steers all its real tokens.
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 / 4
             fresh = (mask.shape[1] == q if isinstance(mask, torch.Tensor) and mask.dim() == 2
                      else cache is None or not cache.get_seq_length())
             gate = torch.zeros(ids.shape[0], q, dtype=torch.bool, device=ids.device)
