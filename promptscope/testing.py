@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "gemma3_vision",
-                 "inkling")
+                 "gemma3n", "gemma4", "gemma4_vision", "inkling")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -85,7 +85,10 @@ def make_tiny_model(
             ``"inkling"`` (a learnt relative-position bias passed to attention as
             ``position_bias``; layer 0 has a sliding window of 8; needs a recent transformers)
             or ``"gemma3_vision"`` (``"gemma3"`` plus a tiny vision tower: a multimodal
-            checkpoint, whose shape lives in a text sub-config).
+            checkpoint, whose shape lives in a text sub-config) or ``"gemma4"`` (at least 4
+            layers: head size and key/value heads differ between sliding and full layers, the
+            later half reuses the earlier half's keys and values, per-layer input embeddings) or
+            ``"gemma4_vision"`` (the same inside Gemma 4's multimodal checkpoint).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
@@ -113,6 +116,11 @@ def make_tiny_model(
         if arch == "inkling":
             extra = {**extra, **_inkling_fields(num_layers, num_heads, num_kv_heads,
                                                 head_dim or hidden_size // num_heads)}
+        if arch in ("gemma3n", "gemma4", "gemma4_vision"):
+            num_layers = max(num_layers, 4)  # two layers that make keys, two that reuse them
+            extra = {**extra, **_shared_kv_fields(num_layers, len(tokenizer))}
+        if arch in ("gemma4", "gemma4_vision"):
+            extra = {**extra, **_gemma4_fields(head_dim or hidden_size // num_heads)}
         if arch in ("gemma3", "gemma3_vision"):
             extra = {**extra, "layer_types": [("sliding_attention", "full_attention")[i % 2]
                                               for i in range(num_layers)]}
@@ -122,15 +130,26 @@ def make_tiny_model(
                      head_dim=head_dim or hidden_size // num_heads,
                      max_position_embeddings=max_positions, **extra, **ids)
         try:
-            config = (AutoConfig.for_model(model_type, **shape) if arch != "gemma3_vision"
-                      else AutoConfig.for_model(
-                          "gemma3", text_config=shape, vision_config=_TINY_VISION,
-                          mm_tokens_per_image=4, **ids))
+            if arch in _MULTIMODAL:
+                outer_type, outer = _MULTIMODAL[arch]
+                if outer_type == "gemma4":  # its media tokens, past the text ones
+                    n = shape["vocab_size"]
+                    shape["vocab_size"] = n + 3
+                    outer = {**outer, "image_token_id": n, "video_token_id": n + 1,
+                             "audio_token_id": n + 2}
+                config = AutoConfig.for_model(outer_type, text_config=shape, **outer, **ids)
+            else:
+                config = AutoConfig.for_model(model_type, **shape)
         except ValueError as e:  # an older transformers without this family
             raise ValueError(f"arch={arch!r} needs a transformers that has the "
                              f"{model_type!r} model; upgrade transformers") from e
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if arch == "gemma3n":  # AltUp's output scale starts at 0, which cuts the per-layer
+        with torch.no_grad():  # embeddings off; a trained model's is not 0
+            for name, p in model.named_parameters():
+                if name.endswith("altup.correct_output_scale"):
+                    p.normal_(0.0, 1.0)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -147,14 +166,26 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("mistral", {"sliding_window": 8, "initializer_range": 0.2}),
     "gemma3": ("gemma3_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "gemma3_vision": ("gemma3_text", {"sliding_window": 8, "initializer_range": 0.2}),
+    "gemma3n": ("gemma3n_text", {"sliding_window": 8, "initializer_range": 0.2, "laurel_rank": 4,
+                                 "altup_num_inputs": 2}),
+    "gemma4": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
+    "gemma4_vision": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "inkling": ("inkling_text", {"sliding_window_size": 8, "d_rel": 4, "rel_extent": 64,
                                  "initializer_range": 0.2}),
 }
 
 
-# gemma3_vision's vision tower (SigLIP): as small as it goes; text prompts never run it.
+# The multimodal archs: arch -> (the checkpoint's model type, its fields beside the text
+# config). Their vision towers are as small as they go; text prompts never run them.
 _TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+                "num_attention_heads": 2, "patch_size": 14}
+_MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3_vision": ("gemma3", {"vision_config": {**_TINY_VISION, "image_size": 28},
+                                 "mm_tokens_per_image": 4}),
+    "gemma4_vision": ("gemma4", {"vision_config": {**_TINY_VISION, "num_key_value_heads": 2,
+                                                   "head_dim": 16, "position_embedding_size": 64},
+                                 "audio_config": None}),
+}
 
 
 def _inkling_fields(layers: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, Any]:
@@ -162,3 +193,18 @@ def _inkling_fields(layers: int, heads: int, kv_heads: int, head_dim: int) -> di
     return {"swa_num_attention_heads": heads, "swa_num_key_value_heads": kv_heads,
             "swa_head_dim": head_dim, "mlp_layer_types": ["dense"] * layers,
             "layer_types": ["hybrid_sliding"] + ["hybrid"] * (layers - 1)}
+
+
+def _shared_kv_fields(layers: int, vocab: int) -> dict[str, Any]:
+    """Gemma 3n's and 4's: sliding and full layers alternating, the second half of the layers
+    reusing the first half's keys and values, small per-layer input embeddings."""
+    return {"layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+            "num_kv_shared_layers": layers // 2, "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": vocab}
+
+
+def _gemma4_fields(head_dim: int) -> dict[str, Any]:
+    """Gemma 4's full layers: twice the head size, one key/value head whose keys are its
+    values."""
+    return {"global_head_dim": 2 * head_dim, "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True}

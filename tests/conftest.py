@@ -80,7 +80,7 @@ def tiny_family(tmp_path_factory):
 
 
 @pytest.fixture(params=["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "gemma3_vision",
-                        "inkling"])
+                        "gemma3n", "gemma4", "gemma4_vision", "inkling"])
 def tiny_model(request, tiny_family):
     """Each family in turn. Attention differs in each way promptscope handles: grouped-query
     (llama), gpt2's own, normed queries and keys (qwen3), partial rotary (gpt_neox), sliding
@@ -103,7 +103,7 @@ def ip():
     return shell
 
 
-@pytest.fixture(params=["mistral", "gemma3"])
+@pytest.fixture(params=["mistral", "gemma3", "gemma4"])
 def tiny_sliding(request, tiny_family):
     """Sliding windows of 8 (shorter than the test prompts): on every layer (mistral), or
     interleaved with full layers (gemma3)."""

@@ -232,6 +232,53 @@ def test_one_hot_controls_are_embedded_as_the_model_embeds_tokens(tiny_family, a
     assert (grad.abs().sum(-1) > 0).all()
 
 
+def test_one_hot_forward_computes_the_models_logits(tiny_model):
+    """GCG's gradient comes from a forward pass fed one-hot control tokens: it must compute
+    what the model computes on the ids (given embeddings alone, Gemma 3n drops its per-layer
+    embeddings), and give every control position a gradient."""
+    from promptscope.analyses.reachability import one_hot_logits
+
+    lm = tiny_model.model
+    ids = torch.tensor([tiny_model.encode_prompt("Is Paris in Europe? Answer:")],
+                       device=tiny_model.device)
+    onehot, logits = one_hot_logits(lm, ids, 1, 3)
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits[:, -1].float()
+    assert torch.allclose(logits, want, atol=1e-4)
+    (grad,) = torch.autograd.grad(torch.log_softmax(logits, -1)[0, 7], [onehot])
+    assert (grad.abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("arch", ["gemma3n", "gemma4"])
+def test_one_hot_gradient_sees_the_per_layer_embeddings(tiny_family, arch):
+    """A one-hot column's gradient says what putting that token at the position would do, and
+    in Gemma 3n and 4 a token brings its per-layer embedding too. Changing the per-layer rows of
+    tokens the prompt does not use leaves the forward as it was and must change their
+    gradient (Gemma 4 would recover its per-layer rows from the embeddings without one)."""
+    from promptscope.analyses.reachability import _per_layer_embedding, one_hot_logits
+
+    model = tiny_family(arch)
+    lm = copy.deepcopy(model.model)
+    ids = torch.tensor([model.encode_prompt("Is Paris in Europe? Answer:")])
+
+    def run():
+        onehot, logits = one_hot_logits(lm, ids, 1, 3)
+        (grad,) = torch.autograd.grad(torch.log_softmax(logits, -1)[0, 7], [onehot])
+        return logits.detach(), grad
+
+    logits, grad = run()
+    table = _per_layer_embedding(lm).weight
+    unused = torch.ones(table.shape[0], dtype=torch.bool)
+    unused[ids[0]] = False
+    with torch.no_grad():
+        table[unused] += torch.randn(table[unused].shape,
+                                     generator=torch.Generator().manual_seed(0))
+    logits2, grad2 = run()
+    assert torch.allclose(logits, logits2)
+    assert not torch.allclose(grad[..., :table.shape[0]][..., unused],
+                              grad2[..., :table.shape[0]][..., unused])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_layer0_bound_holds_for_every_one_token_control(tiny_family, arch):
     """At layer 0 the bound is exact in the paper's setting: the attention the last query pays

@@ -134,7 +134,8 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     finally:
         tiny_model.model.set_attn_implementation("sdpa")
     real = mask.bool()
-    assert torch.allclose(ours[real], reference[real], atol=1e-4)
+    # (fp32 sums in another order: up to 1.1e-4 apart on the 4-layer Gemma 4, logits ~5)
+    assert torch.allclose(ours[real], reference[real], atol=2e-4)
     # ...and steering changes the model's output (the check above is not vacuous).
     assert (ours[real] - plain[real]).abs().max() > 1e-2
     assert len(flex_calls) == (len(HEADS) if kernel == "flex" else 0)  # steered layers only

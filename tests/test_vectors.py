@@ -13,6 +13,7 @@ from promptscope.models.vectors import (
     SteeringVector,
     VectorSteering,
     _Hooks,
+    collect_states,
     decoder_layers,
     load_vector,
 )
@@ -33,10 +34,18 @@ def _vector(model, layers=(LAYER,), seed=0, scale=1.0, mode="add"):
 
 
 def _hidden(out):
-    return out[0] if isinstance(out, tuple) else out
+    """A block's residual stream. Gemma 3n's blocks pass ``[streams, B, L, D]`` (AltUp), and
+    compute stream ``altup_active_idx``, 0 in its configs: the residual stream is that one."""
+    h = out[0] if isinstance(out, tuple) else out
+    return h[0] if h.dim() == 4 else h
 
 
 def _with_hidden(out, h):
+    full = out[0] if isinstance(out, tuple) else out
+    if full.dim() == 4:  # the other AltUp streams kept
+        full = full.clone()
+        full[0] = h
+        h = full
     return (h, *out[1:]) if isinstance(out, tuple) else h
 
 
@@ -282,6 +291,19 @@ DEMOS = [("Is Paris in Europe? Answer:", "Is Paris in Europe? Answer: yes"),
          ("Is Rome in Asia? Answer:", "Is Rome in Asia? Answer: no"),
          ("Where is the cat?", "Where is the cat? On the mat."),
          ("Ann lives in", "Ann lives in Rome.")]
+
+
+def test_collected_states_are_each_prompts_residual_stream(tiny_model):
+    """States read in a left-padded batch (what CAA, ICV and the knob are built from) equal
+    transformers' own ``output_hidden_states`` of each prompt alone; on Gemma 3n, of the AltUp
+    stream its blocks compute."""
+    m = tiny_model
+    got = collect_states(m, PROMPTS, layers=[0])
+    for i, text in enumerate(PROMPTS):
+        with torch.no_grad():
+            hs = m.model(input_ids=torch.tensor([m.encode_prompt(text)], device=m.device),
+                         output_hidden_states=True).hidden_states
+        assert torch.allclose(got[i, 0], _hidden(hs[1])[0, -1].float().cpu(), atol=1e-4)
 
 
 def test_icv_is_first_principal_direction_of_differences(tiny_llama):

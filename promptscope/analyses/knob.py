@@ -223,8 +223,14 @@ def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = N
     (``[N, H]``), in the span of ``basis`` (``[k, H]``, orthonormal rows) or wholly (None)."""
     import torch
 
-    from promptscope.models.vectors import decoder_layers
+    from promptscope.models.vectors import (
+        block_state,
+        decoder_layers,
+        residual_stream,
+        with_block_state,
+    )
 
+    stream = residual_stream(mdl.model)
     ids = [mdl.encode_prompt(p) for p in prompts]
     rows: dict[int, torch.Tensor] = {}  # sized by the logits: a config may pad its vocabulary
     for batch in mdl._batches([len(x) for x in ids]):
@@ -233,7 +239,7 @@ def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = N
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
         def patch(module: Any, args: Any, output: Any, batch: list[int] = batch) -> Any:
-            h = output[0] if isinstance(output, tuple) else output
+            h = block_state(output, stream)
             last = h[:, -1].float()  # left padding: the last column is every prompt's last token
             delta = source[batch].to(last) - last
             if basis is not None:
@@ -241,7 +247,7 @@ def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = N
                 delta = (delta @ b.T) @ b
             h = h.clone()
             h[:, -1] = (last + delta).to(h.dtype)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
+            return with_block_state(output, h, stream)
 
         handle = (decoder_layers(mdl.model)[layer].register_forward_hook(patch)
                   if layer is not None else None)

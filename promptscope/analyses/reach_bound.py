@@ -71,12 +71,15 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     import pandas as pd
     import torch
 
+    from promptscope.models.hf import text_config
+    from promptscope.models.vectors import decoder_layers
+
     mdl = resolve_model(model)
     mdl.require("hidden_states", "The reachability bound")
     lm = mdl.model  # type: ignore[attr-defined]
     tok = mdl.tokenizer  # type: ignore[attr-defined]
-    layers = getattr(getattr(lm, "model", None), "layers", None)
-    if layers is None or not all(hasattr(getattr(layer, "self_attn", None), "o_proj")
+    layers = decoder_layers(lm)
+    if not all(hasattr(getattr(layer, "self_attn", None), "o_proj")
                                  and hasattr(layer, "input_layernorm") for layer in layers):
         raise BoundUnsupported(
             f"The singular-value bound is implemented for llama-style attention (q_proj, "
@@ -95,17 +98,15 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     if any(kk < 1 for kk in ks):
         raise PromptscopeError("The bound needs k >= 1 control tokens.")
     texts = [x0s] if isinstance(x0s, str) else list(x0s)
-    cfg = lm.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    n_heads, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or \
-        cfg.num_attention_heads
-    group = n_heads // n_kv
+    # Each layer's own shape (a config may vary it by layer, e.g. Gemma 4's).
+    shapes = [_head_shape(layer.self_attn, text_config(lm)) for layer in layers]
     embed = lm.get_input_embeddings()
     emb = embed.weight
     # Queries and keys normalised per head after projection (qwen3, gemma3): their norms are
     # at most sqrt(hd) * the norm's largest gain, whatever the projection's singular values.
     qk_normed = hasattr(layers[0].self_attn, "q_norm")
-    if qk_normed and any(layer.self_attn.q_norm.weight.shape[-1] != hd for layer in layers):
+    if qk_normed and any(layer.self_attn.q_norm.weight.shape[-1] != hd
+                         for layer, (hd, _, _) in zip(layers, shapes)):
         raise BoundUnsupported(
             f"{type(lm).__name__} normalises queries and keys across all heads at once; the "
             "bound is written for per-head normalisation.")
@@ -122,7 +123,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     rows = []
     with torch.no_grad():
         sig = []  # per layer: per-head singular values (independent of x0)
-        for layer in layers:
+        for layer, (hd, n_heads, n_kv) in zip(layers, shapes):
             a = layer.self_attn
             wq, wk, wv, wo = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
                               a.o_proj.weight)
@@ -144,6 +145,8 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
             pos = torch.arange(length, device=emb.device)[None]
             for li, layer in enumerate(layers):
                 a = layer.self_attn
+                hd, n_heads, n_kv = shapes[li]
+                group = n_heads // n_kv
                 x = layer.input_layernorm(hs[li])  # [1, L, d]
                 m_x = float(x[0].float().norm(dim=-1).max())
                 m_u = m_u0 if li == 0 else math.sqrt(x.shape[-1]) * _max_gain(
@@ -182,6 +185,13 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                             "resid_norm": resid,
                         })
     return pd.DataFrame(rows)
+
+
+def _head_shape(attn: Any, cfg: Any) -> tuple[int, int, int]:
+    """``(head size, query heads, key/value heads)`` of one attention module, read from its
+    projections."""
+    hd = int(getattr(attn, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
+    return hd, attn.q_proj.weight.shape[0] // hd, attn.k_proj.weight.shape[0] // hd
 
 
 def _max_gain(norm: Any, like: Any) -> float:

@@ -752,7 +752,6 @@ class _Search:
 
         k = len(u[active[0].index])
         out = torch.empty((len(active), k, self.vocab))
-        weight = self.embed.weight
         by_len: dict[int, list[int]] = {}
         for j, p in enumerate(active):
             by_len.setdefault(len(self.seq(p.state, u[p.index])), []).append(j)
@@ -767,15 +766,7 @@ class _Search:
                 s0 = starts[0]  # equal length and same prefix length within a group
                 if any(s != s0 for s in starts):
                     raise RuntimeError("mixed prefix lengths in one gradient batch")
-                onehot = torch.zeros((len(ps), k, self.vocab), device=self.device,
-                                     dtype=weight.dtype)
-                onehot.scatter_(2, ids[:, s0:s0 + k].unsqueeze(2), 1.0)
-                onehot.requires_grad_(True)
-                with torch.no_grad():
-                    embeds = self.embed(ids)
-                control = embed_rows(self.embed, onehot @ weight)
-                embeds = torch.cat([embeds[:, :s0], control, embeds[:, s0 + k:]], dim=1)
-                logits = self.lm(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1].float()
+                onehot, logits = one_hot_logits(self.lm, ids, s0, k)
                 tg = torch.tensor([p.target for p in ps], device=self.device)
                 loss = torch.nn.functional.cross_entropy(logits, tg, reduction="sum")
                 (g,) = torch.autograd.grad(loss, [onehot])
@@ -866,6 +857,52 @@ class _EndpointSearch(_Search):
             return True
         self.unverified += 1
         return False
+
+
+def one_hot_logits(lm: Any, ids: Any, start: int, k: int) -> tuple[Any, Any]:
+    """The model's next-token logits after ``ids`` (``[B, L]``) with the tokens at
+    ``[start, start + k)`` fed as one-hot rows over the vocabulary: ``(one_hot [B, k, V],
+    logits [B, V])``, the logits differentiable in the one-hot.
+
+    Every embedding the model looks up by token id is taken through the one-hot: the input
+    embedding (:func:`embed_rows`) and, in Gemma 3n and 4, the per-layer embeddings, which the
+    model would otherwise drop (3n) or recover from the input embedding without a gradient (4)
+    when given embeddings instead of ids.
+    """
+    import torch
+
+    from promptscope.models.hf import text_config
+
+    embed = lm.get_input_embeddings()
+    weight = embed.weight
+    onehot = torch.zeros((*ids.shape[:1], k, weight.shape[0]), device=ids.device,
+                         dtype=weight.dtype)
+    onehot.scatter_(2, ids[:, start:start + k].unsqueeze(2), 1.0)
+    onehot.requires_grad_(True)
+
+    def through(module: Any, table: Any) -> Any:
+        with torch.no_grad():
+            rows = module(ids)
+        control = embed_rows(module, onehot[..., :table.shape[0]] @ table)
+        return torch.cat([rows[:, :start], control, rows[:, start + k:]], dim=1)
+
+    kwargs = {"inputs_embeds": through(embed, weight)}
+    per_layer = _per_layer_embedding(lm)
+    if per_layer is not None:
+        cfg = text_config(lm)
+        kwargs["per_layer_inputs"] = through(per_layer, per_layer.weight).reshape(
+            *ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+    logits = lm(**kwargs, logits_to_keep=1).logits[:, -1].float()
+    return onehot, logits
+
+
+def _per_layer_embedding(lm: Any) -> Any:
+    """Gemma 3n's and 4's per-layer embedding table (a module looked up by token id), if the
+    model has one."""
+    for name, module in lm.named_modules():
+        if name.endswith("embed_tokens_per_layer"):
+            return module
+    return None
 
 
 def embed_rows(embed: Any, rows: Any) -> Any:

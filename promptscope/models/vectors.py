@@ -221,6 +221,31 @@ def decoder_layers(model: Any) -> Any:
                           "steering needs a list of num_hidden_layers blocks.")
 
 
+def residual_stream(model: Any) -> int | None:
+    """Where a decoder layer's output keeps the residual stream: ``None`` when the output (or
+    its first item) is the stream, ``[B, L, D]``; an index when layers pass several streams,
+    ``[streams, B, L, D]`` (Gemma 3n's AltUp), that of the one the block's attention and MLP
+    compute (``altup_active_idx``), which vector methods read and steer."""
+    cfg = text_config(model)
+    return int(cfg.altup_active_idx) if getattr(cfg, "altup_num_inputs", None) else None
+
+
+def block_state(output: Any, stream: int | None) -> torch.Tensor:
+    """The residual stream ``[B, L, D]`` in what a decoder layer returned
+    (``stream``: :func:`residual_stream`)."""
+    h = output[0] if isinstance(output, tuple) else output
+    return h if stream is None else h[stream]
+
+
+def with_block_state(output: Any, new: torch.Tensor, stream: int | None) -> Any:
+    """A decoder layer's ``output`` with its residual stream replaced by ``new`` (the other
+    streams and items kept; nothing changed in place)."""
+    h = output[0] if isinstance(output, tuple) else output
+    if stream is not None:
+        new = torch.cat([h[:stream], new[None], h[stream + 1:]])
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
 def check_uncompiled(model: Any, analysis: str) -> None:
     """Refuse a ``torch.compile``'d transformers model for ``analysis``: compiled code does not
     run forward hooks registered after compiling (torch does not guard on them), so steering,
@@ -295,8 +320,9 @@ class VectorSteering:
 class _Hooks:
     """The forward hooks of one :class:`VectorSteering` on one transformers model."""
 
-    def __init__(self, steering: VectorSteering) -> None:
+    def __init__(self, steering: VectorSteering, stream: int | None = None) -> None:
         self.s = steering
+        self.stream = stream  # residual_stream(model)
         self.gate: torch.Tensor | None = None  # bool [B, Lq, 1]; None: steer every position
         self.cast: dict[tuple[Any, Any], dict[int, torch.Tensor]] = {}
         self.unit: dict[tuple[Any, int], torch.Tensor] = {}
@@ -359,15 +385,12 @@ class _Hooks:
         def hook(module: Any, args: Any, output: Any) -> Any:
             if not self.s.enabled:
                 return None
-            h = output[0] if isinstance(output, tuple) else output
+            h = block_state(output, self.stream)
             mode = self.s.vector.mode
             # "set" and the ICV compute in fp32; "set" needs the unscaled direction.
             v = self._vec(layer, h.device, h.dtype if mode == "add" else torch.float32,
                           scaled=mode != "set")
-            new = self.shift(h, v)
-            if isinstance(output, tuple):
-                return (new, *output[1:])
-            return new
+            return with_block_state(output, self.shift(h, v), self.stream)
         return hook
 
     def shift(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -423,7 +446,7 @@ def fused_rms_norm(t: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def vector_hooks(hf_model: Any, steering: VectorSteering) -> Iterator[VectorSteering]:
     """Register the hooks of ``steering`` on a transformers model for the block's duration."""
-    hooks = _Hooks(steering)
+    hooks = _Hooks(steering, residual_stream(hf_model))
     layers = decoder_layers(hf_model)
     handles = []
     try:
@@ -521,6 +544,7 @@ def collect_states(model: Any, prompts: Sequence[str], layers: Sequence[int],
     """
     model.require("hidden_states", "Reading hidden states")
     blocks = decoder_layers(model.model)
+    stream = residual_stream(model.model)
     ids = [model.encode_prompt(p) for p in prompts]
     out = torch.zeros(len(prompts), len(layers), hidden_size(model.model))
     for batch in model._batches([len(x) for x in ids]):
@@ -531,7 +555,7 @@ def collect_states(model: Any, prompts: Sequence[str], layers: Sequence[int],
 
         def keep(j: int, got: dict[int, torch.Tensor] = got) -> Any:
             def hook(module: Any, args: Any, output: Any) -> None:
-                got[j] = (output[0] if isinstance(output, tuple) else output).float()
+                got[j] = block_state(output, stream).float()
             return hook
 
         handles = [blocks[layer].register_forward_hook(keep(j)) for j, layer in enumerate(layers)]
