@@ -92,6 +92,49 @@ def test_token_ig_agrees_with_a_direct_captum_call(tiny_gpt2):
         sums.to_dict(), abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3n", "gemma4"])
+def test_ig_token_attributions_add_up_to_the_log_prob_change(tiny_family, arch):
+    """Integrated gradients' completeness: the token attributions sum to the target's log-prob
+    minus its log-prob with every prompt token at the baseline (the pad token). Gemma 3n and 4 look
+    each token up in a second, per-layer table: IG over the input embedding alone leaves that
+    part unattributed. (The tiny models' pad rows are zero, a point where RMSNorm jumps; a
+    trained model's, the organism's included, are not: they get random rows here.)"""
+    from promptscope.models.hf import per_layer_embedding
+
+    model = tiny_family(arch)
+    tables = [t for t in (model.model.get_input_embeddings(), per_layer_embedding(model.model))
+              if t is not None]
+    pad = model.tokenizer.pad_token_id
+    saved = [t.weight[pad].clone() for t in tables]
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for t in tables:
+                t.weight[pad] = torch.randn(t.weight.shape[1], generator=gen) * t.weight.std()
+        att = promptscope.attribute(TEMPLATE, model, vars=ROWS[:1], target=" Rome", level="tokens",
+                                    n_steps=128, save=False, progress=False)
+        text = "".join(PIECES)
+        ids = model.encode_prompt(text)
+        n = len(att.df)  # the attributed tokens: all but the BOS
+        assert "".join(att.df["token"]) == text and n == len(ids) - 1
+        target = model.encode_prompt(text + " Rome")[len(ids):]
+
+        def logp(prompt):  # of the target's tokens, each after the prompt and those before it
+            x = torch.tensor([prompt + target], device=model.device)
+            with torch.no_grad():
+                out = torch.log_softmax(model.model(input_ids=x).logits[0].float(), -1)
+            return sum(out[len(prompt) - 1 + j, t].item() for j, t in enumerate(target))
+
+        # (per target token, the sum of its attributions is its log-prob's change)
+        change = logp(ids) - logp(ids[:1] + [pad] * n)
+        assert att.df["attribution"].sum() == pytest.approx(change, abs=2e-3)
+        assert abs(change) > 0.05  # not vacuous
+    finally:
+        with torch.no_grad():
+            for t, row in zip(tables, saved):
+                t.weight[pad] = row
+
+
 def test_parts_after_the_target_get_exactly_zero(tiny_llama):
     tpl = "Ann lives in Rome. Bob lives in{city} Note: {note} Thanks."
     rows = [{"city": " Oslo.", "note": "Ann is tall."}]

@@ -255,7 +255,8 @@ def test_one_hot_gradient_sees_the_per_layer_embeddings(tiny_family, arch):
     in Gemma 3n and 4 a token brings its per-layer embedding too. Changing the per-layer rows of
     tokens the prompt does not use leaves the forward as it was and must change their
     gradient (Gemma 4 would recover its per-layer rows from the embeddings without one)."""
-    from promptscope.analyses.reachability import _per_layer_embedding, one_hot_logits
+    from promptscope.analyses.reachability import one_hot_logits
+    from promptscope.models.hf import per_layer_embedding
 
     model = tiny_family(arch)
     lm = copy.deepcopy(model.model)
@@ -267,7 +268,7 @@ def test_one_hot_gradient_sees_the_per_layer_embeddings(tiny_family, arch):
         return logits.detach(), grad
 
     logits, grad = run()
-    table = _per_layer_embedding(lm).weight
+    table = per_layer_embedding(lm).weight
     unused = torch.ones(table.shape[0], dtype=torch.bool)
     unused[ids[0]] = False
     with torch.no_grad():

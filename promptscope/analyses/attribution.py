@@ -8,8 +8,9 @@ model's own greedy answer, or a part of the prompt itself with ``target_part``) 
   ``FeatureAblation`` / ``ShapleyValueSampling`` / ``KernelShap`` over a ``TextTemplateInput``
   whose segments are the variant's parts (an ablated part is removed from the text);
 * to tokens (``level="tokens"``), with captum's ``LLMGradientAttribution`` and
-  ``LayerIntegratedGradients`` on the input embeddings (``method="ig"``; ``level="parts"`` then
-  sums the token attributions of each part), or the perturbation methods over a
+  ``LayerIntegratedGradients`` on the input embeddings, and on Gemma 3n's and 4's per-layer
+  embeddings with them (``method="ig"``; ``level="parts"`` then sums the token attributions of
+  each part), or the perturbation methods over a
   ``TextTokenInput`` (a token is replaced by the pad token).
 
 How promptscope drives captum (and why):
@@ -535,9 +536,13 @@ class _Engine:
                              use_cached_outputs=False, **kwargs)
 
     def _gradient(self, inp: Any, target_ids: Any) -> Any:
-        from captum.attr import LayerIntegratedGradients, LLMGradientAttribution
+        from captum.attr import LLMGradientAttribution
 
-        lig = LayerIntegratedGradients(self.runner, self.runner.lm.get_input_embeddings())
+        from promptscope.models.hf import per_layer_embedding
+
+        lm = self.runner.lm
+        tables = [lm.get_input_embeddings(), per_layer_embedding(lm)]
+        lig = _token_embeddings_ig()(self.runner, [t for t in tables if t is not None])
         llm = LLMGradientAttribution(lig, self.mdl.tokenizer)
         return llm.attribute(inp, target=target_ids, n_steps=self.n_steps)
 
@@ -822,6 +827,28 @@ def _token_input(ids: list[int], keep: list[bool], pieces: list[str], tokenizer:
     inp.n_itp_features = len(inp.values)
     inp.baselines = baseline_id
     return inp
+
+
+def _token_embeddings_ig() -> Any:
+    from captum.attr import LayerIntegratedGradients
+
+    class TokenEmbeddingsIG(LayerIntegratedGradients):  # type: ignore[misc]
+        """Integrated gradients over every table the model looks token ids up in, moved
+        together from the baseline token to each real one (Gemma 3n and 4 have per-layer
+        embeddings beside the input embedding: leaving them at the real tokens left part of
+        each token's effect unattributed). A token's attribution is the sum over its tables,
+        so the attributions still add up to the log-prob's change."""
+
+        def __init__(self, forward: Any, tables: list[Any]) -> None:
+            super().__init__(forward, tables if len(tables) > 1 else tables[0])
+
+        def attribute(self, *args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            out = super().attribute(*args, **kwargs)
+            return torch.cat(list(out), dim=-1) if isinstance(out, list) else out
+
+    return TokenEmbeddingsIG
 
 
 def _in_prompt_class() -> Any:

@@ -871,7 +871,7 @@ def one_hot_logits(lm: Any, ids: Any, start: int, k: int) -> tuple[Any, Any]:
     """
     import torch
 
-    from promptscope.models.hf import text_config
+    from promptscope.models.hf import per_layer_embedding, text_config
 
     embed = lm.get_input_embeddings()
     weight = embed.weight
@@ -887,22 +887,13 @@ def one_hot_logits(lm: Any, ids: Any, start: int, k: int) -> tuple[Any, Any]:
         return torch.cat([rows[:, :start], control, rows[:, start + k:]], dim=1)
 
     kwargs = {"inputs_embeds": through(embed, weight)}
-    per_layer = _per_layer_embedding(lm)
+    per_layer = per_layer_embedding(lm)
     if per_layer is not None:
         cfg = text_config(lm)
         kwargs["per_layer_inputs"] = through(per_layer, per_layer.weight).reshape(
             *ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
     logits = lm(**kwargs, logits_to_keep=1).logits[:, -1].float()
     return onehot, logits
-
-
-def _per_layer_embedding(lm: Any) -> Any:
-    """Gemma 3n's and 4's per-layer embedding table (a module looked up by token id), if the
-    model has one."""
-    for name, module in lm.named_modules():
-        if name.endswith("embed_tokens_per_layer"):
-            return module
-    return None
 
 
 def embed_rows(embed: Any, rows: Any) -> Any:

@@ -525,6 +525,16 @@ def text_config(lm: Any) -> Any:
     return get() if get is not None else lm.config
 
 
+def per_layer_embedding(lm: Any) -> Any:
+    """The second table a model looks token ids up in, if it has one: Gemma 3n's and 4's
+    per-layer embeddings (``embed_tokens_per_layer``), else ``None``. Whatever feeds the model
+    embeddings instead of ids (GCG's one-hot, integrated gradients) must take it along."""
+    for name, module in lm.named_modules():
+        if name.endswith("embed_tokens_per_layer"):
+            return module
+    return None
+
+
 def _output_cache(out: Any) -> Any:
     """The KV cache of a forward output (``cache`` in transformers 5, else ``past_key_values``)."""
     cache = getattr(out, "cache", None)
