@@ -85,7 +85,9 @@ def tiny_model(request, tiny_family):
     """Each family in turn. Attention differs in each way promptscope handles: grouped-query
     (llama), gpt2's own, normed queries and keys (qwen3), partial rotary (gpt_neox), sliding
     layers interleaved with full ones (gemma3), the same inside a multimodal checkpoint whose
-    shape is in a text sub-config (gemma3_vision), a relative-position bias (inkling)."""
+    shape is in a text sub-config (gemma3_vision), AltUp streams and per-layer embeddings
+    (gemma3n), head shapes varying by layer and shared keys and values (gemma4, and inside its
+    multimodal checkpoint, gemma4_vision), a relative-position bias (inkling)."""
     if request.param in ("llama", "gpt2"):  # the session's shared ones
         return request.getfixturevalue(f"tiny_{request.param}")
     return tiny_family(request.param)
@@ -106,5 +108,6 @@ def ip():
 @pytest.fixture(params=["mistral", "gemma3", "gemma4"])
 def tiny_sliding(request, tiny_family):
     """Sliding windows of 8 (shorter than the test prompts): on every layer (mistral), or
-    interleaved with full layers (gemma3)."""
+    interleaved with full layers (gemma3; gemma4, whose later layers reuse earlier layers'
+    keys and values)."""
     return tiny_family(request.param)
