@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from promptscope.errors import PromptscopeError
+from promptscope.errors import PromptscopeError, describe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -368,13 +368,8 @@ def _friendly(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except PromptscopeError as exc:
-        message = str(exc)
-        partial = getattr(exc, "partial_result", None)
-        if partial is not None and partial.session_id:
-            message += (f"\n(The {len(partial.df)} rows computed before this are saved in session "
-                        f"{partial.session_id}.)")
-        err = UsageError(message)
-        err.partial_result = partial  # type: ignore[attr-defined]
+        err = UsageError(describe(exc))
+        err.partial_result = getattr(exc, "partial_result", None)  # type: ignore[attr-defined]
         raise err from None
 
 

@@ -108,3 +108,20 @@ def test_profile_heads_reads_choices_written_as_a_string(tiny_llama):
     run = [promptscope.profile_heads(TEMPLATE, rows, tiny_llama, layers=[1], save=False,
                                      progress=False).df for rows in (ROWS, LISTED)]
     pd.testing.assert_frame_equal(run[0], run[1])
+
+
+def test_ipython_shows_the_message_not_promptscopes_frames(ip, capsys, monkeypatch):
+    """In a notebook a Python API call with bad input shows the one message that says what to
+    change, as the magics do; ``promptscope.errors.full_tracebacks`` brings the frames back."""
+    from promptscope import errors
+
+    cell = "import promptscope\npromptscope.parse_template('Say {{hi|hello')"
+    ip.run_cell(cell)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "TemplateError" in lines[0]
+    assert "is never closed" in lines[0] and "templates.py" not in out
+    monkeypatch.setattr(errors, "full_tracebacks", True)
+    ip.run_cell(cell)
+    out = capsys.readouterr().out
+    assert "templates.py" in out and "is never closed" in out
