@@ -356,6 +356,9 @@ def test_the_magic_runs_an_api_model(server, hf, capsys):
 
 def test_concurrency_is_bounded_and_progress_is_reported(server, proxy):
     model = _proxied(proxy, server, max_concurrency=3)
+    # A remote server's round trip: without it a fast local server can answer each request
+    # before the next is sent (seen once, on a loaded CI machine: at most 1 in flight).
+    proxy.latency = 0.05
     prompts = [f"Question {i}: is it" for i in range(24)]
     seen: list[int] = []
     scores = model.score(prompts, [" yes"] * 24, progress=seen.append)
