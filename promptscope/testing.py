@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "gemma3_vision",
-                 "gemma3n", "gemma4", "gemma4_vision", "inkling")
+                 "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -88,7 +88,9 @@ def make_tiny_model(
             checkpoint, whose shape lives in a text sub-config) or ``"gemma4"`` (at least 4
             layers: head size and key/value heads differ between sliding and full layers, the
             later half reuses the earlier half's keys and values, per-layer input embeddings) or
-            ``"gemma4_vision"`` (the same inside Gemma 4's multimodal checkpoint).
+            ``"gemma4_vision"`` (the same inside Gemma 4's multimodal checkpoint) or
+            ``"qwen3_5"`` (a hybrid: at least 4 layers, linear-attention ones with a
+            full-attention one after each).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
@@ -116,6 +118,10 @@ def make_tiny_model(
         if arch == "inkling":
             extra = {**extra, **_inkling_fields(num_layers, num_heads, num_kv_heads,
                                                 head_dim or hidden_size // num_heads)}
+        if arch == "qwen3_5":
+            num_layers = max(num_layers, 4)
+            extra = {**extra, **_hybrid_fields(num_layers, num_heads, num_kv_heads,
+                                               head_dim or hidden_size // num_heads)}
         if arch in ("gemma3n", "gemma4", "gemma4_vision"):
             num_layers = max(num_layers, 4)  # two layers that make keys, two that reuse them
             extra = {**extra, **_shared_kv_fields(num_layers, len(tokenizer))}
@@ -170,6 +176,7 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                  "altup_num_inputs": 2}),
     "gemma4": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "gemma4_vision": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
+    "qwen3_5": ("qwen3_5_text", {"initializer_range": 0.2}),
     "inkling": ("inkling_text", {"sliding_window_size": 8, "d_rel": 4, "rel_extent": 64,
                                  "initializer_range": 0.2}),
 }
@@ -193,6 +200,14 @@ def _inkling_fields(layers: int, heads: int, kv_heads: int, head_dim: int) -> di
     return {"swa_num_attention_heads": heads, "swa_num_key_value_heads": kv_heads,
             "swa_head_dim": head_dim, "mlp_layer_types": ["dense"] * layers,
             "layer_types": ["hybrid_sliding"] + ["hybrid"] * (layers - 1)}
+
+
+def _hybrid_fields(layers: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, Any]:
+    """Qwen3.5's: linear-attention (Gated DeltaNet) layers with a full-attention layer after
+    each."""
+    return {"layer_types": [("linear_attention", "full_attention")[i % 2] for i in range(layers)],
+            "linear_num_value_heads": heads, "linear_num_key_heads": kv_heads,
+            "linear_key_head_dim": head_dim, "linear_value_head_dim": head_dim}
 
 
 def _shared_kv_fields(layers: int, vocab: int) -> dict[str, Any]:

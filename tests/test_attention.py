@@ -24,18 +24,20 @@ def _eager_attentions(model, text):
 
 
 def test_captured_weights_equal_eager_attention(tiny_model):
-    att = promptscope.attention(TEMPLATE, tiny_model, vars=ROWS, layers="1", heads=[0, 2],
-                                progress=False)
+    # transformers reports the layers that have attention weights (not a hybrid model's others)
+    layer = tiny_model.attention_layers[1]
+    att = promptscope.attention(TEMPLATE, tiny_model, vars=ROWS, layers=str(layer),
+                                heads=[0, 2], progress=False)
     eager = _eager_attentions(tiny_model, "Context: Eve lives in Lima. Bob lives in Oslo. "
                                           "Where does Eve live?")
     w = att.tables["weights"]
-    one = w[(w.variant == 1) & (w.layer == 1) & (w["head"] == 2)]
+    one = w[(w.variant == 1) & (w.layer == layer) & (w["head"] == 2)]
     ref = eager[1][0, 2]
     got = torch.zeros_like(ref)
     q, k = one["query"].to_numpy().copy(), one["key"].to_numpy().copy()
     got[q, k] = torch.tensor(one["weight"].to_numpy().copy())
     assert torch.allclose(got, ref, atol=1e-5)
-    assert set(w["layer"]) == {1} and set(w["head"]) == {0, 2}
+    assert set(w["layer"]) == {layer} and set(w["head"]) == {0, 2}
 
 
 def test_span_mass_sums_to_one_and_parts_follow_the_template(tiny_llama):

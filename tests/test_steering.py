@@ -23,6 +23,13 @@ PROMPTS = [
 ]
 EMPHASIS = ["Ann lives in Rome.", "Paris", "The cat sat on the mat."]
 HEADS = {0: [1, 3], 1: [0]}
+
+
+def _heads(model):
+    """HEADS on the model's first two layers that have attention (a hybrid model's others
+    have none)."""
+    first, second = model.attention_layers[:2]
+    return {first: HEADS[0], second: HEADS[1]}
 ALPHA = 0.01
 
 
@@ -116,17 +123,18 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
                         lambda *a, **k: sdpa_heads.append(a[6]) or real_sdpa(*a, **k))
     prompts, emphasis = (PROMPTS, EMPHASIS) if padded else (PROMPTS[:1], EMPHASIS[:1])
     ids, mask, pos, down = _batch(tiny_model, prompts, emphasis)
-    _REF.update(heads=HEADS, alpha=ALPHA, down=down)
+    heads = _heads(tiny_model)
+    _REF.update(heads=heads, alpha=ALPHA, down=down)
     try:
         reference = _logits(tiny_model, "pasta_reference", ids, mask, pos, padded)
         plain = _logits(tiny_model, "sdpa", ids, mask, pos, padded)
-        with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS):
+        with promptscope.steer(tiny_model, heads=heads, alpha=ALPHA, emphasis=EMPHASIS):
             from promptscope.models.steering import _Forward, forward_context, key_bias
 
             bias = key_bias(tiny_model.steering, ~down & mask.bool(), mask.bool(),
                             tiny_model.text_config.num_attention_heads)
             split = {layer: torch.tensor(h, device=tiny_model.device)
-                     for layer, h in HEADS.items()} if kernel == "sdpa-head-split" else {}
+                     for layer, h in heads.items()} if kernel == "sdpa-head-split" else {}
             state = _Forward(key_bias=bias, kernel=kernel.removesuffix("-head-split"),
                              heads=split)
             with forward_context(state):
@@ -138,11 +146,11 @@ def test_key_bias_equals_eager_pasta(tiny_model, padded, kernel, monkeypatch):
     assert torch.allclose(ours[real], reference[real], atol=2e-4)
     # ...and steering changes the model's output (the check above is not vacuous).
     assert (ours[real] - plain[real]).abs().max() > 1e-2
-    assert len(flex_calls) == (len(HEADS) if kernel == "flex" else 0)  # steered layers only
+    assert len(flex_calls) == (len(heads) if kernel == "flex" else 0)  # steered layers only
     if kernel == "flex":
         assert sdpa_heads == []
     else:  # one call per steered layer, split only when asked
-        assert len(sdpa_heads) == len(HEADS)
+        assert len(sdpa_heads) == len(heads)
         assert all((h is not None) == (kernel == "sdpa-head-split") for h in sdpa_heads)
 
 
@@ -155,14 +163,15 @@ def test_steered_scores_match_reference_through_the_backend(tiny_llama, kernel):
 def _check_scores(tiny_llama, kernel):
     _register_reference()
     conts = [" Rome and more", " yes", " on the mat"]
-    with promptscope.steer(tiny_llama, heads=HEADS, alpha=ALPHA, emphasis=EMPHASIS,
+    heads = _heads(tiny_llama)
+    with promptscope.steer(tiny_llama, heads=heads, alpha=ALPHA, emphasis=EMPHASIS,
                            kernel=kernel):
         steered = tiny_llama.score(PROMPTS, conts)
     for prompt, sub, cont, s in zip(PROMPTS, EMPHASIS, conts, steered):
         ids, mask, pos, down = _batch(tiny_llama, [prompt], [sub])
         c = tiny_llama.encode_continuation(cont)
         full = torch.cat([ids, torch.tensor([c], device=ids.device)], dim=1)
-        _REF.update(heads=HEADS, alpha=ALPHA, down=down)  # continuation keys are not scaled
+        _REF.update(heads=heads, alpha=ALPHA, down=down)  # continuation keys are not scaled
         try:
             logits = _logits(tiny_llama, "pasta_reference", full, None, None, padded=False)
         finally:
@@ -195,13 +204,14 @@ def test_sliding_window_layers_steer_the_keys_their_cache_keeps(tiny_sliding, ke
 def _check_generation(tiny_model, kernel, n_prompts):
     _register_reference()
     prompts, emphasis = PROMPTS[:n_prompts], EMPHASIS[:n_prompts]
-    with promptscope.steer(tiny_model, heads=HEADS, alpha=ALPHA, emphasis=emphasis,
+    heads = _heads(tiny_model)
+    with promptscope.steer(tiny_model, heads=heads, alpha=ALPHA, emphasis=emphasis,
                            kernel=kernel):
         gens = tiny_model.generate(prompts, max_new_tokens=5)
     unsteered = tiny_model.generate(prompts, max_new_tokens=5)
     for prompt, sub, (g,) in zip(prompts, emphasis, gens):
         ids, _, _, down = _batch(tiny_model, [prompt], [sub])
-        _REF.update(heads=HEADS, alpha=ALPHA, down=down)
+        _REF.update(heads=heads, alpha=ALPHA, down=down)
         seq = ids
         try:
             for _ in range(5):
@@ -289,6 +299,31 @@ def test_parse_heads_forms_and_errors():
         parse_heads("1.7", 2, 3)
     with pytest.raises(PromptscopeError, match="Cannot read head"):
         parse_heads("one.two", 2, 3)
+
+
+def test_hybrid_models_steer_and_capture_their_attention_layers_only(tiny_family):
+    """A hybrid (Qwen3.5: linear-attention layers, a full-attention layer after each) has
+    attention weights in some layers only. "all" means those; naming another layer is an
+    error that lists them (steering it would silently do nothing)."""
+    model = tiny_family("qwen3_5")
+    assert model.attention_layers == [1, 3]
+    assert parse_heads("all", 4, 2, [1, 3]) == {1: [0, 1], 3: [0, 1]}
+    with promptscope.steer(model, heads="all", alpha=ALPHA, emphasis=EMPHASIS[0]) as steering:
+        assert sorted(steering.heads) == [1, 3]
+    for heads in ("0.1", "L2", {"0": [1], "1": [0]}):
+        with pytest.raises(PromptscopeError, match="has no attention weights.*are 1, 3"):
+            with promptscope.steer(model, heads=heads, alpha=ALPHA, emphasis=EMPHASIS[0]):
+                pass
+    tpl = "Context: <<Ann lives in Rome.>> Where does Ann live?"
+    att = promptscope.attention(tpl, model, progress=False)
+    assert set(att.df["layer"]) == {1, 3}
+    with pytest.raises(PromptscopeError, match="Layers 0, 2 of this model have no attention"):
+        promptscope.attention(tpl, model, layers="0,1,2", progress=False)
+    rows = [{"answer": " Rome", "choices": [" Rome", " Oslo"]}]
+    profile = promptscope.profile_heads(tpl, rows, model, save=False, progress=False)
+    assert set(profile.df["layer"]) == {1, 3}
+    with pytest.raises(PromptscopeError, match="Layer 2 of this model has no attention"):
+        promptscope.profile_heads(tpl, rows, model, layers=[2, 3], save=False, progress=False)
 
 
 @pytest.mark.parametrize("alpha", [0.0, -1.0, 1.5])

@@ -24,7 +24,7 @@ from promptscope.templates import Template, Variant, check_rows, count_rows, par
 CHUNK_SIZE = 16
 
 
-def _pick(spec: Any, n: int, what: str) -> list[int]:
+def pick_indices(spec: Any, n: int, what: str) -> list[int]:
     """``None`` / ``"all"`` -> everything; ``"0,2"`` or ``[0, 2]`` -> those, checked."""
     if spec is None or spec == "all":
         return list(range(n))
@@ -106,6 +106,7 @@ def attention(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from promptscope.models.steering import check_attention_layers
     from promptscope.models.vectors import check_uncompiled
 
     tpl = template if isinstance(template, Template) else parse_template(template)
@@ -113,8 +114,12 @@ def attention(
     mdl.require("attention", "Attention capture")
     check_uncompiled(mdl.model, "Attention capture")  # type: ignore[attr-defined]
     cfg = mdl.text_config  # type: ignore[attr-defined]
-    layer_ids = _pick(layers, cfg.num_hidden_layers, "layer")
-    head_ids = _pick(heads, cfg.num_attention_heads, "head")
+    layer_ids = pick_indices(layers, cfg.num_hidden_layers, "layer")
+    head_ids = pick_indices(heads, cfg.num_attention_heads, "head")
+    attended = mdl.attention_layers  # type: ignore[attr-defined]
+    if layers is None or layers == "all":
+        layer_ids = [layer for layer in layer_ids if layer in attended]
+    check_attention_layers(layer_ids, attended)
     check_rows(tpl, vars, namespace)
     total = tpl.n_variants(count_rows(vars))
     params = {"template": tpl.source, "layers": layer_ids, "heads": head_ids, "chat": chat,

@@ -63,7 +63,8 @@ def profile_heads(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from promptscope.models.steering import steer
+    from promptscope.analyses.attention import pick_indices
+    from promptscope.models.steering import check_attention_layers, steer
 
     tpl = template if isinstance(template, Template) else parse_template(template)
     if not tpl.has_emphasis:
@@ -81,7 +82,10 @@ def profile_heads(
     prompts = [v.text for v in variants]
     pairs = [(i, c) for i, cs in enumerate(cands) for c in cs]
     cfg = mdl.text_config  # type: ignore[attr-defined]
-    layer_ids = list(layers) if layers is not None else list(range(cfg.num_hidden_layers))
+    attended = mdl.attention_layers  # type: ignore[attr-defined]
+    layer_ids = pick_indices(layers, cfg.num_hidden_layers, "layer") if layers is not None \
+        else list(attended)
+    check_attention_layers(layer_ids, attended)
     heads = [(layer, h) for layer in layer_ids for h in range(cfg.num_attention_heads)]
 
     def evaluate() -> tuple[float, float]:

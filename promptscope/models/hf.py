@@ -81,6 +81,7 @@ class HFModel(Model):
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._attention_layers: list[int] | None = None
 
     @classmethod
     def from_pretrained(
@@ -149,6 +150,31 @@ class HFModel(Model):
     def text_config(self) -> Any:
         """The language model's config (:func:`text_config`)."""
         return text_config(self.model)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """The decoder layers whose attention promptscope steers and captures: all of them,
+        except in hybrid models, whose linear-attention, convolution or state-space layers
+        (Qwen3.5, LFM2, ...) attend through no attention weights.
+
+        Found once, by which layers call the attention function in a two-token forward pass.
+        """
+        if self._attention_layers is None:
+            from promptscope.models.steering import (
+                _Forward,
+                forward_context,
+                use_promptscope_attention,
+            )
+
+            use_promptscope_attention(self.model)
+            seen: set[int] = set()
+            state = _Forward(capture=lambda layer, weights: seen.add(layer),
+                             capture_layers=frozenset(range(self.text_config.num_hidden_layers)))
+            ids = torch.tensor([[self.tokenizer.bos_token_id or 0] * 2], device=self.device)
+            with forward_context(state), torch.no_grad():
+                self.model(input_ids=ids, use_cache=False)
+            self._attention_layers = sorted(seen)
+        return self._attention_layers
 
     def describe(self) -> dict[str, Any]:
         cfg = self.text_config

@@ -109,17 +109,21 @@ class AttentionSteering:
         return sum(len(v) for v in self.heads.values())
 
 
-def parse_heads(spec: Any, n_layers: int, n_heads: int) -> dict[int, list[int]]:
+def parse_heads(spec: Any, n_layers: int, n_heads: int,
+                attention_layers: Sequence[int] | None = None) -> dict[int, list[int]]:
     """Turn a head selection into ``{layer: [heads]}``, checked against the model's shape.
 
     Accepts ``"all"``, ``"3.1,4.0"`` (layer.head), ``"L3"`` (every head of layer 3), PASTA's
-    head-config dict ``{"3": [1, 2]}``, or pairs ``[(3, 1), (4, 0)]``.
+    head-config dict ``{"3": [1, 2]}``, or pairs ``[(3, 1), (4, 0)]``. ``attention_layers``:
+    the layers that have attention (``HFModel.attention_layers``; default all): ``"all"`` means
+    those, and naming another is an error.
     """
+    attended = range(n_layers) if attention_layers is None else attention_layers
     out: dict[int, set[int]] = {}
     if isinstance(spec, str):
         spec = spec.strip()
         if spec == "all":
-            return {layer: list(range(n_heads)) for layer in range(n_layers)}
+            return {layer: list(range(n_heads)) for layer in attended}
         pairs: list[tuple[int, int | None]] = []
         for item in filter(None, (s.strip() for s in spec.split(","))):
             try:
@@ -147,7 +151,21 @@ def parse_heads(spec: Any, n_layers: int, n_heads: int) -> dict[int, list[int]]:
             raise PromptscopeError(f"Head {layer}.{head} is out of range: each layer has heads "
                                    f"0..{n_heads - 1}.")
         out.setdefault(layer, set()).update(range(n_heads) if head is None else [head])
+    check_attention_layers(list(out), attended)
     return {layer: sorted(hs) for layer, hs in sorted(out.items())}
+
+
+def check_attention_layers(layers: Sequence[int], attention_layers: Sequence[int]) -> None:
+    """Refuse layers without attention weights (a hybrid model's linear-attention, convolution
+    or state-space layers): steering or capturing them would silently do nothing."""
+    missing = sorted(set(layers) - set(attention_layers))
+    if missing:
+        many = len(missing) > 1
+        raise PromptscopeError(
+            f"{'Layers' if many else 'Layer'} {', '.join(map(str, missing))} of this model "
+            f"{'have' if many else 'has'} no attention weights to steer or capture (a linear "
+            "attention, convolution or state-space layer). Its attention "
+            f"layers are {', '.join(map(str, attention_layers))}.")
 
 
 # ---------------------------------------------------------------------- forward-time state
@@ -639,8 +657,8 @@ def _pasta(model: Any, heads: Any, alpha: float, mode: str,
             raise CapabilityError("kernel='flex' needs torch >= 2.5 (flex_attention); use "
                                   "kernel='sdpa'.") from None
     steering = AttentionSteering(parse_heads(heads, cfg.num_hidden_layers,
-                                             cfg.num_attention_heads), alpha, mode, subs,
-                                 kernel=kernel)
+                                             cfg.num_attention_heads, model.attention_layers),
+                                 alpha, mode, subs, kernel=kernel)
     use_promptscope_attention(model.model)
     model.steering = steering
     try:
