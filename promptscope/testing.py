@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "gemma3_vision",
-                 "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5")
+                 "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5", "deepseek_v3")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -90,7 +90,8 @@ def make_tiny_model(
             later half reuses the earlier half's keys and values, per-layer input embeddings) or
             ``"gemma4_vision"`` (the same inside Gemma 4's multimodal checkpoint) or
             ``"qwen3_5"`` (a hybrid: at least 4 layers, linear-attention ones with a
-            full-attention one after each).
+            full-attention one after each) or ``"deepseek_v3"`` (multi-head latent attention,
+            DeepSeek V3's and Kimi K2's, with mixture-of-experts MLPs).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
@@ -130,6 +131,8 @@ def make_tiny_model(
         if arch in ("gemma3", "gemma3_vision"):
             extra = {**extra, "layer_types": [("sliding_attention", "full_attention")[i % 2]
                                               for i in range(num_layers)]}
+        if arch == "deepseek_v3":  # MLA: no grouped keys; its head_dim is the rotary part's
+            num_kv_heads, head_dim = num_heads, extra["qk_rope_head_dim"]
         shape = dict(vocab_size=len(tokenizer), hidden_size=hidden_size,
                      intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
                      num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -177,6 +180,14 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma4": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "gemma4_vision": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "qwen3_5": ("qwen3_5_text", {"initializer_range": 0.2}),
+    # Multi-head latent attention: keys and values from a shared low-rank latent, queries and
+    # keys wider than values; mixture-of-experts MLPs after a dense first layer.
+    "deepseek_v3": ("deepseek_v3", {"kv_lora_rank": 16, "q_lora_rank": 32,
+                                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+                                    "v_head_dim": 16, "n_routed_experts": 4,
+                                    "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                    "n_shared_experts": 1, "first_k_dense_replace": 1,
+                                    "n_group": 1, "topk_group": 1, "initializer_range": 0.2}),
     "inkling": ("inkling_text", {"sliding_window_size": 8, "d_rel": 4, "rel_extent": 64,
                                  "initializer_range": 0.2}),
 }

@@ -80,7 +80,8 @@ def tiny_family(tmp_path_factory):
 
 
 @pytest.fixture(params=["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "gemma3_vision",
-                        "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5"])
+                        "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5",
+                        "deepseek_v3"])
 def tiny_model(request, tiny_family):
     """Each family in turn. Attention differs in each way promptscope handles: grouped-query
     (llama), gpt2's own, normed queries and keys (qwen3), partial rotary (gpt_neox), sliding
@@ -88,7 +89,8 @@ def tiny_model(request, tiny_family):
     shape is in a text sub-config (gemma3_vision), AltUp streams and per-layer embeddings
     (gemma3n), head shapes varying by layer and shared keys and values (gemma4, and inside its
     multimodal checkpoint, gemma4_vision), a relative-position bias (inkling), linear-attention
-    layers between the attention ones (qwen3_5, a hybrid)."""
+    layers between the attention ones (qwen3_5, a hybrid), multi-head latent attention
+    (deepseek_v3)."""
     if request.param in ("llama", "gpt2"):  # the session's shared ones
         return request.getfixturevalue(f"tiny_{request.param}")
     return tiny_family(request.param)

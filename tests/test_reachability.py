@@ -10,7 +10,11 @@ import pytest
 import torch
 
 import promptscope
-from promptscope.analyses.reach_bound import attention_bound, nothing_new_reachable
+from promptscope.analyses.reach_bound import (
+    BoundUnsupported,
+    attention_bound,
+    nothing_new_reachable,
+)
 from promptscope.analyses.reachability import ReachabilityError, heldout_states, k_epsilon
 from promptscope.errors import CapabilityError
 from promptscope.models.base import Model
@@ -278,6 +282,17 @@ def test_one_hot_gradient_sees_the_per_layer_embeddings(tiny_family, arch):
     assert torch.allclose(logits, logits2)
     assert not torch.allclose(grad[..., :table.shape[0]][..., unused],
                               grad2[..., :table.shape[0]][..., unused])
+
+
+def test_bound_refuses_latent_attention_and_the_search_runs_without_it(tiny_family):
+    """Multi-head latent attention (DeepSeek V3, Kimi K2) has no key and value projections of
+    its own: the bound does not apply, says so, and the search still runs (it crashed)."""
+    model = tiny_family("deepseek_v3")
+    with pytest.raises(BoundUnsupported, match="another layout"):
+        attention_bound(model, "The cat sat on", k=1)
+    result = promptscope.reachability(model, "The cat sat on", targets="top:2", k_max=1,
+                                      save=False, progress=False)
+    assert len(result.df) == 2 and "another layout" in result.params["bound_skipped"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

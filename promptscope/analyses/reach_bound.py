@@ -79,11 +79,13 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     lm = mdl.model  # type: ignore[attr-defined]
     tok = mdl.tokenizer  # type: ignore[attr-defined]
     layers = decoder_layers(lm)
-    if not all(hasattr(getattr(layer, "self_attn", None), "o_proj")
-                                 and hasattr(layer, "input_layernorm") for layer in layers):
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not all(all(hasattr(getattr(layer, "self_attn", None), p) for p in projections)
+               and hasattr(layer, "input_layernorm") for layer in layers):
         raise BoundUnsupported(
             f"The singular-value bound is implemented for llama-style attention (q_proj, "
-            f"k_proj, v_proj, o_proj); {type(lm).__name__} has another layout.")
+            f"k_proj, v_proj, o_proj after an input norm); {type(lm).__name__} has another "
+            "layout.")
     sliding = [i for i, layer in enumerate(layers)
                if getattr(layer.self_attn, "sliding_window", None)]
     if sliding:
