@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "gemma3_vision",
-                 "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5", "deepseek_v3")
+                 "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5", "deepseek_v3",
+                 "mamba")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -90,8 +91,9 @@ def make_tiny_model(
             later half reuses the earlier half's keys and values, per-layer input embeddings) or
             ``"gemma4_vision"`` (the same inside Gemma 4's multimodal checkpoint) or
             ``"qwen3_5"`` (a hybrid: at least 4 layers, linear-attention ones with a
-            full-attention one after each) or ``"deepseek_v3"`` (multi-head latent attention,
-            DeepSeek V3's and Kimi K2's, with mixture-of-experts MLPs).
+            full-attention one after each), ``"deepseek_v3"`` (multi-head latent attention,
+            DeepSeek V3's and Kimi K2's, with mixture-of-experts MLPs) or ``"mamba"`` (a
+            state-space model: no attention at all).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
@@ -114,6 +116,9 @@ def make_tiny_model(
         config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=hidden_size,
                                       n_layer=num_layers, n_head=num_heads,
                                       n_positions=max_positions, **ids)
+    elif arch == "mamba":
+        config = AutoConfig.for_model("mamba", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                      num_hidden_layers=num_layers, state_size=8, **ids)
     else:
         model_type, extra = _FAMILIES[arch]
         if arch == "inkling":

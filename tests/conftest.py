@@ -79,9 +79,11 @@ def tiny_family(tmp_path_factory):
     return load
 
 
-@pytest.fixture(params=["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "gemma3_vision",
-                        "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5",
-                        "deepseek_v3"])
+FAMILIES = ["llama", "gpt2", "qwen3", "gpt_neox", "gemma3", "gemma3_vision", "gemma3n", "gemma4",
+            "gemma4_vision", "inkling", "qwen3_5", "deepseek_v3"]
+
+
+@pytest.fixture(params=FAMILIES)
 def tiny_model(request, tiny_family):
     """Each family in turn. Attention differs in each way promptscope handles: grouped-query
     (llama), gpt2's own, normed queries and keys (qwen3), partial rotary (gpt_neox), sliding
@@ -92,6 +94,15 @@ def tiny_model(request, tiny_family):
     layers between the attention ones (qwen3_5, a hybrid), multi-head latent attention
     (deepseek_v3)."""
     if request.param in ("llama", "gpt2"):  # the session's shared ones
+        return request.getfixturevalue(f"tiny_{request.param}")
+    return tiny_family(request.param)
+
+
+@pytest.fixture(params=[*FAMILIES, "mamba"])
+def any_tiny_model(request, tiny_family):
+    """:func:`tiny_model`'s families and a state-space model (Mamba, no attention), for what
+    every causal LM must do: score and generate."""
+    if request.param in ("llama", "gpt2"):
         return request.getfixturevalue(f"tiny_{request.param}")
     return tiny_family(request.param)
 

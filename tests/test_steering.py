@@ -326,6 +326,27 @@ def test_hybrid_models_steer_and_capture_their_attention_layers_only(tiny_family
         promptscope.profile_heads(tpl, rows, model, layers=[2, 3], save=False, progress=False)
 
 
+def test_a_model_without_attention_is_refused_clearly_and_vectors_still_steer(tiny_family):
+    """A state-space model (Mamba) has no attention: PASTA, capture and head profiling say so
+    (they failed with AttributeError), and vector steering works on its residual stream."""
+    model = tiny_family("mamba")
+    tpl = "Context: <<Ann lives in Rome.>> Where does Ann live?"
+    with pytest.raises(CapabilityError, match="has no attention layers"):
+        with promptscope.steer(model, heads="all", alpha=ALPHA, emphasis="Ann lives in Rome."):
+            pass
+    with pytest.raises(CapabilityError, match="has no attention layers"):
+        promptscope.attention(tpl, model, progress=False)
+    with pytest.raises(CapabilityError, match="has no attention layers"):
+        promptscope.profile_heads(tpl, [{"answer": " Rome", "choices": [" Rome", " Oslo"]}],
+                                  model, save=False, progress=False)
+    vector = promptscope.contrastive_vector(["Ann lives in Rome."], ["Bob lives in Oslo."],
+                                            model, layers=[1])
+    plain = model.score([tpl], [" Rome"])[0].logprob
+    with promptscope.steer(model, vector=vector, strength=4.0):
+        steered = model.score([tpl], [" Rome"])[0].logprob
+    assert abs(steered - plain) > 1e-3
+
+
 @pytest.mark.parametrize("alpha", [0.0, -1.0, 1.5])
 def test_alpha_outside_range_is_refused(alpha):
     with pytest.raises(PromptscopeError, match=r"outside \(0, 1\]"):

@@ -114,9 +114,9 @@ def attention(
     mdl.require("attention", "Attention capture")
     check_uncompiled(mdl.model, "Attention capture")  # type: ignore[attr-defined]
     cfg = mdl.text_config  # type: ignore[attr-defined]
+    attended = mdl.attention_layers  # type: ignore[attr-defined]  # (refuses no attention)
     layer_ids = pick_indices(layers, cfg.num_hidden_layers, "layer")
     head_ids = pick_indices(heads, cfg.num_attention_heads, "head")
-    attended = mdl.attention_layers  # type: ignore[attr-defined]
     if layers is None or layers == "all":
         layer_ids = [layer for layer in layer_ids if layer in attended]
     check_attention_layers(layer_ids, attended)

@@ -82,6 +82,9 @@ class HFModel(Model):
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._attention_layers: list[int] | None = None
+        # A model without attention (Mamba) continues its cache one token per call: its
+        # multi-token continuations are scored in one pass over prompt + continuation.
+        self._attention_free = getattr(text_config(model), "num_attention_heads", None) is None
 
     @classmethod
     def from_pretrained(
@@ -158,9 +161,11 @@ class HFModel(Model):
         (Qwen3.5, LFM2, ...) attend through no attention weights.
 
         Found once, by which layers call the attention function in a two-token forward pass.
+        Raises :class:`CapabilityError` for a model without attention (Mamba).
         """
         if self._attention_layers is None:
             from promptscope.models.steering import (
+                NO_ATTENTION,
                 _Forward,
                 forward_context,
                 use_promptscope_attention,
@@ -173,6 +178,8 @@ class HFModel(Model):
             ids = torch.tensor([[self.tokenizer.bos_token_id or 0] * 2], device=self.device)
             with forward_context(state), torch.no_grad():
                 self.model(input_ids=ids, use_cache=False)
+            if not seen:
+                raise CapabilityError(NO_ATTENTION.format(type(self.model).__name__))
             self._attention_layers = sorted(seen)
         return self._attention_layers
 
@@ -410,7 +417,9 @@ class HFModel(Model):
         # Rows of the second pass: every multi-token continuation, over its prompt's cache.
         rows = [(r, i) for r, u in enumerate(batch) for i in by_prompt[u] if len(cont_ids[i]) > 1]
         rest: dict[int, list[float]] = {}
-        if rows:
+        if rows and self._attention_free:
+            rest = self._continuations_in_full(rows, batch, prompt_ids, cont_ids)
+        elif rows:
             cache = _output_cache(out)
             # reorder_cache (beam search's row selection) also selects the conv / recurrent
             # states of hybrid models' caches; batch_select_indices keeps only keys and values.
@@ -447,6 +456,25 @@ class HFModel(Model):
                     tokens=self.tokenizer.convert_ids_to_tokens(toks),
                     prompt_tokens=lengths[r],
                 )
+
+    def _continuations_in_full(self, rows: list[tuple[int, int]], batch: list[int],
+                               prompt_ids: list[list[int]], cont_ids: list[list[int]]
+                               ) -> dict[int, list[float]]:
+        """Log-probs of the 2nd.. tokens of each row's continuation from one left-padded pass
+        over prompt + continuation, no cache: ``{continuation index: [log-probs]}``."""
+        seqs = [prompt_ids[batch[r]] + cont_ids[i][:-1] for r, i in rows]
+        width = max(map(len, seqs))
+        input_ids, mask = self._left_pad(seqs, width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            use_cache=False).logits  # (no attention: no PASTA state to set)
+        rest = {}
+        for k, (_, i) in enumerate(rows):
+            targets = torch.tensor(cont_ids[i][1:], device=logits.device)
+            n = len(targets)  # predicted by the last n positions (left padding)
+            logp = torch.log_softmax(logits[k, width - n:].float(), dim=-1)
+            rest[i] = logp[torch.arange(n, device=logits.device), targets].tolist()
+        return rest
 
     # ------------------------------------------------------------------ generation
     def generate(

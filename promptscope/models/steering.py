@@ -479,6 +479,11 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+NO_ATTENTION = ("{} has no attention layers (e.g. a state-space model), so there is no "
+                "attention to steer or capture. Vector steering (method='vector') and the "
+                "black-box analyses work on it.")
+
+
 def use_promptscope_attention(model: Any) -> None:
     """Switch a transformers model to :data:`ATTENTION_NAME` (same numbers as SDPA)."""
     register()
@@ -492,6 +497,10 @@ def use_promptscope_attention(model: Any) -> None:
             "AttentionInterface, so promptscope cannot steer or capture its attention. Use a "
             "model whose attention calls ALL_ATTENTION_FUNCTIONS (llama, mistral, qwen, gpt2...)."
         )
+    from promptscope.models.hf import text_config
+
+    if getattr(text_config(model), "num_attention_heads", None) is None:
+        raise CapabilityError(NO_ATTENTION.format(type(model).__name__))
     if not getattr(model, "_supports_sdpa", True):
         # e.g. attention sinks (gpt-oss): SDPA, which promptscope's attention builds on, would
         # drop them; transformers refuses too, with advice that does not apply here.
@@ -656,8 +665,9 @@ def _pasta(model: Any, heads: Any, alpha: float, mode: str,
         except ImportError:
             raise CapabilityError("kernel='flex' needs torch >= 2.5 (flex_attention); use "
                                   "kernel='sdpa'.") from None
+    attended = model.attention_layers  # (refuses a model without attention)
     steering = AttentionSteering(parse_heads(heads, cfg.num_hidden_layers,
-                                             cfg.num_attention_heads, model.attention_layers),
+                                             cfg.num_attention_heads, attended),
                                  alpha, mode, subs, kernel=kernel)
     use_promptscope_attention(model.model)
     model.steering = steering
