@@ -2,9 +2,9 @@
 
 :func:`make_tiny_model` trains a small byte-level BPE tokenizer with ``tokenizers`` on a built-in
 corpus, builds a randomly initialised causal LM from a transformers config and saves both to a
-folder that ``promptscope.load_model(folder)`` (or ``AutoModelForCausalLM``) loads. The weights are
-random, so outputs mean nothing: use these to test plumbing, and the bundled model organism to
-test behaviour.
+folder that ``promptscope.load_model(folder)`` loads (as does ``AutoModelForCausalLM``, or for
+``mistral3`` ``AutoModelForImageTextToText``). The weights are random, so outputs mean nothing:
+use these to test plumbing, and the bundled model organism to test behaviour.
 
 Example:
     >>> from promptscope.testing import make_tiny_model
@@ -20,7 +20,7 @@ from typing import Any
 
 ARCHITECTURES = ("llama", "gpt2", "qwen3", "gpt_neox", "mistral", "gemma3", "gemma3_vision",
                  "gemma3n", "gemma4", "gemma4_vision", "inkling", "qwen3_5", "deepseek_v3",
-                 "mamba")
+                 "mistral3", "mamba")
 
 #: A chat template in the common role-tag style; tiny models and tests use it.
 CHAT_TEMPLATE = (
@@ -92,8 +92,9 @@ def make_tiny_model(
             ``"gemma4_vision"`` (the same inside Gemma 4's multimodal checkpoint) or
             ``"qwen3_5"`` (a hybrid: at least 4 layers, linear-attention ones with a
             full-attention one after each), ``"deepseek_v3"`` (multi-head latent attention,
-            DeepSeek V3's and Kimi K2's, with mixture-of-experts MLPs) or ``"mamba"`` (a
-            state-space model: no attention at all).
+            DeepSeek V3's and Kimi K2's, with mixture-of-experts MLPs), ``"mistral3"`` (an
+            image-text checkpoint that has no causal-LM class: Mistral Small 3.1's) or
+            ``"mamba"`` (a state-space model: no attention at all).
         hidden_size, num_layers, num_heads, num_kv_heads: model shape.
         head_dim: default ``hidden_size // num_heads`` (gpt2, gpt_neox: always that).
         vocab_size: tokenizer vocabulary size.
@@ -104,7 +105,9 @@ def make_tiny_model(
         The folder, ready for ``promptscope.load_model(str(folder))``.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from promptscope.models.hf import auto_class
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, not {arch!r}")
@@ -145,12 +148,12 @@ def make_tiny_model(
                      max_position_embeddings=max_positions, **extra, **ids)
         try:
             if arch in _MULTIMODAL:
-                outer_type, outer = _MULTIMODAL[arch]
-                if outer_type == "gemma4":  # its media tokens, past the text ones
-                    n = shape["vocab_size"]
-                    shape["vocab_size"] = n + 3
-                    outer = {**outer, "image_token_id": n, "video_token_id": n + 1,
-                             "audio_token_id": n + 2}
+                outer_type, outer, media = _MULTIMODAL[arch]
+                # Media tokens past the text ones: given embeddings instead of ids, these models
+                # look their media tokens up to find them.
+                n = shape["vocab_size"]
+                shape["vocab_size"] = n + len(media)
+                outer = {**outer, **{field: n + i for i, field in enumerate(media)}}
                 config = AutoConfig.for_model(outer_type, text_config=shape, **outer, **ids)
             else:
                 config = AutoConfig.for_model(model_type, **shape)
@@ -158,7 +161,7 @@ def make_tiny_model(
             raise ValueError(f"arch={arch!r} needs a transformers that has the "
                              f"{model_type!r} model; upgrade transformers") from e
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = auto_class(config.model_type).from_config(config)
     if arch == "gemma3n":  # AltUp's output scale starts at 0, which cuts the per-layer
         with torch.no_grad():  # embeddings off; a trained model's is not 0
             for name, p in model.named_parameters():
@@ -184,6 +187,7 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                  "altup_num_inputs": 2}),
     "gemma4": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
     "gemma4_vision": ("gemma4_text", {"sliding_window": 8, "initializer_range": 0.2}),
+    "mistral3": ("mistral", {"initializer_range": 0.2}),
     "qwen3_5": ("qwen3_5_text", {"initializer_range": 0.2}),
     # Multi-head latent attention: keys and values from a shared low-rank latent, queries and
     # keys wider than values; mixture-of-experts MLPs after a dense first layer.
@@ -199,15 +203,19 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 # The multimodal archs: arch -> (the checkpoint's model type, its fields beside the text
-# config). Their vision towers are as small as they go; text prompts never run them.
+# config, its media-token id fields). Their vision towers are as small as they go; text
+# prompts never run them.
 _TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                 "num_attention_heads": 2, "patch_size": 14}
-_MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
+_MULTIMODAL: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "gemma3_vision": ("gemma3", {"vision_config": {**_TINY_VISION, "image_size": 28},
-                                 "mm_tokens_per_image": 4}),
+                                 "mm_tokens_per_image": 4}, ()),
     "gemma4_vision": ("gemma4", {"vision_config": {**_TINY_VISION, "num_key_value_heads": 2,
                                                    "head_dim": 16, "position_embedding_size": 64},
-                                 "audio_config": None}),
+                                 "audio_config": None},
+                      ("image_token_id", "video_token_id", "audio_token_id")),
+    "mistral3": ("mistral3", {"vision_config": {**_TINY_VISION, "head_dim": 16,
+                                                "image_size": 28}}, ("image_token_index",)),
 }
 
 

@@ -104,9 +104,10 @@ class HFModel(Model):
             dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype; default: bf16 on capable
                 GPUs, fp32 otherwise.
             name: the name shown in tables and saved with sessions (default: the folder name).
-            kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+            kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (for an image-text
+                checkpoint without a causal-LM class, ``AutoModelForImageTextToText``'s).
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         source = str(path_or_name)
         path = Path(source).expanduser()
@@ -130,7 +131,8 @@ class HFModel(Model):
         torch_dtype = pick_dtype(dev, dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            model_type = AutoConfig.from_pretrained(source).model_type
+            model = auto_class(model_type).from_pretrained(source, dtype=torch_dtype, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             where = f"folder '{path}'" if looks_local else f"hub name '{source}'"
             hint = "" if looks_local else (
@@ -569,6 +571,22 @@ def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
         ids = kwargs.get("inputs_embeds")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 / 4
     return ids, kwargs.get("attention_mask"), cache
+
+
+def auto_class(model_type: str) -> Any:
+    """``AutoModelForCausalLM``, or for an image-text checkpoint that has no causal-LM class
+    (Mistral 3, Qwen2.5-VL, LLaVA, ...) ``AutoModelForImageTextToText``: it takes text alone
+    as well, and its language model is what promptscope reads and steers."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def text_config(lm: Any) -> Any:
