@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import promptscope
 from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
 from promptscope.models.hf import HFModel
 
@@ -172,3 +173,34 @@ def test_generation_stops_at_any_end_token_of_the_generation_config(tiny_llama_d
     (g,), = m.generate(["Hi"], max_new_tokens=4)
     assert g.finish_reason == "stop"
     assert g.tokens == free.tokens[: free.tokens.index(free.tokens[1])]
+
+
+def test_a_model_placed_by_accelerate_loads_scores_and_steers(tiny_llama, tiny_llama_dir,
+                                                             tmp_path):
+    """``device_map=...`` (a large model spread over devices, or partly offloaded) is placed
+    by accelerate; moving it afterwards failed ("You can't move a model that has some modules
+    offloaded"). Here layer 1 lives on disk: scores, PASTA and vector steering must equal the
+    plain model's."""
+    from promptscope.models.vectors import SteeringVector
+
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    placed = HFModel.from_pretrained(tiny_llama_dir, name="placed", device_map=placement,
+                                     offload_folder=str(tmp_path / "offload"))
+    assert placed.model.hf_device_map["model.layers.1"] == "disk"
+    assert placed.device == torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    size = tiny_llama.text_config.hidden_size
+    vector = SteeringVector({1: torch.randn(size, generator=g)}, size)
+    prompts, conts = ["Is Paris in Europe? Answer:", "Paris is the capital of"], [" yes", " France"]
+    got, want = [], []
+    for model, out in ((placed, got), (tiny_llama, want)):
+        out.append([s.logprob for s in model.score(prompts, conts)])
+        with promptscope.steer(model, heads="all", alpha=0.01, emphasis="Paris"):
+            out.append([s.logprob for s in model.score(prompts, conts)])
+        with promptscope.steer(model, vector=vector, strength=2.0):
+            out.append([g[0].text for g in model.generate(prompts, max_new_tokens=4)])
+    for a, b in zip(got[:2], want[:2]):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert got[2] == want[2]
+    assert got[1] != pytest.approx(got[0], abs=1e-3)  # the steering moved the scores

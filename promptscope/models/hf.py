@@ -105,7 +105,9 @@ class HFModel(Model):
                 GPUs, fp32 otherwise.
             name: the name shown in tables and saved with sessions (default: the folder name).
             kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (for an image-text
-                checkpoint without a causal-LM class, ``AutoModelForImageTextToText``'s).
+                checkpoint without a causal-LM class, ``AutoModelForImageTextToText``'s), e.g.
+                ``device_map="auto"`` to spread a large model over devices (needs accelerate;
+                ``device`` is then accelerate's choice).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -142,14 +144,19 @@ class HFModel(Model):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
             raise ModelLoadError(
                 f"Could not load a causal LM from {where}: {first}.{hint}") from None
-        model.to(dev)
+        if getattr(model, "hf_device_map", None) is None:  # (device_map=...: placed already)
+            model.to(dev)
         return cls(model, tokenizer, name=name or (path.name if looks_local else source),
                    source=str(path.resolve()) if looks_local else source)
 
     # ------------------------------------------------------------------ facts
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (with ``device_map=...``, the device
+        accelerate runs it on, which an offloaded embedding's weights are not on)."""
+        embed = self.model.get_input_embeddings()
+        runs_on = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+        return torch.device(runs_on) if runs_on is not None else embed.weight.device
 
     @property
     def text_config(self) -> Any:

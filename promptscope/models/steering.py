@@ -313,6 +313,8 @@ def promptscope_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if bias is not None and bias.shape[-1] < end:  # more keys than the bias was padded for
         bias = torch.nn.functional.pad(bias, (0, end - bias.shape[-1]))
     b = bias[..., end - lk:end] if bias is not None else None  # a view: [B, H, 1, Lk]
+    if b is not None and b.device != query.device:  # a model spread over devices (device_map)
+        b = b.to(query.device)
     if b is not None and not capture and state.kernel == "flex":
         return _flex_attention(state, query, key, value, attention_mask, b, causal,
                                kwargs.get("scaling"), position_bias)
