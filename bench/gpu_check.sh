@@ -24,7 +24,8 @@ timeout 240 python bench/bench_steering.py --device cuda --threads 8 --preset 0.
   > "$out/bench.log" 2>&1
 echo "bench: exit $?" >> "$out/summary.txt"
 PROMPTSCOPE_TEST_DEVICE=cuda timeout 230 python -m pytest -q --tb=short -p no:cacheprovider \
-  -k "not qwen3 and not gpt_neox and not inkling and not gemma3_vision" \
+  -k "not qwen3 and not gpt_neox and not inkling and not gemma3_vision and not gemma3n \
+      and not gemma4 and not deepseek_v3 and not mistral3 and not mamba" \
   tests/test_steering.py tests/test_vectors.py \
   > "$out/tests.log" 2>&1
 echo "tests: exit $?" >> "$out/summary.txt"
