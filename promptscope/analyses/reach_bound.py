@@ -101,7 +101,8 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
         raise PromptscopeError("The bound needs k >= 1 control tokens.")
     texts = [x0s] if isinstance(x0s, str) else list(x0s)
     # Each layer's own shape (a config may vary it by layer, e.g. Gemma 4's).
-    shapes = [_head_shape(layer.self_attn, text_config(lm)) for layer in layers]
+    cfg = text_config(lm)
+    shapes = [_head_shape(layer.self_attn, cfg) for layer in layers]
     embed = lm.get_input_embeddings()
     emb = embed.weight
     # Queries and keys normalised per head after projection (qwen3, gemma3): their norms are

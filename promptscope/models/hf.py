@@ -84,7 +84,7 @@ class HFModel(Model):
         self._attention_layers: list[int] | None = None
         # A model without attention (Mamba) continues its cache one token per call: its
         # multi-token continuations are scored in one pass over prompt + continuation.
-        self._attention_free = getattr(text_config(model), "num_attention_heads", None) is None
+        self._attention_free = attention_free(model)
 
     @classmethod
     def from_pretrained(
@@ -602,6 +602,12 @@ def text_config(lm: Any) -> Any:
     sub-config, where ``num_hidden_layers`` and ``num_attention_heads`` live."""
     get = getattr(lm.config, "get_text_config", None)
     return get() if get is not None else lm.config
+
+
+def attention_free(lm: Any) -> bool:
+    """Whether a transformers model has no attention at all (Mamba): no attention heads in its
+    config."""
+    return getattr(text_config(lm), "num_attention_heads", None) is None
 
 
 def per_layer_embedding(lm: Any) -> Any:

@@ -499,9 +499,9 @@ def use_promptscope_attention(model: Any) -> None:
             "AttentionInterface, so promptscope cannot steer or capture its attention. Use a "
             "model whose attention calls ALL_ATTENTION_FUNCTIONS (llama, mistral, qwen, gpt2...)."
         )
-    from promptscope.models.hf import text_config
+    from promptscope.models.hf import attention_free
 
-    if getattr(text_config(model), "num_attention_heads", None) is None:
+    if attention_free(model):
         raise CapabilityError(NO_ATTENTION.format(type(model).__name__))
     if not getattr(model, "_supports_sdpa", True):
         # e.g. attention sinks (gpt-oss): SDPA, which promptscope's attention builds on, would
