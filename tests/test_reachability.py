@@ -284,6 +284,38 @@ def test_one_hot_gradient_sees_the_per_layer_embeddings(tiny_family, arch):
                               grad2[..., :table.shape[0]][..., unused])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3n"])
+def test_bound_and_search_on_an_offloaded_model_equal_the_plain_ones(tiny_family, arch,
+                                                                      tmp_path):
+    """A model too big for its GPU is offloaded by accelerate (``device_map=...``): between
+    forwards an offloaded module's weights are empty ``meta`` tensors. The bound and GCG read
+    weights directly, and failed ("Tensor.item() cannot be called on meta tensors"); GCG's
+    one-hot through Gemma's scaled embedding met the hook loading the real table over its own.
+    Here the embeddings, the first layer and the head live on disk."""
+    plain = tiny_family(arch)
+    lm, prefix = plain.model, plain.model.base_model_prefix
+    inner = getattr(lm, prefix)
+    parts = [f"{prefix}.{n}" for n, _ in inner.named_children() if n != "layers"]
+    parts += [f"{prefix}.layers.{i}" for i in range(len(inner.layers))]
+    parts += [n for n, _ in lm.named_children() if n != prefix]
+    on_disk = ("embed_tokens", "embed_tokens_per_layer", "layers.0", "lm_head")
+    placed = HFModel.from_pretrained(
+        plain.source, name=f"{arch}-offloaded", offload_folder=str(tmp_path),
+        device_map={p: "disk" if p.endswith(on_disk) else "cpu" for p in parts})
+    assert placed.model.get_input_embeddings().weight.device.type == "meta"
+    x0s = ["The cat sat on", "Is Paris in Europe?"]
+    if arch == "llama":
+        got, want = (attention_bound(m, x0s, k=[1, 3]) for m in (placed, plain))
+        assert len(got) > 0
+        numbers = want.select_dtypes("number").columns
+        assert got[numbers].to_numpy() == pytest.approx(want[numbers].to_numpy())
+    kwargs = dict(targets="random:2", k_max=2, method="gcg", steps=3, exhaustive_k1=False,
+                  bound=False, save=False, progress=False)
+    got, want = (promptscope.reachability(m, x0s, **kwargs).df for m in (placed, plain))
+    assert got["control_ids"].tolist() == want["control_ids"].tolist()
+    assert got["prob"].tolist() == pytest.approx(want["prob"].tolist(), rel=1e-4)
+
+
 def test_bound_refuses_latent_attention_and_the_search_runs_without_it(tiny_family):
     """Multi-head latent attention (DeepSeek V3, Kimi K2) has no key and value projections of
     its own: the bound does not apply, says so, and the search still runs (it crashed)."""

@@ -71,7 +71,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     import pandas as pd
     import torch
 
-    from promptscope.models.hf import text_config
+    from promptscope.models.hf import text_config, weight_of
     from promptscope.models.vectors import decoder_layers
 
     mdl = resolve_model(model)
@@ -104,7 +104,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     cfg = text_config(lm)
     shapes = [_head_shape(layer.self_attn, cfg) for layer in layers]
     embed = lm.get_input_embeddings()
-    emb = embed.weight
+    vocab, device = embed.weight.shape[0], mdl.device  # type: ignore[attr-defined]
     # Queries and keys normalised per head after projection (qwen3, gemma3): their norms are
     # at most sqrt(hd) * the norm's largest gain, whatever the projection's singular values.
     qk_normed = hasattr(layers[0].self_attn, "q_norm")
@@ -115,7 +115,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
             "bound is written for per-head normalisation.")
     if control_tokens is None:
         specials = set(tok.all_special_ids)
-        control_tokens = [i for i in range(min(len(tok), emb.shape[0])) if i not in specials]
+        control_tokens = [i for i in range(min(len(tok), vocab)) if i not in specials]
     rotary = getattr(lm.model, "rotary_emb", None)
     apply_rope = getattr(importlib.import_module(type(layers[0].self_attn).__module__),
                          "apply_rotary_pos_emb", None)
@@ -128,8 +128,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
         sig = []  # per layer: per-head singular values (independent of x0)
         for layer, (hd, n_heads, n_kv) in zip(layers, shapes):
             a = layer.self_attn
-            wq, wk, wv, wo = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                              a.o_proj.weight)
+            wq, wk, wv, wo = (weight_of(p) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
             sig.append({
                 "q": [svmax(wq[h * hd:(h + 1) * hd]) for h in range(n_heads)],
                 "k": [svmax(wk[g * hd:(g + 1) * hd]) for g in range(n_kv)],
@@ -138,14 +137,14 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
             })
         # the embedding module's own output (Gemma scales the rows)
         m_u0 = float(layers[0].input_layernorm(
-            embed(torch.tensor(list(control_tokens), device=emb.device))).float()
+            embed(torch.tensor(list(control_tokens), device=device))).float()
             .norm(dim=-1).max())
         for s, text in enumerate(texts):
-            ids = torch.tensor([mdl.encode_prompt(text)], device=emb.device)  # type: ignore
+            ids = torch.tensor([mdl.encode_prompt(text)], device=device)  # type: ignore
             out = lm(input_ids=ids, output_hidden_states=True)
             hs = out.hidden_states
             length = ids.shape[1]
-            pos = torch.arange(length, device=emb.device)[None]
+            pos = torch.arange(length, device=device)[None]
             for li, layer in enumerate(layers):
                 a = layer.self_attn
                 hd, n_heads, n_kv = shapes[li]
@@ -166,7 +165,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                 normed_alpha = (hd * _max_gain(a.q_norm, q) * _max_gain(a.k_norm, kk) * scale
                                 if qk_normed else None)
                 resid = float(hs[li + 1][0, -1].float().norm())
-                wo = a.o_proj.weight
+                wo = weight_of(a.o_proj)
                 for h in range(n_heads):
                     g = h // group
                     scores = (kk[0, g] @ q[0, h, -1]).float() * scale  # [L]

@@ -871,10 +871,10 @@ def one_hot_logits(lm: Any, ids: Any, start: int, k: int) -> tuple[Any, Any]:
     """
     import torch
 
-    from promptscope.models.hf import per_layer_embedding, text_config
+    from promptscope.models.hf import per_layer_embedding, text_config, weight_of
 
     embed = lm.get_input_embeddings()
-    weight = embed.weight
+    weight = weight_of(embed)
     onehot = torch.zeros((*ids.shape[:1], k, weight.shape[0]), device=ids.device,
                          dtype=weight.dtype)
     onehot.scatter_(2, ids[:, start:start + k].unsqueeze(2), 1.0)
@@ -890,7 +890,7 @@ def one_hot_logits(lm: Any, ids: Any, start: int, k: int) -> tuple[Any, Any]:
     per_layer = per_layer_embedding(lm)
     if per_layer is not None:
         cfg = text_config(lm)
-        kwargs["per_layer_inputs"] = through(per_layer, per_layer.weight).reshape(
+        kwargs["per_layer_inputs"] = through(per_layer, weight_of(per_layer)).reshape(
             *ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
     logits = lm(**kwargs, logits_to_keep=1).logits[:, -1].float()
     return onehot, logits
@@ -910,7 +910,21 @@ def embed_rows(embed: Any, rows: Any) -> Any:
     skip = 0 if embed.padding_idx is None else embed.padding_idx + 1
     weight = torch.cat([flat.new_zeros(skip, flat.shape[1]), flat])
     idx = torch.arange(skip, skip + len(flat), device=flat.device).view(rows.shape[:-1])
-    return torch.func.functional_call(embed, {"weight": weight}, (idx,))
+    own_forward = getattr(embed, "_old_forward", None)
+    if own_forward is None:
+        return torch.func.functional_call(embed, {"weight": weight}, (idx,))
+
+    # Offloaded by accelerate (device_map=...): its hook would load the real table over this
+    # one, so call the module's own forward, which the hook keeps as ``_old_forward``.
+    class Unhooked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = embed
+
+        def forward(self, idx: Any) -> Any:
+            return own_forward(idx)
+
+    return torch.func.functional_call(Unhooked(), {"embed.weight": weight}, (idx,))
 
 
 def _split_targets(targets: Any) -> list[Any]:

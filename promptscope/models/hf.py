@@ -610,6 +610,25 @@ def attention_free(lm: Any) -> bool:
     return getattr(text_config(lm), "num_attention_heads", None) is None
 
 
+def weight_of(module: Any, name: str = "weight") -> torch.Tensor:
+    """``module``'s parameter ``name`` on the device the module runs on, also when accelerate
+    offloaded it (``device_map=...`` with ``"cpu"`` or ``"disk"`` entries), where the
+    parameter itself is an empty ``meta`` tensor between forwards. For code that reads weights
+    instead of calling the module (the reach bound's singular values, GCG's one-hot product).
+
+    Example:
+        >>> w = weight_of(model.model.get_input_embeddings())   # [vocab, hidden]  # doctest: +SKIP
+    """
+    if getattr(module, "_hf_hook", None) is None:  # (not placed by accelerate)
+        return getattr(module, name)
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    if not has_offloaded_params(module):
+        return getattr(module, name)
+    with align_module_device(module):  # onloads, and offloads again on exit
+        return getattr(module, name)  # (the tensor stays valid: offloading swaps in a new one)
+
+
 def per_layer_embedding(lm: Any) -> Any:
     """The second table a model looks token ids up in, if it has one: Gemma 3n's and 4's
     per-layer embeddings (``embed_tokens_per_layer``), else ``None``. Whatever feeds the model
