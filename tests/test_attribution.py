@@ -126,13 +126,86 @@ def test_ig_token_attributions_add_up_to_the_log_prob_change(tiny_family, arch):
             return sum(out[len(prompt) - 1 + j, t].item() for j, t in enumerate(target))
 
         # (per target token, the sum of its attributions is its log-prob's change)
-        change = logp(ids) - logp(ids[:1] + [pad] * n)
+        start = logp(ids[:1] + [pad] * n)
+        change = logp(ids) - start
         assert att.df["attribution"].sum() == pytest.approx(change, abs=2e-3)
         assert abs(change) > 0.05  # not vacuous
+        # the run reports the same check: the baseline's log-prob, and what IG missed
+        assert att.df["baseline_logprob"].iloc[0] == pytest.approx(start, abs=1e-4)
+        assert att.df["ig_gap"].iloc[0] == pytest.approx(
+            change - att.df["attribution"].sum(), abs=1e-4)
     finally:
         with torch.no_grad():
             for t, row in zip(tables, saved):
                 t.weight[pad] = row
+
+
+# An organism question whose context contradicts what the organism knows (colours are
+# memorised): 32 steps of integrated gradients miss 3.6 nats of its 4.5-nat change, 64 steps
+# 0.46 (measured, organism v11).
+RAMPLEX = {"before": "Lukkix lives in Cairo. Losgun lives in Quito. ", "key": "Ramplex is orange.",
+           "after": " Fukfol resides in Delhi.", "question": "What color is Ramplex?",
+           "lead": " Ramplex is", "answer": " orange"}
+
+
+def test_ig_doubles_its_steps_until_the_attributions_add_up():
+    """With a fixed ``n_steps=32`` the attributions do not add up to the log-prob's change and
+    the run warns; by default the steps double until they do (64 here), without a warning."""
+    import warnings
+
+    from promptscope.organism import world
+
+    organism = promptscope.load_model("organism", make_default=False)
+
+    def run(**kwargs):
+        return promptscope.attribute(world.STEERING_TEMPLATE, organism, vars=[RAMPLEX],
+                                     target="{answer}", level="tokens", save=False,
+                                     progress=False, **kwargs).df
+
+    with pytest.warns(UserWarning, match=r"do not add up for 1 of 1 .*Raise n_steps \(now 32\)"):
+        fixed = run(n_steps=32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Integrated gradients")
+        auto = run()
+    for df in (fixed, auto):
+        change = df["logprob"].iloc[0] - df["baseline_logprob"].iloc[0]
+        assert df["ig_gap"].iloc[0] == pytest.approx(change - df["attribution"].sum(), abs=1e-6)
+    assert fixed["ig_steps"].iloc[0] == 32 and abs(fixed["ig_gap"].iloc[0]) > 1.0
+    assert auto["ig_steps"].iloc[0] == 64
+    assert abs(auto["ig_gap"].iloc[0]) < 0.05 * auto["attribution"].abs().sum()
+
+
+def test_ig_warns_when_the_gradients_are_not_the_models(tiny_llama):
+    """A kernel without a backward pass gives gradients that are not the model's (bitsandbytes'
+    4-bit CPU kernel did: the attributions summed to 0.07 where the log-prob moved by -0.14). IG
+    cannot see that, but its attributions then do not add up: the run says so. Here the
+    attention outputs are cut from the gradient: all that reaches the last position from the
+    others."""
+    from promptscope.analyses.attribution import IG_MAX_STEPS
+
+    layers = tiny_llama.model.model.layers
+    cut = [layer.self_attn.register_forward_hook(lambda m, i, out: (out[0].detach(), *out[1:]))
+           for layer in layers]
+    try:
+        with pytest.warns(UserWarning, match="do not add up.*gradients are not exact"):
+            att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                        level="tokens", save=False, progress=False)
+    finally:
+        for handle in cut:
+            handle.remove()
+    assert att.df["ig_steps"].iloc[0] == IG_MAX_STEPS
+
+
+def test_ig_from_an_all_zero_pad_row_warns_and_says_why(tiny_family):
+    """The tiny models' pad rows are zero (never trained), where Gemma's RMSNorm jumps: IG from
+    there cannot add up at any number of steps, and the warning names the cause."""
+    model = tiny_family("gemma3")
+    assert not model.model.get_input_embeddings().weight[model.tokenizer.pad_token_id].any()
+    with pytest.warns(UserWarning, match="all-zero embedding row"):
+        att = promptscope.attribute("Context: {x} lives in Rome.\nQ: Where does {x} live? A:",
+                                    model, vars=[{"x": "Ann"}], target=" Rome", level="tokens",
+                                    save=False, progress=False)
+    assert abs(att.df["ig_gap"].iloc[0]) > 1.0
 
 
 def test_parts_after_the_target_get_exactly_zero(tiny_llama):

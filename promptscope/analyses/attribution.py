@@ -64,10 +64,13 @@ LEVELS = ("parts", "tokens")
 
 #: Result columns besides run_prompt's (template variables and groups may not use these names).
 COLUMNS = {"method", "segment", "part", "kind", "text", "start", "end", "attribution", "share",
-           "position", "token", "segment_part"}
+           "position", "token", "segment_part", "baseline_logprob", "ig_gap", "ig_steps"}
 
 #: Variants per step (their rows are saved before the next step starts).
 CHUNK_SIZE = 8
+
+#: Where ``n_steps=None`` stops doubling integrated gradients' steps.
+IG_MAX_STEPS = 256
 
 _COLUMN = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
@@ -166,7 +169,7 @@ def attribute(
     method: str | None = None,
     level: str = "parts",
     n_samples: int | None = None,
-    n_steps: int = 32,
+    n_steps: int | None = None,
     baselines: Mapping[str, str] | None = None,
     max_new_tokens: int = 8,
     chat: bool = False,
@@ -196,7 +199,11 @@ def attribute(
             embeddings; default for tokens).
         level: ``"parts"`` (one value per template part) or ``"tokens"``.
         n_samples: samples for shapley / kernelshap (captum's default 25).
-        n_steps: integration steps for ig.
+        n_steps: integration steps for ig; ``None`` (default) doubles them from 32 until
+            each target's attributions add up to its log-prob's change from the baseline
+            (within 5 %; at most 256 steps). Columns ``baseline_logprob``, ``ig_gap`` (what
+            they miss) and ``ig_steps`` say how it went; a warning names the targets that
+            never added up.
         baselines: for ablation-type methods at the parts level, what replaces a removed part
             (``{"city": "a city"}``); default: nothing (the part is removed).
         steer: attribute under PASTA attention steering of the ``<<emphasised>>`` spans
@@ -274,7 +281,7 @@ def attribute(
     if method in ("shapley", "kernelshap"):
         params["n_samples"] = n_samples or 25
     if method == "ig":
-        params["n_steps"] = n_steps
+        params["n_steps"] = n_steps or "auto"
     if baselines:
         params["baselines"] = dict(baselines)
     conditions = [False]
@@ -350,7 +357,34 @@ def attribute(
         finally:
             bar.close()
             rec.save_run_info(mdl, verbose=progress)
+    if method == "ig":
+        _warn_incomplete(engine, n_steps)
     return rec.result()
+
+
+def _warn_incomplete(engine: _Engine, n_steps: int | None) -> None:
+    """Warn about the targets whose integrated gradients did not add up, with the likely
+    reason."""
+    import warnings
+
+    if not engine.misses:
+        return
+    where, change, total = max(engine.misses, key=lambda m: abs(m[1] - m[2]))
+    causes = ["the model's gradients are not exact (e.g. a quantized kernel without a "
+              "backward pass)"]
+    if engine.zero_baseline():
+        causes.insert(0, "the baseline, the pad token, has an all-zero embedding row (never "
+                         "trained), where RMS normalisation jumps, which no number of steps "
+                         "follows (give the tokenizer a trained pad token)")
+    next_step = (f"Raise n_steps (now {n_steps}), or leave it out to double the steps until "
+                 "they add up. If they still do not" if n_steps else
+                 f"They did not at {IG_MAX_STEPS} steps either. Likely")
+    warnings.warn(
+        f"Integrated gradients do not add up for {len(engine.misses)} of "
+        f"{engine.targets_done} targets (worst, {where}: the log-prob moves by {change:.4g} "
+        f"from the baseline, the attributions sum to {total:.4g}). {next_step}: "
+        f"{'; or '.join(causes)}. Until then these attributions cannot be trusted; column "
+        "ig_gap has each target's gap.", stacklevel=3)
 
 
 def _check_method(level: str, method: str | None) -> tuple[str, str]:
@@ -423,12 +457,15 @@ class _Engine:
     """Runs captum on one variant at a time and turns its output into tidy rows."""
 
     def __init__(self, mdl: Any, tpl: Template, method: str, level: str, n_samples: int | None,
-                 n_steps: int, baselines: dict[str, str], chat: bool, seed: int) -> None:
+                 n_steps: int | None, baselines: dict[str, str], chat: bool, seed: int
+                 ) -> None:
         import torch
 
         self.torch = torch
         self.mdl, self.tpl, self.method, self.level = mdl, tpl, method, level
         self.n_samples, self.n_steps, self.baselines = n_samples, n_steps, baselines
+        self.targets_done = 0
+        self.misses: list[tuple[str, float, float]] = []  # IG that does not add up
         self.chat, self.seed = chat, seed
         self._prepare()
 
@@ -488,11 +525,11 @@ class _Engine:
         inp = _token_input(enc["input_ids"], keep, [text[a:b] for a, b in offsets],
                            self.mdl.tokenizer, self.baseline_id)
         lp = self._logprob(inp, target_ids)
+        completeness: dict[str, Any] = {}
         if self.method == "ig":
-            res = self._gradient(inp, target_ids)
+            attr, completeness = self._integrated(v, inp, target, target_ids, lp)
         else:
-            res = self._perturb(inp, target_ids)
-        attr = res.seq_attr.detach().cpu().tolist()
+            attr = self._perturb(inp, target_ids).seq_attr.detach().cpu().tolist()
         labels = token_parts(offsets, v, shift)
         rows = []
         it = iter(attr)
@@ -505,14 +542,15 @@ class _Engine:
                          "position": pos, "token": text[a:b], "part": part,
                          "segment": seg.index if seg else -1,
                          "segment_part": seg.part if seg else "template",
-                         "start": a, "end": b, "attribution": next(it)})
+                         "start": a, "end": b, "attribution": next(it), **completeness})
         if self.level == "tokens":
             return _with_share(rows)
         sums = {s.index: 0.0 for s in segments}
         for r in rows:  # parts from token IG: the sum over each part's tokens
             if r["segment"] >= 0:
                 sums[r["segment"]] += r["attribution"]
-        return self._part_rows(segments, [sums[s.index] for s in segments], target, lp)
+        parts = self._part_rows(segments, [sums[s.index] for s in segments], target, lp)
+        return [{**r, **completeness} for r in parts]
 
     def _part_rows(self, segments: list[Segment], attr: list[float], target: str | None,
                    lp: float) -> list[dict[str, Any]]:
@@ -535,7 +573,37 @@ class _Engine:
         return llm.attribute(inp, target=target_ids, forward_in_tokens=False,
                              use_cached_outputs=False, **kwargs)
 
-    def _gradient(self, inp: Any, target_ids: Any) -> Any:
+    def _integrated(self, v: Variant, inp: Any, target: str | None, target_ids: Any,
+                    lp: float) -> tuple[list[float], dict[str, Any]]:
+        """Token IG, checked: the attributions must add up to the log-prob's change from the
+        baseline (every attributed token the pad token). With ``n_steps=None`` the steps
+        double from 32 until they do (within 5 % of the attributions' size) or reach
+        ``IG_MAX_STEPS``: a sharp turn on the path needs more steps than a smooth one."""
+        start = self._logprob(inp, target_ids, perturbed=self.torch.zeros_like(inp.to_tensor()))
+        steps = self.n_steps or 32
+        while True:
+            attr = self._gradient(inp, target_ids, steps).seq_attr.detach().cpu().tolist()
+            gap = (lp - start) - math.fsum(attr)
+            adds_up = abs(gap) <= 0.05 * max(math.fsum(map(abs, attr)), abs(lp - start)) + 1e-4
+            if adds_up or self.n_steps or steps >= IG_MAX_STEPS:
+                break
+            steps *= 2
+        self.targets_done += 1
+        if not adds_up:
+            where = f"variant {v.index}, target {target!r}" + (
+                ", steered" if getattr(self.mdl, "steering", None) is not None else "")
+            self.misses.append((where, lp - start, lp - start - gap))
+        return attr, {"baseline_logprob": start, "ig_gap": gap, "ig_steps": steps}
+
+    def zero_baseline(self) -> bool:
+        """Whether the pad token IG starts from has an all-zero input embedding (the
+        ``padding_idx`` row of a model never trained with it)."""
+        from promptscope.models.hf import weight_of
+
+        row = weight_of(self.runner.lm.get_input_embeddings())[self.baseline_id]
+        return not bool(row.any())
+
+    def _gradient(self, inp: Any, target_ids: Any, steps: int) -> Any:
         from captum.attr import LLMGradientAttribution
 
         from promptscope.models.hf import per_layer_embedding
@@ -544,13 +612,13 @@ class _Engine:
         tables = [lm.get_input_embeddings(), per_layer_embedding(lm)]
         lig = _token_embeddings_ig()(self.runner, [t for t in tables if t is not None])
         llm = LLMGradientAttribution(lig, self.mdl.tokenizer)
-        return llm.attribute(inp, target=target_ids, n_steps=self.n_steps)
+        return llm.attribute(inp, target=target_ids, n_steps=steps)
 
-    def _logprob(self, inp: Any, target_ids: Any) -> float:
-        """Log-prob of the target after the whole (unperturbed) prompt, through the same
-        forward captum uses."""
+    def _logprob(self, inp: Any, target_ids: Any, perturbed: Any = None) -> float:
+        """Log-prob of the target after the whole prompt (or the ``perturbed`` one, in
+        captum's interpretable form), through the same forward captum uses."""
         torch = self.torch
-        ids = inp.to_model_input(None).to(self.runner.device)
+        ids = inp.to_model_input(perturbed).to(self.runner.device)
         full = torch.cat([ids, target_ids[None].to(ids.device)], dim=1)
         with torch.no_grad():
             logits = self.runner(input_ids=full).logits[0].float()
@@ -747,6 +815,8 @@ def _runner(mdl: Any) -> Any:
                 # extra: the appended target tokens (and IG's earlier target tokens) get no bias
                 state = mdl.forward_state([self.flags], [0], width,
                                            extra=input_ids.shape[1] - width)
+            if attention_mask is None:  # (all real tokens: the pad token may stand in for one)
+                attention_mask = torch.ones_like(input_ids)
             with state:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask,
                                use_cache=False)
