@@ -316,6 +316,41 @@ def test_bound_and_search_on_an_offloaded_model_equal_the_plain_ones(tiny_family
     assert got["prob"].tolist() == pytest.approx(want["prob"].tolist(), rel=1e-4)
 
 
+class _Int8Linear(torch.nn.Module):
+    """A quantized projection as bitsandbytes' int8 layers store one: int8 rows and a scale per
+    row in place of the float weight, dequantized in the forward."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = linear.weight.detach().abs().amax(1, keepdim=True) / 127
+        self.register_buffer("weight", torch.round(linear.weight.detach() / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight.to(x.dtype) * self.scale).T
+
+
+def test_bound_reads_a_quantized_models_matrices(tiny_llama):
+    """A quantized projection's ``weight`` is not its matrix (bitsandbytes' 4-bit packs two
+    values a byte: the bound crashed with "size mismatch"; int8 rows gave singular values 1/scale
+    too large, silently). The bound must equal the one of the same model with the dequantized
+    matrices as plain float weights."""
+    quantized = copy.deepcopy(tiny_llama.model)
+    dequantized = copy.deepcopy(tiny_llama.model)
+    for q_layer, d_layer in zip(quantized.model.layers, dequantized.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            packed = _Int8Linear(getattr(q_layer.self_attn, name))
+            setattr(q_layer.self_attn, name, packed)
+            with torch.no_grad():
+                getattr(d_layer.self_attn, name).weight.copy_(packed.weight * packed.scale)
+    got, want = (attention_bound(HFModel(lm, tiny_llama.tokenizer, name=name), "The cat sat on",
+                                 k=[1, 4])
+                 for lm, name in ((quantized, "int8"), (dequantized, "dequantized")))
+    numbers = want.select_dtypes("number").columns
+    assert got[numbers].to_numpy() == pytest.approx(want[numbers].to_numpy(), rel=1e-5)
+
+
 def test_bound_refuses_latent_attention_and_the_search_runs_without_it(tiny_family):
     """Multi-head latent attention (DeepSeek V3, Kimi K2) has no key and value projections of
     its own: the bound does not apply, says so, and the search still runs (it crashed)."""

@@ -71,7 +71,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
     import pandas as pd
     import torch
 
-    from promptscope.models.hf import text_config, weight_of
+    from promptscope.models.hf import linear_weight, text_config
     from promptscope.models.vectors import decoder_layers
 
     mdl = resolve_model(model)
@@ -128,7 +128,8 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
         sig = []  # per layer: per-head singular values (independent of x0)
         for layer, (hd, n_heads, n_kv) in zip(layers, shapes):
             a = layer.self_attn
-            wq, wk, wv, wo = (weight_of(p) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+            wq, wk, wv, wo = (linear_weight(p, lm.dtype)
+                              for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
             sig.append({
                 "q": [svmax(wq[h * hd:(h + 1) * hd]) for h in range(n_heads)],
                 "k": [svmax(wk[g * hd:(g + 1) * hd]) for g in range(n_kv)],
@@ -165,7 +166,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                 normed_alpha = (hd * _max_gain(a.q_norm, q) * _max_gain(a.k_norm, kk) * scale
                                 if qk_normed else None)
                 resid = float(hs[li + 1][0, -1].float().norm())
-                wo = weight_of(a.o_proj)
+                wo = linear_weight(a.o_proj, x.dtype)
                 for h in range(n_heads):
                     g = h // group
                     scores = (kk[0, g] @ q[0, h, -1]).float() * scale  # [L]

@@ -629,6 +629,29 @@ def weight_of(module: Any, name: str = "weight") -> torch.Tensor:
         return getattr(module, name)  # (the tensor stays valid: offloading swaps in a new one)
 
 
+def linear_weight(linear: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[out, in]`` matrix a bias-free linear layer applies, however it is stored: plain,
+    offloaded by accelerate (:func:`weight_of`), or quantized (bitsandbytes' 4- and 8-bit,
+    whose ``weight`` is packed integers): then it is read off the layer's own forward on the
+    identity, in ``dtype``, so it is the matrix the model really computes with.
+
+    Example:
+        >>> wq = linear_weight(model.model.model.layers[0].self_attn.q_proj, torch.bfloat16)
+        ...                                                                # doctest: +SKIP
+    """
+    w = weight_of(linear)
+    shape = (getattr(linear, "out_features", None), getattr(linear, "in_features", None))
+    if w.is_floating_point() and tuple(w.shape) == shape:
+        return w
+    if shape[1] is None:
+        raise PromptscopeError(f"Cannot read the matrix of {type(linear).__name__}: it has no "
+                               "in_features.")
+    runs_on = getattr(getattr(linear, "_hf_hook", None), "execution_device", None)
+    eye = torch.eye(shape[1], dtype=dtype, device=runs_on if runs_on is not None else w.device)
+    with torch.no_grad():
+        return linear(eye).T
+
+
 def per_layer_embedding(lm: Any) -> Any:
     """The second table a model looks token ids up in, if it has one: Gemma 3n's and 4's
     per-layer embeddings (``embed_tokens_per_layer``), else ``None``. Whatever feeds the model
