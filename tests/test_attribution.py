@@ -69,6 +69,23 @@ def test_parts_agree_with_a_direct_captum_call(tiny_llama, method):
         run.df["logprob"].tolist(), abs=1e-4)
 
 
+def test_part_perturbations_run_as_one_batch_per_step(tiny_llama):
+    """captum's LLM forward takes one prompt at a time; promptscope scores each step's perturbed
+    prompts together: ablating 5 parts is the whole prompt, then one batch of the 5 ablations
+    (captum's FeatureAblation scores the unperturbed input once more, in its own call). " Rome"
+    is two tokens here, so each scoring is a prompt pass and a pass of the target's tokens over
+    its cache."""
+    batches = []
+    hook = tiny_llama.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(len(kwargs["input_ids"])), with_kwargs=True)
+    try:
+        promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                              method="ablation", save=False, progress=False)
+    finally:
+        hook.remove()
+    assert sorted(batches) == [1, 1, 1, 1, 5, 5]
+
+
 def test_token_ig_agrees_with_a_direct_captum_call(tiny_gpt2):
     from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
 

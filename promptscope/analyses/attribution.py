@@ -245,11 +245,13 @@ def attribute(
         raise TemplateError(f"Template name(s) {sorted(clash)} clash with result columns; "
                             "rename the variable or group.")
     mdl = resolve_model(model)
-    # Perturbation methods over parts need only scores of text, so they run on API models too;
-    # tokens, gradients and in-prompt targets need the model's own forward pass.
-    scored = ("forward" not in mdl.capabilities and "score" in mdl.capabilities
-              and level == "parts" and method != "ig")
-    if scored:
+    # Perturbation methods over parts need only scores of text: each captum step is a batch of
+    # perturbed prompts (Model.score), on a local model as on an API model. Tokens, gradients
+    # and in-prompt targets need the model's own forward pass.
+    api = "forward" not in mdl.capabilities
+    scored = ("score" in mdl.capabilities and level == "parts" and method != "ig"
+              and (target_part is None or api))
+    if scored and api:
         if target_part is not None:
             raise AttributionError("target_part scores the template's own tokens inside the "
                                    "prompt, which needs a local model; attribute choices, a "
@@ -654,12 +656,14 @@ class _Engine:
 
 
 class _ScoredEngine(_Engine):
-    """Part attribution on a model that only scores text (an API model): captum's perturbation
-    method runs over a 0/1 mask of the parts, and each of its steps is a batch of perturbed
-    prompts scored concurrently by the backend (``Model.score``).
+    """Part attribution by scoring text: captum's perturbation method runs over a 0/1 mask of
+    the parts, and each of its steps is a batch of perturbed prompts scored by the backend
+    (``Model.score``): one left-padded forward on a local model (captum's own LLM forward takes
+    one prompt at a time), concurrent requests on an API model.
 
-    An ablated part is removed (or replaced by its baseline text), as in the local path, so both
-    give the same numbers on the same model.
+    An ablated part is removed (or replaced by its baseline text). Under PASTA, each perturbed
+    prompt's emphasised span is registered with the steering, so it moves with the text and is
+    gone when its part is.
     """
 
     def _prepare(self) -> None:
@@ -673,10 +677,25 @@ class _ScoredEngine(_Engine):
                    for s in segments]
         n = len(ids_of)
 
+        steering = getattr(self.mdl, "steering", None)
+
         def forward(mask: Any) -> Any:
-            texts = ["".join(s.text if row[f] else self.baselines.get(s.part, "")
-                             for s, f in zip(segments, feature)) for row in mask.tolist()]
-            scores = self.mdl.score([self.wrap(t) for t in texts], [target] * len(texts))
+            texts = []
+            for row in mask.tolist():
+                pieces, spans, pos = [], [], 0
+                for s, f in zip(segments, feature):
+                    piece = s.text if row[f] else self.baselines.get(s.part, "")
+                    if s.kind == "emph" and piece:
+                        spans.append((pos, pos + len(piece)))
+                    pieces.append(piece)
+                    pos += len(piece)
+                joined = "".join(pieces)
+                text = self.wrap(joined)
+                if steering is not None:
+                    shift = text.rfind(joined) if text != joined else 0
+                    steering.spans[text] = [(a + shift, b + shift) for a, b in spans]
+                texts.append(text)
+            scores = self.mdl.score(texts, [target] * len(texts))
             failed = next((sc.error for sc in scores if sc.error), None)
             if failed:
                 raise _ScoreFailed(failed)
