@@ -141,3 +141,27 @@ def test_prompt_magic_attention(ip, tiny_llama_dir):
     moved = ip.run_cell_magic("prompt", "--attention --steer vector --vector v --strength 2",
                               "Say hi now")
     assert moved.params["steer"]["method"] == "vector" and moved.params["steer"]["strength"] == 2
+
+
+def test_matrices_are_kept_while_they_fit(tiny_llama, monkeypatch):
+    """By default the token x token weights are kept while the run holds at most
+    ``MATRIX_WEIGHTS`` of them (an 8 B model's matrices of a few long prompts are gigabytes);
+    beyond, the run keeps the per-part summary and warns. The count is exact: the limit set to
+    the rows a run keeps still keeps them, one less does not. ``matrices=True`` keeps them
+    whatever their number."""
+    from promptscope.analyses import attention as module
+
+    def run(**kwargs):
+        return promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS, layers="0,1", heads=[1],
+                                     save=False, progress=False, **kwargs)
+
+    rows = len(run(matrices=True).tables["weights"])
+    monkeypatch.setattr(module, "MATRIX_WEIGHTS", rows)
+    kept = run()
+    assert len(kept.tables["weights"]) == rows and kept.params["matrices"] is True
+    monkeypatch.setattr(module, "MATRIX_WEIGHTS", rows - 1)
+    with pytest.warns(UserWarning, match=r"only the per-part summary.*matrices=True"):
+        summary = run()
+    assert "weights" not in summary.tables and summary.params["matrices"] is False
+    assert summary.df.equals(kept.df)  # the summary is the same
+    assert len(run(matrices=True).tables["weights"]) == rows

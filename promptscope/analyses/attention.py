@@ -1,8 +1,8 @@
 """Where the model attends: per-layer, per-head attention over every variant of a template.
 
 Only the layers asked for compute their weights (explicitly, inside promptscope's attention
-function); the rest of the model stays on SDPA, and the full token x token matrices are kept only
-when ``matrices=True``.
+function); the rest of the model stays on SDPA, and the full token x token matrices are kept
+when they fit (``MATRIX_WEIGHTS``) or are asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from promptscope.templates import Template, Variant, check_rows, count_rows, par
 
 #: Variants per forward step (their rows are saved before the next step).
 CHUNK_SIZE = 16
+
+#: Attention weights a run keeps by default (``matrices=None``); beyond, it keeps the per-part
+#: summary only and says so. Each weight is a table row of 20 bytes (400 MB at the limit): on an
+#: 8 B model (32 layers x 32 heads) one 200-token prompt holds 20 M.
+MATRIX_WEIGHTS = 20_000_000
 
 
 def pick_indices(spec: Any, n: int, what: str) -> list[int]:
@@ -73,7 +78,7 @@ def attention(
     layers: Any = None,
     heads: Any = None,
     chat: bool = False,
-    matrices: bool = True,
+    matrices: bool | None = None,
     steer: dict[str, Any] | None = None,
     name: str = "",
     save: bool = True,
@@ -86,8 +91,10 @@ def attention(
         template, vars, namespace, chat: as in :func:`promptscope.run_prompt`.
         layers: layers to capture (``None``/``"all"``, ``"0,3"``, ``[0, 3]``).
         heads: heads to keep within those layers (default all).
-        matrices: keep the full token x token weights (table ``weights``); ``False`` keeps only
-            the summary, for long prompts or many variants.
+        matrices: keep the full token x token weights (table ``weights``, the causal half of
+            each selected head's matrix). ``None`` (default): when the run holds at most
+            ``MATRIX_WEIGHTS`` (20 M) of them, else only the summary, with a warning that says
+            how many; ``True``: whatever their number; ``False``: only the summary.
         steer: capture under steering (``promptscope.steer`` keyword arguments): PASTA, a
             vector (``{"vector": v, "strength": 4}``; attention changes only after the steered
             layers) or both.
@@ -122,6 +129,9 @@ def attention(
     check_attention_layers(layer_ids, attended)
     check_rows(tpl, vars, namespace)
     total = tpl.n_variants(count_rows(vars))
+    if matrices is None:
+        matrices = _matrices_fit(mdl, tpl.expand(vars, namespace), chat,
+                                 len(layer_ids) * len(head_ids), total)
     params = {"template": tpl.source, "layers": layer_ids, "heads": head_ids, "chat": chat,
               "matrices": matrices, "n_variants": total}
     variants = tpl.expand(vars, namespace)
@@ -179,16 +189,39 @@ def attention(
     return rec.result()
 
 
+def _matrices_fit(mdl: Model, variants: Any, chat: bool, heads: int, total: int) -> bool:
+    """Whether the run's attention weights (``heads`` selected layer-heads, the causal half of
+    each variant's matrix) stay within ``MATRIX_WEIGHTS``; warns when they do not."""
+    import warnings
+
+    count = 0
+    for v in variants:
+        n = len(mdl.encode_prompt(mdl.chat_prompt(v.text) if chat else v.text))  # type: ignore
+        count += heads * n * (n + 1) // 2
+        if count > MATRIX_WEIGHTS:
+            warnings.warn(
+                f"Keeping only the per-part summary: the attention matrices of these {total} "
+                f"variant(s) hold over {count / 1e6:.0f} M weights already ({heads} layer-heads; "
+                f"the default limit is {MATRIX_WEIGHTS / 1e6:.0f} M, 20 bytes each). Pass "
+                "matrices=True to keep them anyway, or fewer layers= / heads= / variants.",
+                stacklevel=3)
+            return False
+    return True
+
+
 def _weights_frame(variant: int, layer: int, heads: list[int], w: Any) -> Any:
     import numpy as np
     import pandas as pd
 
     n_h, n_q, n_k = w.shape
-    h, q, k = np.meshgrid(np.arange(n_h), np.arange(n_q), np.arange(n_k), indexing="ij")
+    h, q, k = np.meshgrid(np.arange(n_h, dtype=np.int16), np.arange(n_q, dtype=np.int32),
+                          np.arange(n_k, dtype=np.int32), indexing="ij")
     keep = (k <= q).ravel()  # causal: the upper triangle is all zeros
-    return pd.DataFrame({
-        "variant": variant, "layer": layer,
-        "head": np.asarray(heads)[h.ravel()[keep]], "query": q.ravel()[keep],
+    n = int(keep.sum())
+    return pd.DataFrame({  # (20 bytes a row: these tables get large)
+        "variant": np.full(n, variant, dtype=np.int32),
+        "layer": np.full(n, layer, dtype=np.int16),
+        "head": np.asarray(heads, dtype=np.int16)[h.ravel()[keep]], "query": q.ravel()[keep],
         "key": k.ravel()[keep], "weight": w.numpy().ravel()[keep].astype("float32"),
     })
 
