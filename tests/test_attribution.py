@@ -383,3 +383,28 @@ def test_chat_prompts_and_steered_answers(tiny_llama):
     out = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=ROWS[:1], max_new_tokens=2,
                                  steer=steer, save=False, progress=False)
     assert gen.df[gen.df.steered]["target"].iloc[0] == out.df["output"].iloc[0]
+
+
+def test_ig_steps_go_in_batches_within_the_token_budget(tiny_llama, monkeypatch):
+    """All of IG's steps in one forward and backward would hold n_steps copies of every
+    activation (out of memory on a GPU for a long prompt and a real model): the steps go in
+    batches of at most ``GRADIENT_TOKENS`` tokens, with the same attributions."""
+    from promptscope.analyses import attribution as module
+
+    def run():
+        batches = []
+        hook = tiny_llama.model.register_forward_pre_hook(
+            lambda m, args, kwargs: batches.append(kwargs["input_ids"].shape), with_kwargs=True)
+        try:
+            df = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                       level="tokens", n_steps=16, save=False,
+                                       progress=False).df
+        finally:
+            hook.remove()
+        return df["attribution"].tolist(), max(b[0] * b[1] for b in batches)
+
+    whole, widest = run()
+    monkeypatch.setitem(module.GRADIENT_TOKENS, tiny_llama.device.type, 100)
+    batched, widest_batched = run()
+    assert widest > 100 >= widest_batched
+    assert batched == pytest.approx(whole, abs=1e-5)
