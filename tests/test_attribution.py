@@ -86,6 +86,67 @@ def test_part_perturbations_run_as_one_batch_per_step(tiny_llama):
     assert sorted(batches) == [1, 1, 1, 1, 5, 5]
 
 
+@pytest.mark.parametrize("method", ["ablation", "shapley"])
+def test_token_perturbation_agrees_with_a_direct_captum_call(tiny_llama, method):
+    """Perturbation over tokens runs each captum step as one batch; the numbers must be those
+    of captum's own one-prompt-at-a-time LLMAttribution (same seed for Shapley)."""
+    from captum.attr import (
+        FeatureAblation,
+        LLMAttribution,
+        ShapleyValueSampling,
+        TextTokenInput,
+    )
+
+    extra = {"n_samples": 3} if method == "shapley" else {}
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                level="tokens", method=method, save=False, progress=False,
+                                **extra)
+    tok = tiny_llama.tokenizer
+    text = "".join(PIECES)
+    cls = {"ablation": FeatureAblation, "shapley": ShapleyValueSampling}[method]
+    inp = TextTokenInput(text, tok, baselines=tok.pad_token_id, skip_tokens=[tok.bos_token_id])
+    torch.manual_seed(0)
+    ref = LLMAttribution(cls(tiny_llama.model), tok).attribute(
+        inp, target=" Rome", forward_in_tokens=False, **extra)
+    assert att.df["attribution"].tolist() == pytest.approx(ref.seq_attr.tolist(), abs=1e-5)
+
+
+def test_steered_token_ablation_is_each_tokens_log_prob_drop(tiny_llama):
+    """Under PASTA, a token's ablation value is the steered log-prob drop when that token alone
+    becomes the pad token, computed here one prompt at a time: the key bias must reach every
+    row of the batch."""
+    from promptscope.analyses.attribution import _runner
+    from promptscope.models.steering import token_emphasis
+
+    steer = {"heads": "L1", "alpha": 0.01}
+    att = promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                level="tokens", method="ablation", steer=steer, save=False,
+                                progress=False)
+    text = "".join(PIECES)
+    enc = tiny_llama.encode(text, offsets=True)
+    ids, target = enc["input_ids"], tiny_llama.encode_continuation(" Rome")
+    runner = _runner(tiny_llama)
+    start = len(PIECES[0])
+    runner.flags = token_emphasis(enc["offset_mapping"], [(start, start + len(PIECES[1]))], text)
+
+    def logp(prompt):
+        with torch.no_grad():
+            out = runner(input_ids=torch.tensor([prompt + target], device=tiny_llama.device))
+        logits = torch.log_softmax(out.logits[0].float(), -1)
+        return sum(logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(target))
+
+    with promptscope.steer(tiny_llama, **steer, emphasis=PIECES[1]):
+        whole = logp(ids)
+        drops = [whole - logp(ids[:i] + [tiny_llama.tokenizer.pad_token_id] + ids[i + 1:])
+                 for i in range(1, len(ids))]  # (all but the BOS)
+        plain_runner_flags, runner.flags = runner.flags, None
+        unsteered = logp(ids)
+        runner.flags = plain_runner_flags
+    assert att.df["attribution"].tolist() == pytest.approx(drops, abs=1e-4)
+    assert att.df["logprob"].iloc[0] == pytest.approx(whole, abs=1e-4)
+    assert abs(whole - unsteered) > 1e-3  # the steering moved the log-prob
+
+
 def test_token_ig_agrees_with_a_direct_captum_call(tiny_gpt2):
     from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
 

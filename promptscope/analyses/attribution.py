@@ -509,13 +509,8 @@ class _Engine:
             torch.manual_seed(self.seed + v.index)
             if target_part is not None:
                 return self._in_prompt(v, segments, target_part)
+            # (parts by perturbation go through _ScoredEngine)
             target_ids = torch.tensor(self.mdl.encode_continuation(target))
-            if self.level == "parts" and self.method != "ig":
-                inp = _parts_input(self, segments)
-                lp = self._logprob(inp, target_ids)
-                res = self._perturb(inp, target_ids)
-                attr = res.seq_attr.detach().cpu().tolist()
-                return self._part_rows(segments, attr, target, lp)
             return self._token_rows(v, segments, target, target_ids)
 
     def _token_rows(self, v: Variant, segments: list[Segment], target: str | None,
@@ -535,7 +530,7 @@ class _Engine:
         if self.method == "ig":
             attr, completeness = self._integrated(v, inp, target, target_ids, lp)
         else:
-            attr = self._perturb(inp, target_ids).seq_attr.detach().cpu().tolist()
+            attr = self._token_perturbation(enc["input_ids"], keep, target_ids)
         labels = token_parts(offsets, v, shift)
         rows = []
         it = iter(attr)
@@ -568,16 +563,37 @@ class _Engine:
                          "start": s.start, "end": s.end, "attribution": a})
         return _with_share(rows, by="part")
 
-    def _perturb(self, inp: Any, target_ids: Any) -> Any:
-        from captum.attr import LLMAttribution
+    def _token_perturbation(self, ids: list[int], keep: list[bool], target_ids: Any
+                            ) -> list[float]:
+        """Ablation or Shapley sampling over the prompt's tokens (a removed token is replaced by
+        the pad token, so every perturbed prompt has the prompt's length): captum's method over
+        a 0/1 mask of the tokens, each step's perturbed prompts and the target teacher-forced
+        in batches within the token budget (captum's LLM forward takes one prompt at a time)."""
+        torch = self.torch
+        device = self.runner.device
+        prompt = torch.tensor(ids, device=device)
+        where = torch.tensor([i for i, k in enumerate(keep) if k], device=device)
+        target = target_ids.to(device)
 
-        llm = LLMAttribution(_perturbation(self.method, self.runner), self.mdl.tokenizer)
-        kwargs: dict[str, Any] = {}
+        def forward(mask: Any) -> Any:
+            rows = prompt.expand(len(mask), -1).clone()
+            features = rows[:, where]
+            features[mask.to(device) == 0] = self.baseline_id
+            rows[:, where] = features
+            answer = target.expand(len(mask), -1)
+            with torch.no_grad():
+                out = self.runner(input_ids=torch.cat([rows, answer], dim=1))
+            logits = out.logits[:, len(ids) - 1:len(ids) - 1 + len(target)].float()
+            logp = torch.log_softmax(logits, -1).gather(2, answer.unsqueeze(2)).squeeze(2)
+            return logp.sum(1).double().cpu()
+
+        per_batch = self.mdl.token_budget // (len(ids) + len(target))
+        kwargs: dict[str, Any] = {"perturbations_per_eval": max(1, per_batch)}
         if self.method != "ablation":
             kwargs["n_samples"] = self.n_samples or 25
-        # forward_in_tokens=False: prompt + target in one teacher-forced pass (as run_prompt).
-        return llm.attribute(inp, target=target_ids, forward_in_tokens=False,
-                             use_cached_outputs=False, **kwargs)
+        whole = torch.ones(1, len(where), dtype=torch.float64)
+        return _perturbation(self.method, forward).attribute(
+            whole, baselines=torch.zeros_like(whole), **kwargs)[0].tolist()
 
     def _integrated(self, v: Variant, inp: Any, target: str | None, target_ids: Any,
                     lp: float) -> tuple[list[float], dict[str, Any]]:

@@ -159,6 +159,11 @@ class HFModel(Model):
         return torch.device(runs_on) if runs_on is not None else embed.weight.device
 
     @property
+    def token_budget(self) -> int:
+        """The most tokens one inference forward takes (a batch's rows x its length)."""
+        return _TOKEN_BUDGET.get(self.device.type, 8192)
+
+    @property
     def text_config(self) -> Any:
         """The language model's config (:func:`text_config`)."""
         return text_config(self.model)
@@ -348,7 +353,7 @@ class HFModel(Model):
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices grouped into batches of similar length within the token budget."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        budget = _TOKEN_BUDGET.get(self.device.type, 8192)
+        budget = self.token_budget
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
