@@ -204,3 +204,30 @@ def test_a_model_placed_by_accelerate_loads_scores_and_steers(tiny_llama, tiny_l
         assert a == pytest.approx(b, abs=1e-5)
     assert got[2] == want[2]
     assert got[1] != pytest.approx(got[0], abs=1e-3)  # the steering moved the scores
+
+
+def test_prompts_past_a_learned_position_table_are_refused(tiny_gpt2, tiny_llama):
+    """GPT-2 reads at most 512 positions here (its ``wpe`` table); a longer input failed deep
+    in the forward with a bare "IndexError: index out of range in self". Now each way in says
+    which prompt and by how much, and up to the limit still runs. Rotary positions (llama) have
+    no hard limit."""
+    assert tiny_gpt2.max_positions == 512 and tiny_llama.max_positions is None
+    word = tiny_gpt2.encode_continuation(" cat")
+    assert len(word) == 1
+    fits = "cat" + " cat" * 499
+    n = len(tiny_gpt2.encode_prompt(fits))
+    assert 490 < n < 504
+    (score,) = tiny_gpt2.score([fits], [" cat" * (512 - n)])
+    assert score.logprob < 0
+    with pytest.raises(PromptscopeError, match=r"is 513 tokens with its continuation; .* at "
+                                               r"most 512"):
+        tiny_gpt2.score([fits], [" cat" * (513 - n)])
+    (g,), = tiny_gpt2.generate([fits], max_new_tokens=512 - n)
+    with pytest.raises(PromptscopeError, match=rf"is 513 tokens with {513 - n} new ones"):
+        tiny_gpt2.generate([fits], max_new_tokens=513 - n)
+    too_long = fits + " cat" * 20
+    with pytest.raises(PromptscopeError, match="learned position table"):
+        promptscope.attention("{x}", tiny_gpt2, vars=[{"x": too_long}], save=False,
+                              progress=False)
+    (g,), = tiny_llama.generate([too_long], max_new_tokens=2)  # no limit to enforce
+    assert len(g.tokens) == 2

@@ -251,8 +251,28 @@ class HFModel(Model):
         the text starts with it (a chat-templated prompt)."""
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))
-        return self.tokenizer(text, add_special_tokens=add_special,
-                              return_offsets_mapping=offsets)
+        enc = self.tokenizer(text, add_special_tokens=add_special,
+                             return_offsets_mapping=offsets)
+        self.check_length(len(enc["input_ids"]), text)
+        return enc
+
+    @property
+    def max_positions(self) -> int | None:
+        """The most tokens the model reads when it has a learned position table (GPT-2, OPT);
+        ``None`` when its positions have no hard limit (rotary, ALiBi)."""
+        if not hasattr(self, "_max_positions"):
+            self._max_positions = position_limit(self.model)
+        return self._max_positions
+
+    def check_length(self, n: int, text: str, extra: str = "") -> None:
+        """Refuse a prompt of ``n`` tokens (plus what ``extra`` names) that would index past
+        the model's position table (a bare ``IndexError`` deep in the forward otherwise)."""
+        limit = self.max_positions
+        if limit is not None and n > limit:
+            start = text[:40].replace("\n", " ")
+            raise PromptscopeError(
+                f"A prompt ('{start}...') is {n} tokens{extra}; {self.name} reads at most "
+                f"{limit} (its learned position table). Shorten the prompt.")
 
     def _emphasis_flags(self, texts: Sequence[str]) -> list[list[bool]] | None:
         """Per prompt, which tokens are emphasised (None when not steering)."""
@@ -386,6 +406,8 @@ class HFModel(Model):
         prompt_ids = [self.encode_prompt(p) for p in unique]
         encoded = {c: self.encode_continuation(c) for c in dict.fromkeys(continuations)}
         cont_ids = [encoded[c] for c in continuations]
+        for p, c in zip(prompts, cont_ids):
+            self.check_length(len(prompt_ids[unique[p]]) + len(c), p, " with its continuation")
         by_prompt: list[list[int]] = [[] for _ in unique]
         for i, p in enumerate(prompts):
             by_prompt[unique[p]].append(i)
@@ -510,6 +532,8 @@ class HFModel(Model):
         if seed is not None:
             torch.manual_seed(seed)
         ids = [self.encode_prompt(p) for p in prompts]
+        for x, p in zip(ids, prompts):
+            self.check_length(len(x) + max_new_tokens, p, f" with {max_new_tokens} new ones")
         flags = self._emphasis_flags(prompts)
         results: list[list[Generation] | None] = [None] * len(prompts)
         budget_len = [len(x) + max_new_tokens for x in ids]
@@ -655,6 +679,23 @@ def linear_weight(linear: Any, dtype: torch.dtype) -> torch.Tensor:
     eye = torch.eye(shape[1], dtype=dtype, device=runs_on if runs_on is not None else w.device)
     with torch.no_grad():
         return linear(eye).T
+
+
+def position_limit(lm: Any) -> int | None:
+    """How many positions a model with a learned position table reads (GPT-2's ``wpe``, OPT's
+    ``embed_positions``, ...): a longer input indexes past the table. ``None`` for rotary,
+    ALiBi and other positions computed on the fly, which have no hard limit."""
+    embed = lm.get_input_embeddings()
+    # the table sits beside the token embedding (a vision tower's own positions do not count)
+    owner = next((m for m in lm.modules() if embed in m.children()), None)
+    for name, module in (owner.named_children() if owner is not None else ()):
+        if isinstance(module, torch.nn.Embedding) and name in _POSITION_TABLES:
+            return int(module.num_embeddings) - int(getattr(module, "offset", 0) or 0)
+    return None
+
+
+#: Names of learned absolute position tables (GPT-2 and GPT-Neo ``wpe``, OPT, BioGPT...).
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 
 
 def per_layer_embedding(lm: Any) -> Any:
