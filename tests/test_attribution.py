@@ -449,8 +449,8 @@ def test_chat_prompts_and_steered_answers(tiny_llama):
 def test_ig_steps_go_in_batches_within_the_token_budget(tiny_llama, monkeypatch):
     """All of IG's steps in one forward and backward would hold n_steps copies of every
     activation (out of memory on a GPU for a long prompt and a real model): the steps go in
-    batches of at most ``GRADIENT_TOKENS`` tokens, with the same attributions."""
-    from promptscope.analyses import attribution as module
+    batches of at most ``HFModel.gradient_token_budget`` tokens, with the same attributions."""
+    from promptscope.models import hf
 
     def run():
         batches = []
@@ -465,7 +465,7 @@ def test_ig_steps_go_in_batches_within_the_token_budget(tiny_llama, monkeypatch)
         return df["attribution"].tolist(), max(b[0] * b[1] for b in batches)
 
     whole, widest = run()
-    monkeypatch.setitem(module.GRADIENT_TOKENS, tiny_llama.device.type, 100)
+    monkeypatch.setitem(hf._GRADIENT_BUDGET, tiny_llama.device.type, 100)
     batched, widest_batched = run()
     assert widest > 100 >= widest_batched
     assert batched == pytest.approx(whole, abs=1e-5)

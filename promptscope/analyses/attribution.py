@@ -72,10 +72,6 @@ CHUNK_SIZE = 8
 #: Where ``n_steps=None`` stops doubling integrated gradients' steps.
 IG_MAX_STEPS = 256
 
-#: Tokens per forward-and-backward of integrated gradients (its steps go in batches of this
-#: many tokens): a backward keeps every layer's activations, several times a forward's memory.
-GRADIENT_TOKENS = {"cuda": 4096, "mps": 2048, "cpu": 4096}
-
 _COLUMN = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
 
@@ -635,7 +631,7 @@ class _Engine:
         lig = _token_embeddings_ig()(self.runner, [t for t in tables if t is not None])
         llm = LLMGradientAttribution(lig, self.mdl.tokenizer)
         length = inp.inp_tensor.shape[1] + len(target_ids)
-        per_batch = GRADIENT_TOKENS.get(self.mdl.device.type, 4096) // length
+        per_batch = self.mdl.gradient_token_budget // length
         return llm.attribute(inp, target=target_ids, n_steps=steps,
                              internal_batch_size=max(1, min(steps, per_batch)))
 

@@ -756,7 +756,7 @@ class _Search:
         for j, p in enumerate(active):
             by_len.setdefault(len(self.seq(p.state, u[p.index])), []).append(j)
         for length, idx in by_len.items():
-            chunk = max(1, self.budget // (4 * length))  # backward needs more memory
+            chunk = max(1, self.mdl.gradient_token_budget // length)  # type: ignore
             for c in range(0, len(idx), chunk):
                 part = idx[c:c + chunk]
                 ps = [active[j] for j in part]

@@ -26,6 +26,9 @@ from promptscope.models.base import Generation, Model, ProgressFn, Score, check_
 
 #: Tokens (prompt tokens x batch rows) per forward pass, by device type.
 _TOKEN_BUDGET = {"cuda": 65536, "mps": 16384, "cpu": 8192}
+# Tokens per forward-and-backward (integrated gradients' steps, GCG's gradient): a backward
+# keeps every layer's activations, about 5 MB a token on an 8 B model in bf16.
+_GRADIENT_BUDGET = {"cuda": 4096, "mps": 2048, "cpu": 4096}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -162,6 +165,11 @@ class HFModel(Model):
     def token_budget(self) -> int:
         """The most tokens one inference forward takes (a batch's rows x its length)."""
         return _TOKEN_BUDGET.get(self.device.type, 8192)
+
+    @property
+    def gradient_token_budget(self) -> int:
+        """The most tokens one forward-and-backward takes (rows x length)."""
+        return _GRADIENT_BUDGET.get(self.device.type, 4096)
 
     @property
     def text_config(self) -> Any:
