@@ -371,6 +371,10 @@ def test_errors_say_what_to_fix(tiny_llama):
     with pytest.raises(TemplateError, match="<<"):
         promptscope.attribute("No emphasis {who}", tiny_llama, vars=ROWS, target=" x",
                               steer={"heads": "all"})
+    for steps in (0, -4, 2.5):  # (0 once meant "the default" silently)
+        with pytest.raises(AttributionError, match="n_steps must be a whole number >= 1"):
+            promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target=" x", method="ig",
+                                  n_steps=steps, save=False)
 
 
 def test_session_is_saved_and_reloads_equal(tiny_llama):

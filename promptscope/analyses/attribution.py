@@ -240,6 +240,9 @@ def attribute(
                                "level='parts' and an ablation-type method (not ig).")
     if n_samples is not None and n_samples < 1:
         raise AttributionError(f"n_samples must be >= 1 (got {n_samples}).")
+    if n_steps is not None and (not isinstance(n_steps, int) or n_steps < 1):
+        raise AttributionError(f"n_steps must be a whole number >= 1, or None to double the "
+                               f"steps until the attributions add up (got {n_steps!r}).")
     clash = (RESERVED | COLUMNS) & (set(tpl.variables) | {g.name for g in tpl.groups})
     if clash:
         raise TemplateError(f"Template name(s) {sorted(clash)} clash with result columns; "
