@@ -30,6 +30,10 @@ def test_notebook_runs_offline(path, tmp_path):
             shown = "".join(o.get("text", "") for o in cell.outputs)
             assert shown.startswith("UsageError: ") and "Traceback" not in shown
             assert len(shown.splitlines()) <= 3
+        else:  # and the examples run clean: no warning (ours or a library's) in front of users
+            noise = [o.text for o in cell.get("outputs", [])
+                     if o.output_type == "stream" and o.name == "stderr" and "arning" in o.text]
+            assert not noise, noise
     # Nothing loads code from the network: no script or module URL, no plotly.js from a CDN.
     # Widget front-end code is inlined in the widget state (anywidget's _esm: plotly.js itself,
     # whose map traces mention CDNs we never use); check it is code, not a URL, then skip it.
