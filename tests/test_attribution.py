@@ -147,6 +147,27 @@ def test_steered_token_ablation_is_each_tokens_log_prob_drop(tiny_llama):
     assert abs(whole - unsteered) > 1e-3  # the steering moved the log-prob
 
 
+def test_steered_parts_that_leave_the_same_text_keep_their_own_emphasis(tiny_llama):
+    """In "<<Rome>>{city}" with city "Rome", removing either part leaves the text "Rome":
+    emphasised when the city went, not when the emphasis did. Scored in one batch, both took
+    one emphasis (the spans are looked up by text) and the emphasis got the city's value."""
+    steer = {"heads": "all", "alpha": 0.01}
+    att = promptscope.attribute("<<Rome>>{city}", tiny_llama, vars=[{"city": "Rome"}],
+                                target=" is", method="ablation", steer=steer, save=False,
+                                progress=False)
+    got = dict(zip(att.df["part"], att.df["attribution"]))
+    with promptscope.steer(tiny_llama, **steer, emphasis="Rome") as steering:
+        steering.spans["RomeRome"] = [(0, 4)]  # (the first Rome only)
+        whole = tiny_llama.score(["RomeRome"], [" is"])[0].logprob
+        steering.spans["Rome"] = [(0, 4)]
+        without_city = tiny_llama.score(["Rome"], [" is"])[0].logprob
+        steering.spans["Rome"] = []
+        without_emphasis = tiny_llama.score(["Rome"], [" is"])[0].logprob
+    assert abs(without_city - without_emphasis) > 1e-3  # (the case is not vacuous)
+    assert got["emphasis"] == pytest.approx(whole - without_emphasis, abs=1e-5)
+    assert got["city"] == pytest.approx(whole - without_city, abs=1e-5)
+
+
 def test_token_ig_agrees_with_a_direct_captum_call(tiny_gpt2):
     from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
 
@@ -253,7 +274,7 @@ def test_ig_doubles_its_steps_until_the_attributions_add_up():
     assert abs(auto["ig_gap"].iloc[0]) < 0.05 * auto["attribution"].abs().sum()
 
 
-def test_ig_warns_when_the_gradients_are_not_the_models(tiny_llama):
+def test_ig_warns_when_the_gradients_are_not_the_models(fresh_tiny_llama):
     """A kernel without a backward pass gives gradients that are not the model's (bitsandbytes'
     4-bit CPU kernel did: the attributions summed to 0.07 where the log-prob moved by -0.14). IG
     cannot see that, but its attributions then do not add up: the run says so. Here the
@@ -261,6 +282,10 @@ def test_ig_warns_when_the_gradients_are_not_the_models(tiny_llama):
     others."""
     from promptscope.analyses.attribution import IG_MAX_STEPS
 
+    tiny_llama = fresh_tiny_llama
+    embed = tiny_llama.model.get_input_embeddings().weight
+    with torch.no_grad():  # a trained pad row (an all-zero one stops the doubling: below)
+        embed[tiny_llama.tokenizer.pad_token_id] = embed[5]
     layers = tiny_llama.model.model.layers
     cut = [layer.self_attn.register_forward_hook(lambda m, i, out: (out[0].detach(), *out[1:]))
            for layer in layers]
@@ -276,14 +301,15 @@ def test_ig_warns_when_the_gradients_are_not_the_models(tiny_llama):
 
 def test_ig_from_an_all_zero_pad_row_warns_and_says_why(tiny_family):
     """The tiny models' pad rows are zero (never trained), where Gemma's RMSNorm jumps: IG from
-    there cannot add up at any number of steps, and the warning names the cause."""
+    there cannot add up at any number of steps, so they are not doubled (15x the work for
+    nothing), and the warning names the cause."""
     model = tiny_family("gemma3")
     assert not model.model.get_input_embeddings().weight[model.tokenizer.pad_token_id].any()
     with pytest.warns(UserWarning, match="all-zero embedding row"):
         att = promptscope.attribute("Context: {x} lives in Rome.\nQ: Where does {x} live? A:",
                                     model, vars=[{"x": "Ann"}], target=" Rome", level="tokens",
                                     save=False, progress=False)
-    assert abs(att.df["ig_gap"].iloc[0]) > 1.0
+    assert abs(att.df["ig_gap"].iloc[0]) > 1.0 and att.df["ig_steps"].iloc[0] == 32
 
 
 def test_parts_after_the_target_get_exactly_zero(tiny_llama):
@@ -371,7 +397,7 @@ def test_errors_say_what_to_fix(tiny_llama):
     with pytest.raises(TemplateError, match="<<"):
         promptscope.attribute("No emphasis {who}", tiny_llama, vars=ROWS, target=" x",
                               steer={"heads": "all"})
-    for steps in (0, -4, 2.5):  # (0 once meant "the default" silently)
+    for steps in (0, -4, 2.5, True):  # (0 once meant "the default" silently)
         with pytest.raises(AttributionError, match="n_steps must be a whole number >= 1"):
             promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS, target=" x", method="ig",
                                   n_steps=steps, save=False)

@@ -317,25 +317,32 @@ def test_bound_and_search_on_an_offloaded_model_equal_the_plain_ones(tiny_family
 
 
 class _Int8Linear(torch.nn.Module):
-    """A quantized projection as bitsandbytes' int8 layers store one: int8 rows and a scale per
-    row in place of the float weight, dequantized in the forward."""
+    """A quantized projection stored as quantization libraries store one: int8 values and a
+    scale per row in place of the float weight, packed into one column (as bitsandbytes packs
+    its 4-bit weights: the ``weight`` no longer has the matrix's shape), dequantized in the
+    forward."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = linear.weight.detach().abs().amax(1, keepdim=True) / 127
-        self.register_buffer("weight", torch.round(linear.weight.detach() / scale).to(torch.int8))
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("weight", torch.round(w / scale).to(torch.int8).reshape(-1, 1))
         self.register_buffer("scale", scale)
 
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.reshape(self.out_features, -1) * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ (self.weight.to(x.dtype) * self.scale).T
+        return x @ self.dequantized().to(x.dtype).T
 
 
 def test_bound_reads_a_quantized_models_matrices(tiny_llama):
     """A quantized projection's ``weight`` is not its matrix (bitsandbytes' 4-bit packs two
-    values a byte: the bound crashed with "size mismatch"; int8 rows gave singular values 1/scale
-    too large, silently). The bound must equal the one of the same model with the dequantized
-    matrices as plain float weights."""
+    values a byte into a column: the bound crashed with "size mismatch", then read the head
+    counts off the packed shape; int8 values gave singular values 1/scale too large,
+    silently). The bound must equal the one of the same model with the dequantized matrices as
+    plain float weights."""
     quantized = copy.deepcopy(tiny_llama.model)
     dequantized = copy.deepcopy(tiny_llama.model)
     for q_layer, d_layer in zip(quantized.model.layers, dequantized.model.layers):
@@ -343,7 +350,7 @@ def test_bound_reads_a_quantized_models_matrices(tiny_llama):
             packed = _Int8Linear(getattr(q_layer.self_attn, name))
             setattr(q_layer.self_attn, name, packed)
             with torch.no_grad():
-                getattr(d_layer.self_attn, name).weight.copy_(packed.weight * packed.scale)
+                getattr(d_layer.self_attn, name).weight.copy_(packed.dequantized())
     got, want = (attention_bound(HFModel(lm, tiny_llama.tokenizer, name=name), "The cat sat on",
                                  k=[1, 4])
                  for lm, name in ((quantized, "int8"), (dequantized, "dequantized")))

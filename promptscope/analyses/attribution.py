@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -240,7 +241,8 @@ def attribute(
                                "level='parts' and an ablation-type method (not ig).")
     if n_samples is not None and n_samples < 1:
         raise AttributionError(f"n_samples must be >= 1 (got {n_samples}).")
-    if n_steps is not None and (not isinstance(n_steps, int) or n_steps < 1):
+    if n_steps is not None and (not isinstance(n_steps, numbers.Integral)
+                                or isinstance(n_steps, bool) or n_steps < 1):
         raise AttributionError(f"n_steps must be a whole number >= 1, or None to double the "
                                f"steps until the attributions add up (got {n_steps!r}).")
     clash = (RESERVED | COLUMNS) & (set(tpl.variables) | {g.name for g in tpl.groups})
@@ -381,9 +383,13 @@ def _warn_incomplete(engine: _Engine, n_steps: int | None) -> None:
         causes.insert(0, "the baseline, the pad token, has an all-zero embedding row (never "
                          "trained), where RMS normalisation jumps, which no number of steps "
                          "follows (give the tokenizer a trained pad token)")
-    next_step = (f"Raise n_steps (now {n_steps}), or leave it out to double the steps until "
-                 "they add up. If they still do not" if n_steps else
-                 f"They did not at {IG_MAX_STEPS} steps either. Likely")
+    if n_steps:
+        next_step = (f"Raise n_steps (now {n_steps}), or leave it out to double the steps "
+                     "until they add up. If they still do not")
+    elif engine.zero_baseline():  # (the steps were not doubled: see _integrated)
+        next_step = "Likely"
+    else:
+        next_step = f"They did not at {IG_MAX_STEPS} steps either. Likely"
     warnings.warn(
         f"Integrated gradients do not add up for {len(engine.misses)} of "
         f"{engine.targets_done} targets (worst, {where}: the log-prob moves by {change:.4g} "
@@ -471,6 +477,7 @@ class _Engine:
         self.n_samples, self.n_steps, self.baselines = n_samples, n_steps, baselines
         self.targets_done = 0
         self.misses: list[tuple[str, float, float]] = []  # IG that does not add up
+        self._zero_baseline: bool | None = None
         self.chat, self.seed = chat, seed
         self._prepare()
 
@@ -518,6 +525,8 @@ class _Engine:
         text = self.wrap(v.text)
         shift = text.rfind(v.text) if text != v.text else 0
         enc = self.mdl.encode(text, offsets=True)
+        self.mdl.check_length(len(enc["input_ids"]) + len(target_ids) - 1, text,
+                              " with its target")
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         keep = [b > a for a, b in offsets]  # special tokens (BOS, chat markers) are no feature
         self.runner.flags = _flags(self, text, [(a + shift, b + shift) for a, b in v.emphasis],
@@ -574,17 +583,19 @@ class _Engine:
         where = torch.tensor([i for i, k in enumerate(keep) if k], device=device)
         target = target_ids.to(device)
 
+        keep = ({"logits_to_keep": len(target) + 1} if self.mdl.keep_logits else {})
+
         def forward(mask: Any) -> Any:
             rows = prompt.expand(len(mask), -1).clone()
             features = rows[:, where]
-            features[mask.to(device) == 0] = self.baseline_id
+            features[(mask == 0).to(device)] = self.baseline_id
             rows[:, where] = features
             answer = target.expand(len(mask), -1)
-            with torch.no_grad():
-                out = self.runner(input_ids=torch.cat([rows, answer], dim=1))
-            logits = out.logits[:, len(ids) - 1:len(ids) - 1 + len(target)].float()
+            with torch.no_grad():  # (logits of the positions that predict the target only)
+                out = self.runner(input_ids=torch.cat([rows, answer], dim=1), **keep)
+            logits = out.logits[:, -len(target) - 1:-1].float()
             logp = torch.log_softmax(logits, -1).gather(2, answer.unsqueeze(2)).squeeze(2)
-            return logp.sum(1).double().cpu()
+            return logp.sum(1).cpu().double()
 
         per_batch = self.mdl.token_budget // (len(ids) + len(target))
         kwargs: dict[str, Any] = {"perturbations_per_eval": max(1, per_batch)}
@@ -606,7 +617,8 @@ class _Engine:
             attr = self._gradient(inp, target_ids, steps).seq_attr.detach().cpu().tolist()
             gap = (lp - start) - math.fsum(attr)
             adds_up = abs(gap) <= 0.05 * max(math.fsum(map(abs, attr)), abs(lp - start)) + 1e-4
-            if adds_up or self.n_steps or steps >= IG_MAX_STEPS:
+            # (no number of steps follows the jump at an all-zero baseline row)
+            if adds_up or self.n_steps or steps >= IG_MAX_STEPS or self.zero_baseline():
                 break
             steps *= 2
         self.targets_done += 1
@@ -621,8 +633,10 @@ class _Engine:
         ``padding_idx`` row of a model never trained with it)."""
         from promptscope.models.hf import weight_of
 
-        row = weight_of(self.runner.lm.get_input_embeddings())[self.baseline_id]
-        return not bool(row.any())
+        if self._zero_baseline is None:
+            row = weight_of(self.runner.lm.get_input_embeddings())[self.baseline_id]
+            self._zero_baseline = not bool(row.any())
+        return self._zero_baseline
 
     def _gradient(self, inp: Any, target_ids: Any, steps: int) -> Any:
         from captum.attr import LLMGradientAttribution
@@ -702,7 +716,7 @@ class _ScoredEngine(_Engine):
         steering = getattr(self.mdl, "steering", None)
 
         def forward(mask: Any) -> Any:
-            texts = []
+            prompts = []  # (text, its emphasised spans)
             for row in mask.tolist():
                 pieces, spans, pos = [], [], 0
                 for s, f in zip(segments, feature):
@@ -713,15 +727,24 @@ class _ScoredEngine(_Engine):
                     pos += len(piece)
                 joined = "".join(pieces)
                 text = self.wrap(joined)
-                if steering is not None:
-                    shift = text.rfind(joined) if text != joined else 0
-                    steering.spans[text] = [(a + shift, b + shift) for a, b in spans]
-                texts.append(text)
-            scores = self.mdl.score(texts, [target] * len(texts))
-            failed = next((sc.error for sc in scores if sc.error), None)
-            if failed:
-                raise _ScoreFailed(failed)
-            return torch.tensor([sc.logprob for sc in scores], dtype=torch.float64)
+                shift = text.rfind(joined) if text != joined else 0
+                prompts.append((text, tuple((a + shift, b + shift) for a, b in spans)))
+            logprobs = [0.0] * len(prompts)
+            for rows in _one_emphasis_per_text(prompts, steering is not None):
+                texts = [prompts[i][0] for i in rows]
+                if steering is not None:  # (the spans are the steering's while it scores)
+                    steering.spans.update({prompts[i][0]: list(prompts[i][1]) for i in rows})
+                try:
+                    scores = self.mdl.score(texts, [target] * len(texts))
+                finally:
+                    for text in texts if steering is not None else ():
+                        steering.spans.pop(text, None)
+                failed = next((sc.error for sc in scores if sc.error), None)
+                if failed:
+                    raise _ScoreFailed(failed)
+                for i, sc in zip(rows, scores):
+                    logprobs[i] = sc.logprob
+            return torch.tensor(logprobs, dtype=torch.float64)
 
         kwargs: dict[str, Any] = {"perturbations_per_eval": max(1, n)}
         if self.method != "ablation":
@@ -738,6 +761,24 @@ class _ScoredEngine(_Engine):
             return [{**r, "error": str(exc)} for r in rows]
         rows = self._part_rows(segments, [attr[f] for f in feature], target, lp)
         return [{**r, "error": ""} for r in rows] if self.mdl.per_request_errors else rows
+
+
+def _one_emphasis_per_text(prompts: list[tuple[str, tuple[Any, ...]]], steered: bool
+                           ) -> list[list[int]]:
+    """Rows of ``prompts`` (text, emphasised spans) in groups to score together. Steered, the
+    spans are looked up by text, so the same text with other spans (removing either of two
+    parts can leave the same words, emphasised or not) goes in a later group."""
+    if not steered:
+        return [list(range(len(prompts)))]
+    groups: list[tuple[dict[str, Any], list[int]]] = []
+    for i, (text, spans) in enumerate(prompts):
+        group = next((g for g in groups if g[0].get(text, spans) == spans), None)
+        if group is None:
+            group = ({}, [])
+            groups.append(group)
+        group[0][text] = spans
+        group[1].append(i)
+    return [rows for _, rows in groups]
 
 
 class _ScoreFailed(Exception):
@@ -860,7 +901,7 @@ def _runner(mdl: Any) -> Any:
                 attention_mask = torch.ones_like(input_ids)
             with state:
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False)
+                               use_cache=False, **kwargs)
 
     return Runner()
 

@@ -193,8 +193,10 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
 def _head_shape(attn: Any, cfg: Any) -> tuple[int, int, int]:
     """``(head size, query heads, key/value heads)`` of one attention module, read from its
     projections."""
+    from promptscope.models.hf import linear_shape
+
     hd = int(getattr(attn, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
-    return hd, attn.q_proj.weight.shape[0] // hd, attn.k_proj.weight.shape[0] // hd
+    return hd, linear_shape(attn.q_proj)[0] // hd, linear_shape(attn.k_proj)[0] // hd
 
 
 def _max_gain(norm: Any, like: Any) -> float:

@@ -779,7 +779,10 @@ class _Search:
         text = self.tok.decode(control) if control else ""
         state_text = self.state_text[p.state]
         full = self.seq(p.state, control)
-        roundtrip = self.mdl.encode_prompt(text + state_text) == full  # type: ignore[attr-defined]
+        try:  # (re-encoded, the text may come out longer than the model reads: no round trip)
+            roundtrip = self.mdl.encode_prompt(text + state_text) == full  # type: ignore
+        except PromptscopeError:
+            roundtrip = False
         return {
             "pair": p.index, "state": p.state, "x0": state_text, "target_set": p.target_set,
             "target": self.tok.decode([p.target]), "target_id": p.target,

@@ -84,6 +84,9 @@ class HFModel(Model):
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Only the positions read need logits: [rows, length, vocabulary] is gigabytes on a
+        # GPU batch (65 k tokens x Gemma's 262 k vocabulary: 34 GB in bf16).
+        self.keep_logits = ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
         self._attention_layers: list[int] | None = None
         # A model without attention (Mamba) continues its cache one token per call: its
         # multi-token continuations are scored in one pass over prompt + continuation.
@@ -272,15 +275,16 @@ class HFModel(Model):
             self._max_positions = position_limit(self.model)
         return self._max_positions
 
-    def check_length(self, n: int, text: str, extra: str = "") -> None:
-        """Refuse a prompt of ``n`` tokens (plus what ``extra`` names) that would index past
+    def check_length(self, n: int, text: str, extra: str = "",
+                     fix: str = "shorten the prompt") -> None:
+        """Refuse a prompt of ``n`` tokens (with what ``extra`` names) that would index past
         the model's position table (a bare ``IndexError`` deep in the forward otherwise)."""
         limit = self.max_positions
         if limit is not None and n > limit:
             start = text[:40].replace("\n", " ")
             raise PromptscopeError(
                 f"A prompt ('{start}...') is {n} tokens{extra}; {self.name} reads at most "
-                f"{limit} (its learned position table). Shorten the prompt.")
+                f"{limit} (its learned position table): {fix}.")
 
     def _emphasis_flags(self, texts: Sequence[str]) -> list[list[bool]] | None:
         """Per prompt, which tokens are emphasised (None when not steering)."""
@@ -414,8 +418,9 @@ class HFModel(Model):
         prompt_ids = [self.encode_prompt(p) for p in unique]
         encoded = {c: self.encode_continuation(c) for c in dict.fromkeys(continuations)}
         cont_ids = [encoded[c] for c in continuations]
-        for p, c in zip(prompts, cont_ids):
-            self.check_length(len(prompt_ids[unique[p]]) + len(c), p, " with its continuation")
+        for p, c in zip(prompts, cont_ids):  # (the continuation's last token is not read)
+            self.check_length(len(prompt_ids[unique[p]]) + len(c) - 1, p,
+                              " with its continuation")
         by_prompt: list[list[int]] = [[] for _ in unique]
         for i, p in enumerate(prompts):
             by_prompt[unique[p]].append(i)
@@ -455,7 +460,7 @@ class HFModel(Model):
         need_cache = any(len(cont_ids[i]) > 1 for u in batch for i in by_prompt[u])
         with self.forward_state(flags, batch, width):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=need_cache)
+                             use_cache=need_cache, **self.keep_logits)
         first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
         # Rows of the second pass: every multi-token continuation, over its prompt's cache.
@@ -540,8 +545,11 @@ class HFModel(Model):
         if seed is not None:
             torch.manual_seed(seed)
         ids = [self.encode_prompt(p) for p in prompts]
-        for x, p in zip(ids, prompts):
-            self.check_length(len(x) + max_new_tokens, p, f" with {max_new_tokens} new ones")
+        for x, p in zip(ids, prompts):  # (the last new token is not read back)
+            self.check_length(len(x) + max_new_tokens - 1, p,
+                              f" with the {max_new_tokens - 1} new tokens it reads back",
+                              f"shorten the prompt or lower max_new_tokens (now "
+                              f"{max_new_tokens})")
         flags = self._emphasis_flags(prompts)
         results: list[list[Generation] | None] = [None] * len(prompts)
         budget_len = [len(x) + max_new_tokens for x in ids]
@@ -656,37 +664,51 @@ def weight_of(module: Any, name: str = "weight") -> torch.Tensor:
     Example:
         >>> w = weight_of(model.model.get_input_embeddings())   # [vocab, hidden]  # doctest: +SKIP
     """
-    if getattr(module, "_hf_hook", None) is None:  # (not placed by accelerate)
+    hook = getattr(module, "_hf_hook", None)
+    if not getattr(hook, "offload", False):  # (not placed by accelerate, or not offloaded)
         return getattr(module, name)
-    from accelerate.utils import align_module_device, has_offloaded_params
-
-    if not has_offloaded_params(module):
-        return getattr(module, name)
-    with align_module_device(module):  # onloads, and offloads again on exit
-        return getattr(module, name)  # (the tensor stays valid: offloading swaps in a new one)
+    hook.pre_forward(module)  # accelerate's own onloading, as around a forward
+    try:
+        return getattr(module, name)  # (stays valid: offloading swaps in a new tensor)
+    finally:
+        hook.post_forward(module, None)
 
 
 def linear_weight(linear: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The ``[out, in]`` matrix a bias-free linear layer applies, however it is stored: plain,
-    offloaded by accelerate (:func:`weight_of`), or quantized (bitsandbytes' 4- and 8-bit,
-    whose ``weight`` is packed integers): then it is read off the layer's own forward on the
-    identity, in ``dtype``, so it is the matrix the model really computes with.
+    """The ``[out, in]`` matrix a linear layer applies, however it is stored: plain, offloaded
+    by accelerate (:func:`weight_of`), or quantized (bitsandbytes' 4- and 8-bit, FP8 with a
+    scale, GPTQ / AWQ layers without a ``weight``): then it is read off the layer's own forward
+    on the identity, in ``dtype`` (its bias taken off), so it is the matrix the model really
+    computes with.
 
     Example:
         >>> wq = linear_weight(model.model.model.layers[0].self_attn.q_proj, torch.bfloat16)
         ...                                                                # doctest: +SKIP
     """
-    w = weight_of(linear)
-    shape = (getattr(linear, "out_features", None), getattr(linear, "in_features", None))
-    if w.is_floating_point() and tuple(w.shape) == shape:
+    w = weight_of(linear) if isinstance(getattr(linear, "weight", None), torch.Tensor) else None
+    if w is not None and w.dtype in _PLAIN and tuple(w.shape) == linear_shape(linear):
         return w
-    if shape[1] is None:
-        raise PromptscopeError(f"Cannot read the matrix of {type(linear).__name__}: it has no "
-                               "in_features.")
+    n_in = linear_shape(linear)[1]
+    if n_in is None:
+        raise PromptscopeError(f"Cannot read the matrix of {type(linear).__name__}: it says "
+                               "nothing of its input size (in_features).")
     runs_on = getattr(getattr(linear, "_hf_hook", None), "execution_device", None)
-    eye = torch.eye(shape[1], dtype=dtype, device=runs_on if runs_on is not None else w.device)
+    if runs_on is None:
+        runs_on = next(iter([*linear.parameters(), *linear.buffers()])).device
     with torch.no_grad():
-        return linear(eye).T
+        out = linear(torch.eye(n_in, dtype=dtype, device=runs_on))
+        bias = getattr(linear, "bias", None)
+        return (out - bias if isinstance(bias, torch.Tensor) else out).T
+
+
+_PLAIN = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def linear_shape(linear: Any) -> tuple[int | None, int | None]:
+    """``(out_features, in_features)`` of a linear layer, plain or quantized (whose packed
+    ``weight`` has another shape; AutoGPTQ spells them ``outfeatures`` / ``infeatures``)."""
+    return (getattr(linear, "out_features", None) or getattr(linear, "outfeatures", None),
+            getattr(linear, "in_features", None) or getattr(linear, "infeatures", None))
 
 
 def position_limit(lm: Any) -> int | None:
