@@ -111,6 +111,28 @@ def test_token_perturbation_agrees_with_a_direct_captum_call(tiny_llama, method)
     assert att.df["attribution"].tolist() == pytest.approx(ref.seq_attr.tolist(), abs=1e-5)
 
 
+def test_token_perturbation_halves_its_batch_on_out_of_memory(tiny_llama, monkeypatch):
+    """A batch of perturbed prompts that does not fit the GPU is split in halves until it does,
+    with the same attributions (out-of-memory simulated above 3 rows)."""
+    def run():
+        return promptscope.attribute(TEMPLATE, tiny_llama, vars=ROWS[:1], target=" Rome",
+                                     level="tokens", method="ablation", save=False,
+                                     progress=False).df["attribution"].tolist()
+
+    whole = run()
+    real, rows = tiny_llama.model.forward, []
+
+    def small_batches_only(*args, **kwargs):
+        rows.append(len(kwargs["input_ids"]))
+        if rows[-1] > 3:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_llama.model, "forward", small_batches_only)
+    assert run() == pytest.approx(whole, abs=1e-6)
+    assert max(rows) > 3  # (the whole batch was tried first)
+
+
 def test_steered_token_ablation_is_each_tokens_log_prob_drop(tiny_llama):
     """Under PASTA, a token's ablation value is the steered log-prob drop when that token alone
     becomes the pad token, computed here one prompt at a time: the key bias must reach every

@@ -585,17 +585,31 @@ class _Engine:
 
         keep = ({"logits_to_keep": len(target) + 1} if self.mdl.keep_logits else {})
 
-        def forward(mask: Any) -> Any:
-            rows = prompt.expand(len(mask), -1).clone()
-            features = rows[:, where]
-            features[(mask == 0).to(device)] = self.baseline_id
-            rows[:, where] = features
-            answer = target.expand(len(mask), -1)
+        def logprobs(rows: Any) -> Any:
+            answer = target.expand(len(rows), -1)
             with torch.no_grad():  # (logits of the positions that predict the target only)
                 out = self.runner(input_ids=torch.cat([rows, answer], dim=1), **keep)
             logits = out.logits[:, -len(target) - 1:-1].float()
             logp = torch.log_softmax(logits, -1).gather(2, answer.unsqueeze(2)).squeeze(2)
             return logp.sum(1).cpu().double()
+
+        def forward(mask: Any) -> Any:
+            rows = prompt.expand(len(mask), -1).clone()
+            features = rows[:, where]
+            features[(mask == 0).to(device)] = self.baseline_id
+            rows[:, where] = features
+            done, start, chunk = [], 0, len(rows)
+            while start < len(rows):
+                try:
+                    done.append(logprobs(rows[start:start + chunk]))
+                except torch.cuda.OutOfMemoryError:  # halve the chunk and retry
+                    if chunk == 1:
+                        raise
+                    chunk //= 2
+                    torch.cuda.empty_cache()
+                    continue
+                start += chunk
+            return torch.cat(done)
 
         per_batch = self.mdl.token_budget // (len(ids) + len(target))
         kwargs: dict[str, Any] = {"perturbations_per_eval": max(1, per_batch)}
@@ -610,7 +624,8 @@ class _Engine:
         """Token IG, checked: the attributions must add up to the log-prob's change from the
         baseline (every attributed token the pad token). With ``n_steps=None`` the steps
         double from 32 until they do (within 5 % of the attributions' size) or reach
-        ``IG_MAX_STEPS``: a sharp turn on the path needs more steps than a smooth one."""
+        ``IG_MAX_STEPS`` (a sharp turn on the path needs more steps than a smooth one), or
+        until it is clear that no number of them will do (an all-zero baseline row)."""
         start = self._logprob(inp, target_ids, perturbed=self.torch.zeros_like(inp.to_tensor()))
         steps = self.n_steps or 32
         while True:
