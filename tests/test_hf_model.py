@@ -238,16 +238,22 @@ def test_prompts_past_a_learned_position_table_are_refused(tiny_gpt2, tiny_llama
     assert len(g.tokens) == 2
 
 
-def test_scoring_computes_logits_at_the_last_prompt_position_only(tiny_llama):
-    """The prompt pass reads the last position's logits only; the head over every position is
-    [rows, length, vocabulary] (65 k tokens x a 262 k vocabulary is 34 GB in bf16). Measured
-    on the CPU, 8 k tokens with a 65 k vocabulary: peak RSS 2458 -> 442 MB, 1.84 -> 0.11 s."""
+def test_forwards_compute_logits_at_the_last_position_only(tiny_llama):
+    """Scoring's prompt pass reads the last position's logits only, and attention capture and
+    hidden-state collection none; the head over every position is [rows, length, vocabulary]
+    (65 k tokens x a 262 k vocabulary is 34 GB in bf16). Measured on the CPU, scoring 8 k tokens
+    with a 65 k vocabulary: peak RSS 2458 -> 442 MB, 1.84 -> 0.11 s."""
+    from promptscope.models.vectors import collect_states
+
     seen = []
     hook = tiny_llama.model.lm_head.register_forward_hook(
         lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    prompts = ["Is Paris in Europe? Answer:", "Hi"]
     try:
-        scores = tiny_llama.score(["Is Paris in Europe? Answer:", "Hi"], [" yes", " no"])
+        scores = tiny_llama.score(prompts, [" yes", " no"])
+        tiny_llama.forward_with_attention(prompts, [0], lambda *args: None)
+        collect_states(tiny_llama, prompts, layers=[1])
     finally:
         hook.remove()
-    assert seen == [(2, 1)]
+    assert seen == [(2, 1)] * 3
     assert all(s.logprob < 0 for s in scores)

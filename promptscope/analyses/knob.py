@@ -254,7 +254,8 @@ def _next_token_logprobs(mdl: Any, prompts: Sequence[str], layer: int | None = N
         try:
             with torch.no_grad():
                 logits = mdl.model(input_ids=input_ids, attention_mask=mask,
-                                   position_ids=positions, use_cache=False).logits[:, -1]
+                                   position_ids=positions, use_cache=False,
+                                   **mdl.keep_logits).logits[:, -1]
         finally:
             if handle is not None:
                 handle.remove()

@@ -361,7 +361,7 @@ class HFModel(Model):
 
             with self.forward_state(flags, batch, width, capture, frozenset(layers)):
                 self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           use_cache=False)
+                           use_cache=False, **self.keep_logits)  # (weights only: no logits)
             if progress:
                 progress(len(batch))
         return [self.tokenizer.convert_ids_to_tokens(x) for x in ids]
