@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -206,7 +208,8 @@ def test_a_model_placed_by_accelerate_loads_scores_and_steers(tiny_llama, tiny_l
     assert got[1] != pytest.approx(got[0], abs=1e-3)  # the steering moved the scores
 
 
-def test_prompts_past_a_learned_position_table_are_refused(tiny_gpt2, tiny_llama):
+def test_prompts_past_a_learned_position_table_are_refused(tiny_gpt2, tiny_llama,
+                                                           fresh_tiny_llama):
     """GPT-2 reads at most 512 positions here (its ``wpe`` table); a longer input failed deep
     in the forward with a bare "IndexError: index out of range in self". Now each way in says
     which prompt and by how much, and up to the limit still runs. Rotary positions (llama) have
@@ -234,8 +237,15 @@ def test_prompts_past_a_learned_position_table_are_refused(tiny_gpt2, tiny_llama
     with pytest.raises(PromptscopeError, match="with its target"):
         promptscope.attribute("{x}", tiny_gpt2, vars=[{"x": fits}], target=" cat" * (514 - n),
                               level="tokens", save=False, progress=False)
-    (g,), = tiny_llama.generate([too_long], max_new_tokens=2)  # no limit to enforce
+    # Rotary positions have no hard limit: past the trained context (512 here) the model runs,
+    # with one warning per model.
+    llama = fresh_tiny_llama  # (warned once per model: one of its own)
+    with pytest.warns(UserWarning, match=r"trained on at most 512 \(max_position_embeddings\)"):
+        (g,), = llama.generate([too_long], max_new_tokens=2)
     assert len(g.tokens) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llama.score([too_long], [" cat"])
 
 
 def test_forwards_compute_logits_at_the_last_position_only(tiny_llama):

@@ -79,6 +79,7 @@ class HFModel(Model):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.batch_size: int | None = None  # None: chosen from the token budget
+        self._warned_context = False  # (a prompt longer than the trained context: warned once)
         self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
         self.vector_steering: Any = None  # an active VectorSteering (hooks on the layers)
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
@@ -278,13 +279,23 @@ class HFModel(Model):
     def check_length(self, n: int, text: str, extra: str = "",
                      fix: str = "shorten the prompt") -> None:
         """Refuse a prompt of ``n`` tokens (with what ``extra`` names) that would index past
-        the model's position table (a bare ``IndexError`` deep in the forward otherwise)."""
+        the model's position table (a bare ``IndexError`` deep in the forward otherwise). Past
+        the context a rotary model was trained for (``max_position_embeddings``) it still
+        runs, unreliably: that warns, once per model."""
         limit = self.max_positions
+        start = text[:40].replace("\n", " ")
         if limit is not None and n > limit:
-            start = text[:40].replace("\n", " ")
             raise PromptscopeError(
                 f"A prompt ('{start}...') is {n} tokens{extra}; {self.name} reads at most "
                 f"{limit} (its learned position table): {fix}.")
+        trained = getattr(self.text_config, "max_position_embeddings", None)
+        if limit is None and trained and n > trained and not self._warned_context:
+            import warnings
+
+            self._warned_context = True
+            warnings.warn(f"A prompt ('{start}...') is {n} tokens{extra}; {self.name} was "
+                          f"trained on at most {trained} (max_position_embeddings): what it "
+                          "computes past that is unreliable.", stacklevel=4)
 
     def _emphasis_flags(self, texts: Sequence[str]) -> list[list[bool]] | None:
         """Per prompt, which tokens are emphasised (None when not steering)."""
