@@ -583,16 +583,6 @@ class _Engine:
         where = torch.tensor([i for i, k in enumerate(keep) if k], device=device)
         target = target_ids.to(device)
 
-        keep = ({"logits_to_keep": len(target) + 1} if self.mdl.keep_logits else {})
-
-        def logprobs(rows: Any) -> Any:
-            answer = target.expand(len(rows), -1)
-            with torch.no_grad():  # (logits of the positions that predict the target only)
-                out = self.runner(input_ids=torch.cat([rows, answer], dim=1), **keep)
-            logits = out.logits[:, -len(target) - 1:-1].float()
-            logp = torch.log_softmax(logits, -1).gather(2, answer.unsqueeze(2)).squeeze(2)
-            return logp.sum(1).cpu().double()
-
         def forward(mask: Any) -> Any:
             rows = prompt.expand(len(mask), -1).clone()
             features = rows[:, where]
@@ -601,7 +591,7 @@ class _Engine:
             done, start, chunk = [], 0, len(rows)
             while start < len(rows):
                 try:
-                    done.append(logprobs(rows[start:start + chunk]))
+                    done.append(self._target_logprobs(rows[start:start + chunk], target))
                 except torch.cuda.OutOfMemoryError:  # halve the chunk and retry
                     if chunk == 1:
                         raise
@@ -670,14 +660,21 @@ class _Engine:
     def _logprob(self, inp: Any, target_ids: Any, perturbed: Any = None) -> float:
         """Log-prob of the target after the whole prompt (or the ``perturbed`` one, in
         captum's interpretable form), through the same forward captum uses."""
-        torch = self.torch
         ids = inp.to_model_input(perturbed).to(self.runner.device)
-        full = torch.cat([ids, target_ids[None].to(ids.device)], dim=1)
+        return float(self._target_logprobs(ids, target_ids.to(ids.device))[0])
+
+    def _target_logprobs(self, rows: Any, target: Any) -> Any:
+        """Log-prob of ``target`` (token ids) teacher-forced after each row of ``rows``
+        (``[B, L]`` prompt ids, one length), computing logits only where the target is
+        predicted: float64, on the CPU."""
+        torch = self.torch
+        answer = target.expand(len(rows), -1)
+        keep = {"logits_to_keep": len(target) + 1} if self.mdl.keep_logits else {}
         with torch.no_grad():
-            logits = self.runner(input_ids=full).logits[0].float()
-        n = ids.shape[1]
-        logp = torch.log_softmax(logits[n - 1:n - 1 + len(target_ids)], dim=-1)
-        return math.fsum(logp[torch.arange(len(target_ids)), target_ids.to(logp.device)].tolist())
+            out = self.runner(input_ids=torch.cat([rows, answer], dim=1), **keep)
+        logits = out.logits[:, -len(target) - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(2, answer.unsqueeze(2)).squeeze(2)
+        return logp.cpu().double().sum(1)
 
     # -- target_part: the log-prob of a template part's own tokens inside the prompt
     def _in_prompt(self, v: Variant, segments: list[Segment], part: str) -> list[dict[str, Any]]:
@@ -733,14 +730,9 @@ class _ScoredEngine(_Engine):
         def forward(mask: Any) -> Any:
             prompts = []  # (text, its emphasised spans)
             for row in mask.tolist():
-                pieces, spans, pos = [], [], 0
-                for s, f in zip(segments, feature):
-                    piece = s.text if row[f] else self.baselines.get(s.part, "")
-                    if s.kind == "emph" and piece:
-                        spans.append((pos, pos + len(piece)))
-                    pieces.append(piece)
-                    pos += len(piece)
-                joined = "".join(pieces)
+                joined, spans = _join_parts(segments, [
+                    s.text if row[f] else self.baselines.get(s.part, "")
+                    for s, f in zip(segments, feature)])
                 text = self.wrap(joined)
                 shift = text.rfind(joined) if text != joined else 0
                 prompts.append((text, tuple((a + shift, b + shift) for a, b in spans)))
@@ -776,6 +768,18 @@ class _ScoredEngine(_Engine):
             return [{**r, "error": str(exc)} for r in rows]
         rows = self._part_rows(segments, [attr[f] for f in feature], target, lp)
         return [{**r, "error": ""} for r in rows] if self.mdl.per_request_errors else rows
+
+
+def _join_parts(segments: list[Segment], pieces: list[str]
+                ) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt made of one piece per segment (its text, or what replaced it), and the
+    character spans of its non-empty emphasised pieces."""
+    spans, pos = [], 0
+    for s, piece in zip(segments, pieces):
+        if s.kind == "emph" and piece:
+            spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return "".join(pieces), spans
 
 
 def _one_emphasis_per_text(prompts: list[tuple[str, tuple[Any, ...]]], steered: bool
@@ -949,18 +953,14 @@ def _parts_input(engine: _Engine, segments: list[Segment], fixed: int | None = N
             self.fixed_span: tuple[int, int] | None = None
 
         def _join(self, *values: str) -> str:
-            pieces, spans, pos = [], [], 0
             vals = iter(values)
-            for s in segments:
-                piece = s.text if s.index == fixed else next(vals)
+            pieces = [s.text if s.index == fixed else next(vals) for s in segments]
+            text, self.last_spans = _join_parts(segments, pieces)
+            for k, s in enumerate(segments):
                 if s.index == fixed:
-                    self.fixed_span = (pos, pos + len(piece))
-                if s.kind == "emph" and piece:
-                    spans.append((pos, pos + len(piece)))
-                pieces.append(piece)
-                pos += len(piece)
-            self.last_spans = spans
-            return "".join(pieces)
+                    start = sum(map(len, pieces[:k]))
+                    self.fixed_span = (start, start + len(pieces[k]))
+            return text
 
         def to_model_input(self, perturbed_tensor: Any = None) -> Any:
             joined = super().to_model_input(perturbed_tensor)

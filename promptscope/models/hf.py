@@ -79,7 +79,12 @@ class HFModel(Model):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.batch_size: int | None = None  # None: chosen from the token budget
-        self._warned_context = False  # (a prompt longer than the trained context: warned once)
+        # The most tokens the model reads when it has a learned position table (GPT-2, OPT);
+        # None when its positions have no hard limit (rotary, ALiBi), which still warn once
+        # past the context they were trained for.
+        self.max_positions = position_limit(model)
+        self._trained_context = getattr(text_config(model), "max_position_embeddings", None)
+        self._warned_context = False
         self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
         self.vector_steering: Any = None  # an active VectorSteering (hooks on the layers)
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
@@ -268,33 +273,23 @@ class HFModel(Model):
         self.check_length(len(enc["input_ids"]), text)
         return enc
 
-    @property
-    def max_positions(self) -> int | None:
-        """The most tokens the model reads when it has a learned position table (GPT-2, OPT);
-        ``None`` when its positions have no hard limit (rotary, ALiBi)."""
-        if not hasattr(self, "_max_positions"):
-            self._max_positions = position_limit(self.model)
-        return self._max_positions
-
     def check_length(self, n: int, text: str, extra: str = "",
                      fix: str = "shorten the prompt") -> None:
         """Refuse a prompt of ``n`` tokens (with what ``extra`` names) that would index past
         the model's position table (a bare ``IndexError`` deep in the forward otherwise). Past
         the context a rotary model was trained for (``max_position_embeddings``) it still
         runs, unreliably: that warns, once per model."""
-        limit = self.max_positions
-        start = text[:40].replace("\n", " ")
+        limit, trained = self.max_positions, self._trained_context
         if limit is not None and n > limit:
             raise PromptscopeError(
-                f"A prompt ('{start}...') is {n} tokens{extra}; {self.name} reads at most "
-                f"{limit} (its learned position table): {fix}.")
-        trained = getattr(self.text_config, "max_position_embeddings", None)
+                f"A prompt ('{_opening(text)}...') is {n} tokens{extra}; {self.name} reads at "
+                f"most {limit} (its learned position table): {fix}.")
         if limit is None and trained and n > trained and not self._warned_context:
             import warnings
 
             self._warned_context = True
-            warnings.warn(f"A prompt ('{start}...') is {n} tokens{extra}; {self.name} was "
-                          f"trained on at most {trained} (max_position_embeddings): what it "
+            warnings.warn(f"A prompt ('{_opening(text)}...') is {n} tokens{extra}; {self.name} "
+                          f"was trained on at most {trained} (max_position_embeddings): what it "
                           "computes past that is unreliable.", stacklevel=4)
 
     def _emphasis_flags(self, texts: Sequence[str]) -> list[list[bool]] | None:
@@ -720,6 +715,11 @@ def linear_shape(linear: Any) -> tuple[int | None, int | None]:
     ``weight`` has another shape; AutoGPTQ spells them ``outfeatures`` / ``infeatures``)."""
     return (getattr(linear, "out_features", None) or getattr(linear, "outfeatures", None),
             getattr(linear, "in_features", None) or getattr(linear, "infeatures", None))
+
+
+def _opening(text: str) -> str:
+    """The start of a prompt, to name it in a message."""
+    return text[:40].replace("\n", " ")
 
 
 def position_limit(lm: Any) -> int | None:
