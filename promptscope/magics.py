@@ -96,6 +96,15 @@ def _prompt_parser() -> _Parser:
     p.add_argument("--spread", metavar="LABEL", help="with --choices and --vars: FormatSpread "
                    "over the template's own {{a|b}} alternatives, against the LABEL column "
                    "(the cell then shows the spread; -o gets it)")
+    p.add_argument("--posix", nargs="?", const="", metavar="TYPES", help="POSIX prompt "
+                   "sensitivity of each --vars row: how much the log-likelihood of its answers "
+                   "moves across the template's own {{a|b}} alternatives ('template') and seeded "
+                   "typos ('spelling'); TYPES picks, e.g. 'template' (default: both). Answers: "
+                   "greedy (--max-new-tokens), or --target")
+    p.add_argument("--select", nargs="?", const="", metavar="LABEL", help="with --choices: "
+                   "pick the combination of the template's {{a|b}} alternatives without labels "
+                   "(mutual information after calibration); LABEL, a gold column of --vars, adds "
+                   "each one's accuracy and the oracle")
     p.add_argument("--name", default="", help="session name")
     p.add_argument("-o", "--out", metavar="VAR", help="store the Result in this variable")
     p.add_argument("--no-save", action="store_true", help="do not save a session")
@@ -252,12 +261,18 @@ class PromptscopeMagics(Magics):
                             or not args.vars):
             raise UsageError("--spread LABEL needs --choices and --vars (rows with a LABEL "
                              "column), and goes without --attribute/--attention.")
+        _check_sensitivity_options(args)
         if args.spread:  # before the run: a wrong label column would waste all of it
             from promptscope.analyses.sensitivity.spread import check_spread_labels
 
             _friendly(lambda: check_spread_labels(rows, args.spread, args.choices))
 
         def run() -> Any:
+            if args.posix is not None or args.select is not None:
+                from promptscope.analyses.sensitivity.cli import run_posix_cell, run_select_cell
+
+                go = run_posix_cell if args.posix is not None else run_select_cell
+                return go(args, cell.rstrip("\n"), rows, ns)
             if args.attribute:
                 from promptscope.analyses.attribution import attribute
 
@@ -308,6 +323,28 @@ class PromptscopeMagics(Magics):
             args.model, x0s, args.targets, k_max=args.k, method=args.method, steps=args.steps,
             search_width=args.width, top_k=args.top_k, seed=args.seed, bound=not args.no_bound,
             name=args.name, save=not args.no_save))
+
+
+def _check_sensitivity_options(args: argparse.Namespace) -> None:
+    """--posix and --select run their own analysis: refuse the options they would ignore."""
+    for flag, value, needs_choices in (("--posix", args.posix, False),
+                                       ("--select", args.select, True)):
+        if value is None:
+            continue
+        others = {"--attribute": args.attribute, "--attention": args.attention,
+                  "--spread": args.spread, "--steer": args.steer, "--n": args.n != 1,
+                  "--temperature": args.temperature != 0.0, "--top-p": args.top_p != 1.0,
+                  "--posix": flag != "--posix" and args.posix is not None,
+                  "--select": flag != "--select" and args.select is not None,
+                  "--choices": not needs_choices and args.choices,
+                  "--target": needs_choices and args.target is not None}
+        clash = [name for name, used in others.items() if used]
+        if clash:
+            raise UsageError(f"{flag} runs its own analysis; drop {', '.join(clash)}.")
+        if needs_choices and not (args.choices and args.vars):
+            raise UsageError(f"{flag} needs --choices (the answers to rank, e.g. ' yes| no') "
+                             "and --vars (the inputs whose answers it compares; no labels "
+                             "needed).")
 
 
 def _vector_options(args: argparse.Namespace, ns: dict[str, Any]) -> dict[str, Any]:

@@ -144,6 +144,26 @@ class Template:
     def has_emphasis(self) -> bool:
         return any(isinstance(p, Emphasis) for p in self.parts)
 
+    def combinations(self) -> list[tuple[dict[str, str], str]]:
+        """One ``(choice, text)`` per combination of the ``{{a|b}}`` groups, in :meth:`expand`'s
+        order (its inner loop): ``choice`` maps each group to its option as written, and ``text``
+        is the whole template with that choice, variables left as ``{name}`` and emphasis marks
+        dropped. A template without groups has one combination.
+
+        Example:
+            >>> parse_template("{{Q|Question}}: {x}?").combinations()
+            [({'alt1': 'Q'}, 'Q: {x}?'), ({'alt1': 'Question'}, 'Question: {x}?')]
+        """
+        placeholders = {v: f"{{{v}}}" for v in self.variables}
+        groups = self.groups
+        out = []
+        for choice in itertools.product(*(range(len(g.options)) for g in groups)):
+            picks = {g.name: i for g, i in zip(groups, choice)}
+            chosen = {g.name: _render(g.options[picks[g.name]], placeholders, picks)[0]
+                      for g in groups}
+            out.append((chosen, _render(self.parts, placeholders, picks)[0]))
+        return out
+
     def n_variants(self, n_rows: int = 1) -> int:
         """How many variants :meth:`expand` yields for ``n_rows`` variable rows."""
         return n_rows * math.prod(len(g.options) for g in self.groups)

@@ -317,10 +317,28 @@ def test_posix_given_responses_and_errors(tiny_llama):
     run = promptscope.posix(["Say hi:"], tiny_llama, responses=[" hi"], n_variants=2,
                             progress=False, save=False)
     assert (run.tables["variants"]["response"] == " hi").all()
-    with pytest.raises(PromptscopeError, match="needs templates"):
+    with pytest.raises(PromptscopeError, match="needs other templates"):
         promptscope.posix(["x"], tiny_llama, types=["template"], save=False)
     with pytest.raises(PromptscopeError, match="Unknown variant type"):
         promptscope.posix(["x"], tiny_llama, types=["typo"], save=False)
+
+
+def test_posix_over_the_templates_own_alternatives(tiny_llama):
+    """A template's {{a|b}} combinations are its 'template' variants: the same numbers as the
+    combinations given one by one in templates=[...]."""
+    rows = [{"city": "Paris"}, {"city": "Rome"}]
+    own = promptscope.posix(rows, tiny_llama, template="{{Where is {city}? It|{city}|Q: {city}}}"
+                            " is in", max_new_tokens=3, progress=False, save=False)
+    assert list(own.params["posix"]) == ["spelling", "template"]  # template: the default now
+    given = promptscope.posix(rows, tiny_llama, template="Where is {city}? It is in",
+                              templates=["{city} is in", "Q: {city} is in"], types=["template"],
+                              max_new_tokens=3, progress=False, save=False)
+    v = own.tables["variants"]
+    assert v[v["type"] == "template"]["prompt"].tolist() == \
+        given.tables["variants"]["prompt"].tolist()
+    assert own.params["posix"]["template"] == pytest.approx(given.params["posix"]["template"])
+    # the base prompt of the spelling set is the first combination
+    assert v[v["type"] == "spelling"]["prompt"].iloc[0] == "Where is Paris? It is in"
 
 
 # ----------------------------------------------------------------------------- selection
@@ -365,6 +383,32 @@ def test_select_prompt_templates_on_tiny_model(tiny_llama):
     with pytest.raises(PromptscopeError, match="not among the choices"):
         promptscope.select_prompt(["{city}?", "{city}!"], data, tiny_llama, choices=" a| b",
                                   label="gold", save=False)
+
+
+def test_select_prompt_over_one_templates_alternatives(tiny_llama):
+    """One template: its combinations are the candidates, each as if given as its own template,
+    with a column per group naming the option chosen."""
+    data = [{"city": "Paris", "gold": " yes"}, {"city": "Tokyo", "gold": " no"},
+            {"city": "Lima", "gold": " no"}]
+    one = promptscope.select_prompt("{{q=Is|Q: is}} {city} in Europe?{{sep=\n| }}A:", data,
+                                    tiny_llama, choices=" yes| no", label="gold",
+                                    progress=False, save=False)
+    listed = promptscope.select_prompt(
+        ["Is {city} in Europe?\nA:", "Is {city} in Europe? A:", "Q: is {city} in Europe?\nA:",
+         "Q: is {city} in Europe? A:"], data, tiny_llama, choices=" yes| no", label="gold",
+        progress=False, save=False)
+    a, b = one.tables["candidates"], listed.tables["candidates"]
+    assert a["prompt"].tolist() == b["prompt"].tolist()
+    assert np.allclose(a["mi_cbm"], b["mi_cbm"]) and one.params["selected"] == \
+        listed.params["selected"]
+    assert a["q"].tolist() == ["Is", "Is", "Q: is", "Q: is"]
+    assert a["sep"].tolist() == ["\n", " ", "\n", " "]
+    with pytest.raises(PromptscopeError, match="at least two candidate prompts"):
+        promptscope.select_prompt("Is {city} big?", data, tiny_llama, choices=" yes| no",
+                                  save=False)
+    with pytest.raises(PromptscopeError, match="no value"):  # before any scoring
+        promptscope.select_prompt("{{Is|Q:}} {town}?", data, tiny_llama, choices=" yes| no",
+                                  save=False)
 
 
 # ----------------------------------------------------------------------------- real model, magic
@@ -427,6 +471,41 @@ def test_prompt_magic_spread_over_alternatives(ip, tiny_llama_dir):
     with pytest.raises(UsageError, match="no \\{\\{a\\|b\\}\\} alternatives"):
         ip.run_cell_magic("prompt", "--vars cities --choices ' yes| no' --spread label "
                           "--no-save", "Is {city} big? Answer:")
+
+
+def test_prompt_magic_posix_and_select(ip, tiny_llama_dir):
+    """%%prompt --posix / --select run the Python functions on the cell's template and rows,
+    with namespace variables filled in as a plain run fills them."""
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as sens-magic-llama")
+    ip.user_ns["cities"] = pd.DataFrame({"city": ["Paris", "Rome", "Tokyo"],
+                                         "gold": [" yes", " yes", " no"]})
+    ip.user_ns["place"] = "Europe"
+    cell = "{{Is|Q: is}} {city} in {place}?{{\n| }}Answer:"
+    run = ip.run_cell_magic("prompt", "--vars cities --posix template --max-new-tokens 3 "
+                            "-o px --no-save", cell)
+    assert ip.user_ns["px"] is run and run.kind == "posix"
+    rows = [{"city": c, "place": "Europe"} for c in ["Paris", "Rome", "Tokyo"]]
+    direct = promptscope.posix(rows, "sens-magic-llama", template=cell, types=["template"],
+                               max_new_tokens=3, progress=False, save=False)
+    assert run.params["posix"] == pytest.approx(direct.params["posix"])
+    given = ip.run_cell_magic("prompt", "--vars cities --posix --target '{gold}' --no-save",
+                              cell)
+    assert set(given.params["posix"]) == {"spelling", "template"}
+    assert (given.tables["variants"]["response"] == given.tables["variants"]["item"].map(
+        dict(enumerate(ip.user_ns["cities"]["gold"])))).all()
+    sel = ip.run_cell_magic("prompt", "--vars cities --choices ' yes| no' --select gold "
+                            "--no-save", cell)
+    alone = promptscope.select_prompt(cell, rows, "sens-magic-llama", choices=" yes| no",
+                                      label=None, progress=False, save=False)
+    assert sel.kind == "prompt_selection" and "accuracy_selected" in sel.params
+    assert np.allclose(sel.tables["candidates"]["mi_cbm"], alone.tables["candidates"]["mi_cbm"])
+    for line, fragment in [("--vars cities --posix --choices ' yes| no'", "drop --choices"),
+                           ("--vars cities --posix --steer", "drop --steer"),
+                           ("--vars cities --select", "needs --choices"),
+                           ("--select --choices ' yes| no'", "and --vars"),
+                           ("--vars cities --posix --select", "drop --select")]:
+        with pytest.raises(UsageError, match=fragment):
+            ip.run_cell_magic("prompt", f"{line} --no-save", cell)
 
 
 def test_spread_widget_runs_and_redraws():

@@ -1,5 +1,7 @@
-"""Arguments of ``%promptscope spread`` (the magic in :mod:`promptscope.magics` adds them and
-calls :func:`run_spread_command`); a thin parser over :func:`format_spread`."""
+"""The sensitivity analyses behind the magics, as thin layers over the Python functions:
+``%promptscope spread`` (:func:`format_spread`; :mod:`promptscope.magics` adds its arguments and
+calls :func:`run_spread_command`) and ``%%prompt --posix`` / ``--select`` over a cell template's
+own ``{{a|b}}`` alternatives (:func:`posix`, :func:`select_prompt`)."""
 
 from __future__ import annotations
 
@@ -56,3 +58,49 @@ def run_spread_command(args: argparse.Namespace, ns: Mapping[str, Any]) -> Any:
         grammar=FormatGrammar.organism() if args.grammar == "organism" else None,
         budget=budget, batch=args.batch, shots=args.shots, seed=args.seed, name=args.name,
         save=not args.no_save)
+
+
+def cell_rows(template: str, rows: Any, ns: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A ``%%prompt`` cell's ``--vars`` rows as dicts (one ``{}`` row without ``--vars``), each
+    completed from the notebook namespace for template variables it lacks (as
+    :func:`~promptscope.analyses.prompt.run_prompt` fills them)."""
+    from promptscope.templates import check_rows, parse_template
+
+    tpl = parse_template(template)
+    check_rows(tpl, rows, ns)
+    if rows is None or isinstance(rows, Mapping):
+        records = [dict(rows or {})]
+    elif hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        records = rows.to_dict("records")
+    else:
+        records = [dict(r) for r in rows]
+    return [{**{v: ns[v] for v in tpl.variables if v in ns}, **r} for r in records]
+
+
+def run_posix_cell(args: argparse.Namespace, template: str, rows: Any,
+                   ns: Mapping[str, Any]) -> Any:
+    """``%%prompt --posix [TYPES]``: POSIX of each row over the template's own ``{{a|b}}``
+    alternatives (type ``template``) and seeded typos (``spelling``)."""
+    from promptscope.analyses.sensitivity.posix import posix
+    from promptscope.templates import parse_template
+
+    records = cell_rows(template, rows, ns)
+    types = [t.strip() for t in args.posix.split(",") if t.strip()] or None
+    responses = None
+    if args.target is not None:  # one given response per row; {column} filled from the row
+        target = parse_template(args.target)
+        responses = [next(target.expand([r])).text for r in records]
+    return posix(records, args.model, template=template, types=types, responses=responses,
+                 chat=args.chat, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                 name=args.name, save=not args.no_save)
+
+
+def run_select_cell(args: argparse.Namespace, template: str, rows: Any,
+                    ns: Mapping[str, Any]) -> Any:
+    """``%%prompt --select [LABEL]``: rank the combinations of the template's ``{{a|b}}``
+    alternatives without labels (mutual information after CBM); LABEL adds the oracle."""
+    from promptscope.analyses.sensitivity.selection import select_prompt
+
+    return select_prompt(template, cell_rows(template, rows, ns), args.model,
+                         choices=args.choices, label=args.select or None, chat=args.chat,
+                         seed=args.seed, name=args.name, save=not args.no_save)

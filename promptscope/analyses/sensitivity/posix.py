@@ -141,8 +141,9 @@ def build_variants(rows: Sequence[Mapping[str, Any]], template: str, *,
             if kind == "spelling":
                 texts = [base] + [spelling_noise(base, noise, seed * 1_000_003 + item * 101 + k,
                                                  spans) for k in range(1, n_variants)]
-            elif kind == "template":
-                texts = [base] + [_render(t, row)[0] for t in templates or []]
+            elif kind == "template":  # the template's own {{a|b}} combinations, then others
+                own = [v.text for v in parse_template(template).expand([dict(row)])]
+                texts = own + [_render(t, row)[0] for t in templates or []]
             else:  # paraphrase
                 if isinstance(paraphrases, str):
                     given = list(row[paraphrases])
@@ -189,12 +190,14 @@ def posix(
 
     Args:
         data: a DataFrame, list of dicts, or list of prompt strings (column ``prompt``).
-        template: the base prompt, a promptscope template over the row's columns.
+        template: the base prompt, a promptscope template over the row's columns. Its
+            ``{{a|b}}`` alternatives are the ``template`` variants (their first combination is
+            the base prompt of every type).
         types: variant types among ``spelling``, ``template``, ``paraphrase`` (default: spelling,
             plus template/paraphrase when their variants are given).
         n_variants: prompts per set for ``spelling`` (the base plus ``n_variants - 1`` noisy).
         noise: per-letter typo probability for ``spelling``.
-        templates: other templates for the ``template`` type (strings or ``row -> str``).
+        templates: more templates for the ``template`` type (strings or ``row -> str``).
         paraphrases: for ``paraphrase``: templates with ``{columns}`` applied to every row, the
             name of a column holding each row's list of paraphrased prompts, or one list per row.
         paraphraser: a model that writes ``n_variants - 1`` paraphrases of each base prompt
@@ -220,19 +223,20 @@ def posix(
     from tqdm.auto import tqdm
 
     rows = _rows(data)
+    tpl = parse_template(template)
     if types is None:
-        types = ["spelling"] + (["template"] if templates else []) + \
+        types = ["spelling"] + (["template"] if templates or tpl.groups else []) + \
             (["paraphrase"] if paraphrases is not None or paraphraser is not None else [])
     types = list(dict.fromkeys(types))
     bad = [t for t in types if t not in VARIANT_TYPES]
     if bad or not types:
         raise PromptscopeError(f"Unknown variant type(s) {bad}; use {list(VARIANT_TYPES)}.")
-    if "template" in types and not templates:
-        raise PromptscopeError("Variant type 'template' needs templates=[...] (other prompt "
-                               "templates over the same columns).")
+    if "template" in types and not templates and not tpl.groups:
+        raise PromptscopeError("Variant type 'template' needs other templates: write them as "
+                               "{{a|b}} alternatives in the template, or give templates=[...] "
+                               "(other prompt templates over the same columns).")
     if n_variants < 2:
         raise PromptscopeError("n_variants must be at least 2 (POSIX compares prompts).")
-    tpl = parse_template(template)
     missing = [v for v in tpl.variables if any(v not in r for r in rows)]
     if missing:
         raise PromptscopeError(f"The template uses {missing}, which the data lacks (columns: "

@@ -23,8 +23,10 @@ selection score is the MI of the calibrated probabilities and predictions use th
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
@@ -34,7 +36,7 @@ from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
 from promptscope.store import Store
-from promptscope.templates import parse_template
+from promptscope.templates import Template, check_rows, parse_template
 
 KIND = "prompt_selection"
 
@@ -102,7 +104,8 @@ def select_prompt(
         candidates: templates (promptscope syntax over the data's columns; ``choices`` are their
             continuations), :class:`PromptFormat` s of a few-shot task (``choices`` are label
             values; demonstrations from ``demos`` or, with ``label``, ``shots`` other rows), or
-            functions ``row -> prompt``.
+            functions ``row -> prompt``; or one template whose ``{{a|b}}`` combinations are the
+            candidates (the candidates table then has a column per group: the option chosen).
         data: the unlabelled inputs (DataFrame or list of dicts).
         choices: the answers, as ``" yes| no"`` or a list.
         label: optional gold column, used only to report accuracy and the oracle.
@@ -130,13 +133,22 @@ def select_prompt(
 
     if calibration not in (None, "cbm"):
         raise PromptscopeError(f"calibration must be 'cbm' or None (got {calibration!r}).")
-    if isinstance(candidates, str):
-        raise PromptscopeError("candidates must be a list of templates, not one string.")
+    groups: list[dict[str, str]] = []
+    if isinstance(candidates, str):  # one template: its {{a|b}} combinations are the candidates
+        tpl = parse_template(candidates)
+        groups = [choice for choice, _ in tpl.combinations()]
+        candidates = [_Combination(tpl, i, text) for i, (_, text) in
+                      enumerate(tpl.combinations())]
     if len(candidates) < 2:
-        raise PromptscopeError("Prompt selection needs at least two candidate prompts.")
+        raise PromptscopeError("Prompt selection needs at least two candidate prompts: a list "
+                               "of templates, or one template with {{a|b}} alternatives.")
     rows = _records(data, "data")
     if not rows:
         raise PromptscopeError("Prompt selection needs at least one input row.")
+    for cand in candidates:
+        if isinstance(cand, (str, _Combination)):  # a missing column fails now, not mid-run
+            check_rows(cand.template if isinstance(cand, _Combination)
+                       else parse_template(cand), rows)
     picks = parse_choices(choices) if choices is not None else None
     if label is not None and any(label not in r for r in rows):
         raise PromptscopeError(f"label={label!r}: no such column in the data.")
@@ -202,6 +214,8 @@ def select_prompt(
         finally:
             bar.close()
         table = pd.DataFrame(summary)
+        for k, group in enumerate(groups[0] if groups else ()):  # each candidate's options
+            table.insert(2 + k, group, [g[group] for g in groups])
         chosen = int(table["score"].idxmax())
         table["selected"] = table.index == chosen
         rec.params["selected"] = chosen
@@ -235,7 +249,21 @@ def _match(value: Any, choices: Sequence[str]) -> int:
     raise PromptscopeError(f"The label {text!r} is not among the choices {list(choices)}.")
 
 
+@dataclass(frozen=True)
+class _Combination:
+    """One combination of a template's ``{{a|b}}`` groups, as a candidate: ``row -> prompt``."""
+
+    template: Template
+    index: int  # in Template.expand's order
+    text: str  # the template with this combination, for tables
+
+    def __call__(self, row: Mapping[str, Any]) -> str:
+        return next(itertools.islice(self.template.expand([dict(row)]), self.index, None)).text
+
+
 def _describe(cand: Any, task: Any) -> str:
+    if isinstance(cand, _Combination):
+        return cand.text
     if isinstance(cand, PromptFormat):
         return cand.pattern(task.inputs if task is not None else ["input"])
     if isinstance(cand, str):
@@ -250,7 +278,8 @@ def _prompts(cand: Any, rows: list[Mapping[str, Any]], task: Any,
     if isinstance(cand, str):
         tpl = parse_template(cand)
         if tpl.groups:
-            raise PromptscopeError("A candidate template cannot have {{a|b}} alternatives; give "
-                                   "each alternative as its own candidate.")
+            raise PromptscopeError("A candidate in a list cannot have {{a|b}} alternatives; give "
+                                   "each as its own candidate, or pass the one template alone "
+                                   "(its combinations are then the candidates).")
         return [next(tpl.expand([dict(r)])).text for r in rows], list(picks or [])
     return [cand(r) for r in rows], list(picks or [])
