@@ -308,6 +308,8 @@ def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, 
             assert got == pytest.approx(expected, abs=1e-3)
     with pytest.raises(CapabilityError, match="--target with --chat"):
         promptscope.run_prompt("Hi", api, target=" yes", chat=True, progress=False)
+    with pytest.raises(CapabilityError, match="--target with --chat"):  # POSIX scores replies
+        promptscope.posix(["Hi", "Hey"], api, chat=True, progress=False, save=False)
 
 
 def test_chat_target_and_choices_are_exact_through_the_servers_chat_template(hf, api):

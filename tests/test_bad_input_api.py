@@ -88,9 +88,9 @@ def test_vector_strength_must_be_a_number(tiny_llama):
     assert getattr(tiny_llama, "vector_steering", None) is None
 
 
-def test_select_prompt_refuses_one_string(no_work):
+def test_select_prompt_refuses_one_string_without_alternatives(no_work):
     rows = [{"item": "apple", "color": "red"}, {"item": "sky", "color": "blue"}]
-    with pytest.raises(PromptscopeError, match="candidates must be a list of templates, not one"):
+    with pytest.raises(PromptscopeError, match="or one template with \\{\\{a\\|b\\}\\} alt"):
         promptscope.select_prompt("Is {item} {color}? Answer:", rows, no_work,
                                   choices=" yes| no", save=False, progress=False)
 

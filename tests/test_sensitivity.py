@@ -341,6 +341,86 @@ def test_posix_over_the_templates_own_alternatives(tiny_llama):
     assert v[v["type"] == "spelling"]["prompt"].iloc[0] == "Where is Paris? It is in"
 
 
+class ScriptedModel(Model):
+    """Scores and answers from tables: ``lp[(prompt, response)]`` (a missing pair fails as an
+    API request does), ``answers[prompt]``; ``fail_score`` makes every score call raise."""
+
+    name = "scripted"
+    capabilities = frozenset({"score", "generate"})
+    per_request_errors = True
+
+    def __init__(self, lp, answers, fail_score=False):
+        self.lp, self.answers, self.fail_score = lp, answers, fail_score
+
+    def score(self, prompts, continuations, progress=None):
+        if self.fail_score:
+            raise RuntimeError("server went away")
+        return [Score(self.lp[(p, c)], [self.lp[(p, c)]], ["t", "t"], 1) if (p, c) in self.lp
+                else Score(math.nan, [], [], 0, error="HTTP 500") for p, c in zip(prompts,
+                                                                                   continuations)]
+
+    def generate(self, prompts, **kw):
+        return [[Generation(self.answers[p], ["t"], -1.0, 1)] for p in prompts]
+
+
+def test_posix_keeps_every_prompt_and_drops_what_cannot_be_scored():
+    """An empty response drops out as a column only (its prompt still counts as an x_i); a
+    failed pair drops out alone, is counted and warned about; responses have two tokens."""
+    answers = {"A": "", "B": " b", "C": " c"}
+    lp = {("A", " b"): -3.0, ("B", " b"): -1.0, ("C", " b"): -2.0,
+          ("B", " c"): -4.0, ("C", " c"): -0.5}  # ("A", " c") fails
+    model = ScriptedModel(lp, answers)
+    with pytest.warns(UserWarning, match="1 \\(prompt, response\\) pairs could not be scored"):
+        run = promptscope.posix([{"x": "A"}], model, template="{{A|B|C}}", types=["template"],
+                                progress=False, save=False)
+    item = run.tables["items"].iloc[0]
+    assert (item["n_prompts"], item["n_responses"], item["failed_pairs"]) == (3, 2, 1)
+    kept = [abs(-3.0 + 1.0) / 2, abs(-2.0 + 1.0) / 2, abs(-4.0 + 0.5) / 2]  # (A,b) (C,b) (B,c)
+    assert item["posix"] == pytest.approx(sum(kept) / 3)
+    assert run.params["dropped_empty_responses"] == 1 and run.params["failed_pairs"] == 1
+    failed = run.df[(run.df["i"] == 0) & (run.df["j"] == 2)].iloc[0]
+    assert math.isnan(failed["change"]) and failed["error"] == "HTTP 500"
+    # nothing dropped: the same number as the paper's formula
+    full = {**lp, ("A", " a"): -1.0, ("B", " a"): -2.0, ("C", " a"): -5.0, ("A", " c"): -1.0}
+    run = promptscope.posix([{"x": "A"}], ScriptedModel(full, {**answers, "A": " a"}),
+                            template="{{A|B|C}}", types=["template"], progress=False, save=False)
+    ll = [[full[(p, r)] for r in (" a", " b", " c")] for p in "ABC"]
+    assert run.params["posix"]["template"] == pytest.approx(posix_index(ll, [2, 2, 2]))
+
+
+def test_posix_stopped_while_scoring_keeps_the_prompts_and_responses(tmp_path):
+    store = promptscope.Store(tmp_path / "store")
+    model = ScriptedModel({}, {"A": " a", "B": " b"}, fail_score=True)
+    with pytest.raises(RuntimeError) as info:
+        promptscope.posix([{"x": "A"}], model, template="{{A|B}}", types=["template"],
+                          progress=False, store=store)
+    partial = info.value.partial_result
+    assert partial.tables["variants"]["response"].tolist() == [" a", " b"]
+    again = promptscope.load(partial.session_id, store=store)
+    assert again.status == "failed" and len(again.tables["variants"]) == 2
+
+
+def test_posix_variant_sources_and_paraphrase_forms():
+    """Each prompt says where it came from (a duplicate is left out, so ids are places in the
+    set); a column of single texts is one paraphrase per row; a list of plain texts for several
+    rows is refused (it would give every intent the same prompts)."""
+    answers = {t: " a" for t in ["Q x", "Q y", "P x", "P y", "R x"]}
+    model = ScriptedModel({(p, " a"): -1.0 for p in answers}, answers)
+    run = promptscope.posix([{"w": "x"}], model, template="{{Q|Q|P}} {w}",
+                            templates=["R {w}"], types=["template"], progress=False,
+                            save=False)
+    v = run.tables["variants"]
+    assert v["source"].tolist() == ["base", "alternative 2", "templates[0]"]
+    assert v["variant"].tolist() == [0, 1, 2] and v["prompt"].tolist() == ["Q x", "P x", "R x"]
+    rows = [{"w": "x", "alt": "P x"}, {"w": "y", "alt": "P y"}]
+    run = promptscope.posix(rows, model, template="Q {w}", types=["paraphrase"],
+                            paraphrases="alt", progress=False, save=False)
+    assert run.tables["variants"]["prompt"].tolist() == ["Q x", "P x", "Q y", "P y"]
+    with pytest.raises(PromptscopeError, match="one list per row"):
+        promptscope.posix(rows, model, template="Q {w}", types=["paraphrase"],
+                          paraphrases=["P x", "P y"], save=False)
+
+
 # ----------------------------------------------------------------------------- selection
 
 def test_mutual_information_and_cbm_formulas():
@@ -409,6 +489,47 @@ def test_select_prompt_over_one_templates_alternatives(tiny_llama):
     with pytest.raises(PromptscopeError, match="no value"):  # before any scoring
         promptscope.select_prompt("{{Is|Q:}} {town}?", data, tiny_llama, choices=" yes| no",
                                   save=False)
+
+
+def test_select_prompt_leaves_out_inputs_it_could_not_score():
+    """A failed score (NaN) drops that input from its candidate's MI and accuracy, with a
+    warning; the other candidate keeps all inputs."""
+    lp = {}
+    for cand in ("A", "B"):
+        for x, good in (("p", " y"), ("q", " n"), ("r", " y")):
+            for c in (" y", " n"):
+                lp[(f"{cand} {x}", c)] = -0.2 if c == good else -2.0
+    del lp[("A r", " n")]  # candidate 0, input 2: its request failed
+    data = [{"x": "p", "g": "y"}, {"x": "q", "g": "n"}, {"x": "r", "g": "y"}]
+    with pytest.warns(UserWarning, match="1 \\(candidate, input\\) pairs could not be scored"):
+        sel = promptscope.select_prompt(["A {x}", "B {x}"], data, ScriptedModel(lp, {}),
+                                        choices=" y| n", label="g", calibration=None,
+                                        progress=False, save=False)
+    t = sel.tables["candidates"]
+    assert t["failed_inputs"].tolist() == [1, 0]
+    two = np.exp([[-0.2, -2.0], [-2.0, -0.2]])
+    two /= two.sum(1, keepdims=True)
+    assert t.loc[0, "mi"] == pytest.approx(mutual_information(two))
+    assert t.loc[0, "accuracy"] == 1.0 and t.loc[1, "accuracy"] == 1.0
+    preds = sel.df[sel.df["candidate"] == 0]["pred"].tolist()
+    assert preds[:2] == ["y", "n"] and pd.isna(preds[2])
+
+
+def test_selection_and_spread_input_errors():
+    df = _qdata(6)
+    model = RuleModel(dict(zip(df["text"], df["label"])))
+    with pytest.raises(PromptscopeError, match="at least two choices"):
+        promptscope.select_prompt(["{text}?", "{text}!"], df, model, choices=" yes", save=False)
+    with pytest.raises(PromptscopeError, match="template candidates"):
+        promptscope.select_prompt([PromptFormat(), "{text}?"], df, model, label="label",
+                                  save=False)
+    # labels and choices are compared without surrounding spaces
+    task = FewShotTask(df.assign(label=" " + df["label"]), choices=[" yes", " no"], shots=1)
+    assert task.choices == ["yes", "no"] and {r["label"] for r in task.rows} == {"yes", "no"}
+    with pytest.raises(PromptscopeError, match="demos need the columns"):
+        FewShotTask(df, demos=[{"text": "q9"}])
+    with pytest.raises(PromptscopeError, match="Demonstration label"):
+        FewShotTask(df, demos=[{"text": "q9", "label": "maybe"}])
 
 
 # ----------------------------------------------------------------------------- real model, magic

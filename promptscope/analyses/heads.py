@@ -57,7 +57,8 @@ def profile_heads(
         ranks them; the unsteered numbers are in ``params["baseline"]``.
 
     Example:
-        >>> prof = promptscope.profile_heads("<<{context}>> {question}", df, name="ctx")
+        >>> prof = promptscope.profile_heads("<<{context}>> {question}", df,
+        ...                                  name="ctx")                    # doctest: +SKIP
         >>> with promptscope.steer(model, heads="profile:ctx"): ...     # doctest: +SKIP
     """
     import pandas as pd

@@ -155,7 +155,8 @@ def reachability(
 
     Example:
         >>> model = promptscope.load_model("organism")                        # doctest: +SKIP
-        >>> run = promptscope.reachability(model, ["tike vonu save"], "top:10", k_max=3)
+        >>> run = promptscope.reachability(model, ["tike vonu save"], "top:10",
+        ...                                k_max=3)                            # doctest: +SKIP
         >>> run.summary(); run.figure()                                        # doctest: +SKIP
     """
     import pandas as pd
@@ -291,7 +292,7 @@ def heldout_states(model: Model | str | None, texts: Sequence[str], n: int = 20,
     are skipped.
 
     Example:
-        >>> from promptscope.organism import grammar
+        >>> from promptscope.organism import grammar  # doctest: +SKIP
         >>> texts = [grammar.text(random.Random(i)) for i in range(50)]       # doctest: +SKIP
         >>> states = heldout_states(model, texts, n=20)                        # doctest: +SKIP
         >>> promptscope.reachability(model, states, "true", k_max=4)           # doctest: +SKIP

@@ -66,7 +66,8 @@ def contrastive_vector(
     Example:
         >>> v = promptscope.contrastive_vector(["...Answer: Rome"], ["...Answer: Oslo"],
         ...                                    model, layers=[1, 2])           # doctest: +SKIP
-        >>> with promptscope.steer(model, method="vector", vector=v, strength=4): ...
+        >>> with promptscope.steer(model, method="vector", vector=v,
+        ...                        strength=4): ...                           # doctest: +SKIP
     """
     from promptscope.models.vectors import SteeringVector, check_layers, collect_states, hidden_size
 
@@ -117,8 +118,10 @@ def in_context_vector(
 
     Example:
         >>> icv = promptscope.in_context_vector([("Item: apple\\nAnswer:",
-        ...                                       "Item: apple\\nAnswer: yes"), ...], model)
-        >>> with promptscope.steer(model, method="vector", vector=icv, strength=0.1): ...
+        ...                                       "Item: apple\\nAnswer: yes"), ...],
+        ...                                      model)                      # doctest: +SKIP
+        >>> with promptscope.steer(model, method="vector", vector=icv,
+        ...                        strength=0.1): ...                         # doctest: +SKIP
     """
     import torch
 

@@ -7,7 +7,8 @@ request body). The API key is never part of a key or a value. Several kernels ma
 
 Example:
     >>> cache = ResponseCache.default()                                    # doctest: +SKIP
-    >>> key = cache.key("http://127.0.0.1:8000/v1", "m", "completions", {"prompt": "Hi"})
+    >>> key = cache.key("http://127.0.0.1:8000/v1", "m", "completions",
+    ...                 {"prompt": "Hi"})                                  # doctest: +SKIP
     >>> cache.get(key) is None                                             # doctest: +SKIP
     True
 """

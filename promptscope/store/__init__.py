@@ -131,8 +131,9 @@ class Store:
 
     Example:
         >>> store = Store(tmp_path / "sessions.sqlite")           # doctest: +SKIP
-        >>> sid = store.create("prompt", name="capitals", params={"choices": [" yes", " no"]})
-        >>> store.append(sid, "rows", df); store.finish(sid, "done")
+        >>> sid = store.create("prompt", name="capitals",
+        ...                    params={"choices": [" yes", " no"]})  # doctest: +SKIP
+        >>> store.append(sid, "rows", df); store.finish(sid, "done")  # doctest: +SKIP
     """
 
     def __init__(self, path: str | os.PathLike) -> None:

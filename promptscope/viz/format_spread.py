@@ -73,6 +73,12 @@ def convergence(result: Any) -> Any:
     round, against evaluations spent."""
     import plotly.graph_objects as go
 
+    if "trace" not in result.tables:
+        from promptscope.errors import PromptscopeError
+
+        raise PromptscopeError("This spread has no search trace: it evaluated every format on "
+                               "every row (a %%prompt --spread run), so there is nothing to "
+                               "converge; figure() shows it.")
     tr = result.tables["trace"]
     fig = go.Figure([
         go.Scatter(x=tr["evaluations"], y=tr["best_mean"], name="best format (estimate)",

@@ -33,15 +33,22 @@ def heatmap(result: Any, type: str | None = None, item: int | None = None) -> An
     """Pairwise change in the response's log-likelihood per token when prompt j is replaced by
     prompt i, ``(log P(y_j|x_i) - log P(y_j|x_j)) / L_{y_j}``, averaged over intents (or for one
     ``item``), for one variant ``type`` (default: the first)."""
+    import numpy as np
     import plotly.graph_objects as go
+
+    from promptscope.errors import PromptscopeError
 
     df = result.df
     kind = type or df["type"].iloc[0]
     part = df[df["type"] == kind]
     if item is not None:
         part = part[part["item"] == item]
+    if part.empty:
+        raise PromptscopeError(f"No scored pairs for type={kind!r}, item={item!r}; the run has "
+                               f"types {sorted(set(df['type']))} and items 0..{df['item'].max()}.")
     grid = part.pivot_table(index="i", columns="j", values="change", aggfunc="mean")
-    limit = float(abs(grid.values).max() or 1)
+    finite = np.abs(grid.values)[np.isfinite(grid.values)]  # failed pairs are NaN
+    limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     fig = go.Figure(go.Heatmap(
         z=grid.values, x=[f"y{j}" for j in grid.columns], y=[f"x{i}" for i in grid.index],
         colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -131,7 +132,10 @@ def build_variants(rows: Sequence[Mapping[str, Any]], template: str, *,
                    types: Sequence[str], n_variants: int, templates: Sequence[Any] | None,
                    paraphrases: Any, noise: float, seed: int) -> list[dict[str, Any]]:
     """The intent-aligned prompt sets: for each row and type, the base prompt first, then its
-    variants. One dict per prompt: ``item``, ``type``, ``variant``, ``prompt``."""
+    variants. One dict per prompt: ``item``, ``type``, ``variant`` (its place in the set, which
+    the pair rows' ``i`` and ``j`` name), ``source`` (where it came from: ``base``,
+    ``typo N``, ``alternative N``, ``templates[N]`` or ``paraphrase N``; a prompt equal to an
+    earlier one of its set is left out) and ``prompt``."""
     out = []
     for item, row in enumerate(rows):
         base, spans = _render(template, row)
@@ -139,25 +143,33 @@ def build_variants(rows: Sequence[Mapping[str, Any]], template: str, *,
             spans = []  # the template is all data ("{prompt}"): the typos go into the prompt
         for kind in types:
             if kind == "spelling":
-                texts = [base] + [spelling_noise(base, noise, seed * 1_000_003 + item * 101 + k,
-                                                 spans) for k in range(1, n_variants)]
+                sources = [("base", base)] + [
+                    (f"typo {k}", spelling_noise(base, noise, seed * 1_000_003 + item * 101 + k,
+                                                 spans)) for k in range(1, n_variants)]
             elif kind == "template":  # the template's own {{a|b}} combinations, then others
                 own = [v.text for v in parse_template(template).expand([dict(row)])]
-                texts = own + [_render(t, row)[0] for t in templates or []]
+                sources = [("base" if k == 0 else f"alternative {k}", t)
+                           for k, t in enumerate(own)]
+                sources += [(f"templates[{k}]", _render(t, row)[0])
+                            for k, t in enumerate(templates or [])]
             else:  # paraphrase
-                if isinstance(paraphrases, str):
-                    given = list(row[paraphrases])
-                elif paraphrases and all(isinstance(p, str) for p in paraphrases):
+                if isinstance(paraphrases, str):  # a column: a list per row, or one text
+                    value = row[paraphrases]
+                    given = [value] if isinstance(value, str) else list(value)
+                elif paraphrases is not None and all(isinstance(p, str) for p in paraphrases):
                     given = [_render(p, row)[0] for p in paraphrases]  # templates, every row
                 else:
-                    given = list(paraphrases[item]) if paraphrases else []
-                texts = [base] + [str(p) for p in given]
-            texts = list(dict.fromkeys(texts))  # an identical variant adds a zero, not a test
-            if len(texts) < 2:
+                    given = list(paraphrases[item]) if paraphrases is not None else []
+                sources = [("base", base)] + [(f"paraphrase {k + 1}", str(p))
+                                              for k, p in enumerate(given)]
+            first = {}  # an identical variant adds a zero, not a test
+            for source, text in sources:
+                first.setdefault(text, source)
+            if len(first) < 2:
                 raise PromptscopeError(f"Row {item} has only one distinct {kind!r} prompt; POSIX "
                                        "compares at least two. Give more/different variants.")
-            out.extend({"item": item, "type": kind, "variant": k, "prompt": t}
-                       for k, t in enumerate(texts))
+            out.extend({"item": item, "type": kind, "variant": k, "source": source,
+                        "prompt": text} for k, (text, source) in enumerate(first.items()))
     return out
 
 
@@ -250,6 +262,14 @@ def posix(
                                    "a column of lists, or one list per row) or paraphraser=MODEL.")
         paraphrases = _generate_paraphrases(resolve_model(paraphraser), rows, template,
                                             n_variants - 1, seed)
+    if hasattr(paraphrases, "tolist"):  # a pandas Series or numpy array
+        paraphrases = paraphrases.tolist()
+    if (isinstance(paraphrases, list) and len(rows) > 1 and paraphrases
+            and all(isinstance(p, str) and not parse_template(p).variables for p in paraphrases)):
+        raise PromptscopeError("paraphrases is a list of texts without {columns}: as templates "
+                               "they would give every row the same prompts. For one paraphrase "
+                               "set per row pass one list per row ([[...], [...]]) or a column "
+                               "name.")
     given = _given_responses(responses, rows)
     variants = build_variants(rows, template, types=types, n_variants=n_variants,
                               templates=templates, paraphrases=paraphrases, noise=noise,
@@ -261,74 +281,97 @@ def posix(
                               "templates": [t for t in templates or [] if isinstance(t, str)]}
     bar = tqdm(total=len(variants), disable=not progress, desc="POSIX", unit="prompt",
                leave=False)
+    # Responses are scored as exact continuations: an API model must echo log-probs (it says
+    # so now, before any request), and the run's request tally starts here.
+    mdl.begin_run("target", chat)
     with Recorder(KIND, name=name, model=mdl, params=params, source=template, save=save,
                   store=store) as rec:
         try:
             texts = [mdl.chat_prompt(v["prompt"]) if chat else v["prompt"] for v in variants]
             if given is None:
-                mdl.begin_run("generate", chat)
                 gens = mdl.generate(texts, max_new_tokens=max_new_tokens, temperature=0.0)
                 for v, g in zip(variants, gens):
                     v["response"] = g[0].text
             else:
                 for v in variants:
                     v["response"] = given[v["item"]]
+            rec.add(pd.DataFrame(variants), "variants")  # kept if the scoring below fails
             sets: dict[tuple[int, str], list[int]] = {}
             for k, v in enumerate(variants):
                 sets.setdefault((v["item"], v["type"]), []).append(k)
-            items = []
             # One backend call per chunk of sets: all N x N (prompt, response) pairs at once.
             keys = list(sets)
             for start in range(0, len(keys), 16):
                 chunk = keys[start:start + 16]
-                pairs = [(sets[key][i], sets[key][j]) for key in chunk
-                         for i in range(len(sets[key])) for j in range(len(sets[key]))]
-                ok = [(a, b) for a, b in pairs if variants[b]["response"]]
-                scores = mdl.score([texts[a] for a, _ in ok],
-                                   [variants[b]["response"] for _, b in ok]) if ok else []
-                lp = {pair: s for pair, s in zip(ok, scores)}
-                for (a, b), s in lp.items():
-                    if a == b:
-                        variants[b]["n_tokens"] = len(s.tokens)
-                frame, chunk_items = _pair_rows(chunk, sets, variants, lp)
+                pairs = [(a, b) for key in chunk for a in sets[key] for b in sets[key]
+                         if variants[b]["response"]]  # an empty response has nothing to score
+                scores = mdl.score([texts[a] for a, _ in pairs],
+                                   [variants[b]["response"] for _, b in pairs]) if pairs else []
+                frame, items = _pair_rows(chunk, sets, variants, dict(zip(pairs, scores)),
+                                          mdl.per_request_errors)
                 rec.add(frame)
-                items.extend(chunk_items)
+                rec.add(pd.DataFrame(items), "items")
                 bar.update(sum(len(sets[key]) for key in chunk))
         finally:
             bar.close()
-        rec.add(pd.DataFrame(variants), "variants")
-        table = pd.DataFrame(items)
-        rec.add(table, "items")
+        table = pd.concat(rec.frames["items"], ignore_index=True)
         by_type = table.groupby("type", sort=False)["posix"].mean()
         rec.params["posix"] = {t: float(by_type.get(t, math.nan)) for t in types}
         rec.params["posix_all"] = float(table["posix"].mean())
         rec.params["dropped_empty_responses"] = int(sum(not v["response"] for v in variants))
+        rec.params["failed_pairs"] = int(table["failed_pairs"].sum())
+        if rec.params["failed_pairs"]:
+            warnings.warn(f"POSIX: {rec.params['failed_pairs']} (prompt, response) pairs could "
+                          "not be scored (a failed request or a non-finite log-prob) and are "
+                          "left out of the means (their 'change' is NaN).",
+                          stacklevel=2)
+        rec.save_run_info(mdl)
         if rec.store is not None and rec.session_id:
             rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
 
 
+def _usable(score: Any) -> bool:
+    return score.error is None and bool(score.tokens) and math.isfinite(score.logprob)
+
+
 def _pair_rows(keys: Sequence[tuple[int, str]], sets: Mapping[tuple[int, str], list[int]],
-               variants: list[dict[str, Any]], lp: Mapping[tuple[int, int], Any]
-               ) -> tuple[Any, list[dict[str, Any]]]:
-    """Rows for every ordered pair of each set, and each set's POSIX (responses that came out
-    empty have no tokens to score; their columns are left out of the set)."""
+               variants: list[dict[str, Any]], lp: Mapping[tuple[int, int], Any],
+               errors: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+    """Rows for every scored ordered pair of each set (with an ``error`` column on a backend
+    whose requests can fail one by one), and each set's POSIX.
+
+    Every prompt of a set is an x_i; a response y_j with nothing to score (empty, or its own
+    score failed) drops out as a column, and a pair whose score failed drops out alone. POSIX
+    is the mean of the per-token changes over the pairs left (i != j), which is the paper's
+    :func:`posix_index` when nothing dropped out (tested).
+    """
     import pandas as pd
 
     rows, items = [], []
     for key in keys:
-        idx = [k for k in sets[key] if variants[k]["response"]]
-        n = len(idx)
-        matrix = [[lp[(a, b)].logprob for b in idx] for a in idx]
-        lengths = [len(lp[(b, b)].tokens) for b in idx]
-        for i, a in enumerate(idx):
-            for j, b in enumerate(idx):
+        idx = sets[key]
+        terms, failed = [], 0
+        for b in idx:
+            if (b, b) not in lp:
+                continue
+            own = lp[(b, b)]
+            for a in idx:
+                s = lp[(a, b)]
+                ok = _usable(s) and _usable(own)
+                change = (s.logprob - own.logprob) / len(own.tokens) if ok else math.nan
+                if a != b and ok:
+                    terms.append(abs(change))
+                elif a != b:
+                    failed += 1
                 rows.append({"item": key[0], "type": key[1], "i": variants[a]["variant"],
-                             "j": variants[b]["variant"], "logprob": matrix[i][j],
-                             "own": matrix[j][j], "n_tokens": lengths[j],
-                             "change": (matrix[i][j] - matrix[j][j]) / lengths[j]})
-        value = posix_index(matrix, lengths) if n >= 2 else math.nan
-        items.append({"item": key[0], "type": key[1], "n_prompts": n, "posix": value})
+                             "j": variants[b]["variant"], "logprob": s.logprob,
+                             "own": own.logprob, "n_tokens": len(own.tokens), "change": change,
+                             **({"error": s.error or own.error} if errors else {})})
+        items.append({"item": key[0], "type": key[1], "n_prompts": len(idx),
+                      "n_responses": sum((b, b) in lp and _usable(lp[(b, b)]) for b in idx),
+                      "failed_pairs": failed,
+                      "posix": math.fsum(terms) / len(terms) if terms else math.nan})
     return pd.DataFrame(rows), items
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +71,7 @@ def cbm(probs: Any) -> Any:
 
     Example:
         >>> cbm([[0.9, 0.1], [0.7, 0.3]]).round(3).tolist()   # a bias toward choice 0 removed
-        [[0.562, 0.438], [0.344, 0.656]]
+        [[0.692, 0.308], [0.368, 0.632]]
     """
     import numpy as np
 
@@ -108,7 +109,10 @@ def select_prompt(
             candidates (the candidates table then has a column per group: the option chosen).
         data: the unlabelled inputs (DataFrame or list of dicts).
         choices: the answers, as ``" yes| no"`` or a list.
-        label: optional gold column, used only to report accuracy and the oracle.
+        label: optional gold column: it reports each candidate's accuracy and the oracle; and
+            for format candidates without ``demos`` it labels the demonstrations drawn from
+            ``data`` (the selection is then not label-free).
+
         calibration: ``"cbm"`` (default) or ``None`` (raw probabilities).
 
     Returns:
@@ -153,6 +157,12 @@ def select_prompt(
     if label is not None and any(label not in r for r in rows):
         raise PromptscopeError(f"label={label!r}: no such column in the data.")
     formats = [c for c in candidates if isinstance(c, PromptFormat)]
+    if picks is None and len(formats) < len(candidates):
+        raise PromptscopeError("Give choices=' A| B' (the continuations that template "
+                               "candidates are scored on).")
+    if picks is not None and len(picks) < 2:
+        raise PromptscopeError(f"Selection ranks at least two choices (got {picks}); with one "
+                               "answer there is no information to measure.")
     task = None
     if formats:
         if picks is None and label is None:
@@ -167,8 +177,6 @@ def select_prompt(
         task = FewShotTask(filled, label=lab, inputs=[k for k in rows[0] if k != lab],
                            choices=[c.strip() for c in picks] if picks else None, shots=shots,
                            demos=demos, seed=seed)
-    elif picks is None:
-        raise PromptscopeError("Give choices=' A| B' (the continuations to rank).")
     answers = task.choices if task is not None else [c.strip() for c in picks]
     mdl = resolve_model(model)
     mdl.begin_run("choices", chat)
@@ -191,29 +199,47 @@ def select_prompt(
                 k = len(conts)
                 scores = mdl.score([t for t in texts for _ in conts], conts * len(texts))
                 lps = np.array([s.logprob for s in scores], dtype=float).reshape(len(texts), k)
-                probs = np.exp(lps - lps.max(axis=1, keepdims=True))
-                probs /= probs.sum(axis=1, keepdims=True)
-                cal = cbm(probs)
+                # An input whose choices could not all be scored (a failed request: NaN; or no
+                # finite choice) is left out of this candidate's MI, calibration and accuracy.
+                ok = ~np.isnan(lps).any(axis=1) & np.isfinite(lps).any(axis=1)
+                probs, cal = np.full(lps.shape, np.nan), np.full(lps.shape, np.nan)
+                if ok.any():
+                    good = lps[ok]
+                    p = np.exp(good - good.max(axis=1, keepdims=True))
+                    probs[ok] = p / p.sum(axis=1, keepdims=True)
+                    cal[ok] = cbm(probs[ok])
                 use = cal if calibration == "cbm" else probs
                 frame = pd.DataFrame({"candidate": ci, "input": range(len(rows)),
                                       "prompt": texts, "probs": probs.tolist(),
                                       "probs_cbm": cal.tolist(),
-                                      "pred": [answers[i] for i in probs.argmax(1)],
-                                      "pred_cbm": [answers[i] for i in cal.argmax(1)]})
+                                      "pred": _predictions(probs, ok, answers),
+                                      "pred_cbm": _predictions(cal, ok, answers)})
                 entry = {"candidate": ci, "prompt": params["candidates"][ci],
-                         "mi": mutual_information(probs), "mi_cbm": mutual_information(cal)}
+                         "mi": mutual_information(probs[ok]) if ok.any() else math.nan,
+                         "mi_cbm": mutual_information(cal[ok]) if ok.any() else math.nan,
+                         "failed_inputs": int((~ok).sum())}
                 entry["score"] = entry["mi_cbm"] if calibration == "cbm" else entry["mi"]
                 if gold is not None:
                     frame["label"] = [answers[g] for g in gold]
-                    entry["accuracy"] = float(np.mean(probs.argmax(1) == gold))
-                    entry["accuracy_cbm"] = float(np.mean(cal.argmax(1) == gold))
-                    entry["accuracy_used"] = float(np.mean(use.argmax(1) == gold))
+                    right = np.asarray(gold)[ok]
+                    for key, pr in (("accuracy", probs), ("accuracy_cbm", cal),
+                                    ("accuracy_used", use)):
+                        entry[key] = float(np.mean(pr[ok].argmax(1) == right)) if ok.any() \
+                            else math.nan
                 rec.add(frame)
                 summary.append(entry)
                 bar.update(1)
         finally:
             bar.close()
         table = pd.DataFrame(summary)
+        if table["score"].isna().all():
+            raise PromptscopeError("No candidate could be scored on any input (every score "
+                                   "failed or was not finite); see the rows' probabilities.")
+        failed = int(table["failed_inputs"].sum())
+        if failed:
+            warnings.warn(f"Prompt selection: {failed} (candidate, input) pairs could not be "
+                          "scored and are left out of their candidate's MI and accuracy.",
+                          stacklevel=2)
         for k, group in enumerate(groups[0] if groups else ()):  # each candidate's options
             table.insert(2 + k, group, [g[group] for g in groups])
         chosen = int(table["score"].idxmax())
@@ -259,6 +285,11 @@ class _Combination:
 
     def __call__(self, row: Mapping[str, Any]) -> str:
         return next(itertools.islice(self.template.expand([dict(row)]), self.index, None)).text
+
+
+def _predictions(probs: Any, ok: Any, answers: Sequence[str]) -> list[str | None]:
+    """The most likely answer per input (``None`` where the input could not be scored)."""
+    return [answers[int(p.argmax())] if good else None for p, good in zip(probs, ok)]
 
 
 def _describe(cand: Any, task: Any) -> str:

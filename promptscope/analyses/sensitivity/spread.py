@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -60,8 +61,10 @@ class FewShotTask:
         if label in self.inputs:
             raise PromptscopeError(f"The label column {label!r} cannot also be an input.")
         self.label = label
-        labels = [str(r[label]) for r in rows]
-        self.choices = ([str(c) for c in choices] if choices is not None
+        # A format writes the space before the answer itself (its delimiter), so labels and
+        # choices are compared and rendered without surrounding spaces (" yes" is "yes").
+        labels = [str(r[label]).strip() for r in rows]
+        self.choices = ([str(c).strip() for c in choices] if choices is not None
                         else sorted(dict.fromkeys(labels)))
         if len(set(self.choices)) != len(self.choices) or len(self.choices) < 2:
             raise PromptscopeError(f"choices must be at least two distinct labels (got "
@@ -71,12 +74,21 @@ class FewShotTask:
             raise PromptscopeError(f"Label(s) {stray} in column {label!r} are not among the "
                                    f"choices {self.choices}; add them to choices or fix the data.")
         # Copies of plain values: the caller's frame is never touched.
-        self.rows = [{**{f: r[f] for f in self.inputs}, label: str(r[label])} for r in rows]
+        self.rows = [{**{f: r[f] for f in self.inputs}, label: y} for r, y in zip(rows, labels)]
         self.instruction = instruction
         rng = random.Random(seed)
         if demos is not None:
-            fixed = [{**{f: d[f] for f in self.inputs}, label: str(d[label])}
-                     for d in _records(demos, "demos")]
+            given = _records(demos, "demos")
+            lacking = sorted({c for d in given for c in [*self.inputs, label] if c not in d})
+            if lacking or not given:
+                what = f"they lack {lacking}" if lacking else "none were given"
+                raise PromptscopeError(f"demos need the columns {[*self.inputs, label]}; {what}.")
+            fixed = [{**{f: d[f] for f in self.inputs}, label: str(d[label]).strip()}
+                     for d in given]
+            stray = sorted({d[label] for d in fixed} - set(self.choices))
+            if stray:
+                raise PromptscopeError(f"Demonstration label(s) {stray} are not among the choices "
+                                       f"{self.choices}.")
             self.demos = [fixed] * len(self.rows)
             self.shots = len(fixed)
         else:
@@ -201,10 +213,10 @@ def format_spread(
     task = FewShotTask(data, label=label, inputs=inputs, choices=choices, shots=shots,
                        demos=demos, instruction=instruction, seed=seed)
     gram = grammar or FormatGrammar()
-    if isinstance(formats, int):
+    if isinstance(formats, numbers.Integral):
         if formats < 2:
             raise PromptscopeError("A spread needs at least two formats (formats >= 2).")
-        fmts = gram.sample(formats, seed=seed)
+        fmts = gram.sample(int(formats), seed=seed)
     else:
         fmts = list(dict.fromkeys(formats))
     exhaustive = len(fmts) * len(task)
@@ -365,7 +377,7 @@ def alternatives_spread(run: Result, label: str, *, name: str = "", save: bool =
     effects (one "feature" per alternatives group) apply.
 
     Example:
-        >>> run = promptscope.run_prompt("{{Q|Question}}: is {x} big?{{sep=\n|  }}Answer:",
+        >>> run = promptscope.run_prompt("{{Q|Question}}: is {x} big?{{sep=\\n|  }}Answer:",
         ...                              vars=df, choices=[" yes", " no"])  # doctest: +SKIP
         >>> alternatives_spread(run, "label").figure()                      # doctest: +SKIP
     """
