@@ -244,6 +244,12 @@ def test_panel_end_to_end(lab: dict[str, Any], sessions: dict[str, Any], browser
         panel.get_by_label("Model").select_option("")
         panel.get_by_label("Status").select_option("running")
         expect(names).to_have_text(["still running"])
+        # A run its kernel is still writing cannot be deleted from under it.
+        panel.locator(f'[data-session-id="{ids["running"]}"]').click()
+        running = panel.locator(".jp-PromptscopeDetail")
+        expect(running.locator(".jp-PromptscopeTitle")).to_have_text("still running")
+        expect(running.get_by_role("button", name="Delete")).to_be_disabled()
+        running.get_by_role("button", name="Back to the session list").click()
         panel.get_by_label("Status").select_option("")
         expect(items).to_have_count(4)
 

@@ -121,7 +121,9 @@ def test_list_is_newest_first_with_filters_search_and_paging(api, three):
     assert ids(search="100%") == []  # LIKE wildcards are literal
     code, page = api("GET", "sessions", params={"limit": "2", "offset": "1"})
     assert [s["id"] for s in page["sessions"]] == [three["mid"], three["old"]]
-    assert page["total"] == 3 and page["offset"] == 1
+    assert page["total"] == 3 and page["offset"] == 1 and page["max_limit"] == 500
+    code, page = api("GET", "sessions", params={"offset": str(2**70)})  # past the end: empty
+    assert code == 200 and page["sessions"] == [] and page["total"] == 3
     assert api("GET", "sessions", params={"limit": "x"})[0] == 400
     assert api("GET", "sessions", params={"status": "weird"})[0] == 400
 
@@ -163,6 +165,13 @@ def test_get_one_with_figure_and_html_kept_as_data(api, three):
     assert api("GET", "sessions", "20000101-000000-000000")[0] == 404
 
 
+def test_detail_with_nan_params_is_strict_json(api, three):
+    Store.default().update_params(three["old"], {"posix": float("nan"), "ok": [1.0, float("inf")]})
+    code, raw = api("GET", "sessions", three["old"], raw=True)
+    body = json.loads(raw.body, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert code == 200 and body["params"] == {"posix": None, "ok": [1.0, None]}
+
+
 def test_detail_of_a_real_run_has_its_summary_table(api, tiny_llama):
     run = promptscope.run_prompt("Is {city} in {{Europe|Asia}}? Answer:", tiny_llama,
                                  vars=[{"city": "Paris"}], choices=" yes| no", name="cap",
@@ -197,6 +206,8 @@ def test_rename_and_delete(api, three):
     assert api("PATCH", "sessions", three["old"], body={"name": 3})[0] == 400
     assert api("PATCH", "sessions", three["old"], body={"name": "x" * 201})[0] == 400
     assert api("PATCH", "sessions", "20000101-000000-000000", body={"name": "x"})[0] == 404
+    code, body = api("DELETE", "sessions", three["new"])  # its kernel (this test) is alive
+    assert code == 409 and "still running" in body["message"]
     code, _ = api("DELETE", "sessions", three["mid"])
     assert code == 204
     assert [r.id for r in Store.default().list()] == [three["new"], three["old"]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,6 +69,40 @@ def test_mixed_type_columns_are_kept_as_text(tmp_path):
     store.append(sid, "rows", pd.DataFrame({"v": [1, "two", 3.5], "n": [1, 2, 3]}))
     df = store.table(sid)
     assert df["v"].tolist() == ["1", "two", "3.5"] and df["n"].tolist() == [1, 2, 3]
+
+
+def test_cells_and_params_come_back_as_they_were_saved(tmp_path):
+    """Lists at any depth come back as lists (not numpy arrays), a column of empty dicts is
+    saved (as text) instead of failing the run, numpy numbers in params stay numbers."""
+    store = Store(tmp_path / "s.sqlite")
+    sid = store.create("prompt", params={"x": np.float32(0.5), "n": np.int64(3),
+                                         "v": np.arange(2)})
+    df = pd.DataFrame({"nested": [[[1, 2], [3]], [[4]]], "late": [None, [1.5, 2.0]],
+                       "in_dict": [{"k": [1, 2]}, {"k": [3]}], "empty": [{}, {}]})
+    store.append(sid, "rows", df)
+    back = store.table(sid)
+    assert back["nested"].tolist() == [[[1, 2], [3]], [[4]]]
+    assert back["late"].tolist() == [None, [1.5, 2.0]]
+    assert back["in_dict"].tolist() == [{"k": [1, 2]}, {"k": [3]}]
+    assert back["empty"].tolist() == ["{}", "{}"]
+    assert store.get(sid).params == {"x": 0.5, "n": 3, "v": [0, 1]}
+    with pytest.raises(ValueError, match="duplicate column names \\['a'\\]"):
+        store.append(sid, "rows", pd.DataFrame([[1, 2]], columns=["a", "a"]))
+
+
+def test_a_figure_that_fails_does_not_cost_the_finished_run(tmp_path, monkeypatch, capsys):
+    from promptscope.analyses._recorder import Recorder
+    from promptscope.result import Result
+
+    def broken(self):
+        raise ValueError("no figure today")
+
+    monkeypatch.setattr(Result, "figure", broken)
+    store = Store(tmp_path / "s.sqlite")
+    with Recorder("prompt", store=store) as rec:
+        rec.add(pd.DataFrame({"x": [1]}))
+    assert store.get(rec.session_id).status == "done"
+    assert "figure could not be" in capsys.readouterr().err
 
 
 def _writer(path: str, tag: str, n: int) -> None:
@@ -173,6 +208,9 @@ def test_the_panel_reader_shows_a_dead_run_as_interrupted_without_writing(tmp_pa
     proc.join(60)
     page = StoreReader(path).page()
     assert [s["status"] for s in page["sessions"]] == ["interrupted"]
+    # filtered as what it is shown as
+    assert StoreReader(path).page(status="interrupted")["total"] == 1
+    assert StoreReader(path).page(status="running")["total"] == 0
     sid = page["sessions"][0]["id"]
     assert StoreReader(path).detail(sid)["status"] == "interrupted"
     raw = sqlite3.connect(path).execute("SELECT status FROM sessions").fetchone()[0]

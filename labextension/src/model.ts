@@ -27,6 +27,8 @@ export interface ISessionPage {
   total: number;
   limit: number;
   offset: number;
+  /** The most sessions the server lists at once. */
+  max_limit: number;
   kinds: string[];
   models: string[];
   store: string;
@@ -154,9 +156,15 @@ export function formatCell(value: unknown): string {
 }
 
 /** "1 session" / "12 sessions" / "12 of 40 sessions". */
-export function countLabel(shown: number, total: number): string {
+export function countLabel(shown: number, total: number, capped = false): string {
   const noun = total === 1 ? 'session' : 'sessions';
-  return shown < total ? `${shown} of ${total} ${noun}` : `${total} ${noun}`;
+  const count = shown < total ? `${shown} of ${total} ${noun}` : `${total} ${noun}`;
+  return capped ? `${count}; search or filter to reach older ones` : count;
+}
+
+/** Whether "Show more" can add sessions (the server lists at most `max_limit` at once). */
+export function canShowMore(page: ISessionPage): boolean {
+  return page.sessions.length < page.total && page.sessions.length < page.max_limit;
 }
 
 /** Colors of the current JupyterLab theme that a plotly figure should follow. */

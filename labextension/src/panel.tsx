@@ -42,6 +42,7 @@ import { PlotlyFigure } from './figure';
 import { promptscopeIcon } from './icon';
 import {
   absoluteTime,
+  canShowMore,
   countLabel,
   formatCell,
   hasFilters,
@@ -308,7 +309,11 @@ function SessionList(props: IListProps): JSX.Element {
   return (
     <>
       <div className="jp-PromptscopeCount" aria-live="polite">
-        {countLabel(page.sessions.length, page.total)}
+        {countLabel(
+          page.sessions.length,
+          page.total,
+          page.sessions.length < page.total && !canShowMore(page)
+        )}
         {loadError && <span className="jp-PromptscopeError"> (offline: {loadError})</span>}
       </div>
       {page.total === 0 ? (
@@ -327,7 +332,7 @@ function SessionList(props: IListProps): JSX.Element {
           ))}
         </ul>
       )}
-      {page.sessions.length < page.total && (
+      {canShowMore(page) && (
         <Button className="jp-PromptscopeMore" small minimal onClick={props.onMore}>
           Show more
         </Button>
@@ -509,7 +514,18 @@ function SessionDetailView(props: IDetailProps): JSX.Element {
             <Button small minimal onClick={() => void rename()}>
               <editIcon.react tag="span" /> Rename
             </Button>
-            <Button small minimal onClick={() => void remove()} className="jp-PromptscopeDanger">
+            <Button
+              small
+              minimal
+              onClick={() => void remove()}
+              className="jp-PromptscopeDanger"
+              disabled={detail.status === 'running'}
+              title={
+                detail.status === 'running'
+                  ? 'Still running in a kernel: interrupt it or let it finish first'
+                  : 'Delete this session'
+              }
+            >
               <deleteIcon.react tag="span" /> Delete
             </Button>
           </div>

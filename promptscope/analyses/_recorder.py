@@ -73,10 +73,15 @@ class Recorder:
         if exc_type is None:
             if self.store is not None and self.session_id:
                 result = self.result()
-                fig = result.figure()
-                if fig is not None:
-                    self.store.save_figure(self.session_id, "main", fig)
-                self.store.finish(self.session_id, "done", summary={"rows": len(result.df)})
+                try:  # a figure that cannot be drawn must not cost the finished run
+                    fig = result.figure()
+                    if fig is not None:
+                        self.store.save_figure(self.session_id, "main", fig)
+                except Exception as exc:  # any plotting error
+                    print(f"The run is saved, but its figure could not be: "
+                          f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                finally:
+                    self.store.finish(self.session_id, "done", summary={"rows": len(result.df)})
             return
         # Hand what was computed to the caller: ``exc.partial_result`` (the magics show it).
         status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"

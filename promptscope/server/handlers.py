@@ -20,7 +20,13 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from promptscope.errors import PromptscopeError
-from promptscope.server.reader import StoreReader, StoreUnavailable, session_html, valid_name
+from promptscope.server.reader import (
+    StoreReader,
+    StoreUnavailable,
+    json_safe,
+    session_html,
+    valid_name,
+)
 from promptscope.store import Store
 
 T = TypeVar("T")
@@ -101,7 +107,7 @@ class SessionHandler(_Base):
         self.check_name(session_id)
         reader = self.reader()
         detail = await self.call(reader.detail, session_id)
-        self.finish(json.dumps(detail, default=str))
+        self.finish(json.dumps(json_safe(detail), default=str, allow_nan=False))
 
     @web.authenticated
     @authorized
@@ -123,7 +129,10 @@ class SessionHandler(_Base):
     @authorized
     async def delete(self, session_id: str) -> None:
         self.check_name(session_id)
-        await self.call(self.reader().get, session_id)  # 404 before touching anything
+        record = await self.call(self.reader().get, session_id)  # 404 before touching anything
+        if record.status == "running":  # its kernel is alive and still writing to it
+            raise web.HTTPError(409, "This session is still running in a kernel; interrupt the "
+                                "kernel or wait for the run to end, then delete it.")
         await self.call(Store(self.store_path).delete, session_id)
         self.set_status(204)
         self.finish()

@@ -16,6 +16,7 @@ from :class:`promptscope.store.Store`, which a kernel uses:
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -86,13 +87,22 @@ class StoreReader(Store):
     # ------------------------------------------------------------------ queries
     @staticmethod
     def _where(kind: str | None, model: str | None, status: str | None,
-               search: str | None) -> tuple[str, list[Any]]:
+               search: str | None, dead: list[str]) -> tuple[str, list[Any]]:
         where: list[str] = []
         args: list[Any] = []
-        for column, value in (("kind", kind), ("model", model), ("status", status)):
+        for column, value in (("kind", kind), ("model", model)):
             if value:
                 where.append(f"{column} = ?")
                 args.append(value)
+        if status:  # `dead`: running in the file, but their kernel is gone (interrupted)
+            marks = ", ".join("?" * len(dead))
+            if status == "interrupted" and dead:
+                where.append(f"(status = ? OR id IN ({marks}))")
+            elif status == "running" and dead:
+                where.append(f"(status = ? AND id NOT IN ({marks}))")
+            else:
+                where.append("status = ?")
+            args += [status, *(dead if status in ("interrupted", "running") else [])]
         # Every word must match somewhere; LIKE wildcards typed by the user match literally.
         for word in (search or "").split():
             pattern = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
@@ -108,10 +118,14 @@ class StoreReader(Store):
         if status and status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}")
         limit = max(0, min(int(limit), MAX_LIMIT))
-        offset = max(0, int(offset))
-        where, args = self._where(kind, model, status, search)
+        offset = max(0, min(int(offset), 2**62))  # SQLite integers are 64-bit
         cols = ", ".join((*LIST_FIELDS, "owner"))
         with self._connect() as conn:
+            # A run whose kernel died is listed as interrupted, so it is filtered as one too.
+            dead = [sid for sid, owner in conn.execute(
+                "SELECT id, owner FROM sessions WHERE status='running'")
+                if orphaned("running", owner)]
+            where, args = self._where(kind, model, status, search, dead)
             rows = conn.execute(
                 f"SELECT {cols} FROM sessions{where} ORDER BY created DESC, id DESC "
                 "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
@@ -125,8 +139,8 @@ class StoreReader(Store):
             if orphaned(item["status"], owner):
                 item["status"] = "interrupted"
             sessions.append(item)
-        return {"sessions": sessions, "total": total,
-                "limit": limit, "offset": offset, "kinds": kinds, "models": models}
+        return {"sessions": sessions, "total": total, "limit": limit, "offset": offset,
+                "max_limit": MAX_LIMIT, "kinds": kinds, "models": models}
 
     def table_sizes(self, session_id: str) -> dict[str, int]:
         """Table name -> number of chunks (a cheap 'is there anything' check)."""
@@ -174,6 +188,18 @@ class StoreReader(Store):
         if not self.table_sizes(session_id):
             return None
         return promptscope.load(session_id, store=self).summary()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no such numbers, and the
+    panel's ``JSON.parse`` refuses Python's ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def frame_to_json(df: Any, *, max_rows: int = 200) -> dict[str, Any]:

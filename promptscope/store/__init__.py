@@ -351,7 +351,15 @@ def _record(row: sqlite3.Row) -> SessionRecord:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=str, ensure_ascii=False)
+    return json.dumps(obj, default=_plain, ensure_ascii=False)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what ``json`` cannot write: numpy scalars and arrays as numbers and lists
+    (``np.float32(0.5)`` stays 0.5, not "0.5"); anything else as its text."""
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return value.tolist()
+    return str(value)
 
 
 def _to_parquet(df: Any) -> bytes:
@@ -359,16 +367,20 @@ def _to_parquet(df: Any) -> bytes:
     import pyarrow as pa
 
     df = df.reset_index(drop=True)
+    if df.columns.duplicated().any():
+        dup = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+        raise ValueError(f"A table to save has duplicate column names {dup}; rename them.")
+    arrow_errors = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
     try:
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+    except arrow_errors:
         df = df.copy()
         for col in df.columns:
             if df[col].dtype == object:
-                try:
-                    pa.array(df[col])
-                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                try:  # written alone, as the whole table would be (typing is not enough:
+                    df[[col]].to_parquet(io.BytesIO(), index=False)  # an all-{} column types)
+                except arrow_errors:
                     df[col] = df[col].map(lambda v: v if v is None else str(v))
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
@@ -376,11 +388,28 @@ def _to_parquet(df: Any) -> bytes:
 
 
 def _from_parquet(blob: bytes) -> Any:
-    import numpy as np
     import pandas as pd
 
     df = pd.read_parquet(io.BytesIO(blob))
-    for col in df.columns:  # list cells come back as numpy arrays; give back lists
-        if df[col].dtype == object and len(df) and isinstance(df[col].iloc[0], np.ndarray):
-            df[col] = df[col].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+    for col in df.columns:  # list cells come back as numpy arrays (also inside dicts/lists)
+        if df[col].dtype == object and df[col].map(_has_array).any():
+            df[col] = df[col].map(_lists)
     return df
+
+
+def _has_array(value: Any) -> bool:
+    import numpy as np
+
+    return isinstance(value, np.ndarray) or (
+        isinstance(value, dict) and any(_has_array(v) for v in value.values()))
+
+
+def _lists(value: Any) -> Any:
+    """``value`` with every numpy array in it, at any depth, turned back into a list."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):  # numbers: plain Python ones; objects: look inside
+        return value.tolist() if value.dtype != object else [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 
 import {
+  canShowMore,
   countLabel,
   formatCell,
   hasFilters,
@@ -94,5 +95,23 @@ describe('formatting', () => {
     expect(narrow.legend.orientation).toBe('h');
     expect(narrow.title).toMatchObject({ text: 'Choice probability', font: { size: 12 }, x: 0 });
     expect(narrow.height).toBe(900);
+  });
+});
+
+describe('paging', () => {
+  const page = (shown: number, total: number) => ({
+    sessions: Array.from({ length: shown }, (_, i) => ({ id: String(i) })),
+    total,
+    max_limit: 500
+  }) as any;
+
+  it('offers more until the server cap, then says how to reach the rest', () => {
+    expect(canShowMore(page(50, 80))).toBe(true);
+    expect(canShowMore(page(80, 80))).toBe(false);
+    expect(canShowMore(page(500, 812))).toBe(false);
+    expect(countLabel(500, 812, true)).toBe(
+      '500 of 812 sessions; search or filter to reach older ones'
+    );
+    expect(countLabel(3, 3)).toBe('3 sessions');
   });
 });
