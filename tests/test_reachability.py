@@ -177,10 +177,51 @@ def test_interrupt_keeps_found_rows_in_the_session(tiny_llama):
                                  on_pair=seen.append, should_stop=lambda: len(seen) >= 2,
                                  **FAST)
     partial = info.value.partial_result
-    assert partial.status == "interrupted" and len(partial.df) >= 2
-    assert len(partial.df) < len(STATES) * 6
+    assert partial.status == "interrupted"
+    # every pair is listed: the finished ones, and the rest as not reached (yet)
+    df = partial.df
+    assert df["complete"].sum() == len(seen) >= 2 and (~df["complete"]).sum() > 0
+    assert df.groupby("target_set").size().to_dict() == {"top": 6, "random": 6}
+    stopped = df[~df["complete"]]
+    assert (stopped["method"] == "stopped").all() and not stopped["reached"].any()
+    eps = k_epsilon(df, k_max=2)
+    assert (eps["reached"] < 1).all()  # not a curve of the successes only
     loaded = promptscope.load(partial.session_id)
     assert loaded.status == "interrupted" and len(loaded.df) == len(partial.df)
+
+
+def test_a_target_two_sets_ask_for_is_searched_once_and_counted_in_both(tiny_llama):
+    states = heldout_states(tiny_llama, ["The capital of France is Paris. The cat sat on the "
+                                         "mat. A dog ran in the park."], n=2, min_tokens=3)
+    top1 = [int(tiny_llama.model(torch.tensor([tiny_llama.encode_prompt(t)])).logits[0, -1]
+                .argmax()) for t, _ in states]
+    states = [(t, top) for (t, _), top in zip(states, top1)]  # the true token is the argmax
+    run = promptscope.reachability(tiny_llama, states, "true,top:2", k_max=1, method="greedy",
+                                   bound=False, save=False, progress=False)
+    assert run.df.groupby("target_set").size().to_dict() == {"true": 2, "top": 4}
+    assert run.df["pair"].nunique() == 4  # the shared (x0, y) searched once
+    at0 = k_epsilon(run.df).set_index(["target_set", "k"])["reached"]
+    assert at0[("true", 0)] == 1.0 and at0[("top", 0)] == 0.5  # the argmax is in top:2
+    from promptscope.viz.reachability import rank_figure
+
+    assert rank_figure(run).layout.title.text  # a shared pair is drawn once, not a crash
+
+
+def test_rank_follows_argmax_on_ties():
+    from promptscope.analyses.reachability import _rank
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    ranks = _rank(logits, torch.tensor([[1, 2, 0], [3, 0, 1]]))
+    assert ranks.tolist() == [[1, 2, 3], [4, 1, 2]]
+    assert int(logits[0].argmax()) == 1 and int(logits[1].argmax()) == 0  # rank 1 = argmax
+
+
+def test_one_pair_tuple_is_one_x0(tiny_llama):
+    run = promptscope.reachability(tiny_llama, ("The cat sat on", 40), "true", k_max=1,
+                                   method="greedy", bound=False, save=False, progress=False)
+    assert run.df["x0"].tolist() == ["The cat sat on"] and run.df["target_id"].tolist() == [40]
+    with pytest.raises(ReachabilityError, match="list of texts"):
+        promptscope.reachability(tiny_llama, ("a", "b"), "top:2", save=False)
 
 
 def test_saved_session_reloads_equal(tiny_llama):
@@ -398,3 +439,24 @@ def test_layer0_bound_holds_for_every_one_token_control(tiny_family, arch):
     to_control = att[:, :, -1, 1]  # [N, H]
     assert (to_control.max(0).values <= beta + 1e-6).all()
     assert beta.max() < 0.999  # the check says something: beta is not trivially 1
+
+
+def test_bound_refuses_layer_norm_and_a_failing_bound_never_stops_the_search(tiny_llama,
+                                                                             monkeypatch):
+    """A LayerNorm before attention subtracts the mean (the bound's gains assume an RMS norm):
+    refused, not a wrong number; and any other failure of the bound is a warning, not a stop."""
+    lm = copy.deepcopy(tiny_llama.model)
+    for layer in lm.model.layers:
+        layer.input_layernorm = torch.nn.LayerNorm(lm.config.hidden_size)
+    with pytest.raises(BoundUnsupported, match="RMS norm.*LayerNorm"):
+        attention_bound(HFModel(lm, tiny_llama.tokenizer, name="ln"), "The cat sat on", k=1)
+    from promptscope.analyses import reach_bound
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shapes do not match")
+
+    monkeypatch.setattr(reach_bound, "attention_bound", broken)
+    with pytest.warns(UserWarning, match="the bound failed \\(RuntimeError"):
+        run = promptscope.reachability(tiny_llama, "The cat sat on", "top:2", k_max=1,
+                                       method="greedy", save=False, progress=False)
+    assert len(run.df) == 2 and "shapes do not match" in run.params["bound_skipped"]

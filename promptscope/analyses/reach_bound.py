@@ -86,6 +86,16 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
             f"The singular-value bound is implemented for llama-style attention (q_proj, "
             f"k_proj, v_proj, o_proj after an input norm); {type(lm).__name__} has another "
             "layout.")
+    norms = {type(layer.input_layernorm).__name__ for layer in layers}
+    if any("RMSNorm" not in n for n in norms):  # a LayerNorm subtracts the mean: other gains
+        raise BoundUnsupported(
+            f"The singular-value bound assumes an RMS norm before attention; "
+            f"{type(lm).__name__} uses {', '.join(sorted(norms))}.")
+    partial = getattr(text_config(lm), "partial_rotary_factor", 1.0) or 1.0
+    if partial < 1:
+        raise BoundUnsupported(
+            f"The singular-value bound assumes rotary position on every query/key dimension; "
+            f"{type(lm).__name__} rotates {partial:.0%} of them.")
     sliding = [i for i, layer in enumerate(layers)
                if getattr(layer.self_attn, "sliding_window", None)]
     if sliding:

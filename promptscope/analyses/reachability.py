@@ -29,6 +29,7 @@ import math
 import random
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,8 @@ class _Pair:
     loss_by_k: dict[int, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
+    #: Other target sets that asked for this same (x0, y): searched once, reported in each.
+    also: list[str] = field(default_factory=list)
 
     def keep(self, k: int, u: list[int], loss: float) -> None:
         """Remember the best control prompt of length ``k`` (warm start for longer ones)."""
@@ -213,6 +216,10 @@ def reachability(
                                        control_tokens=search.allowed.tolist())
         except BoundUnsupported as exc:
             params["bound_skipped"] = str(exc)
+        except Exception as exc:  # the bound is a side table: never let it stop the search
+            params["bound_skipped"] = f"the bound failed ({type(exc).__name__}: {exc})"
+            warnings.warn(f"Reachability: {params['bound_skipped']}; searching without it "
+                          "(bound=False skips it).", stacklevel=2)
     source = "\n".join(texts)
     bar = tqdm(total=len(pairs), disable=not progress, desc="reachability", unit="pair",
                leave=False)
@@ -227,8 +234,8 @@ def reachability(
             return
         pair.done = True
         pair.method = method_name if pair.reached else method
-        row = search.row(pair)
-        rows_pending.append(row)
+        row = {**search.row(pair), "complete": True}
+        rows_pending.extend({**row, "target_set": s} for s in [pair.target_set, *pair.also])
         bar.update(1)
         if pair.reached:
             bar.set_postfix(reached=sum(p.reached for p in pairs))
@@ -272,6 +279,13 @@ def reachability(
                     for p in pairs:
                         finish(p, "gcg")
         finally:
+            # A stopped or failed run still lists every pair: one it did not finish counts as
+            # not reached (so far), so k-epsilon stays honest (a lower bound on reached).
+            for p in pairs:
+                if not p.done:
+                    p.done, p.method = True, "stopped"
+                    row = {**search.row(p), "complete": False}
+                    rows_pending.extend({**row, "target_set": s} for s in [p.target_set, *p.also])
             flush(rec)
             bar.close()
         rec.params["time_s"] = round(time.perf_counter() - t0, 3)
@@ -360,6 +374,22 @@ def k_epsilon(df: Any, k_max: int | None = None) -> Any:
     return pd.DataFrame(rows)
 
 
+def _rank(logits: Any, targets: Any) -> Any:
+    """Rank (1 = the argmax) of each ``targets[i, j]`` in ``logits[i]``, in the order argmax
+    uses: higher logits first, ties to the lower token id, so exactly one token has rank 1.
+    One target column at a time: never a ``[rows, targets, vocab]`` tensor."""
+    import torch
+
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    cols = []
+    for j in range(targets.shape[1]):
+        tid = targets[:, j:j + 1]
+        ty = logits.gather(1, tid)
+        ahead = (logits > ty) | ((logits == ty) & (ids < tid))
+        cols.append(ahead.sum(-1) + 1)
+    return torch.stack(cols, 1)
+
+
 # --------------------------------------------------------------------------- search engine
 class _Search:
     """The batched searchers over one model; all work is on token ids."""
@@ -406,6 +436,12 @@ class _Search:
     def parse_states(self, x0s: Any) -> tuple[list[str], list[int | None]]:
         if isinstance(x0s, str):
             x0s = [x0s]
+        elif isinstance(x0s, tuple) and len(x0s) == 2 and isinstance(x0s[0], str) \
+                and isinstance(x0s[1], int):
+            x0s = [x0s]  # one (text, next token id) pair
+        elif isinstance(x0s, tuple):
+            raise ReachabilityError(f"Cannot read x0s {x0s!r}: give a list of texts or of "
+                                    "(text, true next token) pairs, e.g. [(text, next)].")
         states: list[str] = []
         true_next: list[int | None] = []
         for item in x0s:
@@ -489,15 +525,18 @@ class _Search:
                     chosen += [(i, kind) for i in ids]
                 else:
                     chosen.append((self.token_id(spec), "given"))
-            seen: set[int] = set()
+            seen: dict[int, _Pair] = {}
             for tid, tset in chosen:
-                if tid in seen:
+                if tid in seen:  # e.g. the true token is also in top:N: one search, both sets
+                    first = seen[tid]
+                    if tset != first.target_set and tset not in first.also:
+                        first.also.append(tset)
                     continue
-                seen.add(tid)
                 logp = torch.log_softmax(logits, -1)
-                pairs.append(_Pair(index=len(pairs), state=s, target=tid, target_set=tset,
-                                   base_prob=float(logp[tid].exp()),
-                                   base_rank=int((logits > logits[tid]).sum()) + 1))
+                seen[tid] = _Pair(index=len(pairs), state=s, target=tid, target_set=tset,
+                                  base_prob=float(logp[tid].exp()),
+                                  base_rank=int(_rank(logits[None], torch.tensor([[tid]]))[0, 0]))
+                pairs.append(seen[tid])
         return pairs
 
     # ------------------------------------------------------------------ forward passes
@@ -554,7 +593,7 @@ class _Search:
                 tg = targets[i:i + chunk].to(logits.device)
                 ty = logits.gather(1, tg)
                 logps.append((ty - torch.logsumexp(logits, -1, keepdim=True)).cpu())
-                ranks.append(((logits.unsqueeze(1) > ty.unsqueeze(2)).sum(-1) + 1).cpu())
+                ranks.append(_rank(logits, tg).cpu())
                 i += part.shape[0]
         return torch.cat(logps), torch.cat(ranks)
 

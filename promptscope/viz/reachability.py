@@ -76,7 +76,7 @@ def rank_figure(result: Any, pairs: list[int] | None = None, max_pairs: int = 24
     fig = go.Figure()
     if trace is None or not len(trace):
         return apply_style(fig, "Rank of the target over steps (no steps were needed)")
-    df = result.df.set_index("pair")
+    df = result.df.drop_duplicates("pair").set_index("pair")  # one row per searched pair
     ids = pairs if pairs is not None else list(dict.fromkeys(trace["pair"]))[:max_pairs]
     for pid in ids:
         t = trace[trace["pair"] == pid].sort_values("step")

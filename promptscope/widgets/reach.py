@@ -85,6 +85,7 @@ class ReachWidget(w.VBox):
             self.status.value = "<b>Pick at least one target.</b>"
             return
         self._stop.clear()
+        self.result = None  # never show the previous run's pairs under this run's outcome
         self.rows: list[dict[str, Any]] = []
         self.progress.max, self.progress.value = len(targets), 0
         self.start_button.disabled, self.stop_button.disabled = True, False
@@ -109,13 +110,14 @@ class ReachWidget(w.VBox):
             self.status.value = f"Done: session <code>{self.result.session_id}</code>."
         except KeyboardInterrupt as exc:
             self.result = getattr(exc, "partial_result", None)
-            self.status.value = "Stopped; the pairs finished so far are kept."
+            self.status.value = "Stopped; every pair is kept (unfinished ones: not reached yet)."
         except Exception as exc:  # shown in the widget: a thread has nowhere else to report
+            self.result = getattr(exc, "partial_result", None)
             self.status.value = f"<b>Error:</b> {html.escape(str(exc))}"
         finally:
             self.start_button.disabled, self.stop_button.disabled = False, True
         if self.result is not None and len(self.result.df):
-            df = self.result.df
+            df = self.result.df.drop_duplicates("pair")  # a pair two target sets share
             self.pick.options = [
                 (f"{r.target!r} ({f'k={int(r.k)}' if r.reached else 'not reached'})",
                  int(r.pair)) for r in df.itertuples()]
@@ -131,7 +133,7 @@ class ReachWidget(w.VBox):
             return
         from promptscope.analyses.reachability import next_tokens
 
-        row = self.result.df.set_index("pair").loc[self.pick.value]
+        row = self.result.df.drop_duplicates("pair").set_index("pair").loc[self.pick.value]
         before = next_tokens(self.model, row["x0"])
         after = next_tokens(self.model, row["x0"], list(row["control_ids"]))
         self.dist.show(distribution_figure(before, after, int(row["target_id"]),
