@@ -159,6 +159,10 @@ def test_errors_say_what_to_fix(tiny_llama):
         promptscope.reachability(tiny_llama, STATES, ["The capital of France"], save=False)
     with pytest.raises(ReachabilityError, match="pairs"):
         promptscope.reachability(tiny_llama, STATES, "true", save=False)
+    with pytest.raises(ReachabilityError, match="to mix them pass a list"):
+        promptscope.reachability(tiny_llama, STATES, "top:3, the", save=False)
+    with pytest.raises(ReachabilityError, match="'top:x'"):
+        promptscope.reachability(tiny_llama, STATES, "top:x", save=False)
     with pytest.raises(ReachabilityError, match="method"):
         promptscope.reachability(tiny_llama, STATES, "top:2", method="beam", save=False)
     with pytest.raises(ReachabilityError, match="init_control"):

@@ -979,10 +979,16 @@ def _split_targets(targets: Any) -> list[Any]:
         parts = [t.strip() for t in targets.split(",")]
         if all(_SET_SPEC.match(t) for t in parts):
             return parts
-        loose = [t for t in parts if re.match(r"^(top|random|bottom):", t)]
+        loose = [t for t in parts
+                 if re.match(r"^(top|random|bottom):", t) and not _SET_SPEC.match(t)]
         if loose and "|" not in targets:  # a set spec with a bad count, not a token text
             raise ReachabilityError(f"Cannot read targets {loose[0]!r}: write top:N, random:N "
                                     "or bottom:N with a whole number N (e.g. top:10).")
+        if any(_SET_SPEC.match(t) for t in parts) and "|" not in targets:
+            raise ReachabilityError(
+                f"Cannot read targets {targets!r}: sets are joined by ',' (top:5,random:5) and "
+                "token texts by '|' ( Paris| Rome); to mix them pass a list, e.g. "
+                f"{[t if _SET_SPEC.match(t) else ' ' + t for t in parts]}.")
         return [t for t in targets.split("|") if t]
     if isinstance(targets, int):
         return [targets]
