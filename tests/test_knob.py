@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import promptscope
+from promptscope.analyses.knob import knob_values
 from promptscope.errors import PromptscopeError
 from promptscope.models.vectors import SteeringVector, _Hooks, collect_states
 
@@ -85,6 +86,17 @@ def test_find_knob_directions_and_intent_coordinates(tiny_llama):
         assert facts["positive"] > facts["negative"]
     with pytest.raises(PromptscopeError, match="at least two"):
         promptscope.find_knob(CONTEXT[:1], PRIOR, tiny_llama)
+    # -knob points the other way: the intents' values flip sign, the sweep grid mirrors
+    flipped = -knob
+    layer = knob.layers[0]
+    assert flipped.meta["layers"][str(layer)]["positive"] == pytest.approx(
+        -knob.meta["layers"][str(layer)]["positive"])
+    hc_flipped = float((hc[:, 0] @ flipped.vectors[layer]).mean())
+    assert flipped.meta["layers"][str(layer)]["positive"] == pytest.approx(hc_flipped, abs=1e-4)
+    mirrored = [-v for v in knob_values(knob, layer)][::-1]
+    assert knob_values(flipped, layer) == pytest.approx(mirrored)
+    with pytest.raises(PromptscopeError, match="strength sets its value"):
+        _ = 2 * knob
 
 
 def test_knob_sweep_rows_equal_direct_steering(tiny_llama):

@@ -597,3 +597,44 @@ def test_pasta_generation_on_sliding_layers_when_transformers_compiles_the_decod
     got = run()
     assert got.text == want.text
     assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+
+
+def test_emphasis_strings_steer_a_template_without_marks(tiny_llama):
+    """steer={"emphasis": ...} in place of <<...>> steers the prompt (it was registered with no
+    spans, which silently turned PASTA off)."""
+    prompt = "Ann lives in Rome. Bob lives in Oslo. Where does Ann live?"
+    key = "Ann lives in Rome."
+    run = promptscope.run_prompt(prompt, tiny_llama, choices=" Rome| Oslo", progress=False,
+                                 save=False, steer={"heads": "all", "emphasis": key,
+                                                    "compare": True})
+    with promptscope.steer(tiny_llama, heads="all", emphasis=key):
+        expected = [s.logprob for s in tiny_llama.score([prompt] * 2, [" Rome", " Oslo"])]
+    steered = run.df[run.df.steered]["logprob"].tolist()
+    assert steered == pytest.approx(expected, abs=1e-5)
+    assert steered != pytest.approx(run.df[~run.df.steered]["logprob"].tolist(), abs=1e-4)
+
+
+def test_autopasta_asks_for_the_key_sentence_with_the_vector_off(tiny_llama, monkeypatch):
+    """Under pasta+vector the model names the key sentence unsteered: neither PASTA nor the
+    vector is on while it answers, and both are back on afterwards."""
+    import torch
+
+    from promptscope.analyses.autopasta import key_sentences
+    from promptscope.models.vectors import SteeringVector
+
+    size = tiny_llama.model.config.hidden_size
+    vector = SteeringVector({1: torch.ones(size)}, size)
+    seen = []
+    plain_generate = type(tiny_llama).generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.steering, self.vector_steering.enabled))
+        return plain_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_llama), "generate", spy)
+    text = "Ann lives in Rome. Bob lives in Oslo. Where is Ann?"
+    with promptscope.steer(tiny_llama, method="pasta+vector", heads="all", vector=vector,
+                           emphasis="Ann"):
+        key_sentences(tiny_llama, [text], [None], max_new_tokens=2)
+        assert tiny_llama.vector_steering.enabled and tiny_llama.steering is not None
+    assert seen == [(None, False)]

@@ -687,3 +687,53 @@ def test_a_compiled_model_is_refused_where_hooks_would_be_skipped(fresh_tiny_lla
     with pytest.raises(CapabilityError, match="Attention capture needs the model uncompiled"):
         promptscope.attention(PROMPTS[0], model, save=False)  # was an internal torch error
     assert pasta() == pytest.approx(want, abs=1e-5)
+
+
+def test_compare_steering_steers_the_control_tasks_emphasis_too(tiny_llama, monkeypatch):
+    """A control template with <<...>> is PASTA-steered there (its spans were never registered,
+    so PASTA's control cost read 0 whatever it did)."""
+    from promptscope.models.steering import attention_part
+
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": "Ann", "city": "Rome", "answer": " Rome", "choices": [" Rome", " Oslo"]}]
+    control = ("Note: <<{name} is tall.>> Where does {name} live?", rows)
+    seen: dict[str, list] = {}
+    plain_score = type(tiny_llama).score
+
+    def spy(self, prompts, continuations, progress=None):
+        attn = attention_part(self.steering) if self.steering is not None else None
+        for p in prompts:
+            if attn is not None:
+                seen[p] = attn.spans_for(p)
+        return plain_score(self, prompts, continuations, progress)
+
+    monkeypatch.setattr(type(tiny_llama), "score", spy)
+    promptscope.compare_steering(template, rows, tiny_llama, control=control, progress=False,
+                                 save=False, methods={"PASTA": {"heads": "all", "alpha": [0.1]}})
+    ctrl_prompt = "Note: Ann is tall. Where does Ann live?"
+    assert seen[ctrl_prompt] == [(6, 18)] and ctrl_prompt[6:18] == "Ann is tall."
+
+
+def test_compare_steering_option_errors_and_autopasta_question(tiny_llama, monkeypatch):
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": "Ann", "city": "Rome", "answer": " Rome", "choices": [" Rome", " Oslo"]}]
+    v = _vector(tiny_llama)
+    with pytest.raises(PromptscopeError, match="only strength is swept.*alpha one value"):
+        promptscope.compare_steering(template, rows, tiny_llama, save=False, progress=False,
+                                     methods={"both": {"method": "pasta+vector", "vector": v,
+                                                       "alpha": [0.1, 0.01]}})
+    from promptscope.analyses import autopasta
+
+    asked = []
+    real = autopasta.key_sentences
+
+    def spy(model, texts, regions, question=autopasta.DEFAULT_QUESTION, **kw):
+        asked.append(question)
+        return real(model, texts, regions, question, max_new_tokens=2)
+
+    monkeypatch.setattr(autopasta, "key_sentences", spy)
+    mine = "Which sentence matters? {prompt}"
+    promptscope.compare_steering(template, rows, tiny_llama, save=False, progress=False,
+                                 methods={"Auto": {"heads": "all", "auto": True,
+                                                   "question": mine, "alpha": [0.1]}})
+    assert asked == [mine]

@@ -71,11 +71,18 @@ def key_sentences(model: Any, texts: Sequence[str], regions: Sequence[tuple[int,
     if "{prompt}" not in question:
         raise PromptscopeError("The AutoPASTA question must contain {prompt}.")
     asks = [question.replace("{prompt}", t) for t in texts]
-    steering, model.steering = getattr(model, "steering", None), None  # ask unsteered
+    # Ask the model unsteered: no PASTA, and a steering vector (pasta+vector) switched off.
+    steering, model.steering = getattr(model, "steering", None), None
+    vector = getattr(model, "vector_steering", None)
+    was_on = vector is not None and vector.enabled
+    if vector is not None:
+        vector.enabled = False
     try:
         gens = model.generate(asks, max_new_tokens=max_new_tokens)
     finally:
         model.steering = steering
+        if vector is not None:
+            vector.enabled = was_on
     out = []
     for text, region, (g,) in zip(texts, regions, gens):
         a, b = region if region is not None else (0, len(text))

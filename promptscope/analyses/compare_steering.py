@@ -126,6 +126,10 @@ def _sweep(label: str, spec: Mapping[str, Any]) -> tuple[str, list[float], dict[
                       f"Method '{label}': {key}")
     if not values:
         raise PromptscopeError(f"No {key} values to sweep.")
+    other = "alpha" if key == "strength" else "strength"
+    if isinstance(opts.get(other), (list, tuple)):  # pasta+vector sweeps the strength only
+        raise PromptscopeError(f"Method '{label}': only {key} is swept for {method}; give "
+                               f"{other} one value (or one method per {other}).")
     return key, values, opts
 
 
@@ -224,14 +228,17 @@ def compare_steering(
             for label, (key, values, opts) in sweeps.items():
                 opts = dict(opts)
                 auto = opts.pop("auto", False)
+                question = opts.pop("question", None)  # AutoPASTA's question to the model
                 opts.pop("template", None)
                 on = tasks[label]
-                spans = _auto_spans(mdl, on) if auto else on.spans  # AutoPASTA: asked once
+                # AutoPASTA: the model is asked once per method, before its sweep
+                spans = _auto_spans(mdl, on, question) if auto else on.spans
                 for value in values:
                     with steer(mdl, **opts, **{key: value}) as steering:
                         attn = attention_part(steering)
-                        if attn is not None:
-                            attn.spans.update(spans)
+                        if attn is not None:  # the control task's <<...>> are steered too
+                            attn.spans.update({**(ctrl.spans if ctrl is not None else {}),
+                                               **spans})
                         got = measure(on)
                     row = {"method": label, "setting": key, "value": value,
                            "strength": 1 / value if key == "alpha" else value, **got,
@@ -248,11 +255,12 @@ def compare_steering(
     return rec.result()
 
 
-def _auto_spans(mdl: Model, task: _Task) -> dict[str, list[tuple[int, int]]]:
+def _auto_spans(mdl: Model, task: _Task, question: str | None = None
+                ) -> dict[str, list[tuple[int, int]]]:
     from promptscope.analyses.autopasta import DEFAULT_QUESTION, key_sentences
 
     regions = [task.spans[p][0] if task.spans.get(p) else None for p in task.prompts]
-    keys = key_sentences(mdl, task.prompts, regions, DEFAULT_QUESTION)
+    keys = key_sentences(mdl, task.prompts, regions, question or DEFAULT_QUESTION)
     return {p: [k.span] for p, k in zip(task.prompts, keys)}
 
 

@@ -86,8 +86,9 @@ class AttentionSteering:
             raise PromptscopeError("No heads to steer; pick at least one (e.g. heads='all').")
 
     def spans_for(self, text: str) -> list[tuple[int, int]]:
-        """Emphasised character spans of ``text``: registered spans, else substring matches."""
-        if text in self.spans:
+        """Emphasised character spans of ``text``: registered spans, else substring matches
+        (a prompt registered without ``<<...>>`` still gets the ``emphasis=`` strings)."""
+        if self.spans.get(text):
             return self.spans[text]
         found = []
         for sub in self.emphasis:

@@ -117,9 +117,20 @@ class SteeringVector:
     def __mul__(self, k: float) -> SteeringVector:
         if not isinstance(k, (int, float)):
             return NotImplemented
+        meta = {**self.meta, "scaled": float(k) * self.meta.get("scaled", 1.0)}
+        if self.mode == "set":  # a unit direction whose value the strength sets
+            if abs(float(k)) != 1.0:
+                raise PromptscopeError(f"A knob ('set' vector) is a unit direction and the "
+                                       f"strength sets its value, so {k} x knob would do "
+                                       "nothing; give the value as strength=, or -knob to "
+                                       "flip its direction.")
+            if k < 0 and "layers" in meta:  # the intents' values along the flipped direction
+                meta["layers"] = {
+                    layer: {**f, **{side: -f[side] for side in ("positive", "negative")
+                                    if side in f}}
+                    for layer, f in meta["layers"].items()}
         return SteeringVector({i: v * float(k) for i, v in self.vectors.items()},
-                              self.hidden_size, self.mode, self.method, self.model,
-                              {**self.meta, "scaled": float(k) * self.meta.get("scaled", 1.0)})
+                              self.hidden_size, self.mode, self.method, self.model, meta)
 
     __rmul__ = __mul__
 
