@@ -8,7 +8,9 @@ Faults (queued with :meth:`FaultProxy.inject`, used by the next matching request
 - ``"slow:S"``: wait ``S`` seconds, then forward (past the client's timeout);
 - ``"badjson"``: HTTP 200 whose JSON body is cut off;
 - ``"drop"``: the real response's headers and half its body, then the connection closes;
-- ``"401:TEXT"``: HTTP 401 whose error message is ``TEXT`` (servers echo keys there).
+- ``"401:TEXT"``: HTTP 401 whose error message is ``TEXT`` (servers echo keys there);
+- ``"quota"``: HTTP 429 as OpenAI answers an account out of quota;
+- ``"fewchoices"``: the real answer (HTTP 200) with its last choice cut off.
 
 Example:
     >>> with FaultProxy("http://127.0.0.1:8000") as proxy:                  # doctest: +SKIP
@@ -110,9 +112,17 @@ class FaultProxy:
             if fault and fault.startswith("401:"):
                 return self._reply(req, 401, {"error": {"message": fault[4:],
                                                         "type": "invalid_request_error"}})
+            if fault == "quota":
+                return self._reply(req, 429, {"error": {
+                    "message": "You exceeded your current quota.", "type": "insufficient_quota",
+                    "code": "insufficient_quota"}})
             if fault and fault.startswith("slow:"):
                 time.sleep(float(fault[5:]))
             status, headers, data = self._forward(req, body)
+            if fault == "fewchoices":
+                answer = json.loads(data)
+                answer["choices"] = answer["choices"][:-1]
+                return self._reply(req, 200, answer)
             if fault == "badjson":
                 data = data[: max(1, len(data) // 2)]
                 return self._send(req, 200, {"Content-Type": "application/json"}, data)

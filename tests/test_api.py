@@ -426,6 +426,42 @@ def test_transient_faults_are_retried(server, proxy, hf, fault):
         assert took >= 1.0
 
 
+def test_a_malformed_answer_is_retried_and_never_cached(server, proxy, tmp_path):
+    model = _proxied(proxy, server, cache=True, cache_path=tmp_path / "cache.sqlite",
+                     max_retries=1, max_concurrency=1)
+    proxy.inject("fewchoices")  # once: the retry gets a whole answer
+    run = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
+                                 progress=False)
+    assert run.df["error"].isna().all() and run.params["api"]["retries"] == 1
+    proxy.inject("fewchoices", "fewchoices", path="/v1/completions")  # every attempt: failed
+    bad = promptscope.run_prompt("Say {{hi|hello}}", model, target=" there", progress=False)
+    assert bad.df["error"].notna().sum() >= 1 and "choices" in bad.df["error"].dropna().iloc[0]
+    before = proxy.counts["/v1/completions"]
+    again = promptscope.run_prompt("Say {{hi|hello}}", model, target=" there", progress=False)
+    assert again.df["error"].isna().all()  # asked again, not replayed from the cache
+    assert proxy.counts["/v1/completions"] > before
+
+
+def test_out_of_quota_stops_at_once_with_the_reason(server, proxy):
+    model = _proxied(proxy, server, max_retries=3)
+    proxy.inject("quota")
+    before = proxy.counts["/v1/completions"]
+    with pytest.raises(APIRequestError, match="exceeded your current quota.*out of quota"):
+        model.score(["Hi"], [" there"])
+    assert proxy.counts["/v1/completions"] == before + 1  # not retried
+
+
+def test_a_server_briefly_away_does_not_turn_off_chat_scoring(server, proxy):
+    """/tokenize failing once is retried (it used to disable the chat template for good)."""
+    from promptscope.models.openai_api import ChatText
+
+    model = _proxied(proxy, server)
+    proxy.inject("500", path="/tokenize")
+    text = model._templated(ChatText("Hello there"))
+    assert text is not None and "Hello there" in text
+    assert proxy.counts["/tokenize"] == 2
+
+
 def test_a_request_that_keeps_failing_is_a_failed_row_and_the_run_goes_on(server, proxy,
                                                                           capsys):
     model = _proxied(proxy, server, max_retries=2, max_concurrency=1, prices={"input": 1.0,

@@ -302,8 +302,11 @@ class OpenAIModel(Model):
             def run() -> None:
                 try:
                     scores = self._score_pack(method, wanted)
-                except _Failed as exc:
-                    scores = [{c: _failed_score(str(exc)) for c in conts} for _, conts in wanted]
+                except _Fatal:
+                    raise
+                except Exception as exc:  # _Failed, or an answer this code could not read
+                    why = self._row_failure(exc)
+                    scores = [{c: _failed_score(why) for c in conts} for _, conts in wanted]
                 for (_, idx), got in zip(pack, scores):
                     for i in idx:
                         results[i] = got[continuations[i]]
@@ -313,6 +316,14 @@ class OpenAIModel(Model):
         self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
                        progress)
         return results  # type: ignore[return-value]
+
+    def _row_failure(self, exc: Exception) -> str:
+        """The error text of rows whose request failed; a response that arrived but could not
+        be read (a bug, or a server's odd answer) is counted as a failure too."""
+        if isinstance(exc, _Failed):
+            return str(exc)
+        self._tally.add(failed=1)
+        return self._redact(f"unreadable response ({type(exc).__name__}: {exc})")
 
     def _score_pack(self, method: str, wanted: list[tuple[str, list[str]]],
                     ) -> list[dict[str, Score]]:
@@ -338,7 +349,7 @@ class OpenAIModel(Model):
                 "logprobs": 1, "max_tokens": self._echo_max_tokens, "temperature": 0.0}
         if chat:
             body["extra_body"] = {"add_special_tokens": False}  # the template has its BOS
-        data = self._request("completions", body, cacheable=True)
+        data = self._request("completions", body, cacheable=True, expect=len(texts))
         choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
         if len(choices) != len(texts):
             raise _Failed(f"malformed response: {len(choices)} choices for {len(texts)} prompts")
@@ -448,8 +459,10 @@ class OpenAIModel(Model):
             text = self._post_json(f"{root}/detokenize",
                                    {"model": self.model_id, "tokens": ids})["prompt"]
             text = text if isinstance(text, str) and text else None
-        except (OSError, KeyError, TypeError, ValueError):
+        except _Unsupported:  # the server has no such endpoint: it never will
             text = None
+        except (OSError, KeyError, TypeError, ValueError):
+            return None  # this time only: a server that was briefly away is asked again
         with self._template_lock:
             self._templates[message] = text
         return text
@@ -459,13 +472,21 @@ class OpenAIModel(Model):
         import httpx
 
         headers = {"Authorization": f"Bearer {self._secrets[0]}"} if self._secrets else {}
-        try:
-            resp = httpx.post(url, json=body, headers=headers, timeout=min(self.timeout, 30.0))
-        except httpx.HTTPError as exc:
-            raise OSError(self._redact(str(exc))) from None
-        if resp.status_code != 200:
-            raise OSError(f"HTTP {resp.status_code}")
-        return resp.json()
+        for attempt in range(self.max_retries + 1):
+            try:
+                resp = httpx.post(url, json=body, headers=headers,
+                                  timeout=min(self.timeout, 30.0))
+            except httpx.HTTPError as exc:
+                error: Exception = OSError(self._redact(str(exc)))
+            else:
+                if resp.status_code == 200:
+                    return resp.json()
+                if resp.status_code in (400, 404, 405, 501):
+                    raise _Unsupported(f"HTTP {resp.status_code}")
+                error = OSError(f"HTTP {resp.status_code}")
+            if attempt < self.max_retries:
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt))
+        raise error
 
     # ------------------------------------------------------------------ token level
     @property
@@ -540,7 +561,7 @@ class OpenAIModel(Model):
                         "extra_body": {"return_tokens_as_token_ids": True,
                                        "add_special_tokens": False}}
                 try:
-                    data = self._request("completions", body, cacheable=True)
+                    data = self._request("completions", body, cacheable=True, expect=len(idx))
                 except _Failed:
                     return
                 choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
@@ -594,10 +615,13 @@ class OpenAIModel(Model):
                     results[i] = self._generate_one(prompts[i], max_new_tokens=max_new_tokens,
                                                     temperature=temperature, top_p=top_p, n=n,
                                                     seed=seed, logprobs=True)
-                except _Failed as exc:
+                except _Fatal:
+                    raise
+                except Exception as exc:  # _Failed, or an answer this code could not read
+                    why = self._row_failure(exc)
                     results[i] = [Generation(text="", tokens=[], logprob=math.nan,
                                              prompt_tokens=0, finish_reason="error",
-                                             error=str(exc)) for _ in range(n)]
+                                             error=why) for _ in range(n)]
             return run
 
         self._run_jobs([(job(i), 1) for i in range(len(prompts))], progress)
@@ -620,7 +644,7 @@ class OpenAIModel(Model):
             if logprobs:
                 body["logprobs"] = 1
         data = self._request("chat" if chat else "completions", body,
-                             cacheable=temperature == 0)
+                             cacheable=temperature == 0, expect=n)
         choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
         if len(choices) != n:
             raise _Failed(f"malformed response: {len(choices)} choices, expected {n}")
@@ -683,11 +707,12 @@ class OpenAIModel(Model):
         return self._cache_obj
 
     def _request(self, kind: str, body: dict[str, Any], *, cacheable: bool,
-                 probe: bool = False) -> dict[str, Any]:
+                 probe: bool = False, expect: int | None = None) -> dict[str, Any]:
         """One request through the cache, with retries; raises ``_Failed`` or ``_Fatal``.
 
         A probe (a request that finds out what the server supports) is not tallied, and a
-        refusal other than 401/403 comes back as ``_Refused``.
+        refusal other than 401/403 comes back as ``_Refused``. A response without choices (or
+        without the ``expect``-ed number of them) is retried as malformed and never cached.
         """
         tally = _Tally() if probe else self._tally
         cache = self._cache if cacheable else None
@@ -702,6 +727,7 @@ class OpenAIModel(Model):
         while True:
             try:
                 data = self._send(kind, body)
+                _check_choices(data, expect)
                 break
             except _Retryable as exc:
                 if attempt >= self.max_retries:
@@ -720,7 +746,7 @@ class OpenAIModel(Model):
                     raise _Failed("cancelled") from None
             except _Refused as exc:
                 tally.add(requests=1, failed=1)
-                if exc.status in (401, 403) or exc.status == 404 and not probe:
+                if exc.status in (401, 403, 429) or exc.status == 404 and not probe:
                     raise _Fatal(str(exc)) from None
                 if probe:
                     raise
@@ -745,8 +771,13 @@ class OpenAIModel(Model):
             raise _Retryable(f"connection failed ({self._redact(_root_cause(exc))})") from None
         except openai.APIStatusError as exc:
             status = exc.status_code
+            reason = self._redact(_message(exc))
+            if status == 429 and "quota" in f"{reason} {_error_code(exc)}".lower():
+                raise _Refused(429, f"HTTP 429: {reason} (out of quota: retrying will not "
+                               "help; check the account's plan and billing)") from None
             if status in (408, 409, 429) or status >= 500:
-                raise _Retryable(f"HTTP {status}", _retry_after(exc.response.headers)) from None
+                raise _Retryable(f"HTTP {status}: {reason}",
+                                 _retry_after(exc.response.headers)) from None
             if status == 401:
                 raise _Refused(401, f"the server at {_public_url(self.base_url)} rejected the "
                                "API key (HTTP 401); check the key") from None
@@ -797,6 +828,29 @@ class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _Unsupported(Exception):
+    """The server refused an endpoint for good (no such route, or it cannot do this)."""
+
+
+def _check_choices(data: Any, expect: int | None) -> None:
+    """Raise ``_Retryable`` for an answer with an error body or the wrong choices (so it is
+    retried and never cached)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if isinstance(data, dict) and data.get("error"):
+        raise _Retryable(f"the server answered with an error: {str(data['error'])[:200]}")
+    if not isinstance(choices, list) or not choices:
+        raise _Retryable("malformed response: no choices")
+    if expect is not None and len(choices) != expect:
+        raise _Retryable(f"malformed response: {len(choices)} choices, expected {expect}")
+
+
+def _error_code(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    err = body.get("error") if isinstance(body, dict) else None
+    return " ".join(str(err.get(k) or "") for k in ("code", "type")) if isinstance(err, dict) \
+        else ""
 
 
 class _Refused(Exception):
