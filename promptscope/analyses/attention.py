@@ -149,7 +149,8 @@ def attention(
                 shifts = [v.offset_in(t) for v, t in zip(chunk, texts)]
                 if steering is not None:
                     for v, t in zip(chunk, texts):
-                        steering.spans[t] = v.emphasis_in(t)
+                        if v.emphasis:  # else steer={"emphasis": ...} strings still apply
+                            steering.spans[t] = v.emphasis_in(t)
                 tokens_rows, mass_rows, weight_frames = [], [], []
                 parts_of: dict[int, list[str]] = {}
                 for j, (v, t, sh) in enumerate(zip(chunk, texts, shifts)):

@@ -449,7 +449,8 @@ def _generate(mdl: Any, chunk: list[Variant], chat: bool, steering: Any,
     texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
     if steering is not None:
         for v, t in zip(chunk, texts):
-            steering.spans[t] = v.emphasis_in(t)
+            if v.emphasis:  # as run_prompt registers them
+                steering.spans[t] = v.emphasis_in(t)
     gens = mdl.generate(texts, max_new_tokens=max_new_tokens, temperature=0.0, n=1)
     if steering is not None:
         steering.spans.clear()

@@ -44,7 +44,8 @@ class _Task:
         self.cands = [_row_choices(r, choices, answer, i) for i, r in enumerate(rows)]
         self.variants = [next(self.tpl.expand(r)) for r in rows]
         self.prompts = [v.text for v in self.variants]
-        self.spans = {v.text: list(v.emphasis) for v in self.variants}
+        # only marked prompts: the others keep a method's emphasis= strings
+        self.spans = {v.text: list(v.emphasis) for v in self.variants if v.emphasis}
 
     def _logprobs(self, mdl: Model) -> list[dict[str, float]]:
         """Per row, candidate -> log-prob."""

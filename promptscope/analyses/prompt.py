@@ -171,7 +171,8 @@ def run_prompt(
                 keys = None
                 if attn is not None:
                     for v, text in zip(chunk, texts):
-                        attn.spans[text] = v.emphasis_in(text)
+                        if v.emphasis:  # else steer={"emphasis": ...} strings still apply
+                            attn.spans[text] = v.emphasis_in(text)
                     if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
                         keys = _auto_spans(mdl, texts, attn.spans, question)
                 for steered in conditions:

@@ -86,9 +86,9 @@ class AttentionSteering:
             raise PromptscopeError("No heads to steer; pick at least one (e.g. heads='all').")
 
     def spans_for(self, text: str) -> list[tuple[int, int]]:
-        """Emphasised character spans of ``text``: registered spans, else substring matches
-        (a prompt registered without ``<<...>>`` still gets the ``emphasis=`` strings)."""
-        if self.spans.get(text):
+        """Emphasised character spans of ``text``: registered spans (an empty list: none),
+        else substring matches of the ``emphasis=`` strings."""
+        if text in self.spans:
             return self.spans[text]
         found = []
         for sub in self.emphasis:
