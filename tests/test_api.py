@@ -308,7 +308,7 @@ def test_chat_choices_use_top_logprobs_and_match_the_white_box_distribution(hf, 
             assert got == pytest.approx(expected, abs=1e-3)
     with pytest.raises(CapabilityError, match="--target with --chat"):
         promptscope.run_prompt("Hi", api, target=" yes", chat=True, progress=False)
-    with pytest.raises(CapabilityError, match="--target with --chat"):  # POSIX scores replies
+    with pytest.raises(CapabilityError, match="POSIX scores every response.*exact"):
         promptscope.posix(["Hi", "Hey"], api, chat=True, progress=False, save=False)
 
 
@@ -426,20 +426,24 @@ def test_transient_faults_are_retried(server, proxy, hf, fault):
         assert took >= 1.0
 
 
-def test_a_malformed_answer_is_retried_and_never_cached(server, proxy, tmp_path):
+def test_a_malformed_answer_is_retried_or_failed_and_never_cached(server, proxy, tmp_path):
+    """An answer without choices is a passing fault: retried. One with the wrong number of
+    choices would come back the same: a failed row at once. Neither is cached."""
     model = _proxied(proxy, server, cache=True, cache_path=tmp_path / "cache.sqlite",
                      max_retries=1, max_concurrency=1)
-    proxy.inject("fewchoices")  # once: the retry gets a whole answer
-    run = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
-                                 progress=False)
+    proxy.inject("fewchoices")  # a target's one choice cut: no choices at all
+    run = promptscope.run_prompt("Say {{hi|hello}}", model, target=" there", progress=False)
     assert run.df["error"].isna().all() and run.params["api"]["retries"] == 1
-    proxy.inject("fewchoices", "fewchoices", path="/v1/completions")  # every attempt: failed
-    bad = promptscope.run_prompt("Say {{hi|hello}}", model, target=" there", progress=False)
-    assert bad.df["error"].notna().sum() >= 1 and "choices" in bad.df["error"].dropna().iloc[0]
+    proxy.inject("fewchoices")  # two choices asked, one answered
+    bad = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
+                                 progress=False)
+    assert bad.params["api"]["retries"] == 0 and bad.params["api"]["failed"] == 1
+    assert "1 choices, expected 2" in bad.df["error"].dropna().iloc[0]
     before = proxy.counts["/v1/completions"]
-    again = promptscope.run_prompt("Say {{hi|hello}}", model, target=" there", progress=False)
+    again = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
+                                   progress=False)
     assert again.df["error"].isna().all()  # asked again, not replayed from the cache
-    assert proxy.counts["/v1/completions"] > before
+    assert proxy.counts["/v1/completions"] == before + 1
 
 
 def test_out_of_quota_stops_at_once_with_the_reason(server, proxy):

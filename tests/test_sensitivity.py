@@ -486,6 +486,9 @@ def test_select_prompt_over_one_templates_alternatives(tiny_llama):
     with pytest.raises(PromptscopeError, match="at least two candidate prompts"):
         promptscope.select_prompt("Is {city} big?", data, tiny_llama, choices=" yes| no",
                                   save=False)
+    with pytest.raises(PromptscopeError, match="Rename the alternatives group.*'score'"):
+        promptscope.select_prompt("{{score=Is|Q:}} {city}?", data, tiny_llama,
+                                  choices=" yes| no", save=False)
     with pytest.raises(PromptscopeError, match="no value"):  # before any scoring
         promptscope.select_prompt("{{Is|Q:}} {town}?", data, tiny_llama, choices=" yes| no",
                                   save=False)

@@ -147,14 +147,17 @@ def reachability(
         seed: seeds random target sets and GCG's candidate sampling.
         on_pair: called with each finished pair's row (widgets use it for live progress).
         should_stop: polled between steps; when it returns True the run stops like an interrupt
-            (status ``interrupted``, rows found so far kept).
+            (status ``interrupted``; every pair is listed, unfinished ones with
+            ``complete=False``).
 
     Returns:
-        A Result of kind ``reachability``: one row per (x0, y) with ``reached``, ``k`` (smallest
+        A Result of kind ``reachability``: one row per (x0, y) and target set (a pair two sets
+        ask for is searched once and listed in each) with ``reached``, ``k`` (smallest
         found), ``control`` (text), ``control_ids``, ``prob`` and ``rank`` of ``y`` after the
         control prompt (rank 1 = argmax), the same without control (``base_prob``,
-        ``base_rank``), ``steps``, ``method`` and ``time_s``; table ``trace`` holds loss,
-        probability and rank of the target at every step; table ``bound`` the analytic bound.
+        ``base_rank``), ``steps``, ``method``, ``time_s`` and ``complete``; table ``trace``
+        holds loss, probability and rank of the target at every step; table ``bound`` the
+        analytic bound.
 
     Example:
         >>> model = promptscope.load_model("organism")                        # doctest: +SKIP

@@ -459,9 +459,9 @@ class OpenAIModel(Model):
             text = self._post_json(f"{root}/detokenize",
                                    {"model": self.model_id, "tokens": ids})["prompt"]
             text = text if isinstance(text, str) and text else None
-        except _Unsupported:  # the server has no such endpoint: it never will
+        except (_Unsupported, KeyError, TypeError, ValueError):  # no such endpoint or format
             text = None
-        except (OSError, KeyError, TypeError, ValueError):
+        except OSError:
             return None  # this time only: a server that was briefly away is asked again
         with self._template_lock:
             self._templates[message] = text
@@ -727,8 +727,12 @@ class OpenAIModel(Model):
         while True:
             try:
                 data = self._send(kind, body)
-                _check_choices(data, expect)
+                if not probe:  # a probe reads refusals itself (e.g. max_tokens=0, then 1)
+                    _check_choices(data, expect)
                 break
+            except _Failed:
+                tally.add(requests=1, failed=1)
+                raise
             except _Retryable as exc:
                 if attempt >= self.max_retries:
                     tally.add(requests=1, failed=1)
@@ -830,20 +834,21 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-class _Unsupported(Exception):
+class _Unsupported(OSError):
     """The server refused an endpoint for good (no such route, or it cannot do this)."""
 
 
 def _check_choices(data: Any, expect: int | None) -> None:
-    """Raise ``_Retryable`` for an answer with an error body or the wrong choices (so it is
-    retried and never cached)."""
+    """Refuse an answer that must not be cached: an error body or no choices (``_Retryable``:
+    a passing fault), or the wrong number of choices (``_Failed`` at once: a server that
+    ignores ``n`` or a batch would answer the same way again, and each retry is billed)."""
     choices = data.get("choices") if isinstance(data, dict) else None
     if isinstance(data, dict) and data.get("error"):
         raise _Retryable(f"the server answered with an error: {str(data['error'])[:200]}")
     if not isinstance(choices, list) or not choices:
         raise _Retryable("malformed response: no choices")
     if expect is not None and len(choices) != expect:
-        raise _Retryable(f"malformed response: {len(choices)} choices, expected {expect}")
+        raise _Failed(f"malformed response: {len(choices)} choices, expected {expect}")
 
 
 def _error_code(exc: Any) -> str:

@@ -126,8 +126,8 @@ class SteeringVector:
                                        "flip its direction.")
             if k < 0 and "layers" in meta:  # the intents' values along the flipped direction
                 meta["layers"] = {
-                    layer: {**f, **{side: -f[side] for side in ("positive", "negative")
-                                    if side in f}}
+                    layer: {**f, **{side: -f[side] for side in ("positive", "negative",
+                                                                 "separation") if side in f}}
                     for layer, f in meta["layers"].items()}
         return SteeringVector({i: v * float(k) for i, v in self.vectors.items()},
                               self.hidden_size, self.mode, self.method, self.model, meta)

@@ -86,6 +86,7 @@ class ReachWidget(w.VBox):
             return
         self._stop.clear()
         self.result = None  # never show the previous run's pairs under this run's outcome
+        self.pick.options = []
         self.rows: list[dict[str, Any]] = []
         self.progress.max, self.progress.value = len(targets), 0
         self.start_button.disabled, self.stop_button.disabled = True, False

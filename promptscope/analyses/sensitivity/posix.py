@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
-from promptscope.errors import PromptscopeError
+from promptscope.errors import CapabilityError, PromptscopeError
 from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
@@ -283,7 +283,12 @@ def posix(
                leave=False)
     # Responses are scored as exact continuations: an API model must echo log-probs (it says
     # so now, before any request), and the run's request tally starts here.
-    mdl.begin_run("target", chat)
+    try:
+        mdl.begin_run("target", chat)
+    except CapabilityError as exc:
+        raise CapabilityError(f"POSIX scores every response after every prompt, which needs "
+                              f"exact continuation log-probs; {type(mdl).__name__} "
+                              f"'{mdl.name}' cannot give them here ({exc})") from None
     with Recorder(KIND, name=name, model=mdl, params=params, source=template, save=save,
                   store=store) as rec:
         try:

@@ -40,6 +40,9 @@ from promptscope.store import Store
 from promptscope.templates import Template, check_rows, parse_template
 
 KIND = "prompt_selection"
+#: Columns of the candidates table (a template's group names must differ from them).
+_CANDIDATE_COLUMNS = {"candidate", "prompt", "mi", "mi_cbm", "failed_inputs", "score",
+                      "accuracy", "accuracy_cbm", "accuracy_used", "selected", "oracle"}
 
 
 def mutual_information(probs: Any) -> float:
@@ -140,6 +143,10 @@ def select_prompt(
     groups: list[dict[str, str]] = []
     if isinstance(candidates, str):  # one template: its {{a|b}} combinations are the candidates
         tpl = parse_template(candidates)
+        taken = sorted({g.name for g in tpl.groups} & _CANDIDATE_COLUMNS)
+        if taken:  # the candidates table gets a column per group
+            raise PromptscopeError(f"Rename the alternatives group(s) {taken}: the candidates "
+                                   "table has columns of that name ({{other=a|b}}).")
         groups = [choice for choice, _ in tpl.combinations()]
         candidates = [_Combination(tpl, i, text) for i, (_, text) in
                       enumerate(tpl.combinations())]
