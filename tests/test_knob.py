@@ -69,6 +69,32 @@ def test_last_gate_prompt_pass_and_continuation_pass():
     assert hooks.gate[..., 0].tolist() == [[True, True, False], [True, True, True]]
 
 
+def test_last_gate_in_one_pass_over_prompt_and_continuation(tiny_llama):
+    """An attention-free model scores a continuation in one pass over prompt + continuation;
+    start="last" must steer there from the prompt's last token on, as the cached path does
+    (it steered only the final position). Compared on the same model, both paths."""
+    import copy
+
+    from promptscope.models.hf import HFModel
+
+    u = torch.nn.functional.normalize(torch.randn(tiny_llama.model.config.hidden_size,
+                                                  generator=torch.Generator().manual_seed(3)),
+                                      dim=0)
+    knob = SteeringVector({0: u, 1: u}, u.numel(), mode="set")
+    prompts = ["Is Paris in Europe? Answer:", "The cat"]
+    conts = [" yes it is in Europe and always was", " sat on the mat"]
+    full = HFModel(copy.deepcopy(tiny_llama.model), tiny_llama.tokenizer, name="full")
+    full._attention_free = True  # the one-pass path that attention-free models take
+    got = {}
+    for model in (tiny_llama, full):
+        with promptscope.steer(model, method="vector", vector=knob, strength=5.0, start="last"):
+            got[model.name] = [s.token_logprobs for s in model.score(prompts, conts)]
+    plain = [s.token_logprobs for s in tiny_llama.score(prompts, conts)]
+    for cached, one_pass, unsteered in zip(got[tiny_llama.name], got["full"], plain):
+        assert one_pass == pytest.approx(cached, abs=1e-4)
+        assert cached[1:] != pytest.approx(unsteered[1:], abs=1e-3)  # (steering matters)
+
+
 def test_find_knob_directions_and_intent_coordinates(tiny_llama):
     knob = promptscope.find_knob(CONTEXT, PRIOR, tiny_llama, name="ctx knob")
     assert knob.mode == "set" and knob.method == "knob"

@@ -521,8 +521,18 @@ class HFModel(Model):
         width = max(map(len, seqs))
         input_ids, mask = self._left_pad(seqs, width)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            use_cache=False).logits  # (no attention: no PASTA state to set)
+        # A steering vector with start="last" steers from each prompt's last token on, as it
+        # does when the continuation comes in a pass of its own over the cache.
+        vector = getattr(self, "vector_steering", None)
+        if vector is not None:
+            vector.from_index = [width - len(s) + len(prompt_ids[batch[r]]) - 1
+                                 for s, (r, _) in zip(seqs, rows)]
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                use_cache=False).logits  # (no attention: no PASTA state to set)
+        finally:
+            if vector is not None:
+                vector.from_index = None
         rest = {}
         for k, (_, i) in enumerate(rows):
             targets = torch.tensor(cont_ids[i][1:], device=logits.device)

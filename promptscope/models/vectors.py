@@ -321,6 +321,10 @@ class VectorSteering:
     enabled: bool = True
     spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict,
                                                     repr=False)  # PASTA's; unused here
+    #: Set by a pass over prompt + continuation at once (no cache): per row, the position of
+    #: the prompt's last token, from which ``start="last"`` steers (as if the continuation
+    #: came in a later pass).
+    from_index: list[int] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"method": "vector", "vector": self.vector.name or self.vector.method,
@@ -355,7 +359,10 @@ class _Hooks:
             fresh = (mask.shape[1] == q if isinstance(mask, torch.Tensor) and mask.dim() == 2
                      else cache is None or not cache.get_seq_length())
             gate = torch.zeros(ids.shape[0], q, dtype=torch.bool, device=ids.device)
-            if fresh:
+            if fresh and self.s.from_index is not None:
+                first = torch.tensor(self.s.from_index, device=ids.device)[:, None]
+                gate = torch.arange(q, device=ids.device)[None, :] >= first
+            elif fresh:
                 gate[:, -1] = True
             else:
                 gate[:] = True
