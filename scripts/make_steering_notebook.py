@@ -180,6 +180,11 @@ sentence; AutoPASTA lets the model name the key sentence inside the whole contex
 vectors are swept over their strength, the knob over its value at its layer; one method steers
 attention and adds the vector at once. The control task is questions without a context (the
 prior is the right answer), and the unrelated text comes from the organism's synthetic language.
+
+The curves are measured on all held-out questions. The best point of a noisy curve overstates
+its method's gain, so the comparison splits the questions once at random: each method's setting
+(the open circle) is picked on half of them, and the summary reports its gain on the other half,
+with a 95 % bootstrap interval.
 """)
 code("""
 promptscope.profile_heads(TEMPLATE, train.head(64), name="conflict heads", alpha=1e-4,
@@ -214,12 +219,15 @@ cmp.summary()
 """)
 code("""
 base = cmp.params["baseline"]
+n_tune, n_test = len(cmp.params["tune_rows"]), len(cmp.params["test_rows"])
 best = cmp.summary().set_index("method")
 print(f"Unsteered: {base['accuracy']:.0%} of {len(held_out)} held-out conflicting contexts "
-      f"followed; control {base['control_accuracy']:.0%}.")
+      f"followed ({base['test_accuracy']:.0%} of the {n_test} test questions); control "
+      f"{base['control_accuracy']:.0%}. Settings picked on the other {n_tune}.")
 for method, row in best.iterrows():
-    print(f"{method:>14}: {row.accuracy:.0%} ({row.d_accuracy:+.0%}) at {row.setting} "
-          f"{row.value:g}; control {row.d_control:+.0%}, text log-prob/token {row.d_text:+.3f}")
+    print(f"{method:>14}: {row.test_accuracy:.0%} ({row.d_test:+.0%}, 95 % "
+          f"{row.d_test_low:+.0%} to {row.d_test_high:+.0%}) at {row.setting} {row.value:g}; "
+          f"control {row.d_control:+.0%}, text log-prob/token {row.d_text:+.3f}")
 """)
 md("""
 ## On your own labelled DataFrame
@@ -249,7 +257,9 @@ mine_cmp = promptscope.compare_steering(
     methods={"PASTA (all heads)": {"heads": "all", "alpha": [0.1, 0.01]},
              "CAA (layer 2)": {"vector": mine_vec, "strength": [1, 2, 4]}})
 print(f"{len(right)} right / {len(wrong)} wrong training rows; unsteered accuracy "
-      f"{mine_cmp.params['baseline']['accuracy']:.0%} on the other {len(mine.tail(60))}")
+      f"{mine_cmp.params['baseline']['accuracy']:.0%} on the other {len(mine.tail(60))} "
+      f"({mine_cmp.params['baseline']['test_accuracy']:.0%} on the "
+      f"{len(mine_cmp.params['test_rows'])} test rows among them)")
 mine_cmp.summary()
 """)
 code("""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -572,10 +573,58 @@ def test_compare_steering_rows_equal_direct_measurements(tiny_llama):
     assert row["logprob"] == pytest.approx(sum(s.logprob for s in right) / 3, abs=1e-5)
     assert row["text_logprob"] == pytest.approx(
         sum(s.logprob for s in lp) / sum(len(s.tokens) for s in lp), abs=1e-5)
+    # the default split: 2 tuning rows, 1 test row, drawn once for every setting
+    tune, test = cmp.params["tune_rows"], cmp.params["test_rows"]
+    assert sorted(tune + test) == [0, 1, 2] and len(tune) == 2
+    assert row["tune_logprob"] == pytest.approx(
+        sum(right[i].logprob for i in tune) / 2, abs=1e-5)
+    assert zero["d_test"] == 0 and (zero["d_test_low"], zero["d_test_high"]) == (0, 0)
     assert len(cmp.summary()) == 2
-    assert len(cmp.figure().data) == 4
+    assert len(cmp.figure().data) == 5  # 2 methods x 2 panels + the chosen settings
     assert promptscope.load(cmp.session_id) == cmp
     _no_hooks_left(tiny_llama)
+
+
+def test_summary_picks_on_the_tuning_rows_and_reports_on_the_test_rows():
+    """A setting that wins on all rows only thanks to the test rows is not the one picked: the
+    reported gain is the test rows' gain of the setting the tuning rows preferred."""
+    from promptscope.result import Result
+
+    df = pd.DataFrame({
+        "method": ["A", "A", "B"], "setting": "strength", "value": [1.0, 2.0, 1.0],
+        "strength": [1.0, 2.0, 1.0], "accuracy": [0.6, 0.7, 0.5], "d_accuracy": [0.1, 0.2, 0],
+        "tune_accuracy": [0.8, 0.6, 0.5], "tune_logprob": [-1.0, -0.5, -2.0],
+        "test_accuracy": [0.4, 0.8, 0.5], "d_test": [-0.1, 0.3, 0.0],
+        "d_test_low": [-0.3, 0.1, 0.0], "d_test_high": [0.1, 0.5, 0.0]})
+    result = Result("steering_comparison", df, params={"baseline": {"accuracy": 0.5}})
+    got = result.summary().set_index("method")
+    assert got.loc["A", "value"] == 1.0 and got.loc["A", "d_test"] == -0.1
+    assert "accuracy" not in got  # the all-rows maximum is not reported as the gain
+    # ties on tuning accuracy go to the better log-prob of the right answers
+    tied = result.df.assign(tune_accuracy=[0.8, 0.8, 0.5])
+    assert Result("steering_comparison", tied, params={}).summary().value[0] == 2.0
+
+
+def test_gain_interval_and_split():
+    from promptscope.analyses.compare_steering import _gain_interval, _split
+
+    assert _gain_interval([True] * 8, [True] * 8, seed=0) == (0.0, 0.0)
+    assert _gain_interval([True] * 8, [False] * 8, seed=0) == (1.0, 1.0)
+    # half the rows gain: the interval is about 0.5 +- 1.96 * 0.5 / sqrt(n)
+    steered, plain = [True] * 200, [True, False] * 100
+    low, high = _gain_interval(steered, plain, seed=1)
+    assert low == pytest.approx(0.5 - 0.069, abs=0.02) and high == pytest.approx(0.5 + 0.069,
+                                                                                abs=0.02)
+    tune, test = _split(10, 0.3, seed=4)
+    assert len(tune) == 3 and sorted(tune + test) == list(range(10))
+    assert _split(10, 0.3, seed=4) == (tune, test) != _split(10, 0.3, seed=5)
+    assert _split(3, 0.0, seed=0) == ([0, 1, 2], [0, 1, 2])
+    assert _split(2, 0.9, seed=0)[1]  # a test row is always left
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises(PromptscopeError, match="tune_share"):
+            _split(10, bad, seed=0)
+    with pytest.raises(PromptscopeError, match="tune_share=0"):
+        _split(1, 0.5, seed=0)
 
 
 def test_steering_lab_reruns_on_its_controls(tiny_llama):
@@ -709,7 +758,8 @@ def test_compare_steering_steers_the_control_tasks_emphasis_too(tiny_llama, monk
 
     monkeypatch.setattr(type(tiny_llama), "score", spy)
     promptscope.compare_steering(template, rows, tiny_llama, control=control, progress=False,
-                                 save=False, methods={"PASTA": {"heads": "all", "alpha": [0.1]}})
+                                 save=False, tune_share=0,
+                                 methods={"PASTA": {"heads": "all", "alpha": [0.1]}})
     ctrl_prompt = "Note: Ann is tall. Where does Ann live?"
     assert seen[ctrl_prompt] == [(6, 18)] and ctrl_prompt[6:18] == "Ann is tall."
 
@@ -720,6 +770,7 @@ def test_compare_steering_option_errors_and_autopasta_question(tiny_llama, monke
     v = _vector(tiny_llama)
     with pytest.raises(PromptscopeError, match="only strength is swept.*alpha one value"):
         promptscope.compare_steering(template, rows, tiny_llama, save=False, progress=False,
+                                     tune_share=0,
                                      methods={"both": {"method": "pasta+vector", "vector": v,
                                                        "alpha": [0.1, 0.01]}})
     from promptscope.analyses import autopasta
@@ -734,6 +785,6 @@ def test_compare_steering_option_errors_and_autopasta_question(tiny_llama, monke
     monkeypatch.setattr(autopasta, "key_sentences", spy)
     mine = "Which sentence matters? {prompt}"
     promptscope.compare_steering(template, rows, tiny_llama, save=False, progress=False,
-                                 methods={"Auto": {"heads": "all", "auto": True,
+                                 tune_share=0, methods={"Auto": {"heads": "all", "auto": True,
                                                    "question": mine, "alpha": [0.1]}})
     assert asked == [mine]

@@ -8,6 +8,11 @@ measured against the unsteered model:
 * a control task the steering should not touch (same columns, its own template);
 * unrelated text: the mean log-prob per token (a fluency proxy).
 
+Picking each method's best strength and reporting its gain on the same rows overstates it
+(the maximum of several noisy gains). So the rows are split once, at random: ``summary()``
+picks each method's setting on the tuning rows and reports its gain on the test rows, with a
+95 % paired-bootstrap interval.
+
 The result (kind ``steering_comparison``) has one row per (method, setting); its figure plots
 the accuracy gain against strength and against the side-effect cost.
 """
@@ -60,11 +65,45 @@ class _Task:
         """Each row's most likely candidate."""
         return [max(d, key=d.get) for d in self._logprobs(mdl)]
 
-    def evaluate(self, mdl: Model) -> tuple[float, float]:
+    def evaluate(self, mdl: Model) -> tuple[list[bool], list[float]]:
+        """Per row: is the most likely candidate the right one, and the right one's log-prob."""
         by_row = self._logprobs(mdl)
-        acc = sum(max(d, key=d.get) == a for d, a in zip(by_row, self.answers))
-        right = [d[a] for d, a in zip(by_row, self.answers)]
-        return acc / len(self.answers), sum(right) / len(right)
+        return ([max(d, key=d.get) == a for d, a in zip(by_row, self.answers)],
+                [d[a] for d, a in zip(by_row, self.answers)])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _split(n: int, tune_share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices (tuning, test), a seeded random split; ``tune_share=0``: both are all rows."""
+    import random
+
+    if not (_is_number(tune_share) and 0 <= tune_share < 1):
+        raise PromptscopeError(f"tune_share must be a number in [0, 1), not {tune_share!r}.")
+    if tune_share == 0:
+        return list(range(n)), list(range(n))
+    if n < 2:
+        raise PromptscopeError("One labelled row cannot be split into tuning and test rows; "
+                               "give more rows, or tune_share=0 to pick and report on the "
+                               "same rows.")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = min(max(round(n * tune_share), 1), n - 1)
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def _gain_interval(steered: Sequence[bool], plain: Sequence[bool], seed: int,
+                   draws: int = 2000) -> tuple[float, float]:
+    """95 % paired-bootstrap interval of the accuracy gain (rows resampled together)."""
+    import numpy as np
+
+    diff = np.asarray(steered, dtype=float) - np.asarray(plain, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def _row_choices(row: Mapping[str, Any], choices: Any, answer: str, i: int) -> list[str]:
@@ -144,6 +183,8 @@ def compare_steering(
     choices: str | Sequence[str] | None = "choices",
     control: tuple[str | Template, Any] | None = None,
     text: Sequence[str] | None = None,
+    tune_share: float = 0.5,
+    seed: int = 0,
     name: str = "",
     save: bool = True,
     store: Store | None = None,
@@ -167,11 +208,17 @@ def compare_steering(
             :func:`promptscope.profile_heads`).
         control: ``(template, rows)`` of a task the steering should leave alone (same columns).
         text: unrelated texts whose log-likelihood per token is the fluency proxy.
+        tune_share: the share of rows (drawn at random with ``seed``) on which ``summary()``
+            picks each method's setting; it reports the gain on the other rows. ``0``: pick
+            and report on all rows (an optimistic gain).
 
     Returns:
         A Result of kind ``steering_comparison``: one row per (method, setting) with
         ``accuracy``, ``d_accuracy``, ``logprob``, ``control_accuracy``, ``d_control``,
-        ``text_logprob``, ``d_text``; the unsteered numbers are in ``params["baseline"]``.
+        ``text_logprob``, ``d_text`` over all rows; ``tune_accuracy`` and ``tune_logprob``
+        over the tuning rows; ``test_accuracy``, ``d_test`` and its 95 % interval
+        ``d_test_low``/``d_test_high`` over the test rows. The unsteered numbers are in
+        ``params["baseline"]``, the split in ``params["tune_rows"]``/``["test_rows"]``.
 
     Example:
         >>> cmp = promptscope.compare_steering(STEERING_TEMPLATE, rows, model,
@@ -195,6 +242,7 @@ def compare_steering(
     task = _Task(template, data, answer, choices)
     ctrl = _Task(control[0], control[1], answer, choices) if control is not None else None
     texts = list(text or [])
+    tune_rows, test_rows = _split(len(task.prompts), tune_share, seed)
     sweeps = {label: _sweep(label, spec) for label, spec in methods.items()}
     tasks = {}  # a method's own template: same rows, other <<emphasis>>
     for label, (_, _, opts) in sweeps.items():
@@ -204,17 +252,23 @@ def compare_steering(
             raise PromptscopeError(f"Method '{label}': its template must give the same prompts "
                                    "as the task's (only <<...>> may differ).")
 
-    def measure(on: _Task = task) -> dict[str, float]:
-        acc, lp = on.evaluate(mdl)
-        out = {"accuracy": acc, "logprob": lp}
+    def measure(on: _Task = task) -> tuple[dict[str, float], list[bool]]:
+        """The numbers of one setting, and which rows it answers right."""
+        right, lp = on.evaluate(mdl)
+        out = {"accuracy": _mean(right), "logprob": _mean(lp),
+               "tune_accuracy": _mean([right[i] for i in tune_rows]),
+               "tune_logprob": _mean([lp[i] for i in tune_rows]),
+               "test_accuracy": _mean([right[i] for i in test_rows])}
         if ctrl is not None:
-            out["control_accuracy"] = ctrl.evaluate(mdl)[0]
+            out["control_accuracy"] = _mean(ctrl.evaluate(mdl)[0])
         if texts:
             out["text_logprob"] = _text_logprob(mdl, texts)
-        return out
+        return out, right
 
-    base = measure()
+    base, base_right = measure()
     params = {"template": task.tpl.source, "n_rows": len(task.prompts), "baseline": base,
+              "tune_share": tune_share, "seed": seed, "tune_rows": tune_rows,
+              "test_rows": test_rows,
               "methods": {k: {"swept": key, "values": vals,
                               **{o: _jsonable(v) for o, v in opts.items()}}
                           for k, (key, vals, opts) in sweeps.items()},
@@ -240,11 +294,15 @@ def compare_steering(
                         if attn is not None:  # the control task's <<...>> are steered too
                             attn.spans.update({**(ctrl.spans if ctrl is not None else {}),
                                                **spans})
-                        got = measure(on)
+                        got, right = measure(on)
+                    low, high = _gain_interval([right[i] for i in test_rows],
+                                               [base_right[i] for i in test_rows], seed)
                     row = {"method": label, "setting": key, "value": value,
                            "strength": 1 / value if key == "alpha" else value, **got,
                            "d_accuracy": got["accuracy"] - base["accuracy"],
-                           "d_logprob": got["logprob"] - base["logprob"]}
+                           "d_logprob": got["logprob"] - base["logprob"],
+                           "d_test": got["test_accuracy"] - base["test_accuracy"],
+                           "d_test_low": low, "d_test_high": high}
                     if ctrl is not None:
                         row["d_control"] = got["control_accuracy"] - base["control_accuracy"]
                     if texts:

@@ -37,6 +37,12 @@ def figure(result: Any) -> Any:
                                      mode="lines+markers", name=label, legendgroup=label,
                                      showlegend=False, line={"color": color, "dash": "dot"},
                                      hovertext=hover, hoverinfo="text"), row=1, col=2)
+    picked = chosen(df)
+    fig.add_trace(go.Scatter(
+        x=picked["strength"], y=picked["d_accuracy"], mode="markers", name=_CHOSEN,
+        marker={"symbol": "circle-open", "size": 15, "color": "black", "line": {"width": 2}},
+        hovertext=[f"{m}: chosen on the tuning rows" for m in picked["method"]],
+        hoverinfo="text"), row=1, col=1)
     # a knob's values may be zero or negative: then the strength axis stays linear
     log = bool((df["strength"] > 0).all())
     fig.update_xaxes(type="log" if log else "linear", row=1, col=1,
@@ -50,13 +56,26 @@ def figure(result: Any) -> Any:
 
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+_CHOSEN = "chosen setting"
+
+
+def chosen(df: Any) -> Any:
+    """Per method, the setting picked on the tuning rows: highest tuning accuracy, then the
+    right answers' log-prob; ties go to the first swept. (Sessions saved before the split
+    existed pick on all rows.)"""
+    keys = (["tune_accuracy", "tune_logprob"] if "tune_accuracy" in df
+            else ["d_accuracy"])
+    ranked = df.sort_values(keys, ascending=False, kind="stable")
+    return ranked.groupby("method", sort=False).head(1).sort_index()
 
 
 def summary(result: Any) -> Any:
-    """Per method, its best setting (highest accuracy gain) with its side effects."""
+    """Per method, the setting picked on the tuning rows, its gain on the test rows (95 %
+    interval) and its side effects."""
     df = result.df
-    cols = [c for c in ("method", "setting", "value", "accuracy", "d_accuracy",
-                        "control_accuracy", "d_control", "text_logprob", "d_text") if c in df]
-    best = df.sort_values("d_accuracy", ascending=False, kind="stable").groupby(
-        "method", sort=False).head(1)
-    return best[cols].reset_index(drop=True)
+    cols = [c for c in ("method", "setting", "value", "tune_accuracy", "test_accuracy",
+                        "d_test", "d_test_low", "d_test_high", "control_accuracy", "d_control",
+                        "text_logprob", "d_text") if c in df]
+    if "tune_accuracy" not in df:
+        cols[3:3] = ["accuracy", "d_accuracy"]
+    return chosen(df)[cols].reset_index(drop=True)
