@@ -483,6 +483,12 @@ def test_select_prompt_over_one_templates_alternatives(tiny_llama):
         listed.params["selected"]
     assert a["q"].tolist() == ["Is", "Is", "Q: is", "Q: is"]
     assert a["sep"].tolist() == ["\n", " ", "\n", " "]
+    # the figure names each bar by its options, the title the pick's
+    bars = one.figure().data[0].x
+    assert [b.rstrip(" ★") for b in bars] == ["#0 Is · ⏎", "#1 Is · ␣", "#2 Q: is · ⏎",
+                                              "#3 Q: is · ␣"]
+    assert bars[one.params["selected"]].endswith("★") and one.params["groups"] == ["q", "sep"]
+    assert listed.figure().data[0].x[1].rstrip(" ★") == "#1"
     with pytest.raises(PromptscopeError, match="at least two candidate prompts"):
         promptscope.select_prompt("Is {city} big?", data, tiny_llama, choices=" yes| no",
                                   save=False)

@@ -16,7 +16,8 @@ def figure(result: Any) -> Any:
     t = result.tables.get("candidates")
     if t is None:
         return None
-    labels = [f"#{c}" + (" ★" if s else "") for c, s in zip(t["candidate"], t["selected"])]
+    labels = [_name(row, result.params.get("groups") or []) + (" ★" if row["selected"] else "")
+              for _, row in t.iterrows()]
     cal = result.params.get("calibration")
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=labels, y=t["score"], name=f"MI{' (CBM)' if cal else ''}",
@@ -32,11 +33,25 @@ def figure(result: Any) -> Any:
         fig.update_yaxes(title_text="accuracy (labels)", range=[0, 1.05], secondary_y=True)
     fig.update_yaxes(title_text="mutual information (nats)", secondary_y=False)
     p = result.params
-    title = f"Label-free selection: candidate #{p.get('selected')}"
+    pick = t[t["candidate"] == p.get("selected")]
+    title = "Label-free selection: " + (_name(pick.iloc[0], p.get("groups") or [], 60)
+                                        if len(pick) else f"#{p.get('selected')}")
     if "oracle" in p:
         title += (f" (accuracy {p['accuracy_selected']:.2f}); oracle #{p['oracle']} "
                   f"({p['accuracy_oracle']:.2f}), effectiveness {p['effectiveness']:.2f}")
     return apply_style(fig, title)
+
+
+def _name(row: Any, groups: list[str], width: int = 28) -> str:
+    """``#3 Q · A``: a candidate's number, and for one template's combinations the options it
+    takes (a newline as ⏎, spaces only as ␣, an empty option as ∅), cut to ``width``."""
+    def shown(option: str) -> str:
+        return option.replace("\n", "⏎").strip() or ("␣" if option else "∅")
+
+    name = f"#{row['candidate']}"
+    if groups:
+        name += " " + " · ".join(shown(str(row[g])) for g in groups)
+    return name if len(name) <= width else name[:width - 1] + "…"
 
 
 def summary(result: Any) -> Any:

@@ -249,6 +249,8 @@ def select_prompt(
                           stacklevel=2)
         for k, group in enumerate(groups[0] if groups else ()):  # each candidate's options
             table.insert(2 + k, group, [g[group] for g in groups])
+        if groups:  # the figure names candidates by their options
+            rec.params["groups"] = list(groups[0])
         chosen = int(table["score"].idxmax())
         table["selected"] = table.index == chosen
         rec.params["selected"] = chosen
