@@ -63,17 +63,42 @@ def test_list_filters_search_rename_delete(tmp_path):
         store.get(b)
 
 
-def test_mixed_type_columns_are_kept_as_text(tmp_path):
+def test_mixed_type_columns_and_dicts_come_back_exactly(tmp_path):
+    """Parquet has one type per column and gives dict cells every key of the column: such
+    columns travel as JSON, so 1 stays 1 beside "two", and no row gains another row's keys."""
     store = Store(tmp_path / "s.sqlite")
     sid = store.create("prompt")
-    store.append(sid, "rows", pd.DataFrame({"v": [1, "two", 3.5], "n": [1, 2, 3]}))
+    store.append(sid, "rows", pd.DataFrame({"v": [1, "two", 3.5], "n": [1, 2, 3],
+                                            "d": [{"a": 1}, {"b": "x"}, None],
+                                            "l": [[{"a": 1}], [], [{"b": 2.5}]]}))
+    store.append(sid, "rows", pd.DataFrame({"v": ["four"], "n": [4], "d": [{"a": [1, 2]}],
+                                            "l": [[]]}))
     df = store.table(sid)
-    assert df["v"].tolist() == ["1", "two", "3.5"] and df["n"].tolist() == [1, 2, 3]
+    assert df["v"].tolist() == [1, "two", 3.5, "four"] and df["n"].tolist() == [1, 2, 3, 4]
+    assert df["d"].tolist() == [{"a": 1}, {"b": "x"}, None, {"a": [1, 2]}]
+    assert df["l"].tolist() == [[{"a": 1}], [], [{"b": 2.5}], []]
+
+
+def test_a_run_without_rows_keeps_its_columns(tmp_path):
+    from promptscope.analyses._recorder import Recorder
+
+    store = Store(tmp_path / "s.sqlite")
+    with Recorder("prompt", store=store) as rec:
+        rec.add(pd.DataFrame({"prompt": pd.Series([], dtype=object),
+                              "prob": pd.Series([], dtype=float)}))
+        rec.add(pd.DataFrame({"prompt": pd.Series([], dtype=object),
+                              "prob": pd.Series([], dtype=float)}))
+    back = store.table(rec.session_id)
+    assert list(back.columns) == ["prompt", "prob"] and len(back) == 0
+    assert str(back["prob"].dtype) == "float64"
+    store.append(rec.session_id, "rows", pd.DataFrame({"prompt": ["a"], "prob": [0.5]}))
+    assert store.table(rec.session_id).to_dict("records") == [{"prompt": "a", "prob": 0.5}]
+    assert store.get(rec.session_id).n_rows == 1
 
 
 def test_cells_and_params_come_back_as_they_were_saved(tmp_path):
     """Lists at any depth come back as lists (not numpy arrays), a column of empty dicts is
-    saved (as text) instead of failing the run, numpy numbers in params stay numbers."""
+    saved instead of failing the run, numpy numbers in params stay numbers."""
     store = Store(tmp_path / "s.sqlite")
     sid = store.create("prompt", params={"x": np.float32(0.5), "n": np.int64(3),
                                          "v": np.arange(2)})
@@ -84,7 +109,7 @@ def test_cells_and_params_come_back_as_they_were_saved(tmp_path):
     assert back["nested"].tolist() == [[[1, 2], [3]], [[4]]]
     assert back["late"].tolist() == [None, [1.5, 2.0]]
     assert back["in_dict"].tolist() == [{"k": [1, 2]}, {"k": [3]}]
-    assert back["empty"].tolist() == ["{}", "{}"]
+    assert back["empty"].tolist() == [{}, {}]
     assert store.get(sid).params == {"x": 0.5, "n": 3, "v": [0, 1]}
     with pytest.raises(ValueError, match="duplicate column names \\['a'\\]"):
         store.append(sid, "rows", pd.DataFrame([[1, 2]], columns=["a", "a"]))

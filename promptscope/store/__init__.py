@@ -211,15 +211,16 @@ class Store:
                          [(ORPHAN_ERROR, time.time(), sid) for sid in dead])
 
     def append(self, session_id: str, table: str, df: Any) -> None:
-        """Append rows (a DataFrame) to one of the session's tables."""
-        if len(df) == 0:
-            return
+        """Append rows (a DataFrame) to one of the session's tables. A table's first chunk is
+        kept even when it has no rows: it carries the columns of a run that produced none."""
         blob = _to_parquet(df)
         with self._connect() as conn:
             seq = conn.execute(
                 "SELECT COALESCE(MAX(seq), -1) + 1 FROM chunks WHERE session_id=? AND name=?",
                 (session_id, table),
             ).fetchone()[0]
+            if len(df) == 0 and seq > 0:
+                return
             conn.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (session_id, table, seq, blob))
             conn.execute("UPDATE sessions SET n_rows = n_rows + ?, updated = ? WHERE id = ?",
                          (len(df) if table == "rows" else 0, time.time(), session_id))
@@ -279,7 +280,9 @@ class Store:
                 (session_id, name))]
         if not blobs:
             return pd.DataFrame()
-        return pd.concat([_from_parquet(b) for b in blobs], ignore_index=True)
+        frames = [_from_parquet(b) for b in blobs]
+        filled = [f for f in frames if len(f)]  # an empty first chunk only carries columns
+        return pd.concat(filled or frames[:1], ignore_index=True)
 
     def table_names(self, session_id: str) -> list[str]:
         with self._connect() as conn:
@@ -362,38 +365,62 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+_JSON_COLUMNS = b"promptscope.json_columns"  # Parquet metadata: columns saved as JSON text
+
+
 def _to_parquet(df: Any) -> bytes:
-    """Parquet bytes; object columns pyarrow cannot type (mixed scalars) are saved as text."""
+    """Parquet bytes. Object columns that Parquet would change are saved as JSON text and
+    named in the file's metadata: dicts (Parquet structs give every row the union of the keys)
+    and mixed scalars (Parquet has one type per column)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     df = df.reset_index(drop=True)
     if df.columns.duplicated().any():
         dup = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
         raise ValueError(f"A table to save has duplicate column names {dup}; rename them.")
-    arrow_errors = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
-    try:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-    except arrow_errors:
+    as_json = [col for col in df.columns if df[col].dtype == object and _needs_json(df[col])]
+    if as_json:
         df = df.copy()
-        for col in df.columns:
-            if df[col].dtype == object:
-                try:  # written alone, as the whole table would be (typing is not enough:
-                    df[[col]].to_parquet(io.BytesIO(), index=False)  # an all-{} column types)
-                except arrow_errors:
-                    df[col] = df[col].map(lambda v: v if v is None else str(v))
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
+        for col in as_json:
+            df[col] = df[col].map(lambda v: None if v is None else _dumps(v))
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {**(table.schema.metadata or {}),
+            _JSON_COLUMNS: json.dumps([str(c) for c in as_json]).encode()}
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
     return buf.getvalue()
 
 
-def _from_parquet(blob: bytes) -> Any:
-    import pandas as pd
+def _needs_json(column: Any) -> bool:
+    """Whether Parquet would not give ``column``'s values back as they are."""
+    import pyarrow as pa
 
-    df = pd.read_parquet(io.BytesIO(blob))
-    for col in df.columns:  # list cells come back as numpy arrays (also inside dicts/lists)
-        if df[col].dtype == object and df[col].map(_has_array).any():
-            df[col] = df[col].map(_lists)
+    if column.map(_has_dict).any():
+        return True
+    try:
+        pa.array(column, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return True  # e.g. ints and strings in one column
+    return False
+
+
+def _has_dict(value: Any) -> bool:
+    return isinstance(value, dict) or (
+        isinstance(value, (list, tuple)) and any(_has_dict(v) for v in value))
+
+
+def _from_parquet(blob: bytes) -> Any:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(blob))
+    as_json = json.loads((table.schema.metadata or {}).get(_JSON_COLUMNS, b"[]"))
+    df = table.to_pandas()
+    for col in df.columns:
+        if str(col) in as_json:
+            df[col] = df[col].map(lambda v: json.loads(v) if isinstance(v, str) else None)
+        elif df[col].dtype == object and df[col].map(_has_array).any():
+            df[col] = df[col].map(_lists)  # list cells come back as numpy arrays
     return df
 
 
