@@ -105,18 +105,41 @@ class Variant:
 
     def offset_in(self, text: str) -> int:
         """Where this variant's text starts inside ``text`` (itself, or it wrapped in a chat
-        template)."""
-        offset = text.rfind(self.text) if text != self.text else 0
-        if offset < 0:
-            raise TemplateError("Cannot find the prompt inside its chat-templated text to place "
-                                "the emphasis; the chat template changes the message. Drop "
-                                "--chat.")
-        return offset
+        template): see :func:`locate_message`."""
+        return locate_message(self.text, text)[0]
 
     def emphasis_in(self, text: str) -> list[tuple[int, int]]:
-        """The emphasised character ranges, placed inside ``text`` (see :meth:`offset_in`)."""
-        offset = self.offset_in(text)
-        return [(a + offset, b + offset) for a, b in self.emphasis]
+        """The emphasised character ranges, placed inside ``text`` (see :func:`locate_message`;
+        what a chat template trimmed away is no longer emphasised)."""
+        offset, start, end = locate_message(self.text, text)
+        placed = [(max(a + offset, start), min(b + offset, end)) for a, b in self.emphasis]
+        return [(a, b) for a, b in placed if b > a]
+
+
+def locate_message(message: str, text: str) -> tuple[int, int, int]:
+    """Where ``message`` stands inside ``text``, the prompt a chat template made of it:
+    ``(offset, start, end)`` with ``message[i] == text[i + offset]`` wherever ``i + offset`` is
+    in ``[start, end)``.
+
+    Chat templates that trim the message (Llama 3's ``| trim``) keep only its inner text; the
+    offset is then where the untrimmed message would start, and ``[start, end)`` covers what is
+    left of it.
+
+    >>> locate_message(" hi ", "<user>hi</user>")
+    (5, 6, 8)
+    """
+    if text == message:
+        return 0, 0, len(text)
+    at = text.rfind(message)
+    if at >= 0:
+        return at, at, at + len(message)
+    core = message.strip()
+    at = text.rfind(core) if core else -1
+    if at < 0:
+        raise TemplateError("Cannot find the prompt inside its chat-templated text to place the "
+                            "emphasis; the chat template changes the message. Drop --chat.")
+    lead = len(message) - len(message.lstrip())
+    return at - lead, at, at + len(core)
 
 
 @dataclass(frozen=True)

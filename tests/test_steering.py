@@ -638,3 +638,46 @@ def test_autopasta_asks_for_the_key_sentence_with_the_vector_off(tiny_llama, mon
         key_sentences(tiny_llama, [text], [None], max_new_tokens=2)
         assert tiny_llama.vector_steering.enabled and tiny_llama.steering is not None
     assert seen == [(None, False)]
+
+
+def test_emphasis_survives_a_chat_template_that_trims_the_message(fresh_tiny_llama):
+    """Llama 3's template trims the message: a prompt ending in a newline is no longer found
+    whole in the chat text, and its <<...>> must still land on the same words (it failed with
+    "the chat template changes the message")."""
+    from promptscope.models.steering import attention_part
+    from promptscope.templates import parse_template
+
+    model = fresh_tiny_llama
+    model.tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}"
+        "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    template = "  Context: <<Ann lives in Rome.>> Bob lives in Oslo. Where does Ann live?\n"
+    variant = next(parse_template(template).expand())
+    chat = model.chat_prompt(variant.text)
+    assert variant.text not in chat
+    assert [chat[a:b] for a, b in variant.emphasis_in(chat)] == ["Ann lives in Rome."]
+    edge = next(parse_template("<< Ann>> lives here.\n").expand())  # trimmed space: not marked
+    assert [model.chat_prompt(edge.text)[a:b]
+            for a, b in edge.emphasis_in(model.chat_prompt(edge.text))] == ["Ann"]
+    seen = []
+    real = type(model).score
+
+    def spy(self, prompts, continuations, progress=None):
+        if self.steering is not None and attention_part(self.steering) is not None:
+            seen.extend(attention_part(self.steering).spans_for(p) for p in prompts)
+        return real(self, prompts, continuations, progress)
+
+    type(model).score = spy
+    try:
+        run = promptscope.run_prompt(template, model, chat=True, choices=[" Rome", " Oslo"],
+                                     steer={"heads": "all", "alpha": 0.01, "compare": True},
+                                     save=False, progress=False)
+    finally:
+        type(model).score = real
+    assert seen and all(chat[a:b] == "Ann lives in Rome." for spans in seen for a, b in spans)
+    plain, steered = (run.df[run.df.steered == s]["logprob"].tolist() for s in (False, True))
+    assert plain != pytest.approx(steered, abs=1e-6)
+    att = promptscope.attention(template, model, chat=True, save=False, progress=False)
+    tokens = att.tables["tokens"]
+    marked = tokens[tokens.part == "emphasis"]["token"].str.replace("Ġ", " ")
+    assert "".join(marked).strip() == "Ann lives in Rome."

@@ -55,6 +55,7 @@ from promptscope.templates import (
     Variant,
     check_rows,
     count_rows,
+    locate_message,
     parse_template,
 )
 
@@ -524,7 +525,7 @@ class _Engine:
                     target_ids: Any) -> list[dict[str, Any]]:
         """Token attributions (IG or perturbation); summed per part for ``level="parts"``."""
         text = self.wrap(v.text)
-        shift = text.rfind(v.text) if text != v.text else 0
+        shift = locate_message(v.text, text)[0]
         enc = self.mdl.encode(text, offsets=True)
         self.mdl.check_length(len(enc["input_ids"]) + len(target_ids) - 1, text,
                               " with its target")
@@ -735,7 +736,7 @@ class _ScoredEngine(_Engine):
                     s.text if row[f] else self.baselines.get(s.part, "")
                     for s, f in zip(segments, feature)])
                 text = self.wrap(joined)
-                shift = text.rfind(joined) if text != joined else 0
+                shift = locate_message(joined, text)[0]
                 prompts.append((text, tuple((a + shift, b + shift) for a, b in spans)))
             logprobs = [0.0] * len(prompts)
             for rows in _one_emphasis_per_text(prompts, steering is not None):
@@ -966,7 +967,7 @@ def _parts_input(engine: _Engine, segments: list[Segment], fixed: int | None = N
         def to_model_input(self, perturbed_tensor: Any = None) -> Any:
             joined = super().to_model_input(perturbed_tensor)
             text = engine.wrap(joined)
-            shift = text.rfind(joined) if text != joined else 0
+            shift = locate_message(joined, text)[0]
             enc = mdl.encode(text, offsets=True)
             self.offsets = [tuple(o) for o in enc["offset_mapping"]]
             self.last_text = text
