@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 
 from promptscope.errors import PromptscopeError, describe
 
@@ -172,6 +172,7 @@ class PromptscopeMagics(Magics):
             return None
 
     @line_magic
+    @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
     def promptscope(self, line: str) -> Any:
         args = self._parse(_promptscope_parser(), line)
         if args is None:
@@ -220,6 +221,7 @@ class PromptscopeMagics(Magics):
         return result
 
     @cell_magic
+    @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
     def prompt(self, line: str, cell: str) -> Any:
         args = self._parse(_prompt_parser(), line)
         if args is None:
@@ -305,6 +307,7 @@ class PromptscopeMagics(Magics):
         return _run_into(ns, args.out, run)
 
     @cell_magic
+    @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
     def reach(self, line: str, cell: str) -> Any:
         args = self._parse(_reach_parser(), line)
         if args is None:

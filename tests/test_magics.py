@@ -115,3 +115,15 @@ def test_promptscope_commands(ip, tiny_llama_dir, capsys):
         ip.run_line_magic("promptscope", "frobnicate")
     with pytest.raises(UsageError, match="No session"):
         ip.run_line_magic("promptscope", "load 1234")
+
+
+def test_ipython_does_not_fill_in_the_option_line(ip, tiny_llama_dir):
+    """'{answer}' is a per-row target and '$5' a choice: IPython's own {name}/$name expansion
+    of magic lines must not replace them with notebook variables."""
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")
+    ip.user_ns.update(answer="GLOBAL", rows=[{"x": "Rome", "answer": " yes"},
+                                             {"x": "Oslo", "answer": " no"}])
+    run = ip.run_cell_magic("prompt", '--vars rows --target " {answer}"', "Is {x} big?")
+    assert run.df["target"].tolist() == [" {answer}"] * 2  # the text given, not "GLOBAL"
+    priced = ip.run_cell_magic("prompt", '--choices " $5| $10"', "It costs")
+    assert set(priced.df["choice"]) == {" $5", " $10"}
