@@ -11,7 +11,8 @@ Syntax of a ``%%prompt`` cell body (also :func:`parse_template`)::
     \\{  \\}  \\<  \\>  \\|  \\=  \\\\   a literal character
 
 A single ``{`` that does not start ``{name}`` is literal text, so ``{"a": 1}`` needs no escape;
-``{{``, ``}}``, ``<<`` and ``>>`` always have their meaning (escape them as ``\\{{`` etc.).
+``{{``, ``}}``, ``<<`` and ``>>`` always have their meaning; ``\\{{``, ``\\}}``, ``\\<<`` and
+``\\>>`` are the literal pairs.
 
 The run is the cartesian product of the variable rows and every alternatives group. Expansion is
 lazy, so a template with 10^5 variants does not sit in memory.
@@ -237,29 +238,37 @@ def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | Non
     """Raise the :class:`TemplateError` that :meth:`Template.expand` would raise on rows of the
     wrong type or a row that lacks a variable, before any work starts; also refuse rows that
     would run nothing (none at all) or run something unintended (a dict of lists, which would
-    put each whole list into one prompt). Rows given as an iterator are not checked."""
+    put each whole list into one prompt, or the text "nan" for a missing value)."""
     namespace = namespace or {}
     if rows is None or isinstance(rows, Mapping):
         rows_list: list[Mapping[str, Any]] = [rows or {}]
-        lists = sorted(k for k in template.variables
-                       if isinstance((rows or {}).get(k), (list, tuple)))
+        lists = sorted(k for k in template.variables if _is_many((rows or {}).get(k)))
         if lists:
             raise TemplateError(
-                f"vars['{lists[0]}'] holds a list, which would go whole into one prompt. For one "
-                "run per value pass a DataFrame (pd.DataFrame(vars)) or a list of dicts.")
+                f"vars['{lists[0]}'] holds several values, which would go whole into one "
+                "prompt. For one run per value pass a DataFrame (pd.DataFrame(vars)) or a list "
+                "of dicts.")
     elif hasattr(rows, "columns") and hasattr(rows, "iterrows"):
         rows_list = [dict.fromkeys(rows.columns)]  # every row has every column
         if len(rows) == 0:
             raise TemplateError("vars is an empty DataFrame: there is nothing to run.")
+        used = [c for c in rows.columns if c in template.variables]
+        missing = rows[used].isna().any(axis=1) if used else None
+        if missing is not None and missing.any():
+            at = missing.idxmax()
+            cols = [c for c in used if rows[c].isna()[at]]
+            raise TemplateError(f"vars row {at!r} has no value for {cols} (NaN); fill it "
+                                "(df.fillna(...)) or drop the row (df.dropna()).")
     elif isinstance(rows, (list, tuple)):
         rows_list = rows
         if not rows_list:
             raise TemplateError("vars is an empty list: there is nothing to run.")
-    elif isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+    else:  # a Series, a generator, a string...
+        hint = (" (a Series: pass series.to_frame(), or a dict)" if hasattr(rows, "index")
+                else "; pass list(...) of an iterator" if isinstance(rows, Iterable)
+                and not isinstance(rows, (str, bytes)) else "")
         raise TemplateError(f"vars must be a dict, a list of dicts or a DataFrame, not "
-                            f"{type(rows).__name__}.")
-    else:
-        return
+                            f"{type(rows).__name__}{hint}.")
     labelled = not (rows is None or isinstance(rows, Mapping))
     for i, row in enumerate(rows_list):
         if not isinstance(row, Mapping):
@@ -323,7 +332,10 @@ class _Parser:
                 flush()
                 return parts
             c = src[self.i]
-            if c == "\\" and self.i + 1 < len(src) and src[self.i + 1] in _ESCAPABLE:
+            if c == "\\" and src[self.i + 1:self.i + 3] in ("{{", "}}", "<<", ">>"):
+                buf.append(src[self.i + 1:self.i + 3])  # \{{ is a literal {{
+                self.i += 3
+            elif c == "\\" and self.i + 1 < len(src) and src[self.i + 1] in _ESCAPABLE:
                 buf.append(src[self.i + 1])
                 self.i += 2
             elif src.startswith("{{", self.i):
@@ -393,6 +405,11 @@ class _Parser:
         if len(options) == 1 and not options[0]:
             raise TemplateError(f"Empty alternatives '{{{{}}}}' at {self.where(start)}: "
                                 "list options like {{a|b}}.")
+        if len(options) == 1:  # {{name}}: Jinja/Mustache habit, not a choice between options
+            raise TemplateError(
+                f"'{self.src[start:self.i]}' at {self.where(start)} has one option. Write "
+                "{name} for a variable, {{a|b}} for alternatives, or \\{{...\\}} for "
+                "literal braces.")
         return Alt(name=name, options=tuple(options))
 
     def parse_emphasis(self) -> Emphasis:
@@ -448,7 +465,8 @@ def _iter_rows(rows: Any) -> tuple[Iterator[tuple[Any, Mapping[str, Any]]], bool
     if isinstance(rows, Mapping):
         return iter([(0, rows)]), False
     if hasattr(rows, "iterrows") and hasattr(rows, "columns"):  # a pandas DataFrame
-        return ((_label_value(i), r.to_dict()) for i, r in rows.iterrows()), True
+        # records keep each column's type (iterrows makes one Series per row: 3 -> 3.0)
+        return ((_label_value(i), r) for i, r in zip(rows.index, rows.to_dict("records"))), True
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
         raise TemplateError(
             f"vars must be a dict, a list of dicts or a DataFrame, not {type(rows).__name__}."
@@ -471,6 +489,11 @@ def count_rows(rows: Any) -> int:
     if rows is None or isinstance(rows, Mapping):
         return 1
     return len(rows)
+
+
+def _is_many(v: Any) -> bool:
+    """A list, tuple, Series or array: several values, not one."""
+    return isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) > 0
 
 
 def _is_scalar(v: Any) -> bool:

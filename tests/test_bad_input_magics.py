@@ -34,8 +34,13 @@ def _refused(ip, line: str, cell: str, match: str) -> None:
     ("Paris", "not str"),
     (pd.DataFrame(columns=["city"]), "empty DataFrame"),
     ([], "empty list"),
-    ({"city": ["Paris", "Tokyo"]}, r"vars\['city'\] holds a list.*pd.DataFrame"),
+    ({"city": ["Paris", "Tokyo"]}, r"vars\['city'\] holds several values.*pd.DataFrame"),
+    ({"city": pd.Series(["Paris", "Tokyo"])}, r"vars\['city'\] holds several values"),
     ([{"city": "Paris"}, "Tokyo"], "row 1 is a str"),
+    ((r for r in [{"city": "Paris"}]), r"not generator; pass list\(...\)"),
+    (pd.Series(["Paris"]), r"not Series \(a Series: pass series.to_frame\(\)"),
+    (pd.DataFrame([{"city": "Paris"}, {"country": "France"}]),
+     r"vars row 1 has no value for \['city'\] \(NaN\); fill it"),
 ])
 def test_vars_of_the_wrong_shape(loaded, value, match):
     loaded.user_ns["rows"] = value

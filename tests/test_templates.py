@@ -21,6 +21,13 @@ def test_cartesian_product_of_rows_and_groups_with_labels():
     assert variants[-1].labels["city"] == "Lima"
 
 
+def test_dataframe_rows_keep_their_column_types():
+    """An all-number frame: iterrows would make one float Series per row (3 -> "3.0")."""
+    t = parse_template("{qty} apples at ${price}")
+    (v,) = t.expand(pd.DataFrame({"qty": [3], "price": [0.5]}, index=["a"]))
+    assert v.text == "3 apples at $0.5" and v.labels == {"row": "a", "qty": 3, "price": 0.5}
+
+
 def test_emphasis_is_stripped_and_recorded_as_span():
     t = parse_template("Context: <<{fact}>> Question: who?")
     (v,) = t.expand({"fact": "Ann lives in Rome."})
@@ -39,6 +46,18 @@ def test_single_brace_json_is_literal_and_escapes_work():
     t = parse_template('{"k": 1} \\{{x\\}} a\\|b')
     (v,) = t.expand()
     assert v.text == '{"k": 1} {{x}} a|b'
+
+
+def test_escaped_pairs_and_one_option_groups():
+    """\\{{ is a literal {{ (it was { followed by a variable), and {{name}} (a Jinja or
+    Mustache habit) is refused instead of rendering the word "name"."""
+    (v,) = parse_template("Use \\{{name\\}} and \\<<b\\>>").expand({"name": "Ann"})
+    assert v.text == "Use {{name}} and <<b>>" and not v.emphasis
+    with pytest.raises(TemplateError, match="closes no"):
+        parse_template("Use \\{{name}} in Jinja")
+    with pytest.raises(TemplateError, match=r"'\{\{name\}\}' at line 1, column 7 has one "
+                                            r"option. Write \{name\} for a variable"):
+        parse_template("Hello {{name}}")
 
 
 def test_empty_option_allowed():
@@ -89,7 +108,7 @@ def test_expansion_is_lazy():
 _plain = st.text(alphabet=st.characters(blacklist_characters="{}<>|=\\"), max_size=20)
 
 
-_options = st.lists(_plain, min_size=1, max_size=3).filter(lambda o: o != [""])
+_options = st.lists(_plain, min_size=2, max_size=3)
 
 
 @given(st.lists(st.tuples(_plain, _options), max_size=4), _plain)
