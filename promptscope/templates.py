@@ -234,6 +234,51 @@ class Template:
                 index += 1
 
 
+def chunks(variants: Iterable[Variant], size: int, *, steered: bool = False
+           ) -> Iterator[list[Variant]]:
+    """The variants in lists of at most ``size``, in order. ``steered``: attention steering
+    looks emphasis up by prompt text, so two variants with the same text and other
+    ``<<...>>`` marks never share a list (the second goes in a list of its own)."""
+    it = iter(variants)
+    while chunk := list(itertools.islice(it, size)):
+        if not steered:
+            yield chunk
+            continue
+        for rows in emphasis_groups([(v.text, tuple(v.emphasis)) for v in chunk]):
+            yield [chunk[i] for i in rows]
+
+
+def emphasis_groups(prompts: list[tuple[str, tuple[Any, ...]]]) -> list[list[int]]:
+    """Indices of ``prompts`` (text, emphasised spans) in groups, in order, where no text has
+    two different sets of spans."""
+    groups: list[tuple[dict[str, Any], list[int]]] = []
+    for i, (text, spans) in enumerate(prompts):
+        group = next((g for g in groups if g[0].get(text, spans) == spans), None)
+        if group is None:
+            group = ({}, [])
+            groups.append(group)
+        group[0][text] = spans
+        group[1].append(i)
+    return [rows for _, rows in groups]
+
+
+def spans_by_text(variants: Iterable[Variant]) -> dict[str, list[tuple[int, int]]]:
+    """Prompt text -> its ``<<...>>`` spans, for steering a whole task at once; two variants
+    with the same text and other marks are refused (steering finds marks by text)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    first: dict[str, int] = {}
+    for v in variants:
+        if not v.emphasis:
+            continue
+        if out.setdefault(v.text, v.emphasis) != v.emphasis:
+            raise TemplateError(
+                f"Variants {first[v.text]} and {v.index} make the same prompt with other "
+                f"<<...>> marks; steering finds the marks by prompt text, so it cannot steer "
+                f"both here. Drop one of those rows.")
+        first.setdefault(v.text, v.index)
+    return out
+
+
 def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | None = None) -> None:
     """Raise the :class:`TemplateError` that :meth:`Template.expand` would raise on rows of the
     wrong type or a row that lacks a variable, before any work starts; also refuse rows that

@@ -485,6 +485,33 @@ def test_heads_from_a_saved_profile(tiny_llama):
     with pytest.raises(PromptscopeError, match="No head profile named 'nope'"):
         with promptscope.steer(tiny_llama, heads="profile:nope", emphasis="x"):
             pass
+    # a newer profile of the same name that was interrupted, or made on another model, is not
+    # the one meant: it was taken before (its 2 heads, or another model's heads)
+    from promptscope.analyses.heads import KIND, resolve_profile_heads
+    from promptscope.store import Store
+
+    store = Store.default()
+    for model, status in (("tiny-llama", "interrupted"), ("other-model", "done")):
+        sid = store.create(KIND, name="my-profile", model=model)
+        store.append(sid, "rows", prof.df.head(2).assign(d_accuracy=1.0))
+        store.finish(sid, status)
+    assert resolve_profile_heads("profile:my-profile", tiny_llama.name) == expected
+    with pytest.raises(PromptscopeError, match=r"finished for model 'third'.*\['other-model', "
+                                               r"'tiny-llama'\]"):
+        resolve_profile_heads("profile:my-profile", "third")
+
+
+def test_same_prompt_with_other_marks_is_refused_where_a_task_is_steered_at_once(tiny_llama):
+    template = "Context: {before}<<{key}>>{after} Where does Ann live?"
+    rows = [{"before": "Bob is in Oslo. ", "key": "Ann is in Rome.", "after": "",
+             "answer": " Rome", "choices": [" Rome", " Oslo"]},
+            {"before": "", "key": "Bob is in Oslo.", "after": " Ann is in Rome.",
+             "answer": " Rome", "choices": [" Rome", " Oslo"]}]
+    with pytest.raises(PromptscopeError, match="Variants 0 and 1 make the same prompt"):
+        promptscope.profile_heads(template, rows, tiny_llama, progress=False, save=False)
+    with pytest.raises(PromptscopeError, match="Variants 0 and 1 make the same prompt"):
+        promptscope.compare_steering(template, rows, tiny_llama, save=False, progress=False,
+                                     methods={"PASTA": {"heads": "all", "alpha": [0.01]}})
 
 
 def test_profile_errors(tiny_llama):
@@ -681,3 +708,28 @@ def test_emphasis_survives_a_chat_template_that_trims_the_message(fresh_tiny_lla
     tokens = att.tables["tokens"]
     marked = tokens[tokens.part == "emphasis"]["token"].str.replace("Ġ", " ")
     assert "".join(marked).strip() == "Ann lives in Rome."
+
+
+def test_same_text_with_other_emphasis_is_steered_by_its_own_marks(tiny_llama):
+    """Steering looks emphasis up by prompt text: two rows that make the same text with other
+    <<...>> marks went into one batch, and the second row's marks steered both."""
+    template = "Context: {before}<<{key}>>{after} Where does Ann live? Answer:"
+    rows = [{"before": "Bob lives in Oslo. ", "key": "Ann lives in Rome.", "after": ""},
+            {"before": "", "key": "Bob lives in Oslo.", "after": " Ann lives in Rome."}]
+    opts = dict(choices=[" Rome", " Oslo"], steer={"heads": "all", "alpha": 0.01}, save=False,
+                progress=False)
+    both = promptscope.run_prompt(template, tiny_llama, vars=rows, **opts)
+    texts = set(both.df["prompt"])
+    assert len(texts) == 1  # one text, two emphases
+    for i, row in enumerate(rows):
+        alone = promptscope.run_prompt(template, tiny_llama, vars=[row], **opts)
+        got = both.df[both.df.variant == i]["logprob"].tolist()
+        assert got == pytest.approx(alone.df["logprob"].tolist(), abs=1e-5)
+    att = promptscope.attention(template, tiny_llama, vars=rows, steer={"heads": "all"},
+                                save=False, progress=False)
+    for i, row in enumerate(rows):
+        alone = promptscope.attention(template, tiny_llama, vars=[row], steer={"heads": "all"},
+                                      save=False, progress=False)
+        mine = att.df[att.df.variant == i].sort_values(["layer", "head", "part"])
+        assert mine["mass"].tolist() == pytest.approx(
+            alone.df.sort_values(["layer", "head", "part"])["mass"].tolist(), abs=1e-5)

@@ -8,7 +8,6 @@ when they fit (``MATRIX_WEIGHTS``) or are asked for.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,14 @@ from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
 from promptscope.store import Store
-from promptscope.templates import Template, Variant, check_rows, count_rows, parse_template
+from promptscope.templates import (
+    Template,
+    Variant,
+    check_rows,
+    chunks,
+    count_rows,
+    parse_template,
+)
 
 #: Variants per forward step (their rows are saved before the next step).
 CHUNK_SIZE = 16
@@ -144,7 +150,7 @@ def attention(
         rec = stack.enter_context(Recorder("attention", name=name, model=mdl, params=params,
                                            source=tpl.source, save=save, store=store))
         try:
-            while chunk := list(itertools.islice(variants, CHUNK_SIZE)):
+            for chunk in chunks(variants, CHUNK_SIZE, steered=steering is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
                 shifts = [v.offset_in(t) for v, t in zip(chunk, texts)]
                 if steering is not None:

@@ -29,7 +29,6 @@ How promptscope drives captum (and why):
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import numbers
 import re
@@ -54,7 +53,9 @@ from promptscope.templates import (
     Var,
     Variant,
     check_rows,
+    chunks,
     count_rows,
+    emphasis_groups,
     locate_message,
     parse_template,
 )
@@ -310,13 +311,11 @@ def attribute(
 
     from tqdm.auto import tqdm
 
-    variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
-    head = list(itertools.islice(variants, CHUNK_SIZE))
-    for v in head:  # mistakes in the first variants fail before a session exists
+    carry = extra_columns(vars, tpl)
+    for v in tpl.expand(vars, namespace, carry=carry):  # mistakes fail before a session exists
         _check_segments(tpl, v)
         if mode == "target":
             _fill_target(target or "", v)
-    variants = itertools.chain(head, variants)
     engine_class = _ScoredEngine if scored else _Engine
     engine = engine_class(mdl, tpl, method, level, n_samples, n_steps, dict(baselines or {}),
                           chat, seed)
@@ -332,7 +331,8 @@ def attribute(
         rec = stack.enter_context(Recorder("attribution", name=name, model=mdl, params=params,
                                            source=tpl.source, save=save, store=store))
         try:
-            while chunk := list(itertools.islice(variants, CHUNK_SIZE)):
+            for chunk in chunks(tpl.expand(vars, namespace, carry=carry), CHUNK_SIZE,
+                                steered=steering is not None):
                 frames = []
                 answers = None
                 if mode == "generate":  # the model's own (unsteered or steered) answer
@@ -739,7 +739,9 @@ class _ScoredEngine(_Engine):
                 shift = locate_message(joined, text)[0]
                 prompts.append((text, tuple((a + shift, b + shift) for a, b in spans)))
             logprobs = [0.0] * len(prompts)
-            for rows in _one_emphasis_per_text(prompts, steering is not None):
+            groups = (emphasis_groups(prompts) if steering is not None
+                      else [list(range(len(prompts)))])
+            for rows in groups:
                 texts = [prompts[i][0] for i in rows]
                 if steering is not None:  # (the spans are the steering's while it scores)
                     steering.spans.update({prompts[i][0]: list(prompts[i][1]) for i in rows})
@@ -782,24 +784,6 @@ def _join_parts(segments: list[Segment], pieces: list[str]
             spans.append((pos, pos + len(piece)))
         pos += len(piece)
     return "".join(pieces), spans
-
-
-def _one_emphasis_per_text(prompts: list[tuple[str, tuple[Any, ...]]], steered: bool
-                           ) -> list[list[int]]:
-    """Rows of ``prompts`` (text, emphasised spans) in groups to score together. Steered, the
-    spans are looked up by text, so the same text with other spans (removing either of two
-    parts can leave the same words, emphasised or not) goes in a later group."""
-    if not steered:
-        return [list(range(len(prompts)))]
-    groups: list[tuple[dict[str, Any], list[int]]] = []
-    for i, (text, spans) in enumerate(prompts):
-        group = next((g for g in groups if g[0].get(text, spans) == spans), None)
-        if group is None:
-            group = ({}, [])
-            groups.append(group)
-        group[0][text] = spans
-        group[1].append(i)
-    return [rows for _, rows in groups]
 
 
 class _ScoreFailed(Exception):

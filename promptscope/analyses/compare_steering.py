@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
@@ -30,7 +31,7 @@ from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
 from promptscope.store import Store
-from promptscope.templates import Template, parse_template
+from promptscope.templates import Template, parse_template, spans_by_text
 
 KIND = "steering_comparison"
 
@@ -47,10 +48,10 @@ class _Task:
             raise PromptscopeError(f"Every row needs an '{answer}' column (the right answer).")
         self.answers = [r[answer] for r in rows]
         self.cands = [_row_choices(r, choices, answer, i) for i, r in enumerate(rows)]
-        self.variants = [next(self.tpl.expand(r)) for r in rows]
+        self.variants = [replace(next(self.tpl.expand(r)), index=i) for i, r in enumerate(rows)]
         self.prompts = [v.text for v in self.variants]
         # only marked prompts: the others keep a method's emphasis= strings
-        self.spans = {v.text: list(v.emphasis) for v in self.variants if v.emphasis}
+        self.spans = spans_by_text(self.variants)
 
     def _logprobs(self, mdl: Model) -> list[dict[str, float]]:
         """Per row, candidate -> log-prob."""

@@ -9,6 +9,7 @@ unsteered model. The best heads are then steered together (``heads="top:8"`` or
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
@@ -17,7 +18,7 @@ from promptscope.models import resolve_model
 from promptscope.models.base import Model
 from promptscope.result import Result
 from promptscope.store import Store
-from promptscope.templates import Template, parse_template
+from promptscope.templates import Template, parse_template, spans_by_text
 
 KIND = "head_profile"
 
@@ -79,8 +80,9 @@ def profile_heads(
     if any(answer not in r for r in rows):
         raise PromptscopeError(f"Every row needs an '{answer}' column (the right answer).")
     cands = [_row_choices(r, choices, answer) for r in rows]
-    variants = [next(tpl.expand(r)) for r in rows]
+    variants = [replace(next(tpl.expand(r)), index=i) for i, r in enumerate(rows)]
     prompts = [v.text for v in variants]
+    spans = spans_by_text(variants)
     pairs = [(i, c) for i, cs in enumerate(cands) for c in cs]
     cfg = mdl.text_config  # type: ignore[attr-defined]
     attended = mdl.attention_layers  # type: ignore[attr-defined]
@@ -108,7 +110,7 @@ def profile_heads(
         try:
             for layer, h in heads:
                 with steer(mdl, heads={layer: [h]}, alpha=alpha) as steering:
-                    steering.spans.update({p: v.emphasis for p, v in zip(prompts, variants)})
+                    steering.spans.update(spans)
                     acc, lp = evaluate()
                 rec.add(pd.DataFrame([{"layer": layer, "head": h, "accuracy": acc,
                                        "logprob": lp, "d_accuracy": acc - base_acc,
@@ -170,10 +172,14 @@ def resolve_profile_heads(spec: str, model_name: str,
         record, k = records[0], _int(rest, spec)
     else:
         name, _, k_text = rest.partition(":")
-        records = [r for r in store.list(kind=KIND, search=name) if r.name == name]
+        named = [r for r in store.list(kind=KIND, search=name) if r.name == name]
+        records = [r for r in named if r.status == "done" and r.model == model_name]
         if not records:
-            raise PromptscopeError(f"No head profile named '{name}'. promptscope.sessions("
-                                   f"kind='{KIND}') lists the saved profiles.")
+            other = sorted({r.model for r in named if r.status == "done"} - {model_name})
+            why = (f" finished for model '{model_name}' (only for {other}: a profile's heads "
+                   "belong to its model)" if other else " that finished" if named else "")
+            raise PromptscopeError(f"No head profile named '{name}'{why}. promptscope."
+                                   f"sessions(kind='{KIND}') lists the saved profiles.")
         record = records[0]
         k = _int(k_text, spec) if k_text else int(record.params.get("top_k", 8))
     return top_heads(promptscope.load(record.id, store=store).df, k)

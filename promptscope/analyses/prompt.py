@@ -6,7 +6,6 @@ This is what ``%%prompt`` calls; it works the same from plain Python.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,14 @@ from promptscope.models import resolve_model
 from promptscope.models.base import Model, check_generation
 from promptscope.result import Result
 from promptscope.store import Store
-from promptscope.templates import Template, Variant, check_rows, count_rows, parse_template
+from promptscope.templates import (
+    Template,
+    Variant,
+    check_rows,
+    chunks,
+    count_rows,
+    parse_template,
+)
 
 #: Variants per step: each step's rows are saved before the next step starts.
 CHUNK_SIZE = 256
@@ -166,7 +172,7 @@ def run_prompt(
         rec = stack.enter_context(Recorder("prompt", name=name, model=mdl, params=params,
                                            source=tpl.source, save=save, store=store))
         try:
-            while chunk := list(itertools.islice(variants, chunk_size)):
+            for chunk in chunks(variants, chunk_size, steered=attn is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
                 keys = None
                 if attn is not None:
