@@ -24,20 +24,24 @@ def _eager_attentions(model, text):
 
 
 def test_captured_weights_equal_eager_attention(tiny_model):
-    # transformers reports the layers that have attention weights (not a hybrid model's others)
-    layer = tiny_model.attention_layers[1]
-    att = promptscope.attention(TEMPLATE, tiny_model, vars=ROWS, layers=str(layer),
-                                heads=[0, 2], progress=False)
+    """Every layer with attention weights (a hybrid model's others have none), in a batch of
+    two prompts of different lengths (left padding). Gemma 4's layers that reuse earlier keys
+    computed the last query only when asked for the last logits."""
+    layers = tiny_model.attention_layers
+    rows = [*ROWS, {"name": "Maximilian", "city": "Rome"}]
+    att = promptscope.attention(TEMPLATE, tiny_model, vars=rows,
+                                layers=",".join(map(str, layers)), heads=[0, 2], progress=False)
     eager = _eager_attentions(tiny_model, "Context: Eve lives in Lima. Bob lives in Oslo. "
                                           "Where does Eve live?")
     w = att.tables["weights"]
-    one = w[(w.variant == 1) & (w.layer == layer) & (w["head"] == 2)]
-    ref = eager[1][0, 2]
-    got = torch.zeros_like(ref)
-    q, k = one["query"].to_numpy().copy(), one["key"].to_numpy().copy()
-    got[q, k] = torch.tensor(one["weight"].to_numpy().copy())
-    assert torch.allclose(got, ref, atol=1e-5)
-    assert set(w["layer"]) == {layer} and set(w["head"]) == {0, 2}
+    for i, layer in enumerate(layers):
+        one = w[(w.variant == 1) & (w.layer == layer) & (w["head"] == 2)]
+        ref = eager[i][0, 2]
+        got = torch.zeros_like(ref)
+        q, k = one["query"].to_numpy().copy(), one["key"].to_numpy().copy()
+        got[q, k] = torch.tensor(one["weight"].to_numpy().copy())
+        assert torch.allclose(got, ref, atol=1e-5), f"layer {layer}"
+    assert set(w["layer"]) == set(layers) and set(w["head"]) == {0, 2}
 
 
 def test_span_mass_sums_to_one_and_parts_follow_the_template(tiny_llama):

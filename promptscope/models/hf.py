@@ -365,9 +365,13 @@ class HFModel(Model):
                     pad = width - len(ids[u])
                     on_weights(u, layer, weights[r, :, pad:, pad:].float().cpu())
 
+            # Only the last logits, but every query: an int logits_to_keep also lets Gemma 4
+            # compute its key-sharing layers for the last query alone; an index tensor does not.
+            last = ({"logits_to_keep": torch.tensor([width - 1], device=self.device)}
+                    if self.keep_logits else {})
             with self.forward_state(flags, batch, width, capture, frozenset(layers)):
                 self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           use_cache=False, **self.keep_logits)  # (weights only: no logits)
+                           use_cache=False, **last)
             if progress:
                 progress(len(batch))
         return [self.tokenizer.convert_ids_to_tokens(x) for x in ids]
