@@ -169,3 +169,24 @@ def test_matrices_are_kept_while_they_fit(tiny_llama, monkeypatch):
     assert "weights" not in summary.tables and summary.params["matrices"] is False
     assert summary.df.equals(kept.df)  # the summary is the same
     assert len(run(matrices=True).tables["weights"]) == rows
+
+
+def test_tokens_read_as_text_and_bos_is_special_with_or_without_chat(tiny_llama):
+    """Byte-level token names garbled non-ASCII ('Ã', '«' for ë); a chat template that spells
+    out BOS made it 'template' text, moving the attention sink's mass to another part."""
+    template = "Context: <<Zoë lives in Zürich.>> Where does Zoë live?"
+    for chat in (False, True):
+        att = promptscope.attention(template, tiny_llama, chat=chat, matrices=False,
+                                    save=False, progress=False)
+        tokens = att.tables["tokens"]
+        assert tokens[tokens.token == "<s>"]["part"].tolist() == ["special"]
+        marked = tokens[tokens.part == "emphasis"]["token"].tolist()
+        assert "…" in marked  # ë and ü are two byte tokens each: the second shows "…"
+        assert "".join(t for t in marked if t != "…").strip() == "Zoë lives in Zürich."
+
+
+def test_attribution_tokens_read_as_text(tiny_llama):
+    att = promptscope.attribute("Is {x} big?", tiny_llama, vars=[{"x": "Zürich"}],
+                                target=" yes", level="tokens", save=False, progress=False)
+    shown = [t for t in att.df.sort_values("position")["token"] if t != "…"]
+    assert "".join(shown) == "Is Zürich big?"

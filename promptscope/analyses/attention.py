@@ -51,13 +51,34 @@ def pick_indices(spec: Any, n: int, what: str) -> list[int]:
     return sorted(set(items))
 
 
-def token_parts(offsets: Sequence[tuple[int, int]], v: Variant, shift: int = 0) -> list[str]:
-    """The template part each token belongs to: ``emphasis``, a variable or alternatives-group
-    name, ``text``, or ``special`` (no characters, e.g. BOS); ``template`` for chat-template text
-    around the prompt."""
-    parts = []
-    for a, b in offsets:
+def token_texts(text: str, offsets: Sequence[tuple[int, int]], names: Sequence[str]
+                ) -> list[str]:
+    """Each token as the text it covers, for tables and axes. A character that byte-level
+    tokens split (``ü``, ``東``) is shown on its first token and as ``…`` on the rest; a token
+    that covers no text (BOS) keeps its name.
+
+    >>> token_texts("Zü", [(0, 0), (0, 1), (1, 2), (1, 2)], ["<s>", "Z", "Ã", "¼"])
+    ['<s>', 'Z', 'ü', '…']
+    """
+    out, end = [], 0
+    for (a, b), name in zip(offsets, names):
         if b <= a:
+            out.append(name)
+            continue
+        out.append(text[max(a, end):b] or "…")
+        end = max(end, b)
+    return out
+
+
+def token_parts(offsets: Sequence[tuple[int, int]], v: Variant, shift: int = 0,
+                special: Sequence[bool] | None = None) -> list[str]:
+    """The template part each token belongs to: ``emphasis``, a variable or alternatives-group
+    name, ``text``, or ``special`` (a special token of the tokenizer, e.g. BOS, also where a
+    chat template spells it out, or a token without characters); ``template`` for the chat
+    template's text around the prompt."""
+    parts = []
+    for i, (a, b) in enumerate(offsets):
+        if b <= a or (special is not None and special[i]):
             parts.append("special")
             continue
         a, b = a - shift, b - shift
@@ -159,9 +180,13 @@ def attention(
                             steering.spans[t] = v.emphasis_in(t)
                 tokens_rows, mass_rows, weight_frames = [], [], []
                 parts_of: dict[int, list[str]] = {}
+                shown: dict[int, list[str]] = {}
                 for j, (v, t, sh) in enumerate(zip(chunk, texts, shifts)):
                     enc = mdl.encode(t, offsets=True)  # type: ignore[attr-defined]
-                    parts_of[j] = token_parts(enc["offset_mapping"], v, sh)
+                    parts_of[j] = token_parts(enc["offset_mapping"], v, sh,
+                                              mdl.special_flags(enc["input_ids"]))
+                    shown[j] = token_texts(t, enc["offset_mapping"], mdl.tokenizer
+                                           .convert_ids_to_tokens(enc["input_ids"]))
 
                 def keep(j: int, layer: int, weights: Any, chunk: list[Variant] = chunk,
                          parts_of: dict[int, list[str]] = parts_of,
@@ -179,10 +204,10 @@ def attention(
                     if matrices:
                         weight_frames.append(_weights_frame(v.index, layer, head_ids, w))
 
-                tokens = mdl.forward_with_attention(  # type: ignore[attr-defined]
+                mdl.forward_with_attention(  # type: ignore[attr-defined]
                     texts, layer_ids, keep, progress=bar.update)
                 for j, v in enumerate(chunk):
-                    for pos, (tok, part) in enumerate(zip(tokens[j], parts_of[j])):
+                    for pos, (tok, part) in enumerate(zip(shown[j], parts_of[j])):
                         tokens_rows.append({"variant": v.index, "position": pos, "token": tok,
                                             "part": part})
                 rec.add(pd.DataFrame(tokens_rows), "tokens")

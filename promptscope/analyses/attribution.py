@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
-from promptscope.analyses.attention import token_parts
+from promptscope.analyses.attention import token_parts, token_texts
 from promptscope.analyses.prompt import RESERVED, extra_columns, parse_choices
 from promptscope.errors import CapabilityError, PromptscopeError, TemplateError
 from promptscope.models import resolve_model
@@ -542,6 +542,7 @@ class _Engine:
         else:
             attr = self._token_perturbation(enc["input_ids"], keep, target_ids)
         labels = token_parts(offsets, v, shift)
+        shown = token_texts(text, offsets, [""] * len(offsets))
         rows = []
         it = iter(attr)
         for pos, ((a, b), part, k) in enumerate(zip(offsets, labels, keep)):
@@ -550,7 +551,7 @@ class _Engine:
             # A leading space usually belongs to the previous part: place by the last character.
             seg = _segment_at(segments, b - 1 - shift)
             rows.append({"target": target, "logprob": lp, "method": self.method,
-                         "position": pos, "token": text[a:b], "part": part,
+                         "position": pos, "token": shown[pos], "part": part,
                          "segment": seg.index if seg else -1,
                          "segment_part": seg.part if seg else "template",
                          "start": a, "end": b, "attribution": next(it), **completeness})

@@ -376,6 +376,11 @@ class HFModel(Model):
                 progress(len(batch))
         return [self.tokenizer.convert_ids_to_tokens(x) for x in ids]
 
+    def special_flags(self, ids: Sequence[int]) -> list[bool]:
+        """Which of ``ids`` are the tokenizer's special tokens (BOS, EOS, pad, ...)."""
+        special = set(self.tokenizer.all_special_ids)
+        return [i in special for i in ids]
+
     def encode_continuation(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:

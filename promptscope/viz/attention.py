@@ -51,8 +51,10 @@ def token_heatmap(result: Any, variant: int, layer: int, head: int | None = None
     grid = np.zeros((n, n), dtype="float32")
     mean = w.groupby(["query", "key"])["weight"].mean()
     grid[mean.index.get_level_values(0), mean.index.get_level_values(1)] = mean.values
-    # Unique axis labels per position; byte-level BPE marks shown as visible space / newline.
-    labels = [f"{i}:{t.replace('Ġ', '␣').replace('Ċ', '↵')}" for i, t in enumerate(tokens)]
+    # Unique axis labels per position, spaces and newlines visible (Ġ/Ċ: sessions saved with
+    # byte-level token names)
+    labels = [f"{i}:{t.replace('Ġ', '␣').replace('Ċ', '↵').replace(' ', '␣')}"
+              .replace("\n", "↵") for i, t in enumerate(tokens)]
     fig = go.Figure(go.Heatmap(
         z=grid, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=float(grid.max() or 1),
         hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"))
