@@ -223,9 +223,11 @@ class PromptscopeMagics(Magics):
     @cell_magic
     @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
     def prompt(self, line: str, cell: str) -> Any:
-        args = self._parse(_prompt_parser(), line)
+        parser = _prompt_parser()
+        args = self._parse(parser, line)
         if args is None:
             return None
+        _check_ignored_options(args, parser)
         from promptscope.analyses.prompt import run_prompt
 
         ns = self.shell.user_ns
@@ -326,6 +328,33 @@ class PromptscopeMagics(Magics):
             args.model, x0s, args.targets, k_max=args.k, method=args.method, steps=args.steps,
             search_width=args.width, top_k=args.top_k, seed=args.seed, bound=not args.no_bound,
             name=args.name, save=not args.no_save))
+
+
+_PASTA_OPTIONS = ("heads", "alpha", "steer_mode", "kernel", "auto_emphasis")
+_SAMPLING = ("temperature", "top_p", "n")
+
+
+def _check_ignored_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse options given where the cell's analysis would ignore them (a run without them
+    looks like a run with them)."""
+    given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    steer = args.steer
+    rules = [  # (options, where, why they do not apply)
+        (("layers",), not args.attention, "only with --attention (a vector's layers: "
+                                           "--steer-layers)"),
+        (("choices", "target", "max_new_tokens", "seed", "compare", "auto_emphasis", *_SAMPLING),
+         args.attention, "not used by --attention (it reads the prompt, with no answer)"),
+        (("auto_emphasis", *_SAMPLING), args.attribute,
+         "not used by --attribute (greedy answers; mark the key sentence with <<...>> instead "
+         "of AutoPASTA)"),
+        (_PASTA_OPTIONS, steer == "vector",
+         "steer attention: only with --steer pasta or --steer pasta+vector"),
+        ((*_PASTA_OPTIONS, "strength", "steer_layers"), steer is None, "only with --steer"),
+    ]
+    for options, applies, why in rules:
+        clash = [f"--{o.replace('_', '-')}" for o in options if o in given]
+        if applies and clash:
+            raise UsageError(f"{', '.join(clash)}: {why}.")
 
 
 def _check_sensitivity_options(args: argparse.Namespace) -> None:

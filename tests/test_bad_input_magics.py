@@ -108,3 +108,18 @@ def test_api_model_steering_refused_before_any_request():
 
     with pytest.raises(CapabilityError, match="Attention steering"):
         promptscope.run_prompt("<<Ann is red.>> Ann is", APIModel(), steer={}, save=False)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("--attention --choices ' a| b' --n 4", r"--choices, --n: not used by --attention"),
+    ("--attention --steer --compare --auto-emphasis",
+     r"--compare, --auto-emphasis: not used by --attention"),
+    ("--attribute --target ' a' --steer --auto-emphasis",
+     r"--auto-emphasis: not used by --attribute.*<<...>>"),
+    ("--steer vector --vector v --alpha 0.1 --heads 1.0",
+     r"--heads, --alpha: steer attention: only with --steer pasta"),
+    ("--choices ' a| b' --alpha 0.1", r"--alpha: only with --steer"),
+    ("--choices ' a| b' --layers 2", r"--layers: only with --attention"),
+])
+def test_options_the_analysis_would_ignore_are_refused(loaded, line, match):
+    _refused(loaded, line, "Context: <<Ann is in Rome.>> Where is Ann?", match)
