@@ -163,3 +163,34 @@ def test_row_columns_travel_with_their_variants(tiny_llama):
     assert run.df.groupby("variant")["gold"].first().tolist() == [" yes", " yes", " no", " no"]
     assert "options" not in run.df.columns  # not a scalar
     assert run.df["prompt"].iloc[0] == "Is Paris in Europe? Answer:"  # the result column wins
+
+
+def test_summary_keeps_a_variant_whose_scoring_failed(tiny_llama, monkeypatch):
+    real = HFModel.score
+
+    def tokyo_fails(self, prompts, continuations, progress=None):
+        scores = real(self, prompts, continuations, progress)
+        for p, s in zip(prompts, scores):
+            if "Tokyo" in p:
+                s.error = "the backend gave up"
+        return scores
+
+    monkeypatch.setattr(HFModel, "score", tokyo_fails)
+    run = promptscope.run_prompt("Is {city} big?", tiny_llama, vars=CITIES, choices=" yes| no",
+                                 save=False, progress=False)
+    summary = run.summary()
+    assert summary["city"].tolist() == ["Paris", "Tokyo", "Oslo"]
+    failed = summary[summary.city == "Tokyo"].iloc[0]
+    assert pd.isna(failed["top_choice"]) and failed["error"] == "the backend gave up"
+    assert summary[summary.city == "Paris"]["top_choice"].iloc[0] in (" yes", " no")
+
+
+def test_variant_labels_stay_apart_when_cut_alike():
+    from promptscope.viz.prompt import variant_labels
+
+    df = pd.DataFrame({"variant": [0, 1], "alt1": ["Answer the following question briefly.",
+                                                   "Answer the following question in detail."]})
+    assert variant_labels(df).tolist() == ["#0 Answer the following qu…",
+                                           "#1 Answer the following qu…"]
+    df = pd.DataFrame({"variant": [0, 1], "alt1": ["short", "other"]})
+    assert variant_labels(df).tolist() == ["short", "other"]

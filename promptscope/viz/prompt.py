@@ -24,7 +24,11 @@ def variant_labels(df: Any) -> Any:
     shown = df[cols].astype(str).apply(lambda col: col.map(_short))
     if "steered" in cols:
         shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
-    return shown.agg(" · ".join, axis=1)
+    labels = shown.agg(" · ".join, axis=1)
+    if labels.groupby(labels).transform(lambda g: df.loc[g.index, "variant"].nunique()).gt(1).any():
+        # values cut alike ("Answer the following qu…"): the variant number tells them apart
+        labels = "#" + df["variant"].astype(str) + " " + labels
+    return labels
 
 
 def _short(text: str, width: int = 24) -> str:
@@ -42,8 +46,13 @@ def summary(result: Any) -> Any:
     if mode == "choices":
         wide = df.pivot_table(index=keys, columns="choice", values="prob", sort=False)
         wide.columns = [f"p({c!r})" for c in wide.columns]
-        best = df[df["chosen"]].set_index(keys)
-        out = best[labels + ["prompt", "choice", "prob", "time_ms"]].rename(
+        # every variant, also one whose scoring failed (no choice chosen: its error shows)
+        best = df.sort_values("chosen", ascending=False, kind="stable").drop_duplicates(keys)
+        best = best.set_index(keys).loc[df.drop_duplicates(keys).set_index(keys).index]
+        failed = ~best["chosen"].astype(bool)
+        best.loc[failed, ["choice", "prob"]] = None
+        extra = ["error"] if "error" in best.columns and best["error"].notna().any() else []
+        out = best[labels + ["prompt", "choice", "prob", "time_ms", *extra]].rename(
             columns={"choice": "top_choice", "prob": "p(top_choice)"})
         return out.join(wide).reset_index()
     if mode == "target":
