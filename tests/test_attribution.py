@@ -344,11 +344,54 @@ def test_parts_after_the_target_get_exactly_zero(tiny_llama):
         assert by["text2"] == 0.0 and by["note"] == 0.0 and by["text3"] == 0.0  # after it
         assert by["text1"] != 0.0  # before it: the model reads it
         assert by.isna()["city"]  # the target itself is no feature
+    assert att.summary()["attr(city)"].isna().all()  # no value: not a 0 in the table
     # the log-prob is that of the part's own tokens where they stand
     lp = tiny_llama.score(["Ann lives in Rome. Bob lives in"], [" Oslo."])[0].logprob
     assert att.df["logprob"].iloc[0] == pytest.approx(lp, abs=1e-4)
     with pytest.raises(AttributionError, match="ablation, shapley and kernelshap"):
         promptscope.attribute(tpl, tiny_llama, vars=rows, target_part="city", method="ig")
+
+
+def test_a_variable_used_twice_is_counted_once(tiny_llama):
+    """Removing a repeated variable removes it everywhere: its rows share that one drop (each
+    place holds half), so summary() and the bars show it once, and shares add up to 1."""
+    tpl = "{x} and then {x} again, ok"
+    rows = [{"x": "Rome"}]
+    abl = promptscope.attribute(tpl, tiny_llama, vars=rows, target=" yes", method="ablation",
+                                save=False, progress=False)
+    full, without = tiny_llama.score(["Rome and then Rome again, ok",
+                                      " and then  again, ok"], [" yes"] * 2)
+    drop = full.logprob - without.logprob
+    x = abl.df[abl.df.part == "x"]
+    assert x["attribution"].tolist() == pytest.approx([drop / 2] * 2, abs=1e-5)
+    assert abl.summary()["attr(x)"].iloc[0] == pytest.approx(drop, abs=1e-5)
+    assert abl.figure().data[0].y[0] == pytest.approx(drop, abs=1e-5)
+    for att in (abl, promptscope.attribute(tpl, tiny_llama, vars=rows, target=" yes",
+                                           method="ig", save=False, progress=False)):
+        per_part = att.df.groupby("part")["share"].sum()
+        assert per_part.abs().sum() == pytest.approx(1.0)
+
+
+def test_part_names_that_cannot_be_told_apart_are_refused(tiny_llama):
+    with pytest.raises(AttributionError, match=r"\['text1'\] are also the automatic names"):
+        promptscope.attribute("Say {text1} now", tiny_llama, vars=[{"text1": "hi"}],
+                              target=" yes", save=False, progress=False)
+    with pytest.raises(AttributionError, match=r"baselines name \['X'\].*\['x'\]"):
+        promptscope.attribute("Is {x} big?", tiny_llama, vars=[{"x": "Rome"}], target=" yes",
+                              baselines={"X": "a city"}, save=False, progress=False)
+
+
+def test_across_variants_averages_the_answers_and_labels_by_what_varies(tiny_llama):
+    from promptscope.viz.attribution import across_variants
+
+    rows = [{"x": "Rome"}, {"x": "Oslo"}]
+    att = promptscope.attribute("Is {x} big?", tiny_llama, vars=rows, choices=" yes| no",
+                                method="ig", n_steps=4, save=False, progress=False)
+    fig = across_variants(att)
+    line = next(t for t in fig.data if t.name == "x")
+    assert list(line.x) == ["Rome", "Oslo"]  # not IG's baseline columns
+    want = att.df[att.df.part == "x"].groupby("variant")["attribution"].mean()
+    assert list(line.y) == pytest.approx(want.tolist())
 
 
 def test_steered_attribution_sees_the_steered_model(tiny_llama):
@@ -521,3 +564,30 @@ def test_ig_steps_go_in_batches_within_the_token_budget(tiny_llama, monkeypatch)
     batched, widest_batched = run()
     assert widest > 100 >= widest_batched
     assert batched == pytest.approx(whole, abs=1e-5)
+
+
+def test_perturbations_on_a_tokenizer_without_bos(tiny_llama_dir, tmp_path):
+    """GPT-2-style tokenizers add no BOS: removing every part left an empty prompt (a
+    zero-length input), and target_part had no token to follow. Both now start from the start
+    token (BOS, else EOS)."""
+    import json
+    import shutil
+
+    from promptscope.models.hf import HFModel
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "nobos")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    model = HFModel.from_pretrained(folder, name="no-bos")
+    assert model.encode_prompt("") == [model.tokenizer.bos_token_id]  # not added, but known
+    lone = promptscope.attribute("{x}", model, vars=[{"x": "Rome"}], target=" yes",
+                                 method="ablation", save=False, progress=False)
+    full, empty = model.score(["Rome", ""], [" yes", " yes"])
+    assert lone.df["attribution"].iloc[0] == pytest.approx(full.logprob - empty.logprob,
+                                                           abs=1e-5)
+    for method in ("shapley", "kernelshap"):
+        att = promptscope.attribute("Q: {x} A:{ans}", model, vars=[{"x": "Rome", "ans": " yes"}],
+                                    target_part="ans", method=method, n_samples=4, save=False,
+                                    progress=False)
+        assert att.df["attribution"].notna().sum() == 3

@@ -241,6 +241,12 @@ def attribute(
     if baselines and (level != "parts" or method == "ig"):
         raise AttributionError("baselines replace removed template parts; they go with "
                                "level='parts' and an ablation-type method (not ig).")
+    names = set(tpl.variables) | {g.name for g in tpl.groups}
+    unknown = sorted(k for k in baselines or {}
+                     if k not in names and not re.fullmatch(r"(text|emphasis)\d*", k))
+    if unknown:
+        raise AttributionError(f"baselines name {unknown}, which the template does not have; "
+                               f"its variables and groups are {sorted(names)}.")
     if n_samples is not None and n_samples < 1:
         raise AttributionError(f"n_samples must be >= 1 (got {n_samples}).")
     if n_steps is not None and (not isinstance(n_steps, numbers.Integral)
@@ -697,12 +703,13 @@ class _Engine:
                             **kwargs)
         lp = float(llm._forward_func(None, inp, empty, False, None, False))
         attr = dict(zip([s.index for s in features], res.seq_attr.detach().cpu().tolist()))
+        values = _per_occurrence(segments, [math.nan if s is goal else attr[s.index]
+                                            for s in segments])
         rows = []
-        for s in segments:
+        for s, value in zip(segments, values):
             rows.append({"target": goal.text, "logprob": lp, "method": self.method,
                          "segment": s.index, "part": s.part, "kind": s.kind, "text": s.text,
-                         "start": s.start, "end": s.end,
-                         "attribution": math.nan if s is goal else attr[s.index]})
+                         "start": s.start, "end": s.end, "attribution": value})
         return _with_share(rows, by="part")
 
 
@@ -771,7 +778,8 @@ class _ScoredEngine(_Engine):
         except _ScoreFailed as exc:  # this variant's rows say why; the run goes on
             rows = self._part_rows(segments, [math.nan] * len(segments), target, math.nan)
             return [{**r, "error": str(exc)} for r in rows]
-        rows = self._part_rows(segments, [attr[f] for f in feature], target, lp)
+        rows = self._part_rows(segments, _per_occurrence(segments, [attr[f] for f in feature]),
+                               target, lp)
         return [{**r, "error": ""} for r in rows] if self.mdl.per_request_errors else rows
 
 
@@ -839,6 +847,14 @@ def _weighted_least_squares(model: Any, dataloader: Any, construct_kwargs: Any,
 def _check_segments(tpl: Template, v: Variant) -> list[Segment]:
     """The variant's segments; an empty one is an error (there is nothing to remove)."""
     segments = template_segments(tpl, v)
+    kinds: dict[str, set[str]] = {}
+    for s in segments:
+        kinds.setdefault(s.part, set()).add(s.kind)
+    taken = sorted(p for p, k in kinds.items() if len(k) > 1)
+    if taken:  # a variable named like the automatic names of the text between parts
+        raise AttributionError(f"Template part name(s) {taken} are also the automatic names of "
+                               "other parts (text1, emphasis, alt1...); rename the variable or "
+                               "group.")
     for s in segments:
         if s.start == s.end:
             raise AttributionError(
@@ -848,13 +864,24 @@ def _check_segments(tpl: Template, v: Variant) -> list[Segment]:
     return segments
 
 
+def _per_occurrence(segments: list[Segment], values: list[float]) -> list[float]:
+    """Perturbation values per segment, where a variable used n times is one feature (removed
+    everywhere at once) and each place holds the whole feature's value: each place carries
+    1/n of it instead, so a part's rows add up to its attribution, as IG's do."""
+    from collections import Counter
+
+    uses = Counter(s.part for s in segments if s.kind == "var")
+    return [v / uses[s.part] if s.kind == "var" else v for s, v in zip(segments, values)]
+
+
 def _with_share(rows: list[dict[str, Any]], by: str = "position") -> list[dict[str, Any]]:
-    """Add ``share``: attribution over the sum of |attribution| of the distinct features."""
+    """Add ``share``: attribution over the sum of |attribution| of the ``by`` units (a part's
+    rows added up), so the shares' absolute values per unit sum to 1."""
     seen: dict[Any, float] = {}
     for r in rows:
         if not math.isnan(r["attribution"]):
-            seen.setdefault(r[by], abs(r["attribution"]))
-    total = math.fsum(seen.values())
+            seen[r[by]] = seen.get(r[by], 0.0) + r["attribution"]
+    total = math.fsum(map(abs, seen.values()))
     for r in rows:
         r["share"] = r["attribution"] / total if total > 0 else 0.0
     return rows
@@ -1019,6 +1046,12 @@ def _in_prompt_class() -> Any:
             ids = self._format_model_input(inp.to_model_input(perturbed_tensor))["input_ids"]
             a, b = inp.fixed_span
             pos = [i for i, (x, y) in enumerate(inp.offsets) if y > x and x < b and y > a]
+            if pos and pos[0] == 0:  # all before it removed, no BOS: read it after the start
+                tok = self.tokenizer  # BOS, else EOS, as HFModel.start_token_id
+                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                if start is not None:
+                    ids = torch.cat([ids.new_tensor([[start]]), ids], dim=1)
+                    pos = [p + 1 for p in pos]
             if not pos or pos[0] == 0:
                 raise AttributionError("target_part must follow some prompt text.")
             out = self.model(input_ids=ids).logits[0]

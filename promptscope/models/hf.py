@@ -270,8 +270,23 @@ class HFModel(Model):
         add_special = not (bos and text.startswith(bos))
         enc = self.tokenizer(text, add_special_tokens=add_special,
                              return_offsets_mapping=offsets)
+        if not enc["input_ids"]:  # an empty prompt (all of it ablated) on a tokenizer that
+            start = self.start_token_id  # adds no BOS: what follows is read after the start
+            if start is None:
+                raise PromptscopeError("An empty prompt cannot be scored: the tokenizer has "
+                                       "neither a BOS nor an EOS token to start from.")
+            enc["input_ids"], enc["attention_mask"] = [start], [1]
+            if offsets:
+                enc["offset_mapping"] = [(0, 0)]
         self.check_length(len(enc["input_ids"]), text)
         return enc
+
+    @property
+    def start_token_id(self) -> int | None:
+        """The token a text starts after: BOS, else EOS (GPT-2 begins documents with its
+        end-of-text token)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
     def check_length(self, n: int, text: str, extra: str = "",
                      fix: str = "shorten the prompt") -> None:

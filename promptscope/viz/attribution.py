@@ -109,7 +109,7 @@ def bar(result: Any, variant: int | None = None) -> Any:
     fig = go.Figure()
     for label, d in groups:
         # one value per variant x target x part (a repeated variable or a part's tokens summed)
-        per = d.groupby(["variant", "target", key], sort=False)["attribution"].sum()
+        per = d.groupby(["variant", "target", key], sort=False)["attribution"].sum(min_count=1)
         mean = per.groupby(level=key).mean().reindex(order)
         fig.add_bar(x=order, y=mean.values, name=label or "attribution",
                     hovertemplate="%{x}: %{y:.4f}<extra>" + (label or "") + "</extra>")
@@ -132,7 +132,9 @@ def across_variants(result: Any, parts: list[str] | None = None, share: bool = F
     conds = [None] if "steered" not in df.columns else sorted(df["steered"].unique())
     for cond in conds:
         d = df if cond is None else df[df["steered"] == cond]
-        per = d.groupby(["variant", key], sort=False)[col].sum().unstack(key)
+        # a part's rows added up per answer, then the mean over the answers (choices)
+        per = (d.groupby(["variant", "target", key], sort=False)[col].sum(min_count=1)
+               .groupby(level=["variant", key], sort=False).mean().unstack(key))
         for part in parts:
             if part not in per.columns:
                 continue
@@ -147,9 +149,10 @@ def across_variants(result: Any, parts: list[str] | None = None, share: bool = F
 
 def _variant_labels(df: Any) -> dict[int, str]:
     """Short labels per variant: the alternatives and short variable values that vary."""
-    skip = {"variant", "steered", "prompt", "target", "logprob", "method", "segment", "part",
-            "kind", "text", "start", "end", "attribution", "share", "position", "token",
-            "segment_part", "chosen", "row"}
+    from promptscope.analyses.attribution import COLUMNS
+
+    skip = COLUMNS | {"variant", "steered", "prompt", "target", "logprob", "chosen", "row",
+                      "error"}
     first = df.drop_duplicates("variant").set_index("variant")
     cols = [c for c in first.columns if c not in skip and first[c].nunique() > 1
             and first[c].astype(str).str.len().max() <= 24]
@@ -168,8 +171,9 @@ def summary(result: Any) -> Any:
     df = result.df
     key = "segment_part" if _unit(result) == "token" else "part"
     index = [c for c in ("variant", "steered", "target", "logprob") if c in df.columns]
-    wide = df.pivot_table(index=index, columns=key, values="attribution", aggfunc="sum",
-                          sort=False)
+    # (a part without a value, e.g. target_part's own, stays NaN instead of summing to 0)
+    per = df.groupby(index + [key], sort=False, dropna=False)["attribution"].sum(min_count=1)
+    wide = per.unstack(key).reindex(df[index].drop_duplicates().set_index(index).index)
     wide = wide[list(dict.fromkeys(df[key]))]
     wide.columns = [f"attr({c})" for c in wide.columns]
     return wide.reset_index()
