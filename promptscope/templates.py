@@ -34,8 +34,9 @@ from typing import Any, Union
 
 from promptscope.errors import TemplateError
 
-_IDENT = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
-_GROUP_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=")
+# Names are Python identifiers ({città} too): a notebook variable can fill them.
+IDENT = re.compile(r"\{\s*([^\W\d]\w*)\s*\}")
+_GROUP_NAME = re.compile(r"([^\W\d]\w*)=")
 _ESCAPABLE = set("{}<>|=\\")
 
 
@@ -163,6 +164,15 @@ class Template:
     def groups(self) -> list[Alt]:
         """Alternatives groups in order of appearance."""
         return [p for p in _walk(self.parts) if isinstance(p, Alt)]
+
+    def require_one_prompt(self, what: str) -> None:
+        """Refuse ``{{a|b}}`` where ``what`` takes one prompt per row (it would silently use
+        the first option)."""
+        if self.groups:
+            names = ", ".join(g.name for g in self.groups)
+            raise TemplateError(f"{what} takes one prompt per row; this template has "
+                                f"alternatives ({names}). Pick one option, or run once per "
+                                "option.")
 
     @property
     def has_emphasis(self) -> bool:
@@ -412,7 +422,7 @@ class _Parser:
                     f"'>>' at {self.where(self.i)} closes no '<<'. Emphasis looks like "
                     "<<text>>; write \\>> for a literal '>>'."
                 )
-            elif c == "{" and (m := _IDENT.match(src, self.i)):
+            elif c == "{" and (m := IDENT.match(src, self.i)):
                 flush()
                 parts.append(Var(m.group(1)))
                 self.i = m.end()

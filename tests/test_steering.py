@@ -515,6 +515,9 @@ def test_same_prompt_with_other_marks_is_refused_where_a_task_is_steered_at_once
 
 
 def test_profile_errors(tiny_llama):
+    with pytest.raises(PromptscopeError, match=r"one prompt per row.*alternatives \(alt1\)"):
+        promptscope.profile_heads("<<{name}>> {{is|was}} {city}", _profile_data(), tiny_llama,
+                                  progress=False)
     with pytest.raises(PromptscopeError, match="<<...>>"):
         promptscope.profile_heads("{name}", _profile_data(), tiny_llama, progress=False)
     bad = [{"name": "Ann", "city": "Rome", "answer": " Paris", "choices": [" Rome"]}]

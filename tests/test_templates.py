@@ -60,6 +60,11 @@ def test_escaped_pairs_and_one_option_groups():
         parse_template("Hello {{name}}")
 
 
+def test_names_are_python_identifiers_unicode_too():
+    v, _ = parse_template("{città} è {{tipo=bella|grande}}").expand({"città": "Roma"})
+    assert v.text == "Roma è bella" and v.labels == {"città": "Roma", "tipo": "bella"}
+
+
 def test_empty_option_allowed():
     t = parse_template("{{|please }}help")
     assert [v.text for v in t.expand()] == ["help", "please help"]

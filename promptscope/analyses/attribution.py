@@ -45,6 +45,7 @@ from promptscope.models.base import Model
 from promptscope.result import Result
 from promptscope.store import Store
 from promptscope.templates import (
+    IDENT,
     Alt,
     Emphasis,
     Span,
@@ -75,7 +76,6 @@ CHUNK_SIZE = 8
 #: Where ``n_steps=None`` stops doubling integrated gradients' steps.
 IG_MAX_STEPS = 256
 
-_COLUMN = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
 
 class AttributionError(PromptscopeError):
@@ -443,7 +443,7 @@ def _fill_target(target: str, v: Variant) -> str:
                                    "out.")
         return str(v.labels[m.group(1)])
 
-    out = _COLUMN.sub(fill, target)
+    out = IDENT.sub(fill, target)
     if not out:
         raise AttributionError(f"target {target!r} is empty for variant {v.index}.")
     return out

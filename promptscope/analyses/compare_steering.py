@@ -41,6 +41,7 @@ class _Task:
 
     def __init__(self, template: str | Template, data: Any, answer: str, choices: Any) -> None:
         self.tpl = template if isinstance(template, Template) else parse_template(template)
+        self.tpl.require_one_prompt("A steering comparison")
         rows = data.to_dict("records") if hasattr(data, "to_dict") else list(data)
         if not rows:
             raise PromptscopeError("The comparison needs at least one labelled row.")

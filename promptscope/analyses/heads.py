@@ -69,6 +69,7 @@ def profile_heads(
     from promptscope.models.steering import check_attention_layers, steer
 
     tpl = template if isinstance(template, Template) else parse_template(template)
+    tpl.require_one_prompt("Head profiling")
     if not tpl.has_emphasis:
         raise PromptscopeError("Head profiling steers toward the <<emphasised>> part of the "
                                "template; mark it with <<...>>.")
