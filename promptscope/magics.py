@@ -172,7 +172,6 @@ class PromptscopeMagics(Magics):
             return None
 
     @line_magic
-    @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
     def promptscope(self, line: str) -> Any:
         args = self._parse(_promptscope_parser(), line)
         if args is None:
@@ -221,7 +220,7 @@ class PromptscopeMagics(Magics):
         return result
 
     @cell_magic
-    @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
+    @no_var_expand  # {name} in options is filled by _fill_options: row columns come first
     def prompt(self, line: str, cell: str) -> Any:
         parser = _prompt_parser()
         args = self._parse(parser, line)
@@ -237,6 +236,7 @@ class PromptscopeMagics(Magics):
                 raise UsageError(f"--vars {args.vars}: no variable named '{args.vars}' in the "
                                  "notebook. Define it first (a dict, list of dicts or DataFrame).")
             rows = ns[args.vars]
+        _fill_options(args, ns, rows)
 
         steer = None
         if args.steer and args.steer not in ("pasta", "vector", "pasta+vector"):
@@ -309,7 +309,6 @@ class PromptscopeMagics(Magics):
         return _run_into(ns, args.out, run)
 
     @cell_magic
-    @no_var_expand  # '{answer}' and '$5' are ours: IPython must not fill them in
     def reach(self, line: str, cell: str) -> Any:
         args = self._parse(_reach_parser(), line)
         if args is None:
@@ -328,6 +327,42 @@ class PromptscopeMagics(Magics):
             args.model, x0s, args.targets, k_max=args.k, method=args.method, steps=args.steps,
             search_width=args.width, top_k=args.top_k, seed=args.seed, bound=not args.no_bound,
             name=args.name, save=not args.no_save))
+
+
+def _fill_options(args: argparse.Namespace, ns: dict[str, Any], rows: Any) -> None:
+    """``{name}`` in --choices, --target and --name from the notebook, as IPython would fill
+    them, except the names of --vars columns: ``--target "{answer}"`` is each row's own
+    answer (attribution, POSIX), even where the notebook also has an ``answer``. A whole
+    ``--choices "{colors}"`` may be a list."""
+    from promptscope.templates import IDENT
+
+    columns = _row_columns(rows)
+
+    def fill(m: Any) -> str:
+        name = m.group(1)
+        return m.group(0) if name in columns or name not in ns else str(ns[name])
+
+    for opt in ("choices", "target", "name"):
+        value = getattr(args, opt)
+        if not isinstance(value, str):
+            continue
+        whole = IDENT.fullmatch(value.strip())
+        if opt == "choices" and whole and whole.group(1) in ns and whole.group(1) not in columns:
+            setattr(args, opt, ns[whole.group(1)])  # a list of choices, or "a|b"
+        else:
+            setattr(args, opt, IDENT.sub(fill, value))
+
+
+def _row_columns(rows: Any) -> set[str]:
+    if rows is None:
+        return set()
+    if hasattr(rows, "columns"):
+        return {str(c) for c in rows.columns}
+    if isinstance(rows, dict):
+        return set(rows)
+    if isinstance(rows, (list, tuple)):
+        return {str(k) for r in rows if isinstance(r, dict) for k in r}
+    return set()
 
 
 _PASTA_OPTIONS = ("heads", "alpha", "steer_mode", "kernel", "auto_emphasis")

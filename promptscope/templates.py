@@ -132,14 +132,18 @@ def locate_message(message: str, text: str) -> tuple[int, int, int]:
     """
     if text == message:
         return 0, 0, len(text)
-    at = text.rfind(message)
+    at = text.rfind(message)  # the last: the message comes after any system prompt
     if at >= 0:
         return at, at, at + len(message)
     core = message.strip()
-    at = text.rfind(core) if core else -1
+    at = text.find(core) if core else -1
     if at < 0:
         raise TemplateError("Cannot find the prompt inside its chat-templated text to place the "
                             "emphasis; the chat template changes the message. Drop --chat.")
+    if text.find(core, at + 1) >= 0:  # a short prompt, say "a", also inside "assistant"
+        raise TemplateError(f"The chat template trims the prompt, and {core!r} occurs more "
+                            "than once in the chat text, so its place is ambiguous; make it "
+                            "longer, or drop the spaces around it, or drop --chat.")
     lead = len(message) - len(message.lstrip())
     return at - lead, at, at + len(core)
 
@@ -248,14 +252,19 @@ def chunks(variants: Iterable[Variant], size: int, *, steered: bool = False
            ) -> Iterator[list[Variant]]:
     """The variants in lists of at most ``size``, in order. ``steered``: attention steering
     looks emphasis up by prompt text, so two variants with the same text and other
-    ``<<...>>`` marks never share a list (the second goes in a list of its own)."""
+    ``<<...>>`` marks never share a list (a list ends before the second)."""
     it = iter(variants)
     while chunk := list(itertools.islice(it, size)):
         if not steered:
             yield chunk
             continue
-        for rows in emphasis_groups([(v.text, tuple(v.emphasis)) for v in chunk]):
-            yield [chunk[i] for i in rows]
+        marks: dict[str, tuple[Any, ...]] = {}
+        start = 0
+        for i, v in enumerate(chunk):  # cut where a text would come back with other marks
+            if marks.setdefault(v.text, tuple(v.emphasis)) != tuple(v.emphasis):
+                yield chunk[start:i]
+                start, marks = i, {v.text: tuple(v.emphasis)}
+        yield chunk[start:]
 
 
 def emphasis_groups(prompts: list[tuple[str, tuple[Any, ...]]]) -> list[list[int]]:
@@ -275,18 +284,16 @@ def emphasis_groups(prompts: list[tuple[str, tuple[Any, ...]]]) -> list[list[int
 def spans_by_text(variants: Iterable[Variant]) -> dict[str, list[tuple[int, int]]]:
     """Prompt text -> its ``<<...>>`` spans, for steering a whole task at once; two variants
     with the same text and other marks are refused (steering finds marks by text)."""
-    out: dict[str, list[tuple[int, int]]] = {}
+    marks: dict[str, list[tuple[int, int]]] = {}  # every text, unmarked ones too
     first: dict[str, int] = {}
     for v in variants:
-        if not v.emphasis:
-            continue
-        if out.setdefault(v.text, v.emphasis) != v.emphasis:
+        if marks.setdefault(v.text, v.emphasis) != v.emphasis:
             raise TemplateError(
                 f"Variants {first[v.text]} and {v.index} make the same prompt with other "
                 f"<<...>> marks; steering finds the marks by prompt text, so it cannot steer "
                 f"both here. Drop one of those rows.")
         first.setdefault(v.text, v.index)
-    return out
+    return {text: spans for text, spans in marks.items() if spans}
 
 
 def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | None = None) -> None:
@@ -307,13 +314,14 @@ def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | Non
         rows_list = [dict.fromkeys(rows.columns)]  # every row has every column
         if len(rows) == 0:
             raise TemplateError("vars is an empty DataFrame: there is nothing to run.")
-        used = [c for c in rows.columns if c in template.variables]
-        missing = rows[used].isna().any(axis=1) if used else None
-        if missing is not None and missing.any():
-            at = missing.idxmax()
-            cols = [c for c in used if rows[c].isna()[at]]
-            raise TemplateError(f"vars row {at!r} has no value for {cols} (NaN); fill it "
-                                "(df.fillna(...)) or drop the row (df.dropna()).")
+        used = [i for i, c in enumerate(rows.columns) if c in template.variables]
+        missing = rows.iloc[:, used].isna().to_numpy() if used else None
+        if missing is not None and missing.any():  # by position: the index may repeat
+            pos = int(missing.any(axis=1).argmax())
+            cols = [str(rows.columns[used[j]]) for j in missing[pos].nonzero()[0]]
+            raise TemplateError(f"vars row {_label_value(rows.index[pos])!r} has no value for "
+                                f"{cols} (NaN); fill it (df.fillna(...)) or drop the row "
+                                "(df.dropna()).")
     elif isinstance(rows, (list, tuple)):
         rows_list = rows
         if not rows_list:

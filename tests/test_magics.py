@@ -117,9 +117,10 @@ def test_promptscope_commands(ip, tiny_llama_dir, capsys):
         ip.run_line_magic("promptscope", "load 1234")
 
 
-def test_ipython_does_not_fill_in_the_option_line(ip, tiny_llama_dir):
+def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_llama_dir):
     """'{answer}' is a per-row target and '$5' a choice: IPython's own {name}/$name expansion
-    of magic lines must not replace them with notebook variables."""
+    of magic lines replaced them with notebook variables. promptscope fills {name} itself,
+    leaving --vars columns to the rows."""
     ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")
     ip.user_ns.update(answer="GLOBAL", rows=[{"x": "Rome", "answer": " yes"},
                                              {"x": "Oslo", "answer": " no"}])
@@ -127,3 +128,9 @@ def test_ipython_does_not_fill_in_the_option_line(ip, tiny_llama_dir):
     assert run.df["target"].tolist() == [" {answer}"] * 2  # the text given, not "GLOBAL"
     priced = ip.run_cell_magic("prompt", '--choices " $5| $10"', "It costs")
     assert set(priced.df["choice"]) == {" $5", " $10"}
+    ip.user_ns.update(colors=" red| blue", listed=[" big", " small"], word="yes")
+    for option, want in (('"{colors}"', {" red", " blue"}), ("{listed}", {" big", " small"})):
+        run = ip.run_cell_magic("prompt", f"--vars rows --choices {option}", "Is {x} big?")
+        assert set(run.df["choice"]) == want
+    run = ip.run_cell_magic("prompt", '--target " {word}" --name "{word} run"', "Is it?")
+    assert run.df["target"].tolist() == [" yes"] and run.name == "yes run"

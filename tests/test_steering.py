@@ -711,6 +711,9 @@ def test_emphasis_survives_a_chat_template_that_trims_the_message(fresh_tiny_lla
     tokens = att.tables["tokens"]
     marked = tokens[tokens.part == "emphasis"]["token"].str.replace("Ġ", " ")
     assert "".join(marked).strip() == "Ann lives in Rome."
+    # the chat markup before the trimmed prompt (its "\n" included) is not the prompt's text
+    before = tokens.iloc[:tokens.index[tokens.token == "C"][0]]
+    assert set(before["part"]) <= {"special", "template"} and "\n" in set(before["token"])
 
 
 def test_same_text_with_other_emphasis_is_steered_by_its_own_marks(tiny_llama):

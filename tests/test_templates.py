@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from promptscope.errors import TemplateError
-from promptscope.templates import parse_template
+from promptscope.templates import chunks, locate_message, parse_template
 
 
 def test_cartesian_product_of_rows_and_groups_with_labels():
@@ -131,3 +131,29 @@ def test_fuzz_spans_locate_every_choice(pieces, tail):
 def test_fuzz_plain_text_is_unchanged(text):
     (v,) = parse_template(text).expand()
     assert v.text == text
+
+
+def test_chunks_keep_the_order_and_part_same_text_with_other_marks():
+    t = parse_template("{a}<<{b}>>{c}")
+    rows = [{"a": "x ", "b": "y", "c": ""}, {"a": "", "b": "x", "c": " y"},
+            {"a": "p", "b": "q", "c": "r"}, {"a": "x ", "b": "y", "c": ""}]
+    got = [[v.index for v in c] for c in chunks(t.expand(rows), 8, steered=True)]
+    assert got == [[0], [1, 2], [3]]  # 0 and 1 read "x y" with other marks; order kept
+    assert [[v.index for v in c] for c in chunks(t.expand(rows), 3)] == [[0, 1, 2], [3]]
+
+
+def test_locate_message_in_trimming_and_plain_chat_texts():
+    assert locate_message("hi there", "<u>hi there</u><a>") == (3, 3, 11)
+    assert locate_message("  hi there\n", "<u>hi there</u><a>") == (1, 3, 11)
+    with pytest.raises(TemplateError, match="occurs more than once"):
+        locate_message(" a ", "<user>a</user><assistant>")
+    with pytest.raises(TemplateError, match="changes the message"):
+        locate_message("hello", "<u>HELLO</u>")
+
+
+def test_nan_check_names_the_row_when_the_index_repeats():
+    rows = pd.DataFrame({"x": ["a", "b"], "y": [float("nan"), "c"]}, index=[5, 5])
+    with pytest.raises(TemplateError, match=r"vars row 5 has no value for \['y'\]"):
+        from promptscope.templates import check_rows
+
+        check_rows(parse_template("{x} {y}"), rows)

@@ -299,12 +299,19 @@ def test_collected_states_are_each_prompts_residual_stream(tiny_model):
     transformers' own ``output_hidden_states`` of each prompt alone; on Gemma 3n, of the AltUp
     stream its blocks compute."""
     m = tiny_model
-    got = collect_states(m, PROMPTS, layers=[0])
+    # every layer but the last (transformers reports the last one after the final norm),
+    # Gemma 4's key-sharing ones included
+    layers = list(range(len(decoder_layers(m.model)) - 1))
+    got = collect_states(m, PROMPTS, layers=layers)
+    mean = collect_states(m, PROMPTS, layers=layers, position="mean")
     for i, text in enumerate(PROMPTS):
         with torch.no_grad():
             hs = m.model(input_ids=torch.tensor([m.encode_prompt(text)], device=m.device),
                          output_hidden_states=True).hidden_states
-        assert torch.allclose(got[i, 0], _hidden(hs[1])[0, -1].float().cpu(), atol=1e-4)
+        for j in layers:
+            h = _hidden(hs[j + 1])[0].float().cpu()
+            assert torch.allclose(got[i, j], h[-1], atol=1e-4), f"layer {j}"
+            assert torch.allclose(mean[i, j], h.mean(0), atol=1e-4), f"layer {j}"
 
 
 def test_icv_is_first_principal_direction_of_differences(tiny_llama):

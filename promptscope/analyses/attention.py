@@ -23,6 +23,7 @@ from promptscope.templates import (
     check_rows,
     chunks,
     count_rows,
+    locate_message,
     parse_template,
 )
 
@@ -70,21 +71,24 @@ def token_texts(text: str, offsets: Sequence[tuple[int, int]], names: Sequence[s
     return out
 
 
-def token_parts(offsets: Sequence[tuple[int, int]], v: Variant, shift: int = 0,
+def token_parts(offsets: Sequence[tuple[int, int]], v: Variant,
+                place: tuple[int, int, int] | None = None,
                 special: Sequence[bool] | None = None) -> list[str]:
     """The template part each token belongs to: ``emphasis``, a variable or alternatives-group
     name, ``text``, or ``special`` (a special token of the tokenizer, e.g. BOS, also where a
     chat template spells it out, or a token without characters); ``template`` for the chat
-    template's text around the prompt."""
+    template's text around the prompt. ``place``: where the prompt stands in the tokenized text
+    (:func:`promptscope.templates.locate_message`; default: the text is the prompt)."""
+    offset, start, end = place or (0, 0, len(v.text))
     parts = []
     for i, (a, b) in enumerate(offsets):
         if b <= a or (special is not None and special[i]):
             parts.append("special")
             continue
-        a, b = a - shift, b - shift
-        if b <= 0 or a >= len(v.text):
+        if b <= start or a >= end:
             parts.append("template")
             continue
+        a, b = a - offset, b - offset
         label = "text"
         for span in v.spans:
             if span.kind != "text" and span.start < b and span.end > a:
@@ -173,7 +177,7 @@ def attention(
         try:
             for chunk in chunks(variants, CHUNK_SIZE, steered=steering is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
-                shifts = [v.offset_in(t) for v, t in zip(chunk, texts)]
+                places = [locate_message(v.text, t) for v, t in zip(chunk, texts)]
                 if steering is not None:
                     for v, t in zip(chunk, texts):
                         if v.emphasis:  # else steer={"emphasis": ...} strings still apply
@@ -181,9 +185,9 @@ def attention(
                 tokens_rows, mass_rows, weight_frames = [], [], []
                 parts_of: dict[int, list[str]] = {}
                 shown: dict[int, list[str]] = {}
-                for j, (v, t, sh) in enumerate(zip(chunk, texts, shifts)):
+                for j, (v, t, place) in enumerate(zip(chunk, texts, places)):
                     enc = mdl.encode(t, offsets=True)  # type: ignore[attr-defined]
-                    parts_of[j] = token_parts(enc["offset_mapping"], v, sh,
+                    parts_of[j] = token_parts(enc["offset_mapping"], v, place,
                                               mdl.special_flags(enc["input_ids"]))
                     shown[j] = token_texts(t, enc["offset_mapping"], mdl.tokenizer
                                            .convert_ids_to_tokens(enc["input_ids"]))

@@ -531,14 +531,14 @@ class _Engine:
                     target_ids: Any) -> list[dict[str, Any]]:
         """Token attributions (IG or perturbation); summed per part for ``level="parts"``."""
         text = self.wrap(v.text)
-        shift = locate_message(v.text, text)[0]
+        place = locate_message(v.text, text)
+        shift, start, end = place
         enc = self.mdl.encode(text, offsets=True)
         self.mdl.check_length(len(enc["input_ids"]) + len(target_ids) - 1, text,
                               " with its target")
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         keep = [b > a for a, b in offsets]  # special tokens (BOS, chat markers) are no feature
-        self.runner.flags = _flags(self, text, [(a + shift, b + shift) for a, b in v.emphasis],
-                                   offsets)
+        self.runner.flags = _flags(self, text, v.emphasis_in(text), offsets)
         inp = _token_input(enc["input_ids"], keep, [text[a:b] for a, b in offsets],
                            self.mdl.tokenizer, self.baseline_id)
         lp = self._logprob(inp, target_ids)
@@ -547,7 +547,7 @@ class _Engine:
             attr, completeness = self._integrated(v, inp, target, target_ids, lp)
         else:
             attr = self._token_perturbation(enc["input_ids"], keep, target_ids)
-        labels = token_parts(offsets, v, shift)
+        labels = token_parts(offsets, v, place)
         shown = token_texts(text, offsets, [""] * len(offsets))
         rows = []
         it = iter(attr)
@@ -555,7 +555,7 @@ class _Engine:
             if not k:
                 continue
             # A leading space usually belongs to the previous part: place by the last character.
-            seg = _segment_at(segments, b - 1 - shift)
+            seg = _segment_at(segments, b - 1 - shift) if start < b and a < end else None
             rows.append({"target": target, "logprob": lp, "method": self.method,
                          "position": pos, "token": shown[pos], "part": part,
                          "segment": seg.index if seg else -1,

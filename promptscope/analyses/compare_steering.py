@@ -39,9 +39,11 @@ KIND = "steering_comparison"
 class _Task:
     """Prompts, candidate answers and right answers of one labelled task."""
 
-    def __init__(self, template: str | Template, data: Any, answer: str, choices: Any) -> None:
+    def __init__(self, template: str | Template, data: Any, answer: str, choices: Any,
+                 what: str = "A steering comparison", emphasis: bool = True) -> None:
+        """``emphasis=False``: no attention steering will look for the ``<<...>>`` marks."""
         self.tpl = template if isinstance(template, Template) else parse_template(template)
-        self.tpl.require_one_prompt("A steering comparison")
+        self.tpl.require_one_prompt(what)
         rows = data.to_dict("records") if hasattr(data, "to_dict") else list(data)
         if not rows:
             raise PromptscopeError("The comparison needs at least one labelled row.")
@@ -52,7 +54,7 @@ class _Task:
         self.variants = [replace(next(self.tpl.expand(r)), index=i) for i, r in enumerate(rows)]
         self.prompts = [v.text for v in self.variants]
         # only marked prompts: the others keep a method's emphasis= strings
-        self.spans = spans_by_text(self.variants)
+        self.spans = spans_by_text(self.variants) if emphasis else {}
 
     def _logprobs(self, mdl: Model) -> list[dict[str, float]]:
         """Per row, candidate -> log-prob."""

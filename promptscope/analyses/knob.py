@@ -186,7 +186,8 @@ def knob_sweep(
     for layer in layers:
         if not grid[layer]:
             raise PromptscopeError(f"No knob values to sweep at layer {layer}.")
-    task = _Task(template, data, next(iter(answers.values())), choices)
+    task = _Task(template, data, next(iter(answers.values())), choices, what="The knob sweep",
+                 emphasis=False)
 
     def shares() -> dict[str, float]:
         picked = task.predict(mdl)

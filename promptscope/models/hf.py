@@ -380,20 +380,27 @@ class HFModel(Model):
                     pad = width - len(ids[u])
                     on_weights(u, layer, weights[r, :, pad:, pad:].float().cpu())
 
-            # Only the last logits, but every query: an int logits_to_keep also lets Gemma 4
-            # compute its key-sharing layers for the last query alone; an index tensor does not.
-            last = ({"logits_to_keep": torch.tensor([width - 1], device=self.device)}
-                    if self.keep_logits else {})
             with self.forward_state(flags, batch, width, capture, frozenset(layers)):
                 self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           use_cache=False, **last)
+                           use_cache=False, **self.every_position(width))
             if progress:
                 progress(len(batch))
         return [self.tokenizer.convert_ids_to_tokens(x) for x in ids]
 
+    def every_position(self, width: int) -> dict[str, Any]:
+        """Forward options for a pass that reads every position's states or attention: the
+        last logits only, asked by index. (An int ``logits_to_keep`` also lets Gemma 4
+        compute its key-sharing layers for the last query alone.)"""
+        if not self.keep_logits:
+            return {}
+        return {"logits_to_keep": torch.tensor([width - 1], device=self.device)}
+
     def special_flags(self, ids: Sequence[int]) -> list[bool]:
-        """Which of ``ids`` are the tokenizer's special tokens (BOS, EOS, pad, ...)."""
-        special = set(self.tokenizer.all_special_ids)
+        """Which of ``ids`` are the tokenizer's special tokens (BOS, EOS, pad, chat markers
+        added as special tokens)."""
+        tok = self.tokenizer
+        special = set(tok.all_special_ids) | {
+            i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
         return [i in special for i in ids]
 
     def encode_continuation(self, text: str) -> list[int]:

@@ -579,7 +579,7 @@ def collect_states(model: Any, prompts: Sequence[str], layers: Sequence[int],
         handles = [blocks[layer].register_forward_hook(keep(j)) for j, layer in enumerate(layers)]
         try:
             model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                        use_cache=False, **model.keep_logits)  # (states only: no logits)
+                        use_cache=False, **model.every_position(width))
         finally:
             for h in handles:
                 h.remove()
