@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import shlex
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -329,28 +330,30 @@ class PromptscopeMagics(Magics):
             name=args.name, save=not args.no_save))
 
 
-def _fill_options(args: argparse.Namespace, ns: dict[str, Any], rows: Any) -> None:
-    """``{name}`` in --choices, --target and --name from the notebook, as IPython would fill
-    them, except the names of --vars columns: ``--target "{answer}"`` is each row's own
-    answer (attribution, POSIX), even where the notebook also has an ``answer``. A whole
-    ``--choices "{colors}"`` may be a list."""
-    from promptscope.templates import IDENT
+_NOTEBOOK_NAME = re.compile(r"\{\s*([^\W\d]\w*)\s*\}|\$([^\W\d]\w*)")
 
+
+def _fill_options(args: argparse.Namespace, ns: dict[str, Any], rows: Any) -> None:
+    """``{name}`` and ``$name`` in --choices, --target and --name from the notebook, as
+    IPython would fill them, except the names of --vars columns: ``--target "{answer}"`` is
+    each row's own answer (attribution, POSIX), even where the notebook also has an
+    ``answer``. A whole ``--choices "{colors}"`` may be a list."""
     columns = _row_columns(rows)
 
-    def fill(m: Any) -> str:
-        name = m.group(1)
-        return m.group(0) if name in columns or name not in ns else str(ns[name])
+    def known(m: Any) -> str | None:
+        name = m.group(1) or m.group(2)
+        return name if name in ns and name not in columns else None
 
     for opt in ("choices", "target", "name"):
         value = getattr(args, opt)
         if not isinstance(value, str):
             continue
-        whole = IDENT.fullmatch(value.strip())
-        if opt == "choices" and whole and whole.group(1) in ns and whole.group(1) not in columns:
-            setattr(args, opt, ns[whole.group(1)])  # a list of choices, or "a|b"
+        whole = _NOTEBOOK_NAME.fullmatch(value.strip())
+        if opt == "choices" and whole and known(whole):
+            setattr(args, opt, ns[known(whole)])  # a list of choices, or "a|b"
         else:
-            setattr(args, opt, IDENT.sub(fill, value))
+            setattr(args, opt, _NOTEBOOK_NAME.sub(
+                lambda m: str(ns[known(m)]) if known(m) else m.group(0), value))
 
 
 def _row_columns(rows: Any) -> set[str]:

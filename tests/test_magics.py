@@ -129,7 +129,8 @@ def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_lla
     priced = ip.run_cell_magic("prompt", '--choices " $5| $10"', "It costs")
     assert set(priced.df["choice"]) == {" $5", " $10"}
     ip.user_ns.update(colors=" red| blue", listed=[" big", " small"], word="yes")
-    for option, want in (('"{colors}"', {" red", " blue"}), ("{listed}", {" big", " small"})):
+    for option, want in (('"{colors}"', {" red", " blue"}), ("{listed}", {" big", " small"}),
+                         ('"$colors"', {" red", " blue"})):
         run = ip.run_cell_magic("prompt", f"--vars rows --choices {option}", "Is {x} big?")
         assert set(run.df["choice"]) == want
     run = ip.run_cell_magic("prompt", '--target " {word}" --name "{word} run"', "Is it?")
