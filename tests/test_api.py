@@ -482,7 +482,9 @@ def test_a_request_that_keeps_failing_is_a_failed_row_and_the_run_goes_on(server
     assert "HTTP 500" in failed["error"].iloc[0] and failed["prob"].isna().all()
     assert run.df["error"].isna().sum() == 10 and run.status == "done"
     assert "1 FAILED" in capsys.readouterr().err
-    assert len(run.summary()) == 5  # the failed variant has no answer
+    summary = run.summary()  # the failed variant is listed, with no answer and its error
+    assert len(summary) == 6 and summary["top_choice"].isna().sum() == 1
+    assert "HTTP 500" in summary.loc[summary["top_choice"].isna(), "error"].iloc[0]
     back = promptscope.load(run.session_id)
     assert back.params["api"]["failed"] == 1 and len(back.df) == 12
 
