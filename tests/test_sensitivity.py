@@ -488,7 +488,7 @@ def test_select_prompt_over_one_templates_alternatives(tiny_llama):
     assert [b.rstrip(" ★") for b in bars] == ["#0 Is · ⏎", "#1 Is · ␣", "#2 Q: is · ⏎",
                                               "#3 Q: is · ␣"]
     assert bars[one.params["selected"]].endswith("★") and one.params["groups"] == ["q", "sep"]
-    assert listed.figure().data[0].x[1].rstrip(" ★") == "#1"
+    assert listed.figure().data[0].x[1].rstrip(" ★") == "#1 Is {city} in Europe? A:"
     with pytest.raises(PromptscopeError, match="at least two candidate prompts"):
         promptscope.select_prompt("Is {city} big?", data, tiny_llama, choices=" yes| no",
                                   save=False)

@@ -44,13 +44,16 @@ def figure(result: Any) -> Any:
 
 def _name(row: Any, groups: list[str], width: int = 28) -> str:
     """``#3 Q · A``: a candidate's number, and for one template's combinations the options it
-    takes (a newline as ⏎, spaces only as ␣, an empty option as ∅), cut to ``width``."""
+    takes (a newline as ⏎, spaces only as ␣, an empty option as ∅), else the start of its
+    prompt; cut to ``width``."""
     def shown(option: str) -> str:
         return option.replace("\n", "⏎").strip() or ("␣" if option else "∅")
 
     name = f"#{row['candidate']}"
     if groups:
         name += " " + " · ".join(shown(str(row[g])) for g in groups)
+    elif isinstance(row.get("prompt"), str):
+        name += " " + shown(row["prompt"])
     return name if len(name) <= width else name[:width - 1] + "…"
 
 
