@@ -241,9 +241,10 @@ class Template:
                 labels.update({k: _label_value(v) for k, v in values.items()})
                 for g in groups:
                     labels[g.name] = _render(g.options[picks[g.name]], values, picks)[0]
-                for k in carry or ():
-                    if k in row and k not in labels and _is_scalar(row[k]):
-                        labels[k] = _label_value(row[k])
+                for k in carry or ():  # (by name: a DataFrame's column 0 is carried as "0")
+                    key = k if k in row else next((c for c in row if str(c) == k), k)
+                    if key in row and k not in labels and _is_scalar(row[key]):
+                        labels[k] = _label_value(row[key])
                 yield Variant(index=index, text=text, labels=labels, spans=tuple(spans))
                 index += 1
 

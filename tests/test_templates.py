@@ -28,6 +28,15 @@ def test_dataframe_rows_keep_their_column_types():
     assert v.text == "3 apples at $0.5" and v.labels == {"row": "a", "qty": 3, "price": 0.5}
 
 
+def test_columns_named_by_numbers_are_carried_by_name():
+    from promptscope.analyses.prompt import extra_columns
+
+    rows = pd.DataFrame({"x": ["a"], 0: ["gold"]})
+    t = parse_template("{x}?")
+    (v,) = t.expand(rows, carry=extra_columns(rows, t))
+    assert v.labels == {"row": 0, "x": "a", "0": "gold"}
+
+
 def test_emphasis_is_stripped_and_recorded_as_span():
     t = parse_template("Context: <<{fact}>> Question: who?")
     (v,) = t.expand({"fact": "Ann lives in Rome."})
