@@ -574,6 +574,12 @@ def test_steering_widget_reruns_on_its_controls(tiny_llama):
     assert same[True] == pytest.approx(same[False], abs=1e-5)
     assert not first.df.equals(wid.last.df)
     assert "steered" in wid.status.value
+    wid.heads.options = ["all", "1.0"]
+    wid.alpha.value = 0.01
+    wid.heads.value = "1.0"  # one head: the bars show it, not a mean diluted by the others
+    fig = wid.attention.figure
+    assert list(fig.data[0].x) == ["L1"] and "the 1 steered head)" in fig.layout.title.text
+    assert fig.data[1].y[0] > 0.9 > fig.data[0].y[0]
 
 
 def test_fused_on_cuda_compiles_only_for_cuda_and_falls_back_once(monkeypatch):

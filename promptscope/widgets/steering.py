@@ -80,10 +80,18 @@ class SteeringWidget(w.VBox):
 
 
 def _mass_figure(plain: Any, steered: Any) -> go.Figure:
+    """Per layer, the last token's attention on the emphasis, plain and steered, averaged over
+    the steered heads (a few steered heads among many would look like no effect)."""
+    heads = {(int(layer), h) for layer, hs in steered.params["steer"]["heads"].items()
+             for h in hs}
     fig = go.Figure()
     for name, res in (("plain", plain), ("steered", steered)):
-        d = res.df[res.df["part"] == "emphasis"].groupby("layer")["mass"].mean()
+        d = res.df[res.df["part"] == "emphasis"]
+        d = d[[(lay, h) in heads for lay, h in zip(d["layer"], d["head"])]]
+        d = d.groupby("layer")["mass"].mean()
         fig.add_trace(go.Bar(name=name, x=[f"L{i}" for i in d.index], y=d.values,
                              hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>"))
     fig.update_layout(barmode="group", yaxis={"title": "mass on emphasis", "range": [0, 1]})
-    return apply_style(fig, "Last token's attention on the emphasis (mean over heads)")
+    n = len(heads)
+    return apply_style(fig, f"Last token's attention on the emphasis (mean over the {n} "
+                            f"steered head{'' if n == 1 else 's'})")
