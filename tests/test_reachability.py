@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 
 import pytest
 import torch
@@ -464,3 +465,32 @@ def test_bound_refuses_layer_norm_and_a_failing_bound_never_stops_the_search(tin
         run = promptscope.reachability(tiny_llama, "The cat sat on", "top:2", k_max=1,
                                        method="greedy", save=False, progress=False)
     assert len(run.df) == 2 and "shapes do not match" in run.params["bound_skipped"]
+
+
+def test_layer0_log_g_is_x0s_share_as_it_stands_after_k_control_tokens(tiny_llama):
+    """With a BOS the search builds "BOS u x0": k control tokens move x0 k positions away from
+    the BOS, which rotary scores see. g_i(X0) at layer 0 is the real sequence's score mass on
+    BOS and x0 (computed here on the whole sequence, control tokens in place)."""
+    lm = tiny_llama.model
+    x0 = STATES[0]
+    ids = tiny_llama.encode_prompt(x0)
+    layer = lm.model.layers[0]
+    a = layer.self_attn
+    module = sys.modules[type(a).__module__]
+    bound = attention_bound(tiny_llama, x0, k=[1, 3])
+    for k in (1, 3):
+        seq = torch.tensor([[ids[0], *[5 + i for i in range(k)], *ids[1:]]])
+        n = seq.shape[1]
+        with torch.no_grad():
+            x = layer.input_layernorm(lm.model.embed_tokens(seq))
+            hd = a.head_dim
+            q = a.q_proj(x).view(1, n, -1, hd).transpose(1, 2)
+            kk = a.k_proj(x).view(1, n, -1, hd).transpose(1, 2)
+            cos, sin = lm.model.rotary_emb(x, torch.arange(n)[None])
+            q, kk = module.apply_rotary_pos_emb(q, kk, cos, sin)
+        keep = [0, *range(k + 1, n)]  # BOS and x0, not the control tokens
+        group = q.shape[1] // kk.shape[1]
+        want = [float(torch.logsumexp((kk[0, h // group, keep] @ q[0, h, -1]) * a.scaling, 0))
+                for h in range(q.shape[1])]
+        got = bound[(bound.k == k) & (bound.layer == 0)].sort_values("head")["log_g"]
+        assert got.tolist() == pytest.approx(want, abs=1e-4)

@@ -22,7 +22,8 @@ through the model's own embedding module); deeper layers use ``sqrt(d) * max|gai
 norm RMSNorm can output whatever its input (``gain``: the norm's weight, or ``1 + weight`` in
 Gemma's convention). Where queries and keys are normalised per head after projection (Qwen3),
 the scores are bounded by those norms instead: ``alpha = d_k * gain_q * gain_k * scale``. The
-bound is computed per layer on the uncontrolled states ``X0`` (the paper's single-layer setting);
+bound is computed per layer on the uncontrolled states ``X0`` (the paper's single-layer setting),
+read at the positions they have after ``k`` control tokens (``BOS u x0``);
 across layers it is indicative, except when it is zero. Sliding-window attention and queries and
 keys normalised across heads at once are refused (:class:`BoundUnsupported`: the search still
 runs, without the bound).
@@ -150,12 +151,12 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
         m_u0 = float(layers[0].input_layernorm(
             embed(torch.tensor(list(control_tokens), device=device))).float()
             .norm(dim=-1).max())
-        for s, text in enumerate(texts):
-            ids = torch.tensor([mdl.encode_prompt(text)], device=device)  # type: ignore
-            out = lm(input_ids=ids, output_hidden_states=True)
-            hs = out.hidden_states
-            length = ids.shape[1]
-            pos = torch.arange(length, device=device)[None]
+
+        def _bound_rows(s: int, text: str, ks_here: list[int], hs: Any, pos: Any
+                        ) -> list[dict[str, Any]]:
+            """The rows of one x0 read at positions ``pos``, for each of ``ks_here``."""
+            rows: list[dict[str, Any]] = []
+            length = pos.shape[1]
             for li, layer in enumerate(layers):
                 a = layer.self_attn
                 hd, n_heads, n_kv = shapes[li]
@@ -186,7 +187,7 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                     sq, sk, sv, so = sig[li]["q"][h], sig[li]["k"][g], sig[li]["v"][g], \
                         sig[li]["o"][h]
                     alpha = normed_alpha if qk_normed else sq * sk * m_u * m_x * scale
-                    for k_ in ks:
+                    for k_ in ks_here:
                         # beta = k e^a / (g + k e^a), in log space (e^alpha overflows)
                         beta = 1 / (1 + math.exp(min(700.0, log_g - math.log(k_) - alpha)))
                         rows.append({
@@ -197,6 +198,21 @@ def attention_bound(model: Model | str | None, x0s: str | Sequence[str],
                             "shift_bound": beta * (so * sv * m_u + ybar_o),
                             "resid_norm": resid,
                         })
+            return rows
+
+        for s, text in enumerate(texts):
+            ids = torch.tensor([mdl.encode_prompt(text)], device=device)  # type: ignore
+            length = ids.shape[1]
+            # The search builds "BOS u x0": k control tokens move x0 k positions away from the
+            # BOS (rotary scores depend on that distance), so X0 is read as it stands then.
+            # Without a BOS the distances within x0 do not depend on k: one pass serves all.
+            bos_first = tok.bos_token_id is not None and int(ids[0, 0]) == tok.bos_token_id
+            for shifted in (ks if bos_first else [None]):
+                pos = torch.arange(length, device=device)[None]
+                if shifted is not None:
+                    pos = pos + shifted * (pos >= 1)
+                hs = lm(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states
+                rows += _bound_rows(s, text, [shifted] if shifted is not None else ks, hs, pos)
     return pd.DataFrame(rows)
 
 
