@@ -194,3 +194,10 @@ def test_variant_labels_stay_apart_when_cut_alike():
                                            "#1 Answer the following qu…"]
     df = pd.DataFrame({"variant": [0, 1], "alt1": ["short", "other"]})
     assert variant_labels(df).tolist() == ["short", "other"]
+
+
+def test_a_choice_may_hold_an_escaped_bar():
+    from promptscope.analyses.prompt import parse_choices
+
+    assert parse_choices(" a\\|b| c") == [" a|b", " c"]
+    assert parse_choices([" a|b", " c"]) == [" a|b", " c"]

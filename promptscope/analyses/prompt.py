@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,10 +37,12 @@ RESERVED = {"variant", "steered", "prompt", "choice", "logprob", "prob", "rank",
 
 
 def parse_choices(choices: str | Sequence[str] | None) -> list[str] | None:
-    """``" yes| no"`` or ``[" yes", " no"]`` -> ``[" yes", " no"]``; rejects empty choices."""
+    """``" yes| no"`` or ``[" yes", " no"]`` -> ``[" yes", " no"]``; rejects empty choices.
+    In the string form ``\\|`` is a literal ``|`` (``" a\\|b| c"`` -> ``[" a|b", " c"]``)."""
     if choices is None:
         return None
-    items = choices.split("|") if isinstance(choices, str) else list(choices)
+    items = ([c.replace("\\|", "|") for c in re.split(r"(?<!\\)\|", choices)]
+             if isinstance(choices, str) else list(choices))
     if len(items) < 1 or any(not isinstance(c, str) or c == "" for c in items):
         raise PromptscopeError(
             f"--choices needs non-empty answers separated by '|', e.g. ' yes| no' "

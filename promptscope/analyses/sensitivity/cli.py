@@ -37,6 +37,7 @@ def add_spread_parser(sub: Any) -> None:
 
 def run_spread_command(args: argparse.Namespace, ns: Mapping[str, Any]) -> Any:
     """Run ``%promptscope spread`` with parsed ``args`` and the notebook namespace ``ns``."""
+    from promptscope.analyses.prompt import parse_choices
     from promptscope.analyses.sensitivity.formats import FormatGrammar
     from promptscope.analyses.sensitivity.spread import format_spread
 
@@ -54,7 +55,7 @@ def run_spread_command(args: argparse.Namespace, ns: Mapping[str, Any]) -> Any:
     return format_spread(
         ns[args.data], args.model, label=args.label,
         inputs=[c.strip() for c in args.inputs.split(",")] if args.inputs else None,
-        choices=args.choices.split("|") if args.choices else None, formats=args.formats,
+        choices=parse_choices(args.choices) if args.choices else None, formats=args.formats,
         grammar=FormatGrammar.organism() if args.grammar == "organism" else None,
         budget=budget, batch=args.batch, shots=args.shots, seed=args.seed, name=args.name,
         save=not args.no_save)
