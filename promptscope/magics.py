@@ -51,7 +51,8 @@ def _prompt_parser() -> _Parser:
     p.add_argument("--vars", metavar="NAME", help="notebook variable holding a dict, a list of "
                    "dicts or a DataFrame: one run per row")
     p.add_argument("--choices", metavar="'A|B'", help="answers to rank by log-probability, "
-                   "separated by '|' (quote them to keep leading spaces: \" yes| no\")")
+                   "separated by '|' (quote them to keep leading spaces: \" yes| no\"; \\| is "
+                   "a literal bar), or {name} of a notebook list")
     p.add_argument("--target", metavar="TEXT", help="one continuation to score")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
