@@ -32,6 +32,9 @@ class _Parser(argparse.ArgumentParser):
             hint = f" Did you mean {close[0]}?" if close else ""
         raise UsageError(f"{self.prog}: {message}.{hint} See `{self.prog} --help`.")
 
+    def print_help(self, file: Any = None) -> None:
+        """Nothing: ``exit`` hands the help text to the magic, which prints it once."""
+
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise _HelpShown(self.format_help())
 
@@ -149,7 +152,7 @@ def _promptscope_parser() -> _Parser:
 
     add_spread_parser(sub)  # %promptscope spread DATA ... (FormatSpread)
     sub.add_parser("store", help="where this workspace's sessions are saved")
-    sub.add_parser("help", help="show this help and the %%prompt options")
+    sub.add_parser("help", help="show this help and the %%%%prompt and %%%%reach options")
     for sp in sub.choices.values():
         sp.__class__ = _Parser
     return p
@@ -461,7 +464,7 @@ def _run_into(ns: dict[str, Any], out: str | None, fn: Callable[[], Any]) -> Any
     interrupted or failed run (the rows computed so far)."""
     try:
         result = _friendly(fn)
-    except (KeyboardInterrupt, UsageError) as exc:
+    except BaseException as exc:  # an interrupt, our error, or any other failure mid-run
         partial = getattr(exc, "partial_result", None)
         if partial is not None and out:
             ns[out] = partial

@@ -95,11 +95,26 @@ def test_failed_run_hands_back_partial_rows(ip, tiny_llama_dir, monkeypatch):
     assert partial.status == "failed" and len(partial.df) == 1
     assert promptscope.load(partial.session_id) == partial
 
+    def crashing_second_time(self, *args, **kwargs):  # not our error: a bug, a CUDA fault...
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise RuntimeError("device-side assert")
+        return real(self, *args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(HFModel, "score", crashing_second_time)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        ip.run_cell_magic("prompt", "--target ! -o crashed", "Hi {{1|2}}")
+    assert ip.user_ns["crashed"].status == "failed" and len(ip.user_ns["crashed"].df) == 1
+
 
 def test_promptscope_commands(ip, tiny_llama_dir, capsys):
     ip.run_line_magic("promptscope", "help")
     out = capsys.readouterr().out
     assert "model" in out and "sessions" in out and "--choices" in out
+    assert "the %%prompt and %%reach options" in out
+    ip.run_cell_magic("prompt", "--help", "Hi")
+    assert capsys.readouterr().out.count("usage: %%prompt") == 1  # printed once
     ip.run_line_magic("promptscope", "--help")
     assert "COMMAND" in capsys.readouterr().out
     ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention
+except ImportError:  # torch < 2.5: kernel="flex" is refused (see steer); sdpa still works
+    flex_attention = None
 
 from promptscope.errors import CapabilityError, PromptscopeError
 from promptscope.models.fused import fused_on_cuda
@@ -468,7 +472,8 @@ def _flex_eager(*args: Any, **kwargs: Any) -> torch.Tensor:
 
 # flex_attention compiled into a fused kernel on CUDA; elsewhere its unfused eager form (the
 # same numbers; inductor's CPU template failed on dynamic shapes in torch 2.13).
-_flex_function = fused_on_cuda(flex_attention, "flex_attention", eager=_flex_eager)
+_flex_function = (fused_on_cuda(flex_attention, "flex_attention", eager=_flex_eager)
+                  if flex_attention is not None else None)
 
 
 def register() -> None:
