@@ -153,6 +153,23 @@ def test_knob_sweep_rows_equal_direct_steering(tiny_llama):
     assert set(sweep.summary().layer) == {0, LAYER}
 
 
+def test_knob_sweep_checks_every_answer_and_finds_a_saved_knob_in_its_store(tiny_llama,
+                                                                            tmp_path):
+    from promptscope.store import Store
+
+    rows = pd.DataFrame({"name": ["Ann"], "answer": [" red"], "prior": [" green"]})
+    knob = promptscope.find_knob(CONTEXT, PRIOR, tiny_llama, layers=[LAYER])
+    opts = dict(choices=[" red", " blue"], values=[0.0], save=False, progress=False)
+    with pytest.raises(PromptscopeError, match=r"Row 0: its prior answer ' green' is not "
+                                               r"among its choices"):  # it read 0 at every value
+        promptscope.knob_sweep("{name}", rows, knob, tiny_llama, **opts)
+    own = Store(tmp_path / "own.sqlite")
+    knob.save("my knob", store=own)
+    sweep = promptscope.knob_sweep("{name}", rows.assign(prior=" blue"), "my knob", tiny_llama,
+                                   store=own, **opts)
+    assert sweep.params["knob"] == knob.describe()
+
+
 def test_knob_sweep_errors(tiny_llama):
     rows = pd.DataFrame({"name": ["Ann"], "answer": [" red"]})
     knob = promptscope.find_knob(CONTEXT, PRIOR, tiny_llama, layers=[LAYER])

@@ -251,18 +251,22 @@ def test_left_padding_untouched_and_batched_scores_match_single(tiny_model):
         assert torch.equal(steered[pad], plain[pad])
 
 
-def test_generation_with_kv_cache_equals_no_cache_reference(tiny_model):
-    m = tiny_model
+@pytest.mark.parametrize("start", [0, 2, "last"])
+def test_generation_with_kv_cache_equals_no_cache_reference(any_tiny_model, start):
+    """Batched, left-padded generation with a cache (Mamba's: no mask, a cache that cannot
+    tell its length) steers what a full recompute steers at every step."""
+    m = any_tiny_model
     v = _vector(m, scale=0.5)
     prompts = PROMPTS[:2]
-    with promptscope.steer(m, vector=v, strength=4.0):
+    with promptscope.steer(m, vector=v, strength=4.0, start=start):
         gens = m.generate(prompts, max_new_tokens=6)  # batched, left-padded, KV cache
     plain = m.generate(prompts, max_new_tokens=6)
     eos = set(m.stop_ids)
     for prompt, (g,) in zip(prompts, gens):
         seq = torch.tensor([m.encode_prompt(prompt)], device=m.device)
+        first = seq.shape[1] - 1 if start == "last" else start
         new = []
-        with AddHook(m, LAYER, v.vectors[LAYER], 4.0):
+        with AddHook(m, LAYER, v.vectors[LAYER], 4.0, start=first):
             for _ in range(6):  # full recompute each step: no cache
                 with torch.no_grad():
                     nxt = m.model(input_ids=seq).logits[0, -1].argmax().item()

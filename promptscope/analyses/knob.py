@@ -163,7 +163,7 @@ def knob_sweep(
 
     mdl = resolve_model(model)
     mdl.require("hidden_states", "A knob sweep")
-    knob = resolve_vector(knob)
+    knob = resolve_vector(knob, store)
     if knob.mode != "set":
         raise PromptscopeError("knob_sweep needs a knob (mode 'set', from promptscope.find_knob),"
                                f" not a '{knob.mode}' vector; sweep that with compare_steering.")
@@ -188,6 +188,12 @@ def knob_sweep(
             raise PromptscopeError(f"No knob values to sweep at layer {layer}.")
     task = _Task(template, data, next(iter(answers.values())), choices, what="The knob sweep",
                  emphasis=False)
+    for source, col in answers.items():  # an answer outside the choices would read 0 always
+        bad = next((i for i, (r, cs) in enumerate(zip(rows, task.cands)) if r[col] not in cs),
+                   None)
+        if bad is not None:
+            raise PromptscopeError(f"Row {bad}: its {source} answer {rows[bad][col]!r} is not "
+                                   f"among its choices {task.cands[bad]}.")
 
     def shares() -> dict[str, float]:
         picked = task.predict(mdl)

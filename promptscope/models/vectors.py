@@ -341,23 +341,27 @@ class _Hooks:
         self.gate: torch.Tensor | None = None  # bool [B, Lq, 1]; None: steer every position
         self.cast: dict[tuple[Any, Any], dict[int, torch.Tensor]] = {}
         self.unit: dict[tuple[Any, int], torch.Tensor] = {}
+        self.cache: Any = None  # the cache of the last call without a 2-D mask...
+        self.seen = 0  # ...and how many tokens the calls with it have brought
 
     def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Per call: which of this call's tokens are real and at or after ``start``.
 
-        Without a 2-D mask (a direct call on unpadded ids) every token is real and positions
-        come from ``position_ids``, else count from 0 (no cache assumed).
+        Without a 2-D mask (a direct call on unpadded ids; Mamba's ``generate``) every token
+        is real and positions come from ``position_ids``, else from the tokens earlier calls
+        with the same cache brought (:meth:`offset`).
         """
         ids, mask, cache = forward_inputs(args, kwargs)
         if ids is None:
             self.gate = None
             return
         q = ids.shape[1]
+        masked = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        before = 0 if masked else self.offset(cache, q)
         if self.s.start == "last":
             # A prompt pass (nothing cached) steers its last token (prompts are left-padded);
             # a later pass (continuation, generation step) steers all its real tokens.
-            fresh = (mask.shape[1] == q if isinstance(mask, torch.Tensor) and mask.dim() == 2
-                     else cache is None or not cache.get_seq_length())
+            fresh = mask.shape[1] == q if masked else before == 0
             gate = torch.zeros(ids.shape[0], q, dtype=torch.bool, device=ids.device)
             if fresh and self.s.from_index is not None:
                 first = torch.tensor(self.s.from_index, device=ids.device)[:, None]
@@ -384,9 +388,25 @@ class _Hooks:
         else:
             pos = kwargs.get("position_ids")
             if pos is None:
-                pos = torch.arange(q, device=ids.device)[None, :]
+                pos = torch.arange(before, before + q, device=ids.device)[None, :]
             gate = pos >= self.s.start
         self.gate = None if bool(gate.all()) else gate[..., None]
+
+    def offset(self, cache: Any, q: int) -> int:
+        """How many tokens came before this call's ``q``, for a call without a 2-D mask: 0
+        without a cache; the count of earlier calls with the same cache object (a linear-
+        attention cache cannot tell its length); else what a new cache holds."""
+        if cache is None:
+            before = 0
+        elif cache is self.cache:
+            before = self.seen
+        else:
+            try:
+                before = int(cache.get_seq_length())
+            except (ValueError, AttributeError, NotImplementedError):
+                before = 0
+        self.cache, self.seen = cache, before + q
+        return before
 
     def _vec(self, layer: int, device: torch.device, dtype: torch.dtype, scaled: bool
              ) -> torch.Tensor:
@@ -415,6 +435,8 @@ class _Hooks:
         """``h`` steered at this layer; ``v`` is strength x vector for "add" and "icv", the
         vector itself for "set"."""
         gate = self.gate
+        if gate is not None and gate.device != h.device:  # a model split over devices
+            gate = gate.to(h.device)
         if self.s.vector.mode == "add":
             return h + (v if gate is None else gate.to(h.dtype) * v)
         if self.s.vector.mode == "set":
