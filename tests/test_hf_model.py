@@ -145,6 +145,13 @@ def test_dtype_override(tiny_llama_dir):
         HFModel.from_pretrained(tiny_llama_dir, dtype="fp7")
 
 
+def test_a_model_folder_given_as_a_path(tiny_llama_dir):
+    from pathlib import Path
+
+    model = promptscope.load_model(Path(tiny_llama_dir), alias="path-llama", make_default=False)
+    assert model.name == "path-llama" and model.score(["Hi"], [" there"])[0].tokens
+
+
 def test_load_errors_name_what_was_tried(tmp_path):
     with pytest.raises(ModelLoadError, match="No model folder at './missing-model'"):
         HFModel.from_pretrained("./missing-model")

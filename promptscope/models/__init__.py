@@ -7,6 +7,7 @@ loaded is the default for ``%%prompt`` and ``run_prompt``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def organism_path() -> Path:
 
 
 def load_model(
-    name: str,
+    name: str | os.PathLike,
     *,
     device: str | None = None,
     dtype: str | None = None,
@@ -61,6 +62,7 @@ def load_model(
         >>> model = promptscope.load_model("organism")   # doctest: +SKIP
         >>> api = promptscope.load_model("openai:gpt-4o-mini")   # doctest: +SKIP
     """
+    name = os.fspath(name)  # a pathlib.Path to a model folder, too
     if name.startswith(API_PREFIX):
         return _load_api_model(name, base_url=base_url, api_key=api_key, alias=alias,
                                reload=reload, make_default=make_default, **kwargs)
