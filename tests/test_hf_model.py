@@ -150,6 +150,9 @@ def test_a_model_folder_given_as_a_path(tiny_llama_dir):
 
     model = promptscope.load_model(Path(tiny_llama_dir), alias="path-llama", make_default=False)
     assert model.name == "path-llama" and model.score(["Hi"], [" there"])[0].tokens
+    with pytest.raises(ModelLoadError, match=r"not a list \(\"\['Ann lives in'\]\"\); check "
+                                             r"the order"):
+        promptscope.reachability(["Ann lives in"], model, save=False, progress=False)
 
 
 def test_load_errors_name_what_was_tried(tmp_path):

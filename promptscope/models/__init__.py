@@ -124,16 +124,20 @@ def default_model() -> Model | None:
     return _default[0] if _default else None
 
 
-def resolve_model(model: Model | str | None) -> Model:
+def resolve_model(model: Model | str | os.PathLike | None) -> Model:
     """A ``Model`` from an instance, a name to load, or ``None`` (the default model)."""
     if isinstance(model, Model):
         return model
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
         for m in loaded_models():
             if m.name == model:
                 return m
         return load_model(model, make_default=False)
-    if model is None and _default:
+    if model is not None:  # e.g. arguments in another order: say what was given
+        raise ModelLoadError(f"model must be a loaded model, its name or a model folder, not "
+                             f"a {type(model).__name__} ({str(model)[:60]!r}); check the "
+                             "order of the arguments.")
+    if _default:
         return _default[0]
     raise ModelLoadError(
         "No model loaded. Load one first: `%promptscope model organism` in a notebook, or "
