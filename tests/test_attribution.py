@@ -3,6 +3,7 @@ the magic, sessions and figures."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -379,6 +380,15 @@ def test_part_names_that_cannot_be_told_apart_are_refused(tiny_llama):
     with pytest.raises(AttributionError, match=r"baselines name \['X'\].*\['x'\]"):
         promptscope.attribute("Is {x} big?", tiny_llama, vars=[{"x": "Rome"}], target=" yes",
                               baselines={"X": "a city"}, save=False, progress=False)
+
+
+def test_variant_labels_stay_apart_when_the_long_columns_are_left_out():
+    from promptscope.viz.attribution import _variant_labels
+
+    df = pd.DataFrame({"variant": [0, 1, 2, 3], "ctx": ["a long context sentence, one"] * 2 +
+                       ["a long context sentence, two"] * 2, "alt1": ["lives", "stays"] * 2})
+    assert list(_variant_labels(df).values()) == ["#0 lives", "#1 stays", "#2 lives",
+                                                  "#3 stays"]
 
 
 def test_across_variants_averages_the_answers_and_labels_by_what_varies(tiny_llama):

@@ -201,3 +201,34 @@ def test_a_choice_may_hold_an_escaped_bar():
 
     assert parse_choices(" a\\|b| c") == [" a|b", " c"]
     assert parse_choices([" a|b", " c"]) == [" a|b", " c"]
+
+
+def test_figures_of_runs_with_gaps_and_failures():
+    """A label column with a missing value (pandas 3 keeps NaN through astype(str)), and the
+    heatmap form (over 40 variants) with a failed variant or every variant failed."""
+    import numpy as np
+
+    from promptscope.result import Result
+    from promptscope.viz.prompt import variant_labels
+
+    gaps = pd.DataFrame({"variant": [0, 1], "gold": ["A", None]})
+    assert variant_labels(gaps).tolist() == ["A", "nan"]
+    rows = [{"variant": v, "x": f"v{v}", "prompt": "p", "choice": c, "logprob": -1.0,
+             "prob": np.nan if v == 3 else 0.5, "rank": 1, "chosen": c == " a" and v != 3,
+             "n_tokens": 1, "tokens": ["a"], "time_ms": 1.0}
+            for v in range(45) for c in (" a", " b")]
+    params = {"mode": "choices", "choices": [" a", " b"]}
+    fig = Result("prompt", pd.DataFrame(rows), params=params).figure()
+    assert fig.data[0].type == "heatmap" and len(fig.data[0].y) == 45
+    failed = pd.DataFrame(rows).assign(prob=np.nan, chosen=False)
+    assert len(Result("prompt", failed, params=params).figure().data[0].y) == 45
+
+
+def test_widget_status_escapes_the_users_text():
+    from promptscope.result import Result
+    from promptscope.widgets.steering import answers_status
+
+    df = pd.DataFrame({"steered": [False, True], "choice": [" <b>", " <img onerror=x>"],
+                       "chosen": [True, True]})
+    status = answers_status("<i>mine</i>", Result("prompt", df, params={}))
+    assert "<i>" not in status and "&lt;img" in status and "<b>&lt;i&gt;" in status

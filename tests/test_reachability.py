@@ -76,6 +76,7 @@ def test_k_epsilon_table_and_figures(both_run):
     fig = both_run.figure()
     names = [t.name for t in fig.data]
     assert any("paper" in (n or "") for n in names) and any("top" in (n or "") for n in names)
+    assert f"{both_run.df['pair'].nunique()} (x0, target) pairs" in fig.layout.title.text
     from promptscope.viz.reachability import rank_figure
 
     assert len(rank_figure(both_run).data) >= 1
@@ -250,7 +251,7 @@ def test_reach_magic(ip, tiny_llama):
         ip.run_cell_magic("reach", "--k 1", "\n")
 
 
-def test_reach_widget_runs_and_shows_the_moved_distribution(tiny_llama):
+def test_reach_widget_runs_and_shows_the_moved_distribution(tiny_llama, monkeypatch):
     from promptscope.widgets import ReachWidget
 
     widget = ReachWidget(tiny_llama, "The cat sat on", k_max=1, steps=2)
@@ -261,7 +262,18 @@ def test_reach_widget_runs_and_shows_the_moved_distribution(tiny_llama):
     widget.pick.value = widget.pick.options[0][1]
     fig = widget.dist.figure
     assert fig is not None and len(fig.data) == 2 and "→" in fig.layout.title.text
+    assert len(set(fig.data[0].x)) == len(fig.data[0].x)  # byte tokens: one bar each
     widget.stop()  # after the run: harmless
+    # a new run that fails before its first pair shows nothing of the last one
+    from promptscope.analyses import reachability as module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no pair done")
+
+    monkeypatch.setattr(module, "reachability", failing)
+    widget.start(wait=True)
+    assert "Error" in widget.status.value and "<td>" not in widget.table.value
+    assert widget.dist.figure is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "inkling"])

@@ -158,7 +158,10 @@ def _variant_labels(df: Any) -> dict[int, str]:
             and first[c].astype(str).str.len().max() <= 24]
     if not cols:
         return {int(i): f"v{i}" for i in first.index}
-    return {int(i): " · ".join(str(first.at[i, c]) for c in cols[:3]) for i in first.index}
+    labels = {int(i): " · ".join(str(first.at[i, c]) for c in cols[:3]) for i in first.index}
+    if len(set(labels.values())) < len(labels):  # alike once long columns are left out
+        labels = {i: f"#{i} {text}" for i, text in labels.items()}
+    return labels
 
 
 def figure(result: Any) -> Any:

@@ -52,8 +52,9 @@ def figure(result: Any) -> Any:
     fig.update_layout(xaxis={"title": "format (sorted by accuracy)", "type": "category"},
                       yaxis={"title": "accuracy", "range": [-0.02, 1.05]}, showlegend=False)
     p = result.params
-    how = ("exhaustive" if p.get("evaluations", 0) >= p.get("exhaustive_evaluations", 1)
-           else f"bandit, {p.get('evaluations')} of {p.get('exhaustive_evaluations')} evals")
+    done = p.get("evaluations", len(result.df))  # (an interrupted run: the rows it kept)
+    how = ("exhaustive" if done >= p.get("exhaustive_evaluations", 1)
+           else f"bandit, {done} of {p.get('exhaustive_evaluations')} evals")
     unseen = len(every) - len(t)  # a bandit may never pull a format it already rules out
     shown = f"{len(t)} formats" + (f" ({unseen} never evaluated)" if unseen else "")
     return apply_style(fig, f"Accuracy across {shown}: spread {spread * 100:.0f} points ({how})")

@@ -21,7 +21,7 @@ def variant_labels(df: Any) -> Any:
     cols = [c for c in label_columns(df) if df[c].nunique(dropna=False) > 1]
     if not cols:
         return df["variant"].map(lambda i: f"#{i}")
-    shown = df[cols].astype(str).apply(lambda col: col.map(_short))
+    shown = df[cols].apply(lambda col: col.map(lambda v: _short(str(v))))  # NaN: "nan"
     if "steered" in cols:
         shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
     labels = shown.agg(" · ".join, axis=1)
@@ -71,8 +71,10 @@ def figure(result: Any) -> Any:
         choices = result.params["choices"]
         n_variants = len(x.unique())
         if n_variants > 40:  # too many bars to read: a heatmap, variants down the side
+            # every variant, a failed one too (its row stays empty)
             wide = df.assign(label=x).pivot_table(index="label", columns="choice", values="prob",
-                                                  sort=False)[choices]
+                                                  sort=False, dropna=False).reindex(
+                index=list(dict.fromkeys(x)), columns=choices)
             fig = go.Figure(go.Heatmap(z=wide.values, x=[repr(c) for c in choices],
                                        y=list(wide.index), colorscale="Viridis", zmin=0, zmax=1,
                                        colorbar={"title": "p"},

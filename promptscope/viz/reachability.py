@@ -61,7 +61,12 @@ def figure(result: Any) -> Any:
                                  name="residual-stream norm (scale)"), row=1, col=2)
         fig.update_yaxes(title_text="norm", row=1, col=2)
     return apply_style(fig, f"Reachability · {result.params.get('method')} · "
-                            f"k ≤ {k_max} · {len(result.df)} (x0, target) pairs")
+                            f"k ≤ {k_max} · {_n_pairs(result.df)} (x0, target) pairs")
+
+
+def _n_pairs(df: Any) -> int:
+    """Searched pairs: a row per pair and target set (a pair two sets share has two)."""
+    return int(df["pair"].nunique()) if "pair" in df else len(df)
 
 
 def rank_figure(result: Any, pairs: list[int] | None = None, max_pairs: int = 24) -> Any:

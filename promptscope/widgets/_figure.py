@@ -41,3 +41,8 @@ class FigureBox(w.Output):
         bundle = pio.renderers["plotly_mimetype"].to_mimebundle(figure.to_dict())
         bundle["text/plain"] = f"<plotly figure: {figure.layout.title.text or 'untitled'}>"
         self.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+
+    def clear(self) -> None:
+        """Show nothing (a new run has no figure yet)."""
+        self.figure = None
+        self.outputs = ()

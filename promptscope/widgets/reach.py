@@ -87,6 +87,8 @@ class ReachWidget(w.VBox):
         self._stop.clear()
         self.result = None  # never show the previous run's pairs under this run's outcome
         self.pick.options = []
+        self.table.value = _table([])
+        self.dist.clear()
         self.rows: list[dict[str, Any]] = []
         self.progress.max, self.progress.value = len(targets), 0
         self.start_button.disabled, self.stop_button.disabled = True, False
@@ -148,7 +150,8 @@ def distribution_figure(before: Any, after: Any, target_id: int, control: str,
     ids = list(dict.fromkeys([*before["token_id"].head(top // 2), *after["token_id"].head(top // 2),
                               target_id]))
     b, a = before.set_index("token_id"), after.set_index("token_id")
-    labels = [repr(b.loc[i, "token"]) + (" ★" if i == target_id else "") for i in ids]
+    # (byte tokens all decode to '�': the id keeps each its own bar)
+    labels = [f"{b.loc[i, 'token']!r} #{i}" + (" ★" if i == target_id else "") for i in ids]
     fig = go.Figure([go.Bar(name="x0 alone", x=labels, y=[b.loc[i, "prob"] for i in ids]),
                      go.Bar(name=f"{control!r} + x0", x=labels, y=[a.loc[i, "prob"] for i in ids])])
     fig.update_yaxes(title_text="next-token probability")

@@ -74,9 +74,17 @@ class SteeringWidget(w.VBox):
         self.last = run
         self.answers.show(plain_vs_steered(run))
         self.attention.show(_mass_figure(plain, steered))
-        acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
-        self.status.value = (f"<b>{run.params['steer']['heads']}</b> · answers plain: "
-                             f"{acc.get(False)} → steered: {acc.get(True)}")
+        self.status.value = answers_status(f"heads {self.heads.value}", run)
+
+
+def answers_status(label: str, run: Any) -> str:
+    """``<b>label</b> · answers plain: [...] → steered: [...]``, as HTML with the user's text
+    (a method's name, the answers) escaped."""
+    import html
+
+    acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
+    return (f"<b>{html.escape(label)}</b> · answers plain: {html.escape(str(acc.get(False)))} "
+            f"→ steered: {html.escape(str(acc.get(True)))}")
 
 
 def _mass_figure(plain: Any, steered: Any) -> go.Figure:

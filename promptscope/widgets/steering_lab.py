@@ -11,6 +11,7 @@ import ipywidgets as w
 
 from promptscope.viz.prompt import plain_vs_steered
 from promptscope.widgets._figure import FigureBox
+from promptscope.widgets.steering import answers_status
 
 
 class SteeringLab(w.VBox):
@@ -127,6 +128,4 @@ class SteeringLab(w.VBox):
         self.answers.show(plain_vs_steered(run))
         if self.comparison is not None:
             self.curve.show(self.curve_figure())
-        acc = run.df[run.df.chosen].groupby("steered")["choice"].agg(list)
-        self.status.value = (f"<b>{self.method.value}</b> · answers plain: {acc.get(False)} → "
-                             f"steered: {acc.get(True)}")
+        self.status.value = answers_status(self.method.value, run)
