@@ -255,3 +255,11 @@ def test_grammar_distribution_is_consistent():
         for i in range(1, len(words)):
             dist = gr.next_word_distribution(words[:i])
             assert words[i] in dist and abs(sum(dist.values()) - 1) < 1e-9
+    # a prefix that starts mid-sentence (no marker seen): the topics that allow its words
+    # (it gave {} whenever its first word was not a sentence start)
+    for _ in range(20):
+        words = gr.words_of(gr.text(rng, 1))[:-1]  # one sentence, its "." dropped
+        for cut in range(2, len(words) - 1):
+            tail = words[cut:-1]
+            dist = gr.next_word_distribution(tail)
+            assert words[-1] in dist and abs(sum(dist.values()) - 1) < 1e-9

@@ -72,7 +72,9 @@ def next_word_distribution(prefix: list[str]) -> dict[str, float]:
     Marker and sentence length are the only hidden state; the sentence end ``"."`` gets the
     probability that the sentence stops at this length. An empty or finished prefix gives the
     uniform distribution over markers. A prefix that starts mid-sentence without a marker is
-    scored as a mixture over the topics, weighted by how likely each makes the words seen.
+    scored as a mixture over the topics, weighted by how likely each makes the words seen after
+    the first (where the chain is entered is unknown); its sentence length is then taken to be
+    the words seen, a lower bound.
     """
     i = len(prefix)
     while i > 0 and prefix[i - 1] != "." and prefix[i - 1] not in MARKERS:
@@ -83,9 +85,12 @@ def next_word_distribution(prefix: list[str]) -> dict[str, float]:
     body = prefix[i:]
     dist: dict[str, float] = {}
     weighted: list[tuple[str, str | None, float]] = []
+    entered = len(markers) > 1  # no marker seen: the chain is entered at body[0]
     for m in markers:
-        prev, weight = None, 1.0
-        for w in body:
+        if entered and body[0] not in CHAINS[m]:
+            continue
+        prev, weight = (body[0], 1.0) if entered else (None, 1.0)
+        for w in body[1:] if entered else body:
             nxt = STARTS[m] if prev is None else CHAINS[m][prev]
             weight *= SUCCESSOR_PROBS[nxt.index(w)] if w in nxt else 0.0
             prev = w
