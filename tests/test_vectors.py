@@ -689,6 +689,11 @@ def test_steering_lab_marks_the_current_setting_on_the_comparison_curve(tiny_lla
     caa = cmp.df[cmp.df.method == "CAA"].set_index("value")
     assert star().y[0] == pytest.approx(caa["d_accuracy"].mean())
     assert len([t for t in lab.curve.figure.data if t.marker.symbol == "star"]) == 2
+    lab.strength.value = 0.0  # off the log axis: no star rather than one plotly cannot place
+    assert not [t for t in lab.curve.figure.data if t.name == "current setting"]
+    before = lab.last
+    lab.layers.value = ()  # no layer: says so instead of steering every layer
+    assert "Pick at least one layer" in lab.status.value and lab.last is before
     _no_hooks_left(tiny_llama)
 
 

@@ -77,7 +77,7 @@ class SteeringLab(w.VBox):
         if self.method.value == "PASTA":
             return {"heads": self.heads, "alpha": self.alpha.value}
         return {"method": "vector", "vector": self.vectors[self.method.value],
-                "strength": self.strength.value, "layers": list(self.layers.value) or None}
+                "strength": self.strength.value, "layers": list(self.layers.value)}
 
     def current_strength(self) -> float:
         """The current setting on the comparison's strength axis (PASTA: 1/alpha)."""
@@ -96,6 +96,8 @@ class SteeringLab(w.VBox):
         if part.empty:
             return fig
         x = self.current_strength()
+        if x <= 0 and bool((self.comparison.df["strength"] > 0).all()):
+            return fig  # strength 0 (no steering) lies off the log axis: no star to place
         log = bool((part["strength"] > 0).all()) and x > 0
         xs = np.log(part["strength"]) if log else part["strength"]
         at = float(np.log(x)) if log else x
@@ -121,6 +123,9 @@ class SteeringLab(w.VBox):
 
         if change is not None and change.get("owner") is self.method:
             self._sync_controls()
+        if self.method.value != "PASTA" and not self.layers.value:
+            self.status.value = "<b>Pick at least one layer</b> to add the vector at."
+            return
         run = promptscope.run_prompt(self.template, self.model, vars=self.rows,
                                      choices=self.choices, save=False, progress=False,
                                      steer={**self.steering(), "compare": True})
