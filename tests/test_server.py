@@ -333,3 +333,50 @@ def test_server_extension_is_enabled_by_the_installed_config():
                           "list"], capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
     assert "promptscope.server" in text and "enabled" in text, text
+
+
+# ---------------------------------------------------------------------- odd stores and cells
+
+
+def test_odd_cells_export_as_json_and_a_bad_summary_is_a_message(api, _isolated_store):
+    store = Store.default()
+    sid = store.create("prompt", name="odd cells", params={"mode": "x"})
+    store.append(sid, "rows", pd.DataFrame({"meta": [{"a": "é"}, {"b": 1}],
+                                            "toks": [["a", "b"], []], "raw": [b"\xff\xfe", b"ok"]}))
+    store.finish(sid, "done")
+    code, resp = api("GET", "sessions", sid, "export", "csv", raw=True)
+    lines = resp.body.decode().splitlines()
+    assert code == 200 and lines[1] == '"{""a"": ""é""}","[""a"", ""b""]",\ufffd\ufffd'
+    code, body = api("GET", "sessions", sid)  # bytes no JSON can hold: said, not a 500
+    assert code == 200 and body["summary_error"].startswith("UnicodeDecodeError")
+    assert api("PATCH", "sessions", sid, body={"name": "\ud800"})[0] == 400
+
+
+def test_a_foreign_or_old_store_is_a_message_and_old_runs_are_not_running(api, _isolated_store):
+    import sqlite3
+
+    _isolated_store.mkdir(parents=True, exist_ok=True)
+    path = _isolated_store / "sessions.sqlite"
+    with sqlite3.connect(path) as conn:  # another program's database, schema-1 numbered
+        conn.executescript("CREATE TABLE t(x); PRAGMA user_version=1;")
+    code, body = api("GET", "sessions")
+    assert code == 200 and body["sessions"] == [] and "could not be upgraded" in body["error"]
+    path.unlink()
+    from promptscope.store import _MIGRATIONS
+
+    with sqlite3.connect(path) as conn:  # a schema-1 store whose run never finished
+        conn.executescript(_MIGRATIONS[0] + "PRAGMA user_version=1;")
+        conn.execute("INSERT INTO sessions (id, name, kind, created, updated) VALUES "
+                     "('20250101-000000-aaaaaa', 'old run', 'prompt', 1, 1)")
+    code, body = api("GET", "sessions")
+    assert [s["status"] for s in body["sessions"]] == ["interrupted"]
+    assert api("DELETE", "sessions", "20250101-000000-aaaaaa")[0] == 204
+
+
+def test_search_matches_wildcards_literally(_isolated_store):
+    store = Store.default()
+    for name in ("dead_one", "deadXone", "100% done"):
+        store.finish(store.create("prompt", name=name), "done")
+    assert [r.name for r in store.list(search="d_ad")] == []
+    assert [r.name for r in store.list(search="dead_")] == ["dead_one"]
+    assert [r.name for r in store.list(search="100%")] == ["100% done"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import time
 
 import numpy as np
 import pandas as pd
@@ -220,8 +221,12 @@ def test_a_schema_1_file_is_upgraded_and_its_sessions_kept(tmp_path):
     conn.close()
     store = Store(path)
     (old,) = store.list()
-    assert (old.name, old.status, old.owner) == ("old", "running", "")  # unknown owner: left be
+    # no owner recorded, and silent since 1970: not running any more (it could not be deleted)
+    assert (old.name, old.status, old.owner) == ("old", "interrupted", "")
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    with sqlite3.connect(path) as conn:  # written a minute ago: an older kernel may run it
+        conn.execute("UPDATE sessions SET updated=?", (time.time() - 60,))
+    assert store.list()[0].status == "running"
 
 
 def test_the_panel_reader_shows_a_dead_run_as_interrupted_without_writing(tmp_path):

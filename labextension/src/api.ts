@@ -34,7 +34,7 @@ async function request(path: string, init: RequestInit = {}): Promise<Response> 
     } catch {
       // not JSON: keep the status text
     }
-    if (response.status === 404 && path === 'sessions') {
+    if (response.status === 404 && path.split('?')[0] === 'sessions') {
       message =
         'The promptscope server extension is not enabled: run ' +
         '`jupyter server extension enable promptscope.server` and restart JupyterLab.';

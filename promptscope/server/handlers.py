@@ -118,6 +118,10 @@ class SessionHandler(_Base):
         if not isinstance(name, str) or not name.strip():
             raise web.HTTPError(400, "Give a non-empty 'name'.")
         name = name.strip()
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: SQLite cannot store it
+            raise web.HTTPError(400, "The name is not valid text (a lone surrogate).") from None
         if len(name) > MAX_NAME:
             raise web.HTTPError(400, f"A name has at most {MAX_NAME} characters.")
         await self.call(self.reader().get, session_id)  # 404 / 503 before writing
@@ -169,8 +173,7 @@ class ExportHandler(_Base):
             names = await self.call(reader.table_names, session_id)
             if table not in names:
                 raise web.HTTPError(404, f"Session {session_id} has no table {table!r}.")
-            df = await self.call(reader.table, session_id, table)
-            body = df.to_csv(index=False)
+            body = await self.call(table_csv, reader, session_id, table)  # off the event loop
             ctype = "text/csv; charset=utf-8"
             filename = f"{session_id}-{table}.csv"
         elif fmt == "html":
@@ -183,6 +186,30 @@ class ExportHandler(_Base):
         self.set_header("Content-Disposition", f'attachment; filename="{filename}"')
         self.set_header("X-Content-Type-Options", "nosniff")
         self.finish(body, set_content_type=ctype)
+
+
+def table_csv(reader: StoreReader, session_id: str, table: str) -> str:
+    """One table as CSV text, its list and dict cells as JSON (not Python's repr), bytes
+    decoded (undecodable ones replaced)."""
+    df = reader.table(session_id, table)
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].map(_csv_cell)
+    return df.to_csv(index=False)
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, (list, tuple, dict)) or hasattr(value, "tolist"):
+        return json.dumps(value, ensure_ascii=False, default=_csv_default)
+    return value
+
+
+def _csv_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def handlers(base_url: str) -> list[tuple[str, type]]:

@@ -25,7 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from promptscope.store import SCHEMA_VERSION, STATUSES, Store, orphaned
+from promptscope.errors import PromptscopeError
+from promptscope.store import SCHEMA_VERSION, STATUSES, Store, orphaned, search_clauses
 
 # Ids are made by Store.create ("20261125-101500-1a2b3c"); allowing only this alphabet rules out
 # path tricks in URLs and code injection when the panel writes an id into a notebook cell.
@@ -75,7 +76,13 @@ class StoreReader(Store):
             if version < SCHEMA_VERSION:
                 if version == 0:  # created but not set up yet: a kernel is about to
                     raise StoreUnavailable(f"No sessions yet in {self.path}.")
-                Store(self.path).list(limit=0)  # an older schema: upgrade it as a kernel would
+                try:  # an older schema: upgrade it as a kernel would
+                    Store(self.path).list(limit=0)
+                except (sqlite3.Error, PromptscopeError) as exc:  # a foreign file, read-only...
+                    raise StoreUnavailable(
+                        f"The session store {self.path} has an older layout that could not "
+                        f"be upgraded ({exc}). Move it aside; the next run starts a new one."
+                    ) from exc
             try:
                 yield conn
             except sqlite3.DatabaseError as exc:
@@ -103,12 +110,9 @@ class StoreReader(Store):
             else:
                 where.append("status = ?")
             args += [status, *(dead if status in ("interrupted", "running") else [])]
-        # Every word must match somewhere; LIKE wildcards typed by the user match literally.
-        for word in (search or "").split():
-            pattern = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
-            where.append("(name LIKE ? ESCAPE '\\' OR source LIKE ? ESCAPE '\\' "
-                         "OR model LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\')")
-            args += [pattern] * 4
+        clauses, words = search_clauses(search)  # every word must match somewhere
+        where += clauses
+        args += words
         return (" WHERE " + " AND ".join(where)) if where else "", args
 
     def page(self, *, kind: str | None = None, model: str | None = None,
@@ -121,10 +125,11 @@ class StoreReader(Store):
         offset = max(0, min(int(offset), 2**62))  # SQLite integers are 64-bit
         cols = ", ".join((*LIST_FIELDS, "owner"))
         with self._connect() as conn:
+            conn.execute("BEGIN")  # one snapshot: the page and its total agree
             # A run whose kernel died is listed as interrupted, so it is filtered as one too.
-            dead = [sid for sid, owner in conn.execute(
-                "SELECT id, owner FROM sessions WHERE status='running'")
-                if orphaned("running", owner)]
+            dead = [sid for sid, owner, updated in conn.execute(
+                "SELECT id, owner, updated FROM sessions WHERE status='running'")
+                if orphaned("running", owner, updated)]
             where, args = self._where(kind, model, status, search, dead)
             rows = conn.execute(
                 f"SELECT {cols} FROM sessions{where} ORDER BY created DESC, id DESC "
@@ -136,7 +141,7 @@ class StoreReader(Store):
         sessions = []
         for *values, owner in rows:
             item = dict(zip(LIST_FIELDS, values))
-            if orphaned(item["status"], owner):
+            if orphaned(item["status"], owner, item["updated"]):
                 item["status"] = "interrupted"
             sessions.append(item)
         return {"sessions": sessions, "total": total, "limit": limit, "offset": offset,
@@ -172,13 +177,12 @@ class StoreReader(Store):
         out["summary_error"] = ""
         try:
             table = self.summary_frame(session_id)
+            if table is not None and len(table.columns):
+                out["summary_table"] = frame_to_json(table, max_rows=max_rows)
         except StoreUnavailable:
             raise
-        except Exception as exc:  # a plot module that cannot summarise a partial run
-            out["summary_error"] = f"{type(exc).__name__}: {exc}"
-            table = None
-        if table is not None and len(table.columns):
-            out["summary_table"] = frame_to_json(table, max_rows=max_rows)
+        except Exception as exc:  # a plot module that cannot summarise a partial run, cells
+            out["summary_error"] = f"{type(exc).__name__}: {exc}"  # JSON cannot hold...
         return out
 
     def summary_frame(self, session_id: str) -> Any:

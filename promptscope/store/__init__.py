@@ -205,8 +205,8 @@ class Store:
 
     @staticmethod
     def _reap_orphans(conn: sqlite3.Connection) -> None:
-        running = conn.execute("SELECT id, owner FROM sessions WHERE status='running'")
-        dead = [sid for sid, owner in running if orphaned("running", owner)]
+        running = conn.execute("SELECT id, owner, updated FROM sessions WHERE status='running'")
+        dead = [sid for sid, owner, updated in running if orphaned("running", owner, updated)]
         conn.executemany("UPDATE sessions SET status='interrupted', error=?, updated=? WHERE id=?",
                          [(ORPHAN_ERROR, time.time(), sid) for sid in dead])
 
@@ -307,9 +307,9 @@ class Store:
         if model:
             where.append("model = ?")
             args.append(model)
-        if search:
-            where.append("(name LIKE ? OR source LIKE ? OR model LIKE ? OR id LIKE ?)")
-            args += [f"%{search}%"] * 4
+        clauses, words = search_clauses(search)
+        where += clauses
+        args += words
         sql = "SELECT * FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -330,8 +330,30 @@ ORPHAN_ERROR = ("The process that ran it ended before it finished (kernel restar
                 "the rows saved until then are kept.")
 
 
-def orphaned(status: str, owner: str) -> bool:
-    """Whether a session is ``running`` for a process of this machine that no longer exists."""
+def search_clauses(search: str | None) -> tuple[list[str], list[str]]:
+    """SQL conditions (and their arguments) for a text search: every word must occur in the
+    name, source, model or id; ``%`` and ``_`` typed by the user match literally."""
+    import re
+
+    clauses, args = [], []
+    for word in (search or "").split():
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
+        clauses.append("(name LIKE ? ESCAPE '\\' OR source LIKE ? ESCAPE '\\' "
+                       "OR model LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\')")
+        args += [pattern] * 4
+    return clauses, args
+
+
+#: A ``running`` session without a recorded owner (schema 1) that has written nothing for
+#: this long is taken for dead: a live run appends its rows much more often.
+STALE_WITHOUT_OWNER_S = 3600.0
+
+
+def orphaned(status: str, owner: str, updated: float | None = None) -> bool:
+    """Whether a session is ``running`` for a process of this machine that no longer exists,
+    or, from before owners were recorded (schema 1), has not written for an hour."""
+    if status == "running" and not owner:
+        return updated is not None and time.time() - updated > STALE_WITHOUT_OWNER_S
     host, _, pid = owner.rpartition(":")
     if status != "running" or host != socket.gethostname() or not pid.isdigit():
         return False
@@ -348,7 +370,7 @@ def _record(row: sqlite3.Row) -> SessionRecord:
     d = dict(row)
     for key in ("params", "model_info", "summary"):
         d[key] = json.loads(d[key])
-    if orphaned(d["status"], d.get("owner", "")):  # shown as what it is, before any write
+    if orphaned(d["status"], d.get("owner", ""), d["updated"]):  # shown as what it is
         d["status"], d["error"] = "interrupted", ORPHAN_ERROR
     return SessionRecord(**d)
 
@@ -376,8 +398,9 @@ def _to_parquet(df: Any) -> bytes:
     import pyarrow.parquet as pq
 
     df = df.reset_index(drop=True)
-    if df.columns.duplicated().any():
-        dup = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+    names = df.columns.map(str)  # Parquet names are text: 0 and "0" would clash
+    if names.duplicated().any():
+        dup = sorted(set(names[names.duplicated()]))
         raise ValueError(f"A table to save has duplicate column names {dup}; rename them.")
     as_json = [col for col in df.columns if df[col].dtype == object and _needs_json(df[col])]
     if as_json:
@@ -400,8 +423,8 @@ def _needs_json(column: Any) -> bool:
         return True
     try:
         pa.array(column, from_pandas=True)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        return True  # e.g. ints and strings in one column
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return True  # e.g. ints and strings in one column, or an int past 64 bits
     return False
 
 
