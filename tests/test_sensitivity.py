@@ -14,7 +14,12 @@ from IPython.core.error import UsageError
 
 import promptscope
 from promptscope.analyses.sensitivity.bandit import SpreadBandit, run_bandit, wilson_interval
-from promptscope.analyses.sensitivity.formats import FEATURES, FormatGrammar, PromptFormat
+from promptscope.analyses.sensitivity.formats import (
+    FEATURES,
+    FormatGrammar,
+    PromptFormat,
+    sample_formats,
+)
 from promptscope.analyses.sensitivity.posix import posix_index, spelling_noise
 from promptscope.analyses.sensitivity.selection import cbm, mutual_information
 from promptscope.analyses.sensitivity.spread import FewShotTask, feature_effects, format_table
@@ -652,3 +657,66 @@ def test_spread_widget_runs_and_redraws():
     assert len(bars.x) == 5 and list(widget.trace.figure.data[0].x)[-1] == run.params[
         "evaluations"]
     assert "spread" in widget.status.value
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+def test_a_failed_choice_is_no_prediction_and_is_counted():
+    """A NaN score won every max() comparison: it was predicted, and counted right when gold."""
+    gold = {f"q{i}": ("yes" if i % 3 else "no") for i in range(6)}
+
+    class Failing(RuleModel):
+        def score(self, prompts, continuations, progress=None):
+            out = super().score(prompts, continuations)
+            for i, (p, c) in enumerate(zip(prompts, continuations)):
+                if c.strip() == "no" and re.findall(r"q\d+", p)[-1] == "q0":
+                    out[i] = Score(math.nan, [], [], 0, error="HTTP 500")
+            return out
+
+    fmts = sample_formats(2, seed=0, inputs=["text"])
+    with pytest.warns(UserWarning, match="could not be scored"):
+        run = promptscope.format_spread(_qdata(6), Failing(gold), formats=fmts, shots=0,
+                                        progress=False, save=False)
+    q0 = run.df[run.df.example == 0]
+    assert q0["failed"].all() and not q0["correct"].any() and q0["pred"].isna().all()
+    assert run.params["failed_evaluations"] == len(q0)
+
+
+def test_best_and_worst_are_two_formats():
+    table = np.ones((2, 60), bool)
+    table[1, ::5] = False
+    b = run_bandit(lambda pulls: [table[p.format, list(p.examples)] for p in pulls], 2, 60,
+                   budget=30, batch=10, seed=0)
+    assert b.best() == 0 and b.worst() == 1  # format 0 also had the lowest upper bound
+
+
+def test_formats_are_distinct_as_text_and_demos_never_show_the_query():
+    from promptscope.organism.classify import classification_dataset
+
+    fmts = sample_formats(24, seed=2, inputs=["text"])  # "asis" writes "text" as "lower" does
+    assert len({f.pattern(["text"]) for f in fmts}) == 24
+    same = FormatGrammar().neighbours(PromptFormat(casing="lower"), "casing", inputs=["text"])
+    assert "asis" not in {f.casing for f in same}
+    task = FewShotTask(classification_dataset(100, seed=0), shots=3)  # 41 duplicate rows
+    assert not any(all(d[f] == task.rows[i][f] for f in task.inputs)
+                   for i in range(len(task)) for d in task.demos[i])
+
+
+def test_a_stopped_spread_reloads_with_its_formats_named():
+    from promptscope.viz.format_spread import convergence, features_figure
+
+    gold = {f"q{i}": ("yes" if i % 3 else "no") for i in range(40)}
+
+    def stop(bandit):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        promptscope.format_spread(_qdata(), RuleModel(gold), formats=6, budget=0.5, batch=6,
+                                  shots=2, on_round=stop, progress=False)
+    run = promptscope.load(stopped.value.partial_result.session_id)
+    table = run.summary()
+    assert not table["pattern"].str.startswith("format ").any()
+    assert len(features_figure(run).data) >= 1
+    with pytest.raises(PromptscopeError, match="stopped before its search trace"):
+        convergence(run)
+    assert run.source.count("{text}") == 3  # shots=2: two demonstrations and the query

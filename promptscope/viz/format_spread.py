@@ -17,9 +17,13 @@ def _formats(result: Any) -> Any:
 
     g = result.df.groupby("format")["correct"].agg(["sum", "count"]).reset_index()
     lo, hi = wilson_interval(g["sum"], g["count"])
-    return g.assign(evaluations=g["count"], correct=g["sum"], accuracy=g["sum"] / g["count"],
-                    ci_low=lo, ci_high=hi, pattern=g["format"].map(lambda f: f"format {f}"),
-                    best=False, worst=False)
+    g = g.assign(evaluations=g["count"], correct=g["sum"], accuracy=g["sum"] / g["count"],
+                 ci_low=lo, ci_high=hi, pattern=g["format"].map(lambda f: f"format {f}"),
+                 best=False, worst=False)
+    defs = result.tables.get("format_defs")  # saved before the search started
+    if defs is not None:
+        g = g.drop(columns="pattern").merge(defs, on="format", how="left")
+    return g
 
 
 def _hover(pattern: str) -> str:
@@ -77,6 +81,9 @@ def convergence(result: Any) -> Any:
     if "trace" not in result.tables:
         from promptscope.errors import PromptscopeError
 
+        if result.status != "done":
+            raise PromptscopeError("This spread stopped before its search trace was saved; "
+                                   "figure() shows the formats it evaluated.")
         raise PromptscopeError("This spread has no search trace: it evaluated every format on "
                                "every row (a %%prompt --spread run), so there is nothing to "
                                "converge; figure() shows it.")
@@ -96,7 +103,16 @@ def features_figure(result: Any) -> Any:
     """Mean accuracy of the formats having each feature value, minus the mean of all formats."""
     import plotly.graph_objects as go
 
-    eff = result.tables["features"]
+    eff = result.tables.get("features")
+    if eff is None:  # a search stopped before the end: from the formats it evaluated
+        from promptscope.analyses.sensitivity.spread import feature_effects
+        from promptscope.errors import PromptscopeError
+
+        table = _formats(result)
+        if "key" not in table:
+            raise PromptscopeError("This spread stopped before its formats were saved; rerun "
+                                   "it to see the feature effects.")
+        eff = feature_effects(table)[0]
     fig = go.Figure()
     for feat, part in eff.groupby("feature", sort=False):
         fig.add_trace(go.Bar(

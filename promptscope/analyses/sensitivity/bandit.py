@@ -163,8 +163,10 @@ class SpreadBandit:
         self.trials[pull.format] += len(correct)
         self.spent += len(correct)
 
-    def _pick(self, sign: int) -> int:
+    def _pick(self, sign: int, other_than: int = -1) -> int:
         seen = np.flatnonzero(self.trials > 0)
+        if len(seen) > 1:  # a well-measured format can have the best lower bound and the
+            seen = seen[seen != other_than]  # worst upper one: then the spread would read 0
         if not len(seen):
             return -1
         mean, lo, hi = self.bounds()
@@ -178,8 +180,9 @@ class SpreadBandit:
         return self._pick(+1)
 
     def worst(self) -> int:
-        """The format named worst: the lowest finite-population upper bound."""
-        return self._pick(-1)
+        """The format named worst: the lowest finite-population upper bound, among the
+        formats other than :meth:`best` (when another has been evaluated)."""
+        return self._pick(-1, other_than=self.best())
 
     def record(self) -> None:
         """Append the current state to :attr:`trace` (after each round)."""

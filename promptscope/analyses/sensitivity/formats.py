@@ -201,34 +201,44 @@ class FormatGrammar:
             combo.append(opts[r])
         return PromptFormat(*reversed(combo))
 
-    def sample(self, n: int, seed: int = 0,
-               include: Sequence[PromptFormat] = ()) -> list[PromptFormat]:
+    def sample(self, n: int, seed: int = 0, include: Sequence[PromptFormat] = (),
+               inputs: Sequence[str] = ("input",)) -> list[PromptFormat]:
         """``n`` distinct formats: ``include`` first, then uniform draws without replacement
-        (the same ``seed`` gives the same formats)."""
+        (the same ``seed`` gives the same formats). Distinct as text for these ``inputs``:
+        casing ``asis`` writes lower-case field names as ``lower`` does."""
         if n < 1:
             raise PromptscopeError("Sample at least one format.")
-        out = list(dict.fromkeys(include))[:n]
+        out: list[PromptFormat] = []
+        seen: set[str] = set()
+        for fmt in include:
+            if len(out) < n and _add(fmt, inputs, seen):
+                out.append(fmt)
         rng = random.Random(seed)
-        want = min(n, self.size + len(out))
-        seen = set(out)
-        # rng.sample over a range never materialises the product space.
-        for idx in rng.sample(range(self.size), min(self.size, n + len(out))):
-            if len(out) >= want:
+        # rng.sample over a range never materialises the product space; formats that write
+        # the same text as one drawn before are skipped, and more are drawn after them.
+        first = rng.sample(range(self.size), min(self.size, n + len(out)))
+        tried = set(first)
+        more = (i for i in _shuffled(self.size, rng) if i not in tried)
+        for idx in itertools.chain(first, more):
+            if len(out) >= n:
                 break
             fmt = self.format_at(idx)
-            if fmt not in seen:
-                seen.add(fmt)
+            if _add(fmt, inputs, seen):
                 out.append(fmt)
         return out
 
-    def neighbours(self, fmt: PromptFormat, feature: str | None = None) -> list[PromptFormat]:
-        """Formats one atomic change away from ``fmt`` (in ``feature``, or in any feature)."""
+    def neighbours(self, fmt: PromptFormat, feature: str | None = None,
+                   inputs: Sequence[str] = ("input",)) -> list[PromptFormat]:
+        """Formats one atomic change away from ``fmt`` (in ``feature``, or in any feature)
+        whose text for ``inputs`` differs from ``fmt``'s (and from each other's)."""
         opts = dict(zip(FEATURES, self._options()))
         chosen = [feature] if feature else list(FEATURES)
         bad = [f for f in chosen if f not in opts]
         if bad:
             raise PromptscopeError(f"Unknown format feature {bad[0]!r}; features: {FEATURES}.")
-        return [replace(fmt, **{f: v}) for f in chosen for v in opts[f] if v != getattr(fmt, f)]
+        seen = {fmt.pattern(inputs)}
+        return [other for f in chosen for v in opts[f] if v != getattr(fmt, f)
+                if _add(other := replace(fmt, **{f: v}), inputs, seen)]
 
     @classmethod
     def organism(cls) -> FormatGrammar:
@@ -242,16 +252,37 @@ class FormatGrammar:
                    enumerations=classify._ENUMERATIONS, answer_names=classify._ANSWER_NAMES)
 
 
+def _add(fmt: PromptFormat, inputs: Sequence[str], seen: set[str]) -> bool:
+    """Whether ``fmt``'s text for ``inputs`` is new (then it is noted in ``seen``)."""
+    text = fmt.pattern(inputs)
+    if text in seen:
+        return False
+    seen.add(text)
+    return True
+
+
+def _shuffled(n: int, rng: random.Random) -> Iterator[int]:
+    """``range(n)`` in a seeded random order, drawn lazily (a Fisher-Yates walk kept in a dict
+    of the swapped positions only)."""
+    swapped: dict[int, int] = {}
+    for i in range(n):
+        j = rng.randrange(i, n)
+        yield swapped.get(j, j)
+        swapped[j] = swapped.get(i, i)
+
+
 def sample_formats(n: int = 24, seed: int = 0, grammar: FormatGrammar | None = None,
-                   include: Sequence[PromptFormat] = ()) -> list[PromptFormat]:
-    """``n`` distinct plausible formats from ``grammar`` (default: the paper-style grammar).
+                   include: Sequence[PromptFormat] = (),
+                   inputs: Sequence[str] = ("input",)) -> list[PromptFormat]:
+    """``n`` distinct plausible formats from ``grammar`` (default: the paper-style grammar),
+    distinct as text for the task's ``inputs``.
 
     Example:
         >>> fmts = sample_formats(8, seed=0)
         >>> fmts == sample_formats(8, seed=0) and len(set(fmts)) == 8
         True
     """
-    return (grammar or FormatGrammar()).sample(n, seed=seed, include=include)
+    return (grammar or FormatGrammar()).sample(n, seed=seed, include=include, inputs=inputs)
 
 
 def format_from_features(features: Mapping[str, str]) -> PromptFormat:

@@ -12,6 +12,7 @@ import itertools
 import math
 import numbers
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -95,9 +96,19 @@ class FewShotTask:
             if shots < 0 or (shots > 0 and len(self.rows) <= shots):
                 raise PromptscopeError(f"{shots} demonstrations per query need more than {shots} "
                                        f"rows (got {len(self.rows)}); lower shots or add rows.")
-            others = range(len(self.rows))
-            self.demos = [[self.rows[j] for j in rng.sample([k for k in others if k != i], shots)]
-                          for i in range(len(self.rows))]
+            # a demonstration never shows the query itself (nor a duplicate row of it: its
+            # label would be in the prompt)
+            keys = [tuple(str(r[f]) for f in self.inputs) for r in self.rows]
+            self.demos, repeated = [], 0
+            for i in range(len(self.rows)):
+                pool = [k for k in range(len(self.rows)) if keys[k] != keys[i]]
+                if len(pool) < shots:  # too few other rows: its copies, but never itself
+                    pool, repeated = [k for k in range(len(self.rows)) if k != i], repeated + 1
+                self.demos.append([self.rows[j] for j in rng.sample(pool, shots)])
+            if repeated:
+                warnings.warn(f"{repeated} queries have fewer than {shots} rows different from "
+                              "them: their demonstrations may repeat the query with its label.",
+                              stacklevel=3)
             self.shots = shots
 
     def __len__(self) -> int:
@@ -132,16 +143,18 @@ def score_pulls(mdl: Model, task: FewShotTask, formats: Sequence[PromptFormat],
     rows = []
     for j, (p, i) in enumerate(keys):
         lps = [s.logprob for s in scores[j * k:(j + 1) * k]]
-        finite = [lp for lp in lps if math.isfinite(lp)]
-        top = max(finite) if finite else 0.0
-        z = math.log(math.fsum(math.exp(lp - top) for lp in finite)) + top if finite else 0.0
-        pred = max(range(k), key=lambda c: lps[c]) if finite else -1
+        # a choice that could not be scored (an API request that failed for good, NaN) leaves
+        # no answer: NaN would win every max() comparison and count as a prediction
+        failed = not all(math.isfinite(lp) for lp in lps)
+        top = max(lps) if not failed else 0.0
+        z = math.log(math.fsum(math.exp(lp - top) for lp in lps)) + top if not failed else 0.0
+        pred = max(range(k), key=lambda c: lps[c]) if not failed else -1
         gold = task.gold(i)
         rows.append({"format": p.format, "example": i, "side": p.side,
                      "label": task.choices[gold],
                      "pred": task.choices[pred] if pred >= 0 else None,
-                     "correct": pred == gold, "logprob_gold": lps[gold],
-                     "p_gold": math.exp(lps[gold] - z) if finite else math.nan})
+                     "correct": pred == gold, "failed": failed, "logprob_gold": lps[gold],
+                     "p_gold": math.exp(lps[gold] - z) if not failed else math.nan})
     return rows
 
 
@@ -216,7 +229,7 @@ def format_spread(
     if isinstance(formats, numbers.Integral):
         if formats < 2:
             raise PromptscopeError("A spread needs at least two formats (formats >= 2).")
-        fmts = gram.sample(int(formats), seed=seed)
+        fmts = gram.sample(int(formats), seed=seed, inputs=task.inputs)
     else:
         fmts = list(dict.fromkeys(formats))
     exhaustive = len(fmts) * len(task)
@@ -233,9 +246,13 @@ def format_spread(
     bar = tqdm(total=min(spend, exhaustive), disable=not progress, desc="format spread",
                unit="eval", leave=False)
     source = f"{len(fmts)} formats x {len(task)} examples; format 0:\n" + \
-        fmts[0].pattern(task.inputs, shots=task.shots + 1 if task.shots else 1, label=task.label)
+        fmts[0].pattern(task.inputs, shots=task.shots, label=task.label)
     with Recorder(KIND, name=name, model=mdl, params=params, source=source, save=save,
                   store=store) as rec:
+        # what each format is, saved first: a stopped search reloads with its formats named
+        rec.add(pd.DataFrame([{"format": k, "key": f.key(), "pattern": f.pattern(task.inputs),
+                               **f.features()} for k, f in enumerate(fmts)]), "format_defs")
+
         def evaluate(pulls: list[Pull]) -> list[list[bool]]:
             rows = score_pulls(mdl, task, fmts, pulls)
             frame = pd.DataFrame(rows)
@@ -268,6 +285,11 @@ def format_spread(
             "best": _fmt_summary(best), "worst": _fmt_summary(worst),
             "atomic": atomic,
         })
+        failures = int(pd.concat(rec.frames["rows"])["failed"].sum())
+        if failures:
+            rec.params["failed_evaluations"] = failures
+            warnings.warn(f"FormatSpread: {failures} evaluations could not be scored (their "
+                          "rows say failed=True) and count as wrong answers.", stacklevel=2)
         rec.save_run_info(mdl)
         if rec.store is not None and rec.session_id:
             rec.store.update_params(rec.session_id, rec.params)
