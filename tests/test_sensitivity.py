@@ -575,6 +575,9 @@ def test_spread_magic(ip, tiny_llama_dir):
         ip.run_line_magic("promptscope", "spread nothing")
     with pytest.raises(UsageError, match="--budget"):
         ip.run_line_magic("promptscope", "spread cities --budget lots")
+    whole = ip.run_line_magic("promptscope", "spread cities --formats 2 --shots 1 --budget 1.0 "
+                              "--no-save")  # a fraction, as budget=1.0 is in Python
+    assert whole.params["evaluations"] == whole.params["exhaustive_evaluations"] == 8
 
 
 def test_prompt_magic_spread_over_alternatives(ip, tiny_llama_dir):

@@ -51,7 +51,10 @@ def run_spread_command(args: argparse.Namespace, ns: Mapping[str, Any]) -> Any:
         except ValueError:
             raise PromptscopeError(f"--budget {args.budget!r}: give a number of evaluations "
                                    "(600) or a fraction of exhaustive (0.25).") from None
-        budget = value if 0 < value < 1 else int(value) if value.is_integer() else value
+        # as in Python: a fraction written with a point ("1.0": exhaustive), else a count
+        fraction = "." in args.budget and 0 < value <= 1
+        budget = value if fraction or 0 < value < 1 else \
+            int(value) if value.is_integer() else value
     return format_spread(
         ns[args.data], args.model, label=args.label,
         inputs=[c.strip() for c in args.inputs.split(",")] if args.inputs else None,
