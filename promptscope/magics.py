@@ -348,16 +348,26 @@ def _fill_options(args: argparse.Namespace, ns: dict[str, Any], rows: Any) -> No
         name = m.group(1) or m.group(2)
         return name if name in ns and name not in columns else None
 
+    def fill(m: Any) -> str:
+        name = m.group(1) or m.group(2)
+        if name in columns:  # the row fills it: its {name} form, which the analyses read
+            return "{" + name + "}"
+        return str(ns[name]) if known(m) else m.group(0)
+
     for opt in ("choices", "target", "name"):
         value = getattr(args, opt)
         if not isinstance(value, str):
             continue
         whole = _NOTEBOOK_NAME.fullmatch(value.strip())
         if opt == "choices" and whole and known(whole):
-            setattr(args, opt, ns[known(whole)])  # a list of choices, or "a|b"
+            picked = ns[known(whole)]  # a list of choices, or "a|b"
+            if not (isinstance(picked, str) or (isinstance(picked, (list, tuple)) and all(
+                    isinstance(c, str) for c in picked))):
+                raise UsageError(f"--choices {value}: the notebook's {known(whole)} is a "
+                                 f"{type(picked).__name__}; give a list of strings or ' a| b'.")
+            setattr(args, opt, picked)
         else:
-            setattr(args, opt, _NOTEBOOK_NAME.sub(
-                lambda m: str(ns[known(m)]) if known(m) else m.group(0), value))
+            setattr(args, opt, _NOTEBOOK_NAME.sub(fill, value))
 
 
 def _row_columns(rows: Any) -> set[str]:

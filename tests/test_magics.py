@@ -150,3 +150,8 @@ def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_lla
         assert set(run.df["choice"]) == want
     run = ip.run_cell_magic("prompt", '--target " {word}" --name "{word} run"', "Is it?")
     assert run.df["target"].tolist() == [" yes"] and run.name == "yes run"
+    run = ip.run_cell_magic("prompt", '--vars rows --target " $answer"', "Is {x} big?")
+    assert run.df["target"].tolist() == [" {answer}"] * 2  # a column: left to the rows
+    ip.user_ns["nothing"] = None
+    with pytest.raises(UsageError, match="the notebook's nothing is a NoneType"):
+        ip.run_cell_magic("prompt", '--choices "$nothing"', "Is it?")

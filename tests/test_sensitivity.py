@@ -672,8 +672,11 @@ def test_a_failed_choice_is_no_prediction_and_is_counted():
         def score(self, prompts, continuations, progress=None):
             out = super().score(prompts, continuations)
             for i, (p, c) in enumerate(zip(prompts, continuations)):
-                if c.strip() == "no" and re.findall(r"q\d+", p)[-1] == "q0":
+                qid = re.findall(r"q\d+", p)[-1]
+                if c.strip() == "no" and qid == "q0":
                     out[i] = Score(math.nan, [], [], 0, error="HTTP 500")
+                if c.strip() == "no" and qid == "q1":  # an API's "not among its top tokens"
+                    out[i] = Score(-math.inf, [], [], 0)
             return out
 
     fmts = sample_formats(2, seed=0, inputs=["text"])
@@ -683,6 +686,8 @@ def test_a_failed_choice_is_no_prediction_and_is_counted():
     q0 = run.df[run.df.example == 0]
     assert q0["failed"].all() and not q0["correct"].any() and q0["pred"].isna().all()
     assert run.params["failed_evaluations"] == len(q0)
+    q1 = run.df[run.df.example == 1]  # gold "yes"; "no" at -inf is a score, not a failure
+    assert not q1["failed"].any() and q1["correct"].all() and (q1["p_gold"] == 1.0).all()
 
 
 def test_best_and_worst_are_two_formats():

@@ -265,17 +265,21 @@ def test_generation_with_kv_cache_equals_no_cache_reference(any_tiny_model, star
     for prompt, (g,) in zip(prompts, gens):
         seq = torch.tensor([m.encode_prompt(prompt)], device=m.device)
         first = seq.shape[1] - 1 if start == "last" else start
-        new = []
+        new, logprob = [], 0.0
         with AddHook(m, LAYER, v.vectors[LAYER], 4.0, start=first):
             for _ in range(6):  # full recompute each step: no cache
                 with torch.no_grad():
-                    nxt = m.model(input_ids=seq).logits[0, -1].argmax().item()
+                    logits = m.model(input_ids=seq).logits[0, -1].float()
+                nxt = logits.argmax().item()
+                logprob += torch.log_softmax(logits, -1)[nxt].item()
                 new.append(nxt)
                 if nxt in eos:
                     break
                 seq = torch.cat([seq, torch.tensor([[nxt]], device=m.device)], dim=1)
         kept = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
         assert g.text == m.tokenizer.decode(kept, skip_special_tokens=True)
+        # the log-probs too: the same text can come out of steps left unsteered
+        assert g.logprob == pytest.approx(logprob, abs=2e-3)
     assert any(abs(a[0].logprob - b[0].logprob) > 1e-3 for a, b in zip(gens, plain))
 
 

@@ -341,8 +341,8 @@ class _Hooks:
         self.gate: torch.Tensor | None = None  # bool [B, Lq, 1]; None: steer every position
         self.cast: dict[tuple[Any, Any], dict[int, torch.Tensor]] = {}
         self.unit: dict[tuple[Any, int], torch.Tensor] = {}
-        self.cache: Any = None  # the cache of the last call without a 2-D mask...
-        self.seen = 0  # ...and how many tokens the calls with it have brought
+        self.cache: Any = None  # a weak reference to the cache of the last call...
+        self.seen: Any = 0  # ...and each row's tokens so far with it ([B, 1], or an int)
 
     def pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         """Per call: which of this call's tokens are real and at or after ``start``.
@@ -357,11 +357,15 @@ class _Hooks:
             return
         q = ids.shape[1]
         masked = isinstance(mask, torch.Tensor) and mask.dim() == 2
-        before = 0 if masked else self.offset(cache, q)
+        if masked:  # noted for later calls without a mask (Mamba's decoding steps)
+            self._note(cache, mask.long().sum(-1, keepdim=True))
+            before: Any = 0
+        else:
+            before = self.offset(cache, q)
         if self.s.start == "last":
             # A prompt pass (nothing cached) steers its last token (prompts are left-padded);
             # a later pass (continuation, generation step) steers all its real tokens.
-            fresh = mask.shape[1] == q if masked else before == 0
+            fresh = mask.shape[1] == q if masked else bool(torch.as_tensor(before).eq(0).all())
             gate = torch.zeros(ids.shape[0], q, dtype=torch.bool, device=ids.device)
             if fresh and self.s.from_index is not None:
                 first = torch.tensor(self.s.from_index, device=ids.device)[:, None]
@@ -388,25 +392,37 @@ class _Hooks:
         else:
             pos = kwargs.get("position_ids")
             if pos is None:
-                pos = torch.arange(before, before + q, device=ids.device)[None, :]
+                pos = torch.as_tensor(before, device=ids.device) + torch.arange(
+                    q, device=ids.device)[None, :]
             gate = pos >= self.s.start
         self.gate = None if bool(gate.all()) else gate[..., None]
 
-    def offset(self, cache: Any, q: int) -> int:
-        """How many tokens came before this call's ``q``, for a call without a 2-D mask: 0
-        without a cache; the count of earlier calls with the same cache object (a linear-
-        attention cache cannot tell its length); else what a new cache holds."""
+    def offset(self, cache: Any, q: int) -> Any:
+        """How many tokens came before this call's ``q`` in each row, for a call without a 2-D
+        mask: 0 without a cache; what earlier calls with the same cache object brought (a
+        linear-attention cache cannot tell its length; a masked prompt pass counts each row's
+        real tokens); else what a new cache holds."""
         if cache is None:
-            before = 0
-        elif cache is self.cache:
+            before: Any = 0
+        elif self.cache is not None and self.cache() is cache:
             before = self.seen
         else:
             try:
                 before = int(cache.get_seq_length())
             except (ValueError, AttributeError, NotImplementedError):
                 before = 0
-        self.cache, self.seen = cache, before + q
+        self._note(cache, before + q)
         return before
+
+    def _note(self, cache: Any, seen: Any) -> None:
+        """Remember ``cache`` (weakly: a KV cache can be large) and the tokens seen with it."""
+        import weakref
+
+        try:
+            self.cache = weakref.ref(cache) if cache is not None else None
+        except TypeError:  # an object that takes no weak references
+            self.cache = lambda cache=cache: cache
+        self.seen = seen
 
     def _vec(self, layer: int, device: torch.device, dtype: torch.dtype, scaled: bool
              ) -> torch.Tensor:

@@ -202,16 +202,17 @@ class FormatGrammar:
         return PromptFormat(*reversed(combo))
 
     def sample(self, n: int, seed: int = 0, include: Sequence[PromptFormat] = (),
-               inputs: Sequence[str] = ("input",)) -> list[PromptFormat]:
+               inputs: Sequence[str] = ("input",), shots: int = 1) -> list[PromptFormat]:
         """``n`` distinct formats: ``include`` first, then uniform draws without replacement
-        (the same ``seed`` gives the same formats). Distinct as text for these ``inputs``:
-        casing ``asis`` writes lower-case field names as ``lower`` does."""
+        (the same ``seed`` gives the same formats). Distinct as text for these ``inputs`` and
+        ``shots``: casing ``asis`` writes lower-case field names as ``lower`` does, and
+        without demonstrations the example joiner is never written."""
         if n < 1:
             raise PromptscopeError("Sample at least one format.")
         out: list[PromptFormat] = []
         seen: set[str] = set()
         for fmt in include:
-            if len(out) < n and _add(fmt, inputs, seen):
+            if len(out) < n and _add(fmt, inputs, seen, shots):
                 out.append(fmt)
         rng = random.Random(seed)
         # rng.sample over a range never materialises the product space; formats that write
@@ -223,7 +224,7 @@ class FormatGrammar:
             if len(out) >= n:
                 break
             fmt = self.format_at(idx)
-            if _add(fmt, inputs, seen):
+            if _add(fmt, inputs, seen, shots):
                 out.append(fmt)
         return out
 
@@ -252,9 +253,9 @@ class FormatGrammar:
                    enumerations=classify._ENUMERATIONS, answer_names=classify._ANSWER_NAMES)
 
 
-def _add(fmt: PromptFormat, inputs: Sequence[str], seen: set[str]) -> bool:
-    """Whether ``fmt``'s text for ``inputs`` is new (then it is noted in ``seen``)."""
-    text = fmt.pattern(inputs)
+def _add(fmt: PromptFormat, inputs: Sequence[str], seen: set[str], shots: int = 1) -> bool:
+    """Whether ``fmt``'s text for ``inputs`` and ``shots`` is new (then noted in ``seen``)."""
+    text = fmt.pattern(inputs, shots=shots)
     if text in seen:
         return False
     seen.add(text)

@@ -143,18 +143,21 @@ def score_pulls(mdl: Model, task: FewShotTask, formats: Sequence[PromptFormat],
     rows = []
     for j, (p, i) in enumerate(keys):
         lps = [s.logprob for s in scores[j * k:(j + 1) * k]]
-        # a choice that could not be scored (an API request that failed for good, NaN) leaves
-        # no answer: NaN would win every max() comparison and count as a prediction
-        failed = not all(math.isfinite(lp) for lp in lps)
-        top = max(lps) if not failed else 0.0
-        z = math.log(math.fsum(math.exp(lp - top) for lp in lps)) + top if not failed else 0.0
-        pred = max(range(k), key=lambda c: lps[c]) if not failed else -1
+        # a choice that could not be scored (NaN: an API request that failed for good) leaves
+        # no answer, as NaN would win every max(); -inf is a score (an API's "not in its top
+        # tokens", or a chat model's other choices)
+        failed = any(math.isnan(lp) for lp in lps)
+        finite = [lp for lp in lps if math.isfinite(lp)]
+        top = max(finite) if finite else 0.0
+        z = math.log(math.fsum(math.exp(lp - top) for lp in finite)) + top if finite else 0.0
+        pred = max(range(k), key=lambda c: lps[c]) if finite and not failed else -1
         gold = task.gold(i)
         rows.append({"format": p.format, "example": i, "side": p.side,
                      "label": task.choices[gold],
                      "pred": task.choices[pred] if pred >= 0 else None,
                      "correct": pred == gold, "failed": failed, "logprob_gold": lps[gold],
-                     "p_gold": math.exp(lps[gold] - z) if not failed else math.nan})
+                     "p_gold": math.exp(lps[gold] - z) if finite and not failed
+                     else math.nan})
     return rows
 
 
@@ -229,7 +232,7 @@ def format_spread(
     if isinstance(formats, numbers.Integral):
         if formats < 2:
             raise PromptscopeError("A spread needs at least two formats (formats >= 2).")
-        fmts = gram.sample(int(formats), seed=seed, inputs=task.inputs)
+        fmts = gram.sample(int(formats), seed=seed, inputs=task.inputs, shots=task.shots)
     else:
         fmts = list(dict.fromkeys(formats))
     exhaustive = len(fmts) * len(task)
