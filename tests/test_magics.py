@@ -132,18 +132,22 @@ def test_promptscope_commands(ip, tiny_llama_dir, capsys):
         ip.run_line_magic("promptscope", "load 1234")
 
 
-def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_llama_dir):
+def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_llama_dir,
+                                                                    monkeypatch):
     """'{answer}' is a per-row target and '$5' a choice: IPython's own {name}/$name expansion
     of magic lines replaced them with notebook variables. promptscope fills {name} itself,
     leaving --vars columns to the rows."""
     ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")
-    ip.user_ns.update(answer="GLOBAL", rows=[{"x": "Rome", "answer": " yes"},
-                                             {"x": "Oslo", "answer": " no"}])
+    names = {"answer": "GLOBAL", "rows": [{"x": "Rome", "answer": " yes"},
+                                          {"x": "Oslo", "answer": " no"}],
+             "colors": " red| blue", "listed": [" big", " small"], "word": "yes",
+             "unset_choices": None}
+    for name, value in names.items():  # (the shell is shared by every test of the session)
+        monkeypatch.setitem(ip.user_ns, name, value)
     run = ip.run_cell_magic("prompt", '--vars rows --target " {answer}"', "Is {x} big?")
     assert run.df["target"].tolist() == [" {answer}"] * 2  # the text given, not "GLOBAL"
     priced = ip.run_cell_magic("prompt", '--choices " $5| $10"', "It costs")
     assert set(priced.df["choice"]) == {" $5", " $10"}
-    ip.user_ns.update(colors=" red| blue", listed=[" big", " small"], word="yes")
     for option, want in (('"{colors}"', {" red", " blue"}), ("{listed}", {" big", " small"}),
                          ('"$colors"', {" red", " blue"})):
         run = ip.run_cell_magic("prompt", f"--vars rows --choices {option}", "Is {x} big?")
@@ -152,6 +156,5 @@ def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_lla
     assert run.df["target"].tolist() == [" yes"] and run.name == "yes run"
     run = ip.run_cell_magic("prompt", '--vars rows --target " $answer"', "Is {x} big?")
     assert run.df["target"].tolist() == [" {answer}"] * 2  # a column: left to the rows
-    ip.user_ns["nothing"] = None
-    with pytest.raises(UsageError, match="the notebook's nothing is a NoneType"):
-        ip.run_cell_magic("prompt", '--choices "$nothing"', "Is it?")
+    with pytest.raises(UsageError, match="the notebook's unset_choices is a NoneType"):
+        ip.run_cell_magic("prompt", '--choices "$unset_choices"', "Is it?")
