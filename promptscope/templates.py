@@ -105,17 +105,19 @@ class Variant:
         """Character ranges marked with ``<<...>>``."""
         return [(s.start, s.end) for s in self.spans if s.kind == "emph"]
 
-    def offset_in(self, text: str) -> int:
-        """Where this variant's text starts inside ``text`` (itself, or it wrapped in a chat
-        template): see :func:`locate_message`."""
-        return locate_message(self.text, text)[0]
-
     def emphasis_in(self, text: str) -> list[tuple[int, int]]:
-        """The emphasised character ranges, placed inside ``text`` (see :func:`locate_message`;
-        what a chat template trimmed away is no longer emphasised)."""
-        offset, start, end = locate_message(self.text, text)
-        placed = [(max(a + offset, start), min(b + offset, end)) for a, b in self.emphasis]
-        return [(a, b) for a, b in placed if b > a]
+        """The emphasised character ranges, placed inside ``text`` (itself, or it wrapped in a
+        chat template; see :func:`place_spans`)."""
+        return place_spans(self.emphasis, self.text, text)
+
+
+def place_spans(spans: Iterable[tuple[int, int]], message: str, text: str
+                ) -> list[tuple[int, int]]:
+    """Character ranges of ``message`` placed inside ``text`` (:func:`locate_message`); what a
+    chat template trimmed away is dropped from them."""
+    offset, start, end = locate_message(message, text)
+    placed = [(max(a + offset, start), min(b + offset, end)) for a, b in spans]
+    return [(a, b) for a, b in placed if b > a]
 
 
 def locate_message(message: str, text: str) -> tuple[int, int, int]:

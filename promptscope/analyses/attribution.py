@@ -59,6 +59,7 @@ from promptscope.templates import (
     emphasis_groups,
     locate_message,
     parse_template,
+    place_spans,
 )
 
 #: Attribution methods: name -> captum class.
@@ -744,8 +745,7 @@ class _ScoredEngine(_Engine):
                     s.text if row[f] else self.baselines.get(s.part, "")
                     for s, f in zip(segments, feature)])
                 text = self.wrap(joined)
-                shift = locate_message(joined, text)[0]
-                prompts.append((text, tuple((a + shift, b + shift) for a, b in spans)))
+                prompts.append((text, tuple(place_spans(spans, joined, text))))
             logprobs = [0.0] * len(prompts)
             groups = (emphasis_groups(prompts) if steering is not None
                       else [list(range(len(prompts)))])
@@ -979,12 +979,11 @@ def _parts_input(engine: _Engine, segments: list[Segment], fixed: int | None = N
         def to_model_input(self, perturbed_tensor: Any = None) -> Any:
             joined = super().to_model_input(perturbed_tensor)
             text = engine.wrap(joined)
-            shift = locate_message(joined, text)[0]
             enc = mdl.encode(text, offsets=True)
             self.offsets = [tuple(o) for o in enc["offset_mapping"]]
             self.last_text = text
             engine.runner.flags = _flags(engine, text,
-                                         [(a + shift, b + shift) for a, b in self.last_spans],
+                                         place_spans(self.last_spans, joined, text),
                                          self.offsets)
             return torch.tensor([enc["input_ids"]])
 

@@ -23,6 +23,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from statistics import fmean
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
@@ -74,10 +75,6 @@ class _Task:
         by_row = self._logprobs(mdl)
         return ([max(d, key=d.get) == a for d, a in zip(by_row, self.answers)],
                 [d[a] for d, a in zip(by_row, self.answers)])
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _split(n: int, tune_share: float, seed: int) -> tuple[list[int], list[int]]:
@@ -259,12 +256,12 @@ def compare_steering(
     def measure(on: _Task = task) -> tuple[dict[str, float], list[bool]]:
         """The numbers of one setting, and which rows it answers right."""
         right, lp = on.evaluate(mdl)
-        out = {"accuracy": _mean(right), "logprob": _mean(lp),
-               "tune_accuracy": _mean([right[i] for i in tune_rows]),
-               "tune_logprob": _mean([lp[i] for i in tune_rows]),
-               "test_accuracy": _mean([right[i] for i in test_rows])}
+        out = {"accuracy": fmean(right), "logprob": fmean(lp),
+               "tune_accuracy": fmean([right[i] for i in tune_rows]),
+               "tune_logprob": fmean([lp[i] for i in tune_rows]),
+               "test_accuracy": fmean([right[i] for i in test_rows])}
         if ctrl is not None:
-            out["control_accuracy"] = _mean(ctrl.evaluate(mdl)[0])
+            out["control_accuracy"] = fmean(ctrl.evaluate(mdl)[0])
         if texts:
             out["text_logprob"] = _text_logprob(mdl, texts)
         return out, right
