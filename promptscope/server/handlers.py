@@ -27,7 +27,7 @@ from promptscope.server.reader import (
     session_html,
     valid_name,
 )
-from promptscope.store import Store
+from promptscope.store import Store, plain_json
 
 T = TypeVar("T")
 # A few threads are plenty: requests are short and SQLite serialises writers anyway.
@@ -200,16 +200,10 @@ def table_csv(reader: StoreReader, session_id: str, table: str) -> str:
 
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+        return plain_json(value)
     if isinstance(value, (list, tuple, dict)) or hasattr(value, "tolist"):
-        return json.dumps(value, ensure_ascii=False, default=_csv_default)
+        return json.dumps(value, ensure_ascii=False, default=plain_json)
     return value
-
-
-def _csv_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def handlers(base_url: str) -> list[tuple[str, type]]:

@@ -376,14 +376,17 @@ def _record(row: sqlite3.Row) -> SessionRecord:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_plain, ensure_ascii=False)
+    return json.dumps(obj, default=plain_json, ensure_ascii=False)
 
 
-def _plain(value: Any) -> Any:
-    """JSON for what ``json`` cannot write: numpy scalars and arrays as numbers and lists
-    (``np.float32(0.5)`` stays 0.5, not "0.5"); anything else as its text."""
+def plain_json(value: Any) -> Any:
+    """JSON for what ``json`` cannot write (its ``default=``): numpy scalars and arrays as
+    numbers and lists (``np.float32(0.5)`` stays 0.5, not "0.5"), bytes as text (undecodable
+    ones replaced); anything else as its text."""
     if hasattr(value, "tolist") and hasattr(value, "dtype"):
         return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
     return str(value)
 
 
