@@ -14,6 +14,12 @@ TEST_DEVICE = os.environ.get("PROMPTSCOPE_TEST_DEVICE")
 _ON_DEVICE = {"device": TEST_DEVICE, "dtype": "fp32"} if TEST_DEVICE else {}
 
 
+@pytest.fixture(scope="session")
+def device_flags() -> str:
+    """The same for a model loaded by ``%promptscope model`` (which picks bf16 on a GPU)."""
+    return f" --device {TEST_DEVICE} --dtype fp32" if TEST_DEVICE else ""
+
+
 @pytest.fixture(autouse=True)
 def _isolated_store(tmp_path, monkeypatch):
     """Every test writes sessions into its own folder, never into the user's workspace."""

@@ -422,10 +422,10 @@ def test_steering_without_emphasis_is_a_clear_error(tiny_llama):
                                steer={"heads": "all"})
 
 
-def test_prompt_magic_steer_flags(ip, tiny_llama_dir):
+def test_prompt_magic_steer_flags(ip, tiny_llama_dir, device_flags):
     from IPython.core.error import UsageError
 
-    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as steer-llama")
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as steer-llama{device_flags}")
     run = ip.run_cell_magic("prompt", '--steer --compare --heads 1.0 --alpha 0.1 --target " x"',
                             "Say <<{{hi|yo}}>> now")
     assert len(run.df) == 4 and run.params["steer"]["heads"] == {"1": [0]}

@@ -476,10 +476,10 @@ def test_run_prompt_vector_compare(tiny_llama):
     _no_hooks_left(tiny_llama)
 
 
-def test_prompt_magic_steer_vector(ip, tiny_llama_dir):
+def test_prompt_magic_steer_vector(ip, tiny_llama_dir, device_flags):
     from IPython.core.error import UsageError
 
-    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as vec-llama")
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as vec-llama{device_flags}")
     model = promptscope.models.default_model()
     v = _vector(model, layers=(0, 1))
     v.save("magic-vec")
