@@ -11,7 +11,9 @@ Ways to generate the same greedy continuation of one prompt:
 - ``vector add``: a steering vector added to the residual stream after two layers (CAA-style,
   forward hooks; target at most 1.05x plain);
 - ``vector ICV``: an in-context vector on every layer with the norm-preserving shift (target at
-  most 1.05x plain).
+  most 1.05x plain); on CUDA one Triton kernel per layer (``models/icv_kernel.py``);
+- ``vector ICV ops``: the same with the shift as aten ops (what CUDA ran before the kernel, and
+  what runs where Triton cannot).
 
 Each (method, prompt length) runs in its own subprocess, so peak RSS is its own. Target: PASTA
 at most 1.15x the plain time.
@@ -38,7 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("plain", "promptscope", "promptscope flex", "eager PASTA", "vector add", "vector ICV")
+METHODS = ("plain", "promptscope", "promptscope flex", "eager PASTA", "vector add", "vector ICV",
+           "vector ICV ops")
 HEADS = {1: [0, 2], 2: [1, 3]}  # a typical PASTA head set: a few heads in a few layers
 # Random llama shapes built when no --model is given: "small" for CPUs; "0.6b" (about 0.6 B
 # parameters, head size 64, GQA 4:1) to see steering's cost where attention is real GPU work.
@@ -113,6 +116,10 @@ def child(args: argparse.Namespace) -> None:
             vector = SteeringVector({i: torch.randn(size, generator=g) for i in (1, 2)}, size)
             strength = 2.0
         else:  # an ICV: unit directions on every layer, norm-preserving shift
+            if args.child == "vector ICV ops":
+                from promptscope.models import vectors
+
+                vectors.icv_kernel_here = lambda t: False
             vector = SteeringVector({i: torch.nn.functional.normalize(
                 torch.randn(size, generator=g), dim=0) for i in range(n_layers)}, size, "icv")
             strength = 0.1
@@ -178,6 +185,7 @@ def hook_cost(args: argparse.Namespace) -> None:
     import torch
 
     import promptscope
+    from promptscope.models import vectors
     from promptscope.models.hf import _output_cache
     from promptscope.models.vectors import SteeringVector, VectorSteering, _Hooks
 
@@ -193,7 +201,13 @@ def hook_cost(args: argparse.Namespace) -> None:
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     print(f"{args.model}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{model.model.dtype}, {model.device}")
-    for mode, layers in (("add", [1, 2]), ("icv", list(range(cfg.num_hidden_layers)))):
+    every = list(range(cfg.num_hidden_layers))
+    kernel = vectors.icv_kernel_here
+    cases = [("add", [1, 2], "add", None), ("icv", every, "icv", None)]
+    if model.device.type == "cuda":  # the Triton kernel (above) against the aten ops
+        cases.append(("icv", every, "icv (aten ops)", lambda t: False))
+    for mode, layers, label, here in cases:
+        vectors.icv_kernel_here = here or kernel
         vec = SteeringVector({i: torch.nn.functional.normalize(torch.randn(cfg.hidden_size),
                                                                dim=0) for i in layers},
                              cfg.hidden_size, mode)
@@ -209,8 +223,9 @@ def hook_cost(args: argparse.Namespace) -> None:
         ops, kernels = dispatch_counts(step)
         per = min(timeit.repeat(lambda s=step: (s(), sync()), number=2000, repeat=7)) / 2000
         launched = f", {kernels} CUDA kernels" if kernels is not None else ""
-        print(f"{mode} on {len(layers)} layers: {per * 1e6:.0f} us per decoding step; "
+        print(f"{label} on {len(layers)} layers: {per * 1e6:.0f} us per decoding step; "
               f"{ops} aten ops{launched} per step")
+    vectors.icv_kernel_here = kernel
     enc = model.model(input_ids=ids, use_cache=True)
     nxt = enc.logits[:, -1].argmax(-1, keepdim=True)
     cache = _output_cache(enc)
@@ -224,6 +239,17 @@ def hook_cost(args: argparse.Namespace) -> None:
     ops, kernels = dispatch_counts(decode)
     launched = f", {kernels} CUDA kernels" if kernels is not None else ""
     print(f"one decoding step of the model: {per * 1e6:.0f} us; {ops} aten ops{launched}")
+
+    def generate(n: int) -> None:  # greedy, exactly n new tokens
+        model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False)
+        sync()
+
+    generate(2)
+    one = min(timeit.repeat(lambda: generate(1), number=3, repeat=3)) / 3
+    many = min(timeit.repeat(lambda: generate(33), number=1, repeat=3))
+    print(f"one decoding step inside transformers' generate (what the rows above add to): "
+          f"{(many - one) / 32 * 1e6:.0f} us")
 
 
 def _random_llama(args: argparse.Namespace) -> str:

@@ -2,9 +2,9 @@
 # The GPU checks a lent device runs in one call (docs/steering.md), most wanted first: the
 # vector hooks' cost and kernel counts, PASTA and vector timings on a 0.6 B random llama, then
 # the CUDA paths of the steering and vector tests (static-cache / compile tests included) on the
-# llama, gpt2 and gemma3 (sliding-window) families. Each step has its own time limit, 7.5
-# minutes in all, so one device call leaves time for a second. Full logs (never only a tail) go to $OUT
-# (default /tmp/gpu-check).
+# llama, gpt2 and gemma3 (sliding-window) families. Each step has its own time limit, 9 minutes
+# in all: one device call with timeout_s=600. Full logs (never only a tail) go to $OUT (default
+# /tmp/gpu-check).
 #
 #   bash bench/gpu_check.sh
 set -uo pipefail
@@ -13,23 +13,24 @@ out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # The device image has torch and transformers but not the notebook packages some steering tests
-# use (plotly, IPython, ipywidgets, anywidget): carried as wheels in .whl (device README).
+# use (plotly, IPython, ipywidgets, anywidget): made here by bench/gpu_wheels.sh, carried in .whl.
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/*.whl > "$out/wheels.log" 2>&1 && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 { nvidia-smi; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } \
   > "$out/versions.txt" 2>&1
-# The hooks alone: time, aten ops and CUDA kernels per decoding step (the ICV shift's fused
-# rms_norm form should launch 4 kernels per layer), bf16 as in the generation rows below.
-timeout 90 python3 bench/bench_steering.py --hook-cost --device cuda --dtype bf16 --preset 0.6b \
+# The hooks alone: time, aten ops and CUDA kernels per decoding step (the ICV's Triton kernel:
+# 1 launch per layer; its aten form: 4), bf16 as in the generation rows below.
+timeout 100 python3 bench/bench_steering.py --hook-cost --device cuda --dtype bf16 --preset 0.6b \
   > "$out/hook_cost.log" 2>&1
 echo "hook cost: exit $?" >> "$out/summary.txt"
-timeout 200 python3 bench/bench_steering.py --device cuda --threads 8 --preset 0.6b \
-  --lengths 128 2048 --methods plain promptscope "vector add" "vector ICV" --repeats 5 \
+timeout 270 python3 bench/bench_steering.py --device cuda --threads 8 --preset 0.6b \
+  --lengths 128 2048 --methods plain promptscope "vector add" "vector ICV" "vector ICV ops" \
+  --repeats 5 \
   > "$out/bench.log" 2>&1
 echo "bench: exit $?" >> "$out/summary.txt"
-PROMPTSCOPE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider \
+PROMPTSCOPE_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q --tb=short -p no:cacheprovider \
   -k "not qwen3 and not gpt_neox and not inkling and not gemma3_vision and not gemma3n \
       and not gemma4 and not deepseek_v3 and not mistral3 and not mamba" \
   tests/test_steering.py tests/test_vectors.py \

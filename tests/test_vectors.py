@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import warnings
+
 import pandas as pd
 import pytest
 import torch
 
 import promptscope
 from promptscope.errors import CapabilityError, PromptscopeError
-from promptscope.models import vectors
+from promptscope.models import icv_kernel, vectors
 from promptscope.models.hf import _output_cache
 from promptscope.models.vectors import (
     SteeringVector,
@@ -335,10 +341,52 @@ def test_icv_is_first_principal_direction_of_differences(tiny_llama):
     assert icv.mode == "icv" and icv.meta["n_pairs"] == 4 and 0 < icv.meta["explained"][0] <= 1
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["cpu ops", "fused rms_norm ops"])
-def test_icv_shift_preserves_each_latent_norm(tiny_llama, monkeypatch, fused):
-    # The op form GPUs take (fused rms_norm) is checked here on the CPU too.
-    monkeypatch.setattr(vectors, "fused_rms_norm", lambda t: fused)
+@pytest.fixture(params=["cpu ops", "fused rms_norm ops", "triton kernel"])
+def icv_form(request, monkeypatch):
+    """Each form of the ICV shift: the aten ops GPUs take (fused rms_norm) on the CPU too, and
+    CUDA's Triton kernel, natively on a CUDA test device, else in Triton's interpreter (checked
+    to have run, not fallen back). Yields the device to build tensors on."""
+    form = request.param
+    native = form == "triton kernel" and os.environ.get("PROMPTSCOPE_TEST_DEVICE") == "cuda"
+    monkeypatch.setattr(vectors, "fused_rms_norm", lambda t: form == "fused rms_norm ops")
+    if not native:
+        monkeypatch.setattr(vectors, "icv_kernel_here", lambda t: form == "triton kernel")
+    ran: list[bool] = []
+    if form == "triton kernel":
+        pytest.importorskip("triton")
+        if not native and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("runs in a pytest of its own (test_icv_kernel_in_tritons_interpreter)")
+        monkeypatch.setattr(icv_kernel, "_STATE", {})
+        icv_kernel._kernel.cache_clear()
+
+        def counted(*args, **kwargs):
+            out = icv_kernel.icv_shift(*args, **kwargs)
+            ran.append(out is not None)
+            return out
+
+        monkeypatch.setattr(vectors, "icv_shift", counted)
+    yield "cuda" if native else "cpu"
+    if form == "triton kernel":
+        assert ran and all(ran), "the Triton kernel did not run"
+
+
+def test_icv_kernel_in_tritons_interpreter():
+    """The Triton-kernel cases of the ICV tests, on the CPU in Triton's interpreter. triton.jit
+    reads TRITON_INTERPRET when triton is imported, which in this process torch may already
+    have done, so they run in a pytest of their own."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this is that pytest")
+    if os.environ.get("PROMPTSCOPE_TEST_DEVICE") == "cuda":
+        pytest.skip("on a CUDA test device the kernel cases run natively")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "triton"], env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and re.search(r"\b5 passed", run.stdout), run.stdout[-3000:]
+
+
+def test_icv_shift_preserves_each_latent_norm(tiny_llama, icv_form):
     icv = promptscope.in_context_vector(DEMOS, tiny_llama)
     block = decoder_layers(tiny_llama.model)[1]
     seen = []
@@ -365,21 +413,20 @@ def test_icv_shift_preserves_each_latent_norm(tiny_llama, monkeypatch, fused):
     assert torch.equal(post[~real], pre[~real])
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["cpu ops", "fused rms_norm ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_icv_shift_in_the_models_dtype(monkeypatch, fused, dtype):
-    """Both op forms of the shift give the paper's formula, computed in fp32, back in the
+@pytest.mark.parametrize("size", [64, 100])
+def test_icv_shift_in_the_models_dtype(icv_form, dtype, size):
+    """Every form of the shift gives the paper's formula, computed in fp32, back in the
     model's dtype; padding stays untouched and an all-zero latent stays zero (no NaN)."""
-    monkeypatch.setattr(vectors, "fused_rms_norm", lambda t: fused)
     g = torch.Generator().manual_seed(0)
-    u = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
-    hooks = _Hooks(VectorSteering(SteeringVector({0: u}, 64, mode="icv"), 0.5, [0]))
-    h = (torch.randn(2, 3, 64, generator=g) * 4).to(dtype)
+    u = torch.nn.functional.normalize(torch.randn(size, generator=g), dim=0)
+    hooks = _Hooks(VectorSteering(SteeringVector({0: u}, size, mode="icv"), 0.5, [0]))
+    h = (torch.randn(2, 3, size, generator=g) * 4).to(dtype)
     h[0, 1] = 0
     hooks.gate = torch.tensor([[True, True, True], [False, True, True]])[..., None]
-    out = hooks.layer_hook(0)(None, None, (h, "other outputs"))
+    out = hooks.layer_hook(0)(None, None, (h.to(icv_form), "other outputs"))
     assert out[1] == "other outputs" and out[0].dtype == dtype
-    got, hf = out[0].float(), h.float()
+    got, hf = out[0].float().cpu(), h.float()
     n = hf.norm(dim=-1, keepdim=True)
     expected = (torch.nn.functional.normalize(hf / n + 0.5 * u, dim=-1) * n).to(dtype).float()
     real = hooks.gate[..., 0].clone()
@@ -387,8 +434,29 @@ def test_icv_shift_in_the_models_dtype(monkeypatch, fused, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert torch.allclose(got[real], expected[real], rtol=tol, atol=tol)
     assert torch.allclose(got[real].norm(dim=-1), n[real][:, 0], rtol=tol)
-    assert torch.equal(got[0, 1], torch.zeros(64))
-    assert torch.equal(out[0][1, 0], h[1, 0])  # padding
+    assert torch.equal(got[0, 1], torch.zeros(size))
+    assert torch.equal(out[0][1, 0].cpu(), h[1, 0])  # padding
+
+
+def test_icv_kernel_failure_falls_back_to_the_aten_ops(monkeypatch):
+    """A kernel that cannot build (an unsupported GPU) warns once, then the aten ops steer."""
+    monkeypatch.setattr(icv_kernel, "_STATE", {})
+    monkeypatch.setattr(vectors, "icv_kernel_here", lambda t: True)
+
+    def broken():
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(icv_kernel, "_kernel", broken)
+    u = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    hooks = _Hooks(VectorSteering(SteeringVector({0: u}, 8, mode="icv"), 0.5, [0]))
+    h = torch.arange(16.0).reshape(1, 2, 8)
+    with pytest.warns(UserWarning, match="could not run .*no kernel for this GPU"):
+        first = hooks.layer_hook(0)(None, None, h)
+    n = h.norm(dim=-1, keepdim=True)
+    assert torch.allclose(first, torch.nn.functional.normalize(h / n + 0.5 * u, dim=-1) * n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert torch.equal(hooks.layer_hook(0)(None, None, h), first)
 
 
 def test_contrastive_vector_is_mean_difference(tiny_llama):

@@ -39,6 +39,7 @@ import torch
 
 from promptscope.errors import PromptscopeError
 from promptscope.models.hf import forward_inputs, text_config
+from promptscope.models.icv_kernel import icv_shift
 
 KIND = "steering_vector"
 MODES = ("add", "icv", "set")
@@ -380,6 +381,11 @@ class _Hooks:
             # Every real token of this call: the tail of the 2-D mask (cached keys + this
             # call's tokens). The common case, so a decoding step pays two small ops.
             tail = mask[:, -q:]
+            if tail.is_cuda and self.s.vector.mode == "icv":
+                # The ICV's kernel reads the gate as it runs, which costs less than asking
+                # the GPU whether there is padding (a host sync on every decoding step).
+                self.gate = tail.bool()[..., None]
+                return
             if bool(tail.all()):  # no padding in this call: skip the gate altogether
                 self.gate = None
                 return
@@ -462,8 +468,13 @@ class _Hooks:
         # ICV: shift the unit latent along v, then give it back its own norm:
         # normalize(h / |h| + s v) * |h| == normalize(w) * |h| with w = h + s |h| v.
         # A decoding step at batch 1 is bound by op dispatch and kernel launches, not by this
-        # arithmetic, so the ops are chosen per device. torch.compile of this function cost
-        # more per call on an H200 (guards) than the launches it saved.
+        # arithmetic, so the ops are chosen per device: one Triton kernel on CUDA
+        # (models/icv_kernel.py), else aten ops. torch.compile of this function cost more per
+        # call on an H200 (guards) than the launches it saved.
+        if icv_kernel_here(h):
+            moved = icv_shift(h, v, gate)  # one Triton kernel (None: it cannot run here)
+            if moved is not None:
+                return moved
         fp32 = h.dtype == torch.float32
         if fused_rms_norm(h):
             # GPU kernels cast mixed dtypes as they read and write, and rms_norm is one fused
@@ -490,6 +501,12 @@ class _Hooks:
         if key not in self.unit:
             self.unit[key] = torch.full((w.shape[-1],), w.shape[-1] ** -0.5, device=w.device)
         return self.unit[key]
+
+
+def icv_kernel_here(t: torch.Tensor) -> bool:
+    """Whether the ICV shift of ``t`` runs as one Triton kernel (models/icv_kernel.py): on CUDA,
+    outside ``torch.compile`` (where inductor fuses the aten form with its neighbours)."""
+    return t.is_cuda and not torch.compiler.is_compiling()
 
 
 def fused_rms_norm(t: torch.Tensor) -> bool:
