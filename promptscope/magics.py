@@ -32,6 +32,36 @@ class _Parser(argparse.ArgumentParser):
             hint = f" Did you mean {close[0]}?" if close else ""
         raise UsageError(f"{self.prog}: {message}.{hint} See `{self.prog} --help`.")
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if args is not None:
+            args = self._dash_values(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _dash_values(self, args: list[str]) -> list[str]:
+        """``--choices "-1|-2"``: argparse reads a value that starts with '-' as an option and
+        says the option lacks its value, so such a value is joined to its option (``--x=-1``)
+        first. (Subcommands' parsers do the same with what is passed on to them.)"""
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            option, value = args[i], args[i + 1] if i + 1 < len(args) else None
+            action = self._option_string_actions.get(option)
+            if (action is not None and action.nargs is None and value is not None
+                    and value.startswith("-") and value != "--" and not self._an_option(value)):
+                out.append(f"{option}={value}" if option.startswith("--") else option + value)
+                i += 2
+            else:
+                out.append(option)
+                i += 1
+        return out
+
+    def _an_option(self, token: str) -> bool:
+        """Whether argparse would read ``token`` as one of this parser's options (exactly, with
+        ``=value``, or as an abbreviation of a long one)."""
+        name = token.split("=", 1)[0]
+        return name in self._option_string_actions or (
+            name.startswith("--") and any(o.startswith(name) for o in self._option_string_actions))
+
     def print_help(self, file: Any = None) -> None:
         """Nothing: ``exit`` hands the help text to the magic, which prints it once."""
 

@@ -42,6 +42,17 @@ def test_prompt_cell_with_vars_choices_and_out(ip, tiny_llama_dir, capsys):
     assert "Is Tokyo in Asia? Answer:" in html and run.session_id in html
 
 
+def test_option_values_that_start_with_a_dash(ip, tiny_llama_dir):
+    """argparse reads "-1|-2" as an option; the magics join it to its option instead."""
+    ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")
+    run = ip.run_cell_magic("prompt", '--choices "-1|-2" --name -neg --no-save', "2 - 3 =")
+    assert run.df["choice"].tolist() == ["-1", "-2"] and run.name == "-neg"
+    run = ip.run_cell_magic("prompt", "--target -1 --no-save", "2 - 3 =")
+    assert run.df["target"].tolist() == ["-1"]
+    with pytest.raises(UsageError, match="--choices: expected one argument"):
+        ip.run_cell_magic("prompt", "--choices --no-save", "2 - 3 =")  # an option stays one
+
+
 def test_namespace_variables_and_generation_options(ip, tiny_llama_dir):
     ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")
     ip.user_ns["who"] = "<b>Ann</b>"
