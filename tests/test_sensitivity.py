@@ -688,6 +688,37 @@ def test_a_failed_choice_is_no_prediction_and_is_counted():
     assert run.params["failed_evaluations"] == len(q0)
     q1 = run.df[run.df.example == 1]  # gold "yes"; "no" at -inf is a score, not a failure
     assert not q1["failed"].any() and q1["correct"].all() and (q1["p_gold"] == 1.0).all()
+    # ...and a failure is no wrong answer: each format's accuracy is over its scored rows
+    table = run.tables["formats"].set_index("format")
+    for k, rows in run.df.groupby("format"):
+        scored = rows[~rows["failed"]]
+        assert table.loc[k, "failed"] == rows["failed"].sum() == 1
+        assert table.loc[k, "evaluations"] == len(scored)
+        assert table.loc[k, "accuracy"] == pytest.approx(scored["correct"].mean())
+
+
+def test_failed_evaluations_leave_the_search_rather_than_count_as_wrong():
+    """Format 0 is right on every example it could be scored on, but half of its evaluations
+    failed; format 1 is right on 80 %. Counting failures as wrong named format 0 the worst."""
+    n = 40
+    right = np.ones((2, n), bool)
+    right[1, ::5] = False
+    fails = np.zeros((2, n), bool)
+    fails[0, ::2] = True
+
+    def evaluate(pulls):
+        return [[None if fails[p.format, i] else bool(right[p.format, i]) for i in p.examples]
+                for p in pulls]
+
+    b = run_bandit(evaluate, 2, n, budget=2 * n, batch=10, seed=0)  # exhaustive
+    assert b.failed.tolist() == [n // 2, 0] and b.scored.tolist() == [n // 2, n]
+    assert b.best() == 0 and b.worst() == 1
+    mean, lo, hi = b.bounds()
+    assert lo[0] == hi[0] == 1.0 and lo[1] == hi[1] == 0.8  # exact: all scoreable seen
+    # a format none of whose examples can be scored is nobody's contender
+    dead = run_bandit(lambda pulls: [[None if p.format == 0 else True for _ in p.examples]
+                                     for p in pulls], 2, n, budget=2 * n, batch=10, seed=0)
+    assert dead.best() == dead.worst() == 1 and list(dead.contenders(+1)) == [1]
 
 
 def test_best_and_worst_are_two_formats():

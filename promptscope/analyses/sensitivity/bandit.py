@@ -17,6 +17,10 @@ the arm's next ``batch`` examples:
   a challenger that comes out on top in a repeated draw;
 * when one format is left on both sides, the search stops before its budget.
 
+An evaluation that could not be scored (``None`` instead of a bool: an API request that failed
+for good) uses up its example but is no evidence: it leaves the format's population, so each
+format's accuracy is over the examples it could be scored on.
+
 Nothing here touches a model: ``evaluate`` is a callback, so the search is tested on synthetic
 accuracy tables (``bench/bench_spread.py`` measures it against a clairvoyant bound).
 """
@@ -62,7 +66,8 @@ class SpreadBandit:
     top_two: float | None = 0.5
     z: float = 1.5
     successes: Any = None
-    trials: Any = None
+    trials: Any = None  # examples used, scored or not (the next one is order[trials])
+    failed: Any = None  # of which could not be scored
     spent: int = 0
     trace: list[dict[str, Any]] = field(default_factory=list)
 
@@ -71,6 +76,16 @@ class SpreadBandit:
         self.order = self.rng.permutation(self.n_examples)
         self.successes = np.zeros(self.n_formats, dtype=np.int64)
         self.trials = np.zeros(self.n_formats, dtype=np.int64)
+        self.failed = np.zeros(self.n_formats, dtype=np.int64)
+
+    @property
+    def scored(self) -> Any:
+        """Evaluations per format that count: answered right or wrong."""
+        return self.trials - self.failed
+
+    def population(self) -> Any:
+        """Examples per format whose answers can count (all but the failed ones)."""
+        return self.n_examples - self.failed
 
     def open_arms(self) -> Any:
         """Formats that still have unseen examples."""
@@ -78,28 +93,32 @@ class SpreadBandit:
 
     def posterior_mean(self) -> Any:
         a, b = self.prior
-        return (self.successes + a) / (self.trials + a + b)
+        return (self.successes + a) / (self.scored + a + b)
 
     def bounds(self) -> tuple[Any, Any, Any]:
         """Observed accuracy and its finite-population bounds on each format's accuracy over
         all examples: +- ``z`` standard errors times sqrt((N - n) / (N - 1)) (exact once a
         format has seen every example); unseen formats are unbounded."""
-        n, s, big_n = self.trials, self.successes, self.n_examples
+        n, s, big_n = self.scored, self.successes, self.population()
         seen = n > 0
         mean = np.where(seen, s / np.maximum(n, 1), 0.5)
         a, b = self.prior
         smooth = (s + a) / (n + a + b)  # keeps the error above 0 for 0 % or 100 % so far
-        fpc = (big_n - n) / max(1, big_n - 1)
+        fpc = (big_n - n) / np.maximum(1, big_n - 1)
         half = self.z * np.sqrt(smooth * (1 - smooth) / np.maximum(n, 1) * fpc)
         half = np.where(seen, half, np.inf)
         return mean, mean - half, mean + half
 
     def contenders(self, sign: int) -> Any:
-        """Formats that may still be the best (``sign`` +1) or the worst (-1)."""
+        """Formats that may still be the best (``sign`` +1) or the worst (-1); not those with
+        no example left that could be scored."""
         mean, lo, hi = self.bounds()
         if sign < 0:
             lo, hi = -hi, -lo
-        return np.flatnonzero(hi >= lo.max() - 1e-12)
+        alive = self.population() > 0
+        if not alive.any():
+            return np.flatnonzero(alive)
+        return np.flatnonzero(alive & (hi >= lo[alive].max() - 1e-12))
 
     def _take(self, f: int, limit: int, side: str) -> Pull:
         start = int(self.trials[f])
@@ -109,9 +128,9 @@ class SpreadBandit:
     def _draw(self, arms: Any) -> Any:
         """One posterior draw of each arm's accuracy over all examples."""
         a, b = self.prior
-        n, s = self.trials[arms], self.successes[arms]
+        n, s, big_n = self.scored[arms], self.successes[arms], self.population()[arms]
         rate = self.rng.beta(s + a, n - s + b)
-        return (s + self.rng.binomial(self.n_examples - n, rate)) / self.n_examples
+        return (s + self.rng.binomial(big_n - n, rate)) / np.maximum(big_n, 1)
 
     def _thompson(self, arms: Any, sign: int) -> int:
         """Top-two Thompson sampling among ``arms`` for the best (``sign`` +1) or worst (-1)
@@ -155,16 +174,18 @@ class SpreadBandit:
                 pulls.append(self._take(arm, left, side))
         return pulls
 
-    def update(self, pull: Pull, correct: Sequence[bool]) -> None:
-        """Record the outcome of ``pull`` (one bool per example)."""
+    def update(self, pull: Pull, correct: Sequence[bool | None]) -> None:
+        """Record the outcome of ``pull``: one bool per example, None where the answer could
+        not be scored."""
         if len(correct) != len(pull.examples):
             raise ValueError("update() needs one outcome per example of the pull.")
-        self.successes[pull.format] += int(np.sum(correct))
+        self.successes[pull.format] += sum(1 for c in correct if c is not None and c)
+        self.failed[pull.format] += sum(1 for c in correct if c is None)
         self.trials[pull.format] += len(correct)
         self.spent += len(correct)
 
     def _pick(self, sign: int, other_than: int = -1) -> int:
-        seen = np.flatnonzero(self.trials > 0)
+        seen = np.flatnonzero(self.scored > 0)
         if len(seen) > 1:  # a well-measured format can have the best lower bound and the
             seen = seen[seen != other_than]  # worst upper one: then the spread would read 0
         if not len(seen):
@@ -172,7 +193,7 @@ class SpreadBandit:
         mean, lo, hi = self.bounds()
         # A cautious pick: the best lower (worst upper) bound, so a format seen on one lucky
         # batch is not named before it is measured; ties go to the more measured format.
-        key = np.lexsort((-self.trials[seen], -(lo if sign > 0 else -hi)[seen]))
+        key = np.lexsort((-self.scored[seen], -(lo if sign > 0 else -hi)[seen]))
         return int(seen[key[0]])
 
     def best(self) -> int:
@@ -218,7 +239,8 @@ def run_bandit(evaluate: Callable[[list[Pull]], Sequence[Sequence[bool]]], n_for
                ) -> SpreadBandit:
     """Search for the best and the worst format with at most ``budget`` evaluations.
 
-    ``evaluate(pulls)`` returns, for each pull, one bool per example (answered right). With
+    ``evaluate(pulls)`` returns, for each pull, one bool per example (answered right; None:
+    could not be scored). With
     ``budget >= n_formats * n_examples`` every format is evaluated on every example instead
     (exhaustive; pulls of side ``"all"``). ``on_round(bandit, pulls, outcomes)`` is called after
     each round (progress bars, live plots, saving rows). ``top_two``: see

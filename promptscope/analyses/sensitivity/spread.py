@@ -261,7 +261,8 @@ def format_spread(
             frame = pd.DataFrame(rows)
             rec.add(frame)  # streamed: an interrupted search keeps its evaluations
             bar.update(len(rows))
-            it = iter(frame["correct"].tolist())
+            # a failed evaluation is no evidence either way (None to the search)
+            it = iter(None if f else c for c, f in zip(frame["correct"], frame["failed"]))
             return [list(itertools.islice(it, len(p.examples))) for p in pulls]
 
         def after(b: SpreadBandit, pulls: Any, outcomes: Any) -> None:
@@ -273,8 +274,8 @@ def format_spread(
                                 on_round=after)
         finally:
             bar.close()
-        table = format_table(fmts, bandit.successes, bandit.trials, task.inputs,
-                             best=bandit.best(), worst=bandit.worst())
+        table = format_table(fmts, bandit.successes, bandit.scored, task.inputs,
+                             best=bandit.best(), worst=bandit.worst(), failed=bandit.failed)
         rec.add(table, "formats")
         rec.add(pd.DataFrame(bandit.trace), "trace")
         effects, atomic = feature_effects(table)
@@ -292,7 +293,8 @@ def format_spread(
         if failures:
             rec.params["failed_evaluations"] = failures
             warnings.warn(f"FormatSpread: {failures} evaluations could not be scored (their "
-                          "rows say failed=True) and count as wrong answers.", stacklevel=2)
+                          "rows say failed=True); each format's accuracy is over the rest "
+                          "(the formats table's 'failed' column).", stacklevel=2)
         rec.save_run_info(mdl)
         if rec.store is not None and rec.session_id:
             rec.store.update_params(rec.session_id, rec.params)
@@ -317,22 +319,26 @@ def _fmt_summary(row: Any) -> dict[str, Any]:
 
 
 def format_table(formats: Sequence[PromptFormat], successes: Any, trials: Any,
-                 inputs: Sequence[str], best: int = -1, worst: int = -1) -> Any:
-    """One row per format: id, key, exact pattern, features, evaluations, accuracy and its 95 %
-    Wilson interval, and which formats the search named best and worst."""
+                 inputs: Sequence[str], best: int = -1, worst: int = -1,
+                 failed: Any = None) -> Any:
+    """One row per format: id, key, exact pattern, features, evaluations (scored ones),
+    accuracy over them and its 95 % Wilson interval, the evaluations that ``failed`` (could not
+    be scored; not in the accuracy), and which formats the search named best and worst."""
     import numpy as np
     import pandas as pd
 
     from promptscope.analyses.sensitivity.bandit import wilson_interval
 
     s, n = np.asarray(successes), np.asarray(trials)
+    bad = np.zeros_like(n) if failed is None else np.asarray(failed)
     lo, hi = wilson_interval(s, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         acc = s / n
     return pd.DataFrame([
         {"format": k, "key": f.key(), "pattern": f.pattern(inputs), **f.features(),
          "evaluations": int(n[k]), "correct": int(s[k]), "accuracy": float(acc[k]),
-         "ci_low": float(lo[k]), "ci_high": float(hi[k]), "best": k == best,
+         "ci_low": float(lo[k]), "ci_high": float(hi[k]), "failed": int(bad[k]),
+         "best": k == best,
          "worst": k == worst}
         for k, f in enumerate(formats)
     ])
