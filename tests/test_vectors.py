@@ -662,7 +662,13 @@ def test_compare_steering_rows_equal_direct_measurements(tiny_llama):
     assert row["tune_logprob"] == pytest.approx(
         sum(right[i].logprob for i in tune) / 2, abs=1e-5)
     assert zero["d_test"] == 0 and (zero["d_test_low"], zero["d_test_high"]) == (0, 0)
-    assert len(cmp.summary()) == 2
+    # per-row outcomes of each setting (-1: unsteered), the direct measurement's too
+    per = cmp.tables["row_outcomes"]
+    assert sorted(per["setting_index"].unique()) == [-1, 0, 1, 2, 3]
+    mine = per[per.setting_index == int(row.name)].sort_values("row")
+    assert mine["logprob"].tolist() == pytest.approx([s.logprob for s in right], abs=1e-5)
+    summary = cmp.summary()
+    assert len(summary) == 2 and {"d_crossfit", "value_on_test_rows"} <= set(summary.columns)
     assert len(cmp.figure().data) == 5  # 2 methods x 2 panels + the chosen settings
     assert promptscope.load(cmp.session_id) == cmp
     _no_hooks_left(tiny_llama)
@@ -686,6 +692,38 @@ def test_summary_picks_on_the_tuning_rows_and_reports_on_the_test_rows():
     # ties on tuning accuracy go to the better log-prob of the right answers
     tied = result.df.assign(tune_accuracy=[0.8, 0.8, 0.5])
     assert Result("steering_comparison", tied, params={}).summary().value[0] == 2.0
+
+
+def test_crossfit_scores_each_half_with_the_setting_picked_on_the_other():
+    """Setting 0 is right on the tuning rows only, setting 1 on the test rows only: each half
+    scored by the other half's pick is all wrong, so method A's cross-fitted gain is 0 (its
+    single-split gain, setting 0 on the test rows, is 0 too); B is right everywhere."""
+    from promptscope.analyses.compare_steering import crossfit
+    from promptscope.result import Result
+
+    rights = {-1: [0, 0, 0, 0], 0: [1, 1, 0, 0], 1: [0, 0, 1, 1], 2: [1, 1, 1, 1]}
+    per = pd.concat([pd.DataFrame({"row": range(4), "right": [bool(x) for x in r],
+                                   "logprob": [-1.0] * 4, "setting_index": k})
+                     for k, r in rights.items()], ignore_index=True)
+    df = pd.DataFrame({"method": ["A", "A", "B"], "setting": "strength",
+                       "value": [1.0, 2.0, 5.0], "tune_accuracy": [1.0, 0.0, 1.0],
+                       "tune_logprob": [-1.0] * 3, "test_accuracy": [0.0, 1.0, 1.0],
+                       "d_test": [0.0, 1.0, 1.0], "d_test_low": [0.0, 1.0, 1.0],
+                       "d_test_high": [0.0, 1.0, 1.0]})
+    params = {"tune_share": 0.5, "tune_rows": [0, 1], "test_rows": [2, 3], "seed": 0}
+    result = Result("steering_comparison", df, params=params, tables={"row_outcomes": per})
+    got = crossfit(result).set_index("method")
+    assert got.loc["A", "value"] == 1.0 and got.loc["A", "value_on_test_rows"] == 2.0
+    assert got.loc["A", "d_crossfit"] == 0.0
+    assert (got.loc["B", "d_crossfit"], got.loc["B", "d_crossfit_low"]) == (1.0, 1.0)
+    summary = result.summary().set_index("method")
+    assert summary.loc["A", "d_test"] == 0.0 and summary.loc["A", "d_crossfit"] == 0.0
+    assert list(summary.columns).index("d_crossfit") == list(summary.columns).index(
+        "d_test_high") + 2  # beside the single-split gain, after the other pick
+    # no split (tune_share=0) or no per-row outcomes (older sessions): nothing to cross-fit
+    assert crossfit(Result("steering_comparison", df, params={**params, "tune_share": 0},
+                           tables={"row_outcomes": per})) is None
+    assert "d_crossfit" not in Result("steering_comparison", df, params=params).summary()
 
 
 def test_gain_interval_and_split():

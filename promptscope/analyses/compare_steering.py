@@ -11,7 +11,8 @@ measured against the unsteered model:
 Picking each method's best strength and reporting its gain on the same rows overstates it
 (the maximum of several noisy gains). So the rows are split once, at random: ``summary()``
 picks each method's setting on the tuning rows and reports its gain on the test rows, with a
-95 % paired-bootstrap interval.
+95 % paired-bootstrap interval. It also cross-fits (:func:`crossfit`): the halves swap roles,
+so every row is a test row once, which narrows the interval.
 
 The result (kind ``steering_comparison``) has one row per (method, setting); its figure plots
 the accuracy gain against strength and against the side-effect cost.
@@ -253,8 +254,8 @@ def compare_steering(
             raise PromptscopeError(f"Method '{label}': its template must give the same prompts "
                                    "as the task's (only <<...>> may differ).")
 
-    def measure(on: _Task = task) -> tuple[dict[str, float], list[bool]]:
-        """The numbers of one setting, and which rows it answers right."""
+    def measure(on: _Task = task) -> tuple[dict[str, float], Any]:
+        """The numbers of one setting, and per row: answered right?, the answer's log-prob."""
         right, lp = on.evaluate(mdl)
         out = {"accuracy": fmean(right), "logprob": fmean(lp),
                "tune_accuracy": fmean([right[i] for i in tune_rows]),
@@ -264,9 +265,10 @@ def compare_steering(
             out["control_accuracy"] = fmean(ctrl.evaluate(mdl)[0])
         if texts:
             out["text_logprob"] = _text_logprob(mdl, texts)
-        return out, right
+        per_row = pd.DataFrame({"row": range(len(right)), "right": right, "logprob": lp})
+        return out, per_row
 
-    base, base_right = measure()
+    base, base_rows = measure()
     params = {"template": task.tpl.source, "n_rows": len(task.prompts), "baseline": base,
               "tune_share": tune_share, "seed": seed, "tune_rows": tune_rows,
               "test_rows": test_rows,
@@ -280,6 +282,9 @@ def compare_steering(
                leave=False)
     with Recorder(KIND, name=name, model=mdl, params=params, source=task.tpl.source, save=save,
                   store=store) as rec:
+        # each setting's per-row outcomes (setting -1: unsteered), for cross-fitting
+        rec.add(base_rows.assign(setting_index=-1), "row_outcomes")
+        base_right = base_rows["right"].tolist()
         try:
             for label, (key, values, opts) in sweeps.items():
                 opts = dict(opts)
@@ -295,7 +300,8 @@ def compare_steering(
                         if attn is not None:  # the control task's <<...>> are steered too
                             attn.spans.update({**(ctrl.spans if ctrl is not None else {}),
                                                **spans})
-                        got, right = measure(on)
+                        got, per_row = measure(on)
+                    right = per_row["right"].tolist()
                     low, high = _gain_interval([right[i] for i in test_rows],
                                                [base_right[i] for i in test_rows], seed)
                     row = {"method": label, "setting": key, "value": value,
@@ -308,11 +314,60 @@ def compare_steering(
                         row["d_control"] = got["control_accuracy"] - base["control_accuracy"]
                     if texts:
                         row["d_text"] = got["text_logprob"] - base["text_logprob"]
+                    rec.add(per_row.assign(setting_index=len(rec.frames.get("rows", []))),
+                            "row_outcomes")
                     rec.add(pd.DataFrame([row]))
                     bar.update(1)
         finally:
             bar.close()
     return rec.result()
+
+
+def crossfit(result: Result) -> Any:
+    """Per method, the cross-fitted gain: the setting picked on the tuning rows is scored on
+    the test rows, the one picked on the test rows on the tuning rows, so each row is scored by
+    a setting chosen without it; the gain over unsteered is the mean over all rows, with a 95 %
+    paired-bootstrap interval. Picks go by accuracy, then the right answers' log-prob; ties to
+    the first swept. None for sessions without per-row outcomes or without a split.
+
+    Columns: ``method``, ``value`` (picked on the tuning rows), ``value_on_test_rows``,
+    ``d_crossfit``, ``d_crossfit_low``, ``d_crossfit_high``.
+
+    Example:
+        >>> crossfit(cmp)                                                    # doctest: +SKIP
+    """
+    import pandas as pd
+
+    per = result.tables.get("row_outcomes")
+    p = result.params
+    if per is None or not len(result.df) or not p.get("tune_share"):
+        return None
+    tune, test = p["tune_rows"], p["test_rows"]
+    outcome = {k: g.sort_values("row") for k, g in per.groupby("setting_index")}
+    if -1 not in outcome:
+        return None
+    base = outcome[-1]["right"].to_numpy(dtype=float)
+
+    def pick(settings: list[int], rows: list[int]) -> int:
+        def key(k: int) -> tuple[float, float]:
+            o = outcome[k].iloc[rows]
+            return float(o["right"].mean()), float(o["logprob"].mean())
+        return max(settings, key=key)  # max keeps the first of equal keys
+
+    out = []
+    for method, group in result.df.groupby("method", sort=False):
+        settings = [k for k in group.index if k in outcome]
+        if not settings:
+            continue
+        on_tune, on_test = pick(settings, tune), pick(settings, test)
+        right = outcome[on_tune]["right"].to_numpy(dtype=float)  # test rows: the tuning pick
+        right[tune] = outcome[on_test]["right"].to_numpy(dtype=float)[tune]
+        low, high = _gain_interval(right.astype(bool), base.astype(bool), p.get("seed", 0))
+        out.append({"method": method, "value": result.df.loc[on_tune, "value"],
+                    "value_on_test_rows": result.df.loc[on_test, "value"],
+                    "d_crossfit": float(right.mean() - base.mean()),
+                    "d_crossfit_low": low, "d_crossfit_high": high})
+    return pd.DataFrame(out)
 
 
 def _auto_spans(mdl: Model, task: _Task, question: str | None = None

@@ -71,11 +71,23 @@ def chosen(df: Any) -> Any:
 
 def summary(result: Any) -> Any:
     """Per method, the setting picked on the tuning rows, its gain on the test rows (95 %
-    interval) and its side effects."""
+    interval), the cross-fitted gain over all rows (``d_crossfit``: each half scored by the
+    setting picked on the other; ``value_on_test_rows`` is that other pick) and its side
+    effects."""
+    from promptscope.analyses.compare_steering import crossfit
+
     df = result.df
     cols = [c for c in ("method", "setting", "value", "tune_accuracy", "test_accuracy",
                         "d_test", "d_test_low", "d_test_high", "control_accuracy", "d_control",
                         "text_logprob", "d_text") if c in df]
     if "tune_accuracy" not in df:
         cols[3:3] = ["accuracy", "d_accuracy"]
-    return chosen(df)[cols].reset_index(drop=True)
+    table = chosen(df)[cols].reset_index(drop=True)
+    crossed = crossfit(result)
+    if crossed is None or not len(crossed):
+        return table
+    table = table.merge(crossed.drop(columns="value"), on="method", how="left")
+    at = table.columns.get_loc("d_test_high") + 1  # beside the single-split gain
+    moved = ["value_on_test_rows", "d_crossfit", "d_crossfit_low", "d_crossfit_high"]
+    rest = [c for c in table.columns if c not in moved]
+    return table[rest[:at] + moved + rest[at:]]
