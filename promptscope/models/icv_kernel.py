@@ -77,8 +77,16 @@ def icv_shift(h: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None
         # One gate entry per row: a contiguous bool [..., 1] is that already (no copy, no cast).
         if gate is not None and not gate.is_contiguous():
             gate = gate.contiguous()
-        kernel[(rows,)](h, v, h if gate is None else gate, out, d, HAS_GATE=gate is not None,
-                        BLOCK=block, num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+        launch = kernel[(rows,)]
+        args = (h, v, h if gate is None else gate, out, d)
+        opts = {"HAS_GATE": gate is not None, "BLOCK": block,
+                "num_warps": 4 if block <= 2048 else 8 if block <= 8192 else 16}
+        if h.is_cuda and h.get_device() != torch.cuda.current_device():
+            # Triton launches on the current device: a model split over GPUs needs a switch
+            with torch.cuda.device(h.device):
+                launch(*args, **opts)
+        else:
+            launch(*args, **opts)
         return out
     except Exception as exc:  # no triton, an unsupported GPU or driver: the aten ops do it
         _STATE["off"] = True
