@@ -32,6 +32,7 @@ aten ops, and on CUDA the kernels launched (a decoding step at batch 1 is bound 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 METHODS = ("plain", "promptscope", "promptscope flex", "eager PASTA", "vector add", "vector ICV",
            "vector ICV ops")
@@ -235,7 +237,7 @@ def hook_cost(args: argparse.Namespace) -> None:
             model.model(input_ids=nxt, use_cache=False, **{model._cache_kwarg: cache})
         sync()
 
-    per = min(timeit.repeat(decode, number=50, repeat=5)) / 50
+    per = min(timeit.repeat(decode, number=10, repeat=3)) / 10
     ops, kernels = dispatch_counts(decode)
     launched = f", {kernels} CUDA kernels" if kernels is not None else ""
     print(f"one decoding step of the model: {per * 1e6:.0f} us; {ops} aten ops{launched}")
@@ -250,6 +252,24 @@ def hook_cost(args: argparse.Namespace) -> None:
     many = min(timeit.repeat(lambda: generate(33), number=1, repeat=3))
     print(f"one decoding step inside transformers' generate (what the rows above add to): "
           f"{(many - one) / 32 * 1e6:.0f} us")
+    # The whole of promptscope's generate, plain and under the ICV (as the bench's rows run
+    # it): what it dispatches in all tells whether the hooks are the whole of its extra cost.
+    icv = SteeringVector({i: torch.nn.functional.normalize(torch.randn(cfg.hidden_size), dim=0)
+                          for i in every}, cfg.hidden_size, "icv")
+    prompt = "Context: Ann lives in Rome. Where does Ann live?"
+    for label, vector in (("plain", None), ("ICV", icv)):
+        def run(vector: Any = vector) -> None:
+            with (promptscope.steer(model, vector=vector, strength=0.1) if vector is not None
+                  else contextlib.nullcontext()):
+                model.generate([prompt], max_new_tokens=16)
+            sync()
+
+        run()
+        took = min(timeit.repeat(run, number=1, repeat=5))
+        ops, kernels = dispatch_counts(run)
+        launched = f", {kernels} CUDA kernels" if kernels is not None else ""
+        print(f"promptscope generate, 16 new tokens, {label}: {took * 1e3:.1f} ms; {ops} aten "
+              f"ops{launched}")
 
 
 def _random_llama(args: argparse.Namespace) -> str:

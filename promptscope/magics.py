@@ -46,6 +46,11 @@ class _Parser(argparse.ArgumentParser):
         while i < len(args):
             option, value = args[i], args[i + 1] if i + 1 < len(args) else None
             action = self._option_string_actions.get(option)
+            if action is None and option.startswith("--") and self.allow_abbrev:
+                # an abbreviation argparse accepts (--cho for --choices): one action only
+                hits = {a for o, a in self._option_string_actions.items()
+                        if o.startswith(option)}
+                action = hits.pop() if len(hits) == 1 else None
             if (action is not None and action.nargs is None and value is not None
                     and value.startswith("-") and value != "--" and not self._an_option(value)):
                 out.append(f"{option}={value}" if option.startswith("--") else option + value)

@@ -47,7 +47,7 @@ def test_option_values_that_start_with_a_dash(ip, tiny_llama_dir):
     ip.run_line_magic("promptscope", f"model {tiny_llama_dir} --as magic-llama")
     run = ip.run_cell_magic("prompt", '--choices "-1|-2" --name -neg --no-save', "2 - 3 =")
     assert run.df["choice"].tolist() == ["-1", "-2"] and run.name == "-neg"
-    run = ip.run_cell_magic("prompt", "--target -1 --no-save", "2 - 3 =")
+    run = ip.run_cell_magic("prompt", "--targ -1 --no-save", "2 - 3 =")  # abbreviated
     assert run.df["target"].tolist() == ["-1"]
     with pytest.raises(UsageError, match="--choices: expected one argument"):
         ip.run_cell_magic("prompt", "--choices --no-save", "2 - 3 =")  # an option stays one

@@ -697,6 +697,55 @@ def test_a_failed_choice_is_no_prediction_and_is_counted():
         assert table.loc[k, "accuracy"] == pytest.approx(scored["correct"].mean())
 
 
+class _HalfFailing(RuleModel):
+    """RuleModel whose odd queries cannot be scored (an API that fails on them for good)."""
+
+    def score(self, prompts, continuations, progress=None):
+        out = super().score(prompts, continuations)
+        return [Score(math.nan, [], [], 0, error="HTTP 500")
+                if int(re.findall(r"q\d+", p)[-1][1:]) % 2 else s
+                for p, s in zip(prompts, out)]
+
+
+def test_failures_stay_out_of_a_reloaded_stopped_spread_and_the_live_widget():
+    from promptscope.widgets import SpreadWidget
+
+    gold = {f"q{i}": ("yes" if i % 3 else "no") for i in range(40)}
+
+    def stop(bandit):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        promptscope.format_spread(_qdata(), _HalfFailing(gold), formats=4, budget=0.5, batch=8,
+                                  shots=0, on_round=stop, progress=False)
+    run = promptscope.load(stopped.value.partial_result.session_id)
+    assert "formats" not in run.tables  # rebuilt from the rows
+    table = run.summary().set_index("format")
+    for k, rows in run.df.groupby("format"):
+        scored = rows[~rows["failed"]]
+        assert table.loc[k, "evaluations"] == len(scored) > 0
+        assert table.loc[k, "accuracy"] == pytest.approx(scored["correct"].mean())
+    # the live bars: intervals around each format's accuracy over its scored evaluations
+    widget = SpreadWidget(_qdata(), models=[_HalfFailing(gold)], budget=0.5, n_formats=4,
+                          shots=0, batch=8)
+    with pytest.warns(UserWarning, match="could not be scored"):
+        widget.run()
+    bar = widget.accuracy.figure.data[0]
+    assert min(bar.error_y.array) >= 0 and min(bar.error_y.arrayminus) >= 0
+
+
+def test_a_spread_with_nothing_scored_says_so_and_keeps_its_rows():
+    class Down(RuleModel):
+        def score(self, prompts, continuations, progress=None):
+            return [Score(math.nan, [], [], 0, error="HTTP 503") for _ in prompts]
+
+    gold = {f"q{i}": "yes" for i in range(12)}
+    with pytest.raises(PromptscopeError, match="none of the .* evaluations could be scored"):
+        promptscope.format_spread(_qdata(12), Down(gold), formats=3, shots=0, progress=False)
+    (saved,) = promptscope.sessions().itertuples()
+    assert len(promptscope.load(saved.id).df) == 3 * 12
+
+
 def test_failed_evaluations_leave_the_search_rather_than_count_as_wrong():
     """Format 0 is right on every example it could be scored on, but half of its evaluations
     failed; format 1 is right on 80 %. Counting failures as wrong named format 0 the worst."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -383,7 +384,7 @@ def test_icv_kernel_in_tritons_interpreter():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
          "-k", "triton"], env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and re.search(r"\b5 passed", run.stdout), run.stdout[-3000:]
+    assert run.returncode == 0 and re.search(r"\b6 passed", run.stdout), run.stdout[-3000:]
 
 
 def test_icv_shift_preserves_each_latent_norm(tiny_llama, icv_form):
@@ -436,6 +437,21 @@ def test_icv_shift_in_the_models_dtype(icv_form, dtype, size):
     assert torch.allclose(got[real].norm(dim=-1), n[real][:, 0], rtol=tol)
     assert torch.equal(got[0, 1], torch.zeros(size))
     assert torch.equal(out[0][1, 0].cpu(), h[1, 0])  # padding
+
+
+def test_icv_shift_with_a_gate_that_broadcasts_over_the_batch(icv_form):
+    """Without a 2-D mask the pre-hook's gate is [1, q, 1] (positions alike in every row):
+    every form steers the same positions of every row."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(48, generator=g), dim=0)
+    hooks = _Hooks(VectorSteering(SteeringVector({0: u}, 48, mode="icv"), 0.5, [0]))
+    h = torch.randn(3, 4, 48, generator=g)
+    hooks.gate = torch.tensor([[False, False, True, True]])[..., None]
+    out = hooks.layer_hook(0)(None, None, h.to(icv_form)).cpu()
+    n = h.norm(dim=-1, keepdim=True)
+    moved = torch.nn.functional.normalize(h / n + 0.5 * u, dim=-1) * n
+    assert torch.allclose(out[:, 2:], moved[:, 2:], atol=1e-5)
+    assert torch.equal(out[:, :2], h[:, :2])
 
 
 def test_icv_kernel_failure_falls_back_to_the_aten_ops(monkeypatch):
@@ -721,6 +737,19 @@ def test_crossfit_scores_each_half_with_the_setting_picked_on_the_other():
     assert list(summary.columns).index("d_crossfit") == list(summary.columns).index(
         "d_test_high") + 2  # beside the single-split gain, after the other pick
     # no split (tune_share=0) or no per-row outcomes (older sessions): nothing to cross-fit
+    # a NaN log-prob (a strength that overflowed) ranks lowest in both picks, as in summary()
+    nan_rows = pd.concat([per, pd.DataFrame({"row": range(4), "right": True,
+                                             "logprob": [np.nan, -1.0, -1.0, -1.0],
+                                             "setting_index": 3}),
+                          pd.DataFrame({"row": range(4), "right": True, "logprob": -2.0,
+                                        "setting_index": 4})], ignore_index=True)
+    more = pd.concat([df, pd.DataFrame({"method": ["C", "C"], "setting": "strength",
+                                        "value": [1.0, 2.0], "tune_accuracy": [1.0, 1.0],
+                                        "tune_logprob": [np.nan, -2.0]})], ignore_index=True)
+    both = Result("steering_comparison", more, params=params,
+                  tables={"row_outcomes": nan_rows})
+    assert both.summary().set_index("method").loc["C", "value"] == 2.0
+    assert crossfit(both).set_index("method").loc["C", "value"] == 2.0
     assert crossfit(Result("steering_comparison", df, params={**params, "tune_share": 0},
                            tables={"row_outcomes": per})) is None
     assert "d_crossfit" not in Result("steering_comparison", df, params=params).summary()

@@ -348,18 +348,25 @@ def crossfit(result: Result) -> Any:
         return None
     base = outcome[-1]["right"].to_numpy(dtype=float)
 
-    def pick(settings: list[int], rows: list[int]) -> int:
-        def key(k: int) -> tuple[float, float]:
-            o = outcome[k].iloc[rows]
-            return float(o["right"].mean()), float(o["logprob"].mean())
-        return max(settings, key=key)  # max keeps the first of equal keys
+    def rank(accuracy: float, logprob: float) -> tuple[float, float]:
+        """Sort key of a setting; NaN (a log-prob that overflowed) ranks lowest."""
+        return tuple(-math.inf if math.isnan(x) else float(x)  # type: ignore[return-value]
+                     for x in (accuracy, logprob))
+
+    def on_test_rows(k: int) -> tuple[float, float]:
+        o = outcome[k].iloc[test]
+        return rank(o["right"].mean(), o["logprob"].mean(skipna=False))
+
+    def on_tune_rows(k: int) -> tuple[float, float]:  # the columns summary() picks by
+        return rank(result.df.loc[k, "tune_accuracy"], result.df.loc[k, "tune_logprob"])
 
     out = []
     for method, group in result.df.groupby("method", sort=False):
         settings = [k for k in group.index if k in outcome]
         if not settings:
             continue
-        on_tune, on_test = pick(settings, tune), pick(settings, test)
+        # max keeps the first of equal keys, as summary()'s stable sort does
+        on_tune, on_test = max(settings, key=on_tune_rows), max(settings, key=on_test_rows)
         right = outcome[on_tune]["right"].to_numpy(dtype=float)  # test rows: the tuning pick
         right[tune] = outcome[on_test]["right"].to_numpy(dtype=float)[tune]
         low, high = _gain_interval(right.astype(bool), base.astype(bool), p.get("seed", 0))

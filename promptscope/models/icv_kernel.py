@@ -50,6 +50,11 @@ def _kernel() -> Any:
     return icv_rows
 
 
+def kernel_on() -> bool:
+    """False once the kernel has failed in this process (then the aten form runs)."""
+    return "off" not in _STATE
+
+
 def icv_shift(h: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None
               ) -> torch.Tensor | None:
     """``normalize(h / |h| + v) * |h|`` over the last dimension in one kernel, or None when the
@@ -74,9 +79,13 @@ def icv_shift(h: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None
         h = h.contiguous()
         out = torch.empty_like(h)
         rows = h.numel() // d
-        # One gate entry per row: a contiguous bool [..., 1] is that already (no copy, no cast).
-        if gate is not None and not gate.is_contiguous():
-            gate = gate.contiguous()
+        # One gate entry per row: a contiguous bool [..., 1] of h's rows is that already (no
+        # copy, no cast); a gate that broadcasts (positions alike in every row) is expanded.
+        if gate is not None:
+            if gate.shape[:-1] != h.shape[:-1]:
+                gate = gate.expand(*h.shape[:-1], 1)
+            if not gate.is_contiguous():
+                gate = gate.contiguous()
         launch = kernel[(rows,)]
         args = (h, v, h if gate is None else gate, out, d)
         opts = {"HAS_GATE": gate is not None, "BLOCK": block,

@@ -39,7 +39,7 @@ import torch
 
 from promptscope.errors import PromptscopeError
 from promptscope.models.hf import forward_inputs, text_config
-from promptscope.models.icv_kernel import icv_shift
+from promptscope.models.icv_kernel import icv_shift, kernel_on
 
 KIND = "steering_vector"
 MODES = ("add", "icv", "set")
@@ -381,7 +381,7 @@ class _Hooks:
             # Every real token of this call: the tail of the 2-D mask (cached keys + this
             # call's tokens). The common case, so a decoding step pays two small ops.
             tail = mask[:, -q:]
-            if tail.is_cuda and self.s.vector.mode == "icv":
+            if self.s.vector.mode == "icv" and icv_kernel_here(tail) and kernel_on():
                 # The ICV's kernel reads the gate as it runs, which costs less than asking
                 # the GPU whether there is padding (a host sync on every decoding step).
                 self.gate = tail.bool()[..., None]

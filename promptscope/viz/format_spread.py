@@ -15,11 +15,16 @@ def _formats(result: Any) -> Any:
         return table
     from promptscope.analyses.sensitivity.bandit import wilson_interval
 
-    g = result.df.groupby("format")["correct"].agg(["sum", "count"]).reset_index()
+    df = result.df
+    failed = df["failed"].astype(bool) if "failed" in df else None
+    # as the search counts: a failed evaluation is in no format's accuracy
+    g = df.assign(scored=True if failed is None else ~failed).groupby("format").agg(
+        sum=("correct", "sum"), count=("scored", "sum"), n=("correct", "size")).reset_index()
     lo, hi = wilson_interval(g["sum"], g["count"])
-    g = g.assign(evaluations=g["count"], correct=g["sum"], accuracy=g["sum"] / g["count"],
-                 ci_low=lo, ci_high=hi, pattern=g["format"].map(lambda f: f"format {f}"),
-                 best=False, worst=False)
+    g = g.assign(evaluations=g["count"], correct=g["sum"], failed=g["n"] - g["count"],
+                 accuracy=g["sum"] / g["count"].where(g["count"] > 0), ci_low=lo, ci_high=hi,
+                 pattern=g["format"].map(lambda f: f"format {f}"), best=False,
+                 worst=False).drop(columns="n")
     defs = result.tables.get("format_defs")  # saved before the search started
     if defs is not None:
         g = g.drop(columns="pattern").merge(defs, on="format", how="left")

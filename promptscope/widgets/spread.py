@@ -78,12 +78,15 @@ class SpreadWidget(w.VBox):
         from promptscope.analyses.sensitivity.bandit import wilson_interval
 
         mean = bandit.posterior_mean()
-        lo, hi = wilson_interval(bandit.successes, bandit.trials)
+        scored = bandit.scored  # failed evaluations are in no format's accuracy
+        lo, hi = wilson_interval(bandit.successes, scored)
         best, worst = bandit.best(), bandit.worst()
         colors = ["#2ca02c" if f == best else "#d62728" if f == worst else
-                  "#7f7f7f" if n else "#dddddd" for f, n in enumerate(bandit.trials)]
-        seen = bandit.trials > 0
-        self._history.append((bandit.spent, float(mean[best]), float(mean[worst])))
+                  "#7f7f7f" if n else "#dddddd" for f, n in enumerate(scored)]
+        seen = scored > 0
+        nan = float("nan")
+        self._history.append((bandit.spent, float(mean[best]) if best >= 0 else nan,
+                              float(mean[worst]) if worst >= 0 else nan))
         spent, b, wv = zip(*self._history)
         # Figures are built once and their traces updated in place: rebuilding a styled
         # layout every round costs far more than the scoring on small models.
@@ -91,7 +94,7 @@ class SpreadWidget(w.VBox):
         with acc.batch_update():
             bar = acc.data[0]
             bar.x, bar.y, bar.marker.color, bar.customdata = (
-                [f"#{f}" for f in range(len(mean))], mean, colors, bandit.trials)
+                [f"#{f}" for f in range(len(mean))], mean, colors, scored)
             bar.error_y = {"type": "data", "symmetric": False,
                            "array": [h - m if k else 0 for h, m, k in zip(hi, mean, seen)],
                            "arrayminus": [m - lo_ if k else 0

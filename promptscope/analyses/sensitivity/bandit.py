@@ -210,8 +210,9 @@ class SpreadBandit:
         b, w = self.best(), self.worst()
         mean = self.posterior_mean()
         self.trace.append({"round": len(self.trace) + 1, "evaluations": self.spent,
-                           "best": b, "worst": w, "best_mean": float(mean[b]),
-                           "worst_mean": float(mean[w]),
+                           "best": b, "worst": w,  # -1: nothing scored yet
+                           "best_mean": float(mean[b]) if b >= 0 else math.nan,
+                           "worst_mean": float(mean[w]) if w >= 0 else math.nan,
                            "formats_seen": int((self.trials > 0).sum())})
 
 

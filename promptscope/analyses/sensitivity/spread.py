@@ -274,6 +274,11 @@ def format_spread(
                                 on_round=after)
         finally:
             bar.close()
+        if bandit.best() < 0:
+            raise PromptscopeError(
+                f"FormatSpread: none of the {bandit.spent} evaluations could be scored (see "
+                "the rows' failed column, kept in the session); check the model or endpoint "
+                "and run again.")
         table = format_table(fmts, bandit.successes, bandit.scored, task.inputs,
                              best=bandit.best(), worst=bandit.worst(), failed=bandit.failed)
         rec.add(table, "formats")
