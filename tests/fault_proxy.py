@@ -10,7 +10,9 @@ Faults (queued with :meth:`FaultProxy.inject`, used by the next matching request
 - ``"drop"``: the real response's headers and half its body, then the connection closes;
 - ``"401:TEXT"``: HTTP 401 whose error message is ``TEXT`` (servers echo keys there);
 - ``"quota"``: HTTP 429 as OpenAI answers an account out of quota;
-- ``"fewchoices"``: the real answer (HTTP 200) with its last choice cut off.
+- ``"fewchoices"``: the real answer (HTTP 200) with its last choice cut off;
+- ``"noecho"``: the request forwarded as a server that ignores ``echo`` and ``max_tokens=0``
+  answers it: without echo, generating at least one token.
 
 Example:
     >>> with FaultProxy("http://127.0.0.1:8000") as proxy:                  # doctest: +SKIP
@@ -118,6 +120,10 @@ class FaultProxy:
                     "code": "insufficient_quota"}})
             if fault and fault.startswith("slow:"):
                 time.sleep(float(fault[5:]))
+            if fault == "noecho":
+                asked = json.loads(body)
+                asked.update(echo=False, max_tokens=max(1, int(asked.get("max_tokens") or 0)))
+                body = json.dumps(asked).encode()
             status, headers, data = self._forward(req, body)
             if fault == "fewchoices":
                 answer = json.loads(data)

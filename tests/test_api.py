@@ -438,6 +438,7 @@ def test_a_malformed_answer_is_retried_or_failed_and_never_cached(server, proxy,
     bad = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
                                  progress=False)
     assert bad.params["api"]["retries"] == 0 and bad.params["api"]["failed"] == 1
+    assert bad.params["api"]["prompt_tokens"] > 0  # refused, but billed: counted
     assert "1 choices, expected 2" in bad.df["error"].dropna().iloc[0]
     before = proxy.counts["/v1/completions"]
     again = promptscope.run_prompt(TEMPLATE, model, vars=CITIES[:1], choices=" yes| no",
@@ -453,6 +454,17 @@ def test_out_of_quota_stops_at_once_with_the_reason(server, proxy):
     with pytest.raises(APIRequestError, match="exceeded your current quota.*out of quota"):
         model.score(["Hi"], [" there"])
     assert proxy.counts["/v1/completions"] == before + 1  # not retried
+    # what was answered (and billed) before the refusal is kept in the session
+    one_at_a_time = _proxied(proxy, server, max_concurrency=1)
+    proxy.inject("ok", "ok", "quota")  # the third prompt's request is refused
+    with pytest.raises(APIRequestError) as err:
+        promptscope.run_prompt(TEMPLATE, one_at_a_time, vars=CITIES, choices=" yes| no",
+                               progress=False)
+    kept = promptscope.load(err.value.partial_result.session_id)
+    answered = kept.df[kept.df["error"].isna()]
+    # the first two, and the one a worker may have picked up as the refusal came in
+    assert {0, 1} <= set(answered["variant"]) and answered["variant"].nunique() in (2, 3)
+    assert len(kept.df) == 12 and kept.df["error"].dropna().str.contains("quota").all()
 
 
 def test_a_server_briefly_away_does_not_turn_off_chat_scoring(server, proxy):
@@ -516,6 +528,46 @@ def test_the_key_reaches_no_store_output_log_or_error(server, proxy, capsys, cap
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), path
         assert b"SECRETkey" not in path.read_bytes(), path
+
+
+def test_continuations_that_start_inside_a_multibyte_character(hf, api):
+    """vLLM writes a character split over byte tokens on its last piece and "" on the others;
+    a continuation starting with such a character (no space before it) lost those pieces."""
+    conts = ["日本", "🙂", " 日本", " café", "naïve"]
+    black = api.score(["Answer:"] * len(conts), conts)
+    white = hf.score(["Answer:"] * len(conts), conts)
+    assert [b.error for b in black] == [None] * len(conts)
+    assert [b.logprob for b in black] == pytest.approx([w.logprob for w in white], abs=1e-3)
+    assert [len(b.tokens) for b in black] == [len(w.tokens) for w in white]
+
+
+def test_a_server_that_ignores_echo_is_not_scored_by_echo(server, proxy):
+    """Its generated tokens would be taken for the prompt's: the probe checks the prompt came
+    back (and nothing else with max_tokens=0)."""
+    model = OpenAIModel(server[2], base_url=proxy.url, name="no-echo", cache=False)
+    proxy.inject("noecho", "noecho")  # the probe's max_tokens=0 and =1 requests
+    assert model.scoring_method(False) == "top_logprobs"
+
+
+def test_no_key_sent_and_fatal_errors_off_the_scoring_path_are_clear(server, proxy):
+    proxy.inject("401:Missing bearer token", path="/v1/models")
+    with pytest.raises(ModelLoadError, match="wants an API key .* none was sent"):
+        OpenAIModel(server[2], base_url=proxy.url)
+    model = _proxied(proxy, server)
+    proxy.inject("401:bad key")
+    with pytest.raises(APIRequestError, match="top 5 next tokens.*rejected the API key"):
+        model.top_tokens([1, 2, 3], 5)
+
+
+def test_posix_names_a_failed_generation_instead_of_an_empty_response(server, proxy):
+    model = _proxied(proxy, server, max_retries=0, max_concurrency=1)
+    proxy.inject("500")  # the first variant's generation
+    with pytest.warns(UserWarning, match="1 responses could not be generated"):
+        run = promptscope.posix([{"q": "Is Paris in Europe"}], model, template="Q: {q}? A:",
+                                n_variants=3, max_new_tokens=2, save=False, progress=False)
+    assert run.params["failed_generations"] == 1
+    assert run.params["dropped_empty_responses"] == 0
+    assert "HTTP 500" in run.tables["variants"]["error"].dropna().iloc[0]
 
 
 def test_unknown_model_and_fatal_errors_are_short(server, proxy):

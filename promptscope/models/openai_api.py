@@ -63,7 +63,13 @@ _ANSWER_TOKENS = 16
 
 
 class APIRequestError(PromptscopeError):
-    """The server refused every request of a run (bad key, unknown model, no such endpoint)."""
+    """The server refused every request of a run (bad key, unknown model, no such endpoint).
+
+    ``partial``: from ``score``/``generate``, their results with what finished before the
+    refusal (requests answered, and billed) and failed rows for the rest; else None.
+    """
+
+    partial: list[Any] | None = None
 
 
 class ChatText(str):
@@ -172,8 +178,9 @@ class OpenAIModel(Model):
         if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or prompts_per_request < 1:
             raise PromptscopeError("max_concurrency and prompts_per_request must be >= 1, "
                                    "max_retries >= 0, timeout > 0.")
-        from_env = base_url is None and bool(os.environ.get("OPENAI_BASE_URL"))
-        url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+        env_url = (os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
+        url = (base_url or env_url or OPENAI_BASE_URL).rstrip("/")
+        from_env = bool(env_url) and url == env_url  # also when given again as base_url
         _check_url(url)
         is_openai = urlparse(url).hostname == "api.openai.com"
         key = api_key
@@ -313,8 +320,13 @@ class OpenAIModel(Model):
             return run
 
         packs = [items[k:k + per_request] for k in range(0, len(items), per_request)]
-        self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
-                       progress)
+        try:
+            self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
+                           progress)
+        except APIRequestError as exc:  # keep what was answered (and billed)
+            exc.partial = [r if r is not None else _failed_score(f"not sent: {exc}")
+                           for r in results]
+            raise
         return results  # type: ignore[return-value]
 
     def _row_failure(self, exc: Exception) -> str:
@@ -340,8 +352,10 @@ class OpenAIModel(Model):
             if isinstance(prompt, ChatText):
                 chat = True
                 text = self._templated(prompt)
-                if text is None:
-                    raise _Failed("the server no longer renders the chat template")
+                if text is None:  # counted, so the run's summary line reports it
+                    self._tally.add(failed=1)
+                    raise _Failed("the server no longer renders the chat template (its "
+                                  "/tokenize endpoint did not answer)")
             else:
                 text = prompt
             texts += [text + c for c in conts]
@@ -371,6 +385,7 @@ class OpenAIModel(Model):
         data = self._request("chat" if chat else "completions", body, cacheable=True)
         top = _first_top_logprobs(data, chat)
         if top is None:
+            self._tally.add(failed=1)
             raise _Failed("the response has no top_logprobs")
         return {c: _match_top(c, top) for c in conts}
 
@@ -422,8 +437,15 @@ class OpenAIModel(Model):
                                              cacheable=True, probe=True)
                     except _Refused:
                         continue
-                    lps = ((data.get("choices") or [{}])[0].get("logprobs") or {})
-                    if len(lps.get("token_logprobs") or []) >= 2 + max_tokens:
+                    choice = (data.get("choices") or [{}])[0]
+                    lps = choice.get("logprobs") or {}
+                    # echoed: the prompt comes back in the text, and with max_tokens=0
+                    # nothing else (a server that ignores echo or max_tokens=0 answers with
+                    # generated tokens, which must not be scored as the prompt's)
+                    text = str(choice.get("text") or "")
+                    if ((text == body["prompt"] if max_tokens == 0
+                         else text.startswith(body["prompt"]))
+                            and len(lps.get("token_logprobs") or []) >= 2 + max_tokens):
                         self._echo_max_tokens = max_tokens
                         return True
                 return False
@@ -583,6 +605,8 @@ class OpenAIModel(Model):
                 "extra_body": {"return_tokens_as_token_ids": True, "add_special_tokens": False}}
         try:
             data = self._request("completions", body, cacheable=True)
+        except _Fatal as exc:  # a bad key, an unknown model: nothing about n to suggest
+            raise APIRequestError(f"Could not get the top {n} next tokens: {exc}.") from None
         except _Failed as exc:
             raise APIRequestError(f"Could not get the top {n} next tokens: {exc}. (vLLM allows "
                                   "20 unless started with --max-logprobs.)") from None
@@ -618,13 +642,15 @@ class OpenAIModel(Model):
                 except _Fatal:
                     raise
                 except Exception as exc:  # _Failed, or an answer this code could not read
-                    why = self._row_failure(exc)
-                    results[i] = [Generation(text="", tokens=[], logprob=math.nan,
-                                             prompt_tokens=0, finish_reason="error",
-                                             error=why) for _ in range(n)]
+                    results[i] = _failed_generations(self._row_failure(exc), n)
             return run
 
-        self._run_jobs([(job(i), 1) for i in range(len(prompts))], progress)
+        try:
+            self._run_jobs([(job(i), 1) for i in range(len(prompts))], progress)
+        except APIRequestError as exc:  # keep what was answered (and billed)
+            exc.partial = [r if r is not None else _failed_generations(f"not sent: {exc}", n)
+                           for r in results]
+            raise
         return results  # type: ignore[return-value]
 
     def _generate_one(self, prompt: str, *, max_new_tokens: int, temperature: float,
@@ -688,9 +714,15 @@ class OpenAIModel(Model):
                     if progress:
                         progress(weight[fut])
         except _Fatal as exc:
+            stop.set()  # requests still waiting to retry give up
+            for fut in pending:
+                fut.cancel()
+            # those already running end soon (answered, or failed the same way): wait, so
+            # their results are in before the caller reads what finished
+            wait(pending)
             raise APIRequestError(str(exc)) from None
         finally:
-            stop.set()  # requests still waiting to retry give up
+            stop.set()
             for fut in pending:
                 fut.cancel()
 
@@ -727,6 +759,10 @@ class OpenAIModel(Model):
         while True:
             try:
                 data = self._send(kind, body)
+                usage = data.get("usage") if isinstance(data, dict) else None
+                if isinstance(usage, dict):  # billed, also when refused as malformed below
+                    tally.add(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                              completion_tokens=int(usage.get("completion_tokens") or 0))
                 if not probe:  # a probe reads refusals itself (e.g. max_tokens=0, then 1)
                     _check_choices(data, expect)
                 break
@@ -755,9 +791,7 @@ class OpenAIModel(Model):
                 if probe:
                     raise
                 raise _Failed(str(exc)) from None
-        usage = data.get("usage") or {}
-        tally.add(requests=1, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                        completion_tokens=int(usage.get("completion_tokens") or 0))
+        tally.add(requests=1)
         if key is not None:
             cache.put(key, data)
         return data
@@ -809,6 +843,10 @@ class OpenAIModel(Model):
                 f"Cannot reach the API server at {where} ({self._redact(_root_cause(exc))}). "
                 "Is it running? Check base_url= (--base-url).") from None
         except openai.AuthenticationError:
+            if not self._secrets:  # a local server's URL gets no key unless asked
+                raise ModelLoadError(
+                    f"The server at {where} wants an API key (HTTP 401) and none was sent: "
+                    "pass api_key=... or api_key_env='VAR' (--api-key-env VAR).") from None
             raise ModelLoadError(f"The server at {where} rejected the API key (HTTP 401).") \
                 from None
         except openai.APIStatusError as exc:
@@ -918,6 +956,11 @@ def _message(exc: Any) -> str:
     return (str(msg).splitlines() or [""])[0][:300]
 
 
+def _failed_generations(error: str, n: int) -> list[Generation]:
+    return [Generation(text="", tokens=[], logprob=math.nan, prompt_tokens=0,
+                       finish_reason="error", error=error) for _ in range(n)]
+
+
 def _failed_score(error: str) -> Score:
     return Score(logprob=math.nan, token_logprobs=[], tokens=[], prompt_tokens=0, error=error)
 
@@ -937,6 +980,10 @@ def _echo_score(prompt: str, cont: str, lp: dict[str, Any], generated: int) -> S
     while start > 0 and len(text) < len(cont):
         start -= 1
         text = tokens[start] + text
+    # vLLM writes a character split over byte tokens on its last piece and "" on the others:
+    # those pieces belong to the continuation's first character too (the prompt ends whole).
+    while text == cont and start > 0 and tokens[start - 1] == "":
+        start -= 1
     if text != cont and len(offsets) == len(tokens):
         # Token strings may not spell the text (partial UTF-8): use the character offsets.
         end = offsets[-1] + len(tokens[-1])

@@ -296,7 +296,10 @@ def posix(
             if given is None:
                 gens = mdl.generate(texts, max_new_tokens=max_new_tokens, temperature=0.0)
                 for v, g in zip(variants, gens):
-                    v["response"] = g[0].text
+                    # a failed generation has no response (left out, as an empty one is)
+                    # and says why
+                    v["response"] = "" if g[0].error else g[0].text
+                    v["error"] = g[0].error
             else:
                 for v in variants:
                     v["response"] = given[v["item"]]
@@ -323,7 +326,14 @@ def posix(
         by_type = table.groupby("type", sort=False)["posix"].mean()
         rec.params["posix"] = {t: float(by_type.get(t, math.nan)) for t in types}
         rec.params["posix_all"] = float(table["posix"].mean())
-        rec.params["dropped_empty_responses"] = int(sum(not v["response"] for v in variants))
+        failed = sum(1 for v in variants if v.get("error"))
+        rec.params["dropped_empty_responses"] = int(sum(not v["response"] for v in variants)
+                                                    - failed)
+        rec.params["failed_generations"] = failed
+        if failed:
+            warnings.warn(f"POSIX: {failed} responses could not be generated (a failed "
+                          "request; the variants table's 'error' column says why) and are left "
+                          "out, as empty responses are.", stacklevel=2)
         rec.params["failed_pairs"] = int(table["failed_pairs"].sum())
         if rec.params["failed_pairs"]:
             warnings.warn(f"POSIX: {rec.params['failed_pairs']} (prompt, response) pairs could "
