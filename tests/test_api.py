@@ -271,6 +271,15 @@ def test_greedy_reachability_through_the_endpoint_equals_the_local_search(hf, ap
         promptscope.reachability(wrong, x0s, "top:2", progress=False)
 
 
+def test_a_failed_base_measurement_is_no_probability_of_zero(server, proxy):
+    model = _proxied(proxy, server, max_retries=0)
+    proxy.inject("ok", "500")  # the top tokens answer; the exact base log-prob fails
+    run = promptscope.reachability(model, ["Hello there"], "top:1", k_max=1, method="greedy",
+                                   control_tokens=list(range(40, 50)), progress=False,
+                                   save=False)
+    assert math.isnan(run.df["base_prob"].iloc[0]) and run.df["base_rank"].iloc[0] == 0
+
+
 def test_greedy_generation_agrees_plain_and_chat(hf, api):
     template = "{{Hi|Hello|The cat|Question: what colour is the sky?}} {{there|now}}"
     for chat in (False, True):

@@ -879,7 +879,8 @@ class _EndpointSearch(_Search):
         exact = self.mdl.token_logprobs(  # type: ignore[attr-defined]
             [self.seq(p.state, []) for p in pairs], [p.target for p in pairs])
         for p, (lp, rank) in zip(pairs, exact):
-            p.base_prob, p.base_rank = math.exp(lp), rank
+            # a failed request (rank 0) is no measurement: NaN, not a probability of 0
+            p.base_prob, p.base_rank = (math.exp(lp), rank) if rank > 0 else (math.nan, 0)
         return pairs
 
     def evaluate(self, seqs: Any, targets: Any) -> tuple[Any, Any]:
