@@ -697,6 +697,17 @@ def test_a_failed_choice_is_no_prediction_and_is_counted():
         assert table.loc[k, "accuracy"] == pytest.approx(scored["correct"].mean())
 
 
+def _stopped_spread(model, **kwargs):
+    """A spread on 40 queries stopped (KeyboardInterrupt) after its first round, reloaded."""
+    def stop(bandit):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        promptscope.format_spread(_qdata(), model, budget=0.5, on_round=stop, progress=False,
+                                  **kwargs)
+    return promptscope.load(stopped.value.partial_result.session_id)
+
+
 class _HalfFailing(RuleModel):
     """RuleModel whose odd queries cannot be scored (an API that fails on them for good)."""
 
@@ -711,14 +722,7 @@ def test_failures_stay_out_of_a_reloaded_stopped_spread_and_the_live_widget():
     from promptscope.widgets import SpreadWidget
 
     gold = {f"q{i}": ("yes" if i % 3 else "no") for i in range(40)}
-
-    def stop(bandit):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        promptscope.format_spread(_qdata(), _HalfFailing(gold), formats=4, budget=0.5, batch=8,
-                                  shots=0, on_round=stop, progress=False)
-    run = promptscope.load(stopped.value.partial_result.session_id)
+    run = _stopped_spread(_HalfFailing(gold), formats=4, batch=8, shots=0)
     assert "formats" not in run.tables  # rebuilt from the rows
     table = run.summary().set_index("format")
     for k, rows in run.df.groupby("format"):
@@ -794,14 +798,7 @@ def test_a_stopped_spread_reloads_with_its_formats_named():
     from promptscope.viz.format_spread import convergence, features_figure
 
     gold = {f"q{i}": ("yes" if i % 3 else "no") for i in range(40)}
-
-    def stop(bandit):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        promptscope.format_spread(_qdata(), RuleModel(gold), formats=6, budget=0.5, batch=6,
-                                  shots=2, on_round=stop, progress=False)
-    run = promptscope.load(stopped.value.partial_result.session_id)
+    run = _stopped_spread(RuleModel(gold), formats=6, batch=6, shots=2)
     table = run.summary()
     assert not table["pattern"].str.startswith("format ").any()
     assert len(features_figure(run).data) >= 1
