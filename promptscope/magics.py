@@ -45,14 +45,11 @@ class _Parser(argparse.ArgumentParser):
         i = 0
         while i < len(args):
             option, value = args[i], args[i + 1] if i + 1 < len(args) else None
-            action = self._option_string_actions.get(option)
-            if action is None and option.startswith("--") and self.allow_abbrev:
-                # an abbreviation argparse accepts (--cho for --choices): one action only
-                hits = {a for o, a in self._option_string_actions.items()
-                        if o.startswith(option)}
-                action = hits.pop() if len(hits) == 1 else None
+            actions = self._actions_named(option)
+            action = actions.pop() if len(actions) == 1 else None
             if (action is not None and action.nargs is None and value is not None
-                    and value.startswith("-") and value != "--" and not self._an_option(value)):
+                    and value.startswith("-") and value != "--"
+                    and not self._actions_named(value.split("=", 1)[0])):
                 out.append(f"{option}={value}" if option.startswith("--") else option + value)
                 i += 2
             else:
@@ -60,12 +57,14 @@ class _Parser(argparse.ArgumentParser):
                 i += 1
         return out
 
-    def _an_option(self, token: str) -> bool:
-        """Whether argparse would read ``token`` as one of this parser's options (exactly, with
-        ``=value``, or as an abbreviation of a long one)."""
-        name = token.split("=", 1)[0]
-        return name in self._option_string_actions or (
-            name.startswith("--") and any(o.startswith(name) for o in self._option_string_actions))
+    def _actions_named(self, name: str) -> set[Any]:
+        """The options argparse may take ``name`` for: its own, else every long option it
+        abbreviates (``--cho`` for ``--choices``; several: ambiguous)."""
+        if name in self._option_string_actions:
+            return {self._option_string_actions[name]}
+        if not (name.startswith("--") and self.allow_abbrev):
+            return set()
+        return {a for o, a in self._option_string_actions.items() if o.startswith(name)}
 
     def print_help(self, file: Any = None) -> None:
         """Nothing: ``exit`` hands the help text to the magic, which prints it once."""

@@ -285,6 +285,7 @@ def compare_steering(
         # each setting's per-row outcomes (setting -1: unsteered), for cross-fitting
         rec.add(base_rows.assign(setting_index=-1), "row_outcomes")
         base_right = base_rows["right"].tolist()
+        setting_index = 0  # each setting's row in the result's df
         try:
             for label, (key, values, opts) in sweeps.items():
                 opts = dict(opts)
@@ -314,9 +315,9 @@ def compare_steering(
                         row["d_control"] = got["control_accuracy"] - base["control_accuracy"]
                     if texts:
                         row["d_text"] = got["text_logprob"] - base["text_logprob"]
-                    rec.add(per_row.assign(setting_index=len(rec.frames.get("rows", []))),
-                            "row_outcomes")
+                    rec.add(per_row.assign(setting_index=setting_index), "row_outcomes")
                     rec.add(pd.DataFrame([row]))
+                    setting_index += 1
                     bar.update(1)
         finally:
             bar.close()

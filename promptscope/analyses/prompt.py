@@ -9,7 +9,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from promptscope.analyses._recorder import Recorder
@@ -187,18 +187,16 @@ def run_prompt(
                 for steered in conditions:
                     if steering is not None:
                         _set_steered(mdl, steering, steered)
+                    refused = None
                     try:
                         rows = _run_chunk(mdl, mode, chunk, texts, picks, target, bar,
                                           dict(max_new_tokens=max_new_tokens,
                                                temperature=temperature, top_p=top_p, n=n,
                                                seed=seed))
-                    except PromptscopeError as exc:
-                        partial = getattr(exc, "partial_rows", None)
-                        if partial is not None:  # answered before the refusal: kept
-                            if steer is not None:
-                                partial.insert(1, "steered", steered)
-                            rec.add(partial)
-                        raise
+                    except PromptscopeError as exc:  # rows answered before a refusal: kept
+                        rows, refused = getattr(exc, "partial_rows", None), exc
+                        if rows is None:
+                            raise
                     if steer is not None:
                         rows.insert(1, "steered", steered)
                     if keys is not None:
@@ -207,6 +205,8 @@ def run_prompt(
                         rows["key_sentence"] = rows["variant"].map(sentence)
                         rows["key_similarity"] = rows["variant"].map(similarity)
                     rec.add(rows)
+                    if refused is not None:
+                        raise refused
                 if steering is not None:
                     if attn is not None:
                         attn.spans.clear()  # keep memory flat over long runs
@@ -224,34 +224,27 @@ def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],
     t0 = time.perf_counter()
     conts = picks if picks is not None else [target]
 
-    def rows_of(got: list[Any]) -> Any:
+    def rows_of(got: list[Any]) -> Any:  # generations or scores
         elapsed = time.perf_counter() - t0
         if mode == "generate":
             return _generation_rows(chunk, got, elapsed, mdl.per_request_errors)
-        scores = got
         if picks is not None:
-            return _choice_rows(chunk, picks, scores, elapsed, mdl.per_request_errors)
-        return _target_rows(chunk, target, scores, elapsed, mdl.per_request_errors)
+            return _choice_rows(chunk, picks, got, elapsed, mdl.per_request_errors)
+        return _target_rows(chunk, target, got, elapsed, mdl.per_request_errors)
 
-    if mode == "generate":
-        return rows_of(_or_partial(lambda: mdl.generate(texts, progress=bar.update, **gen),
-                                   rows_of))
-    return rows_of(_or_partial(lambda: mdl.score([t for t in texts for _ in conts],
-                                                 conts * len(texts),
-                                                 progress=_every(len(conts), bar.update)),
-                               rows_of))
-
-
-def _or_partial(call: Callable[[], Any], rows_of: Callable[[Any], Any]) -> Any:
-    """``call()``; when an API run is refused part way, the rows of what it had finished ride
-    on the error (``partial_rows``) so the session keeps them (they were billed)."""
     try:
-        return call()
+        if mode == "generate":
+            got = mdl.generate(texts, progress=bar.update, **gen)
+        else:
+            got = mdl.score([t for t in texts for _ in conts], conts * len(texts),
+                            progress=_every(len(conts), bar.update))
     except PromptscopeError as exc:
-        partial = getattr(exc, "partial", None)
-        if partial is not None:
-            exc.partial_rows = rows_of(partial)  # type: ignore[attr-defined]
+        # an API run refused part way: the rows of what it had finished (and was billed for)
+        # ride on the error, so the session keeps them
+        if getattr(exc, "partial", None) is not None:
+            exc.partial_rows = rows_of(exc.partial)  # type: ignore[attr-defined]
         raise
+    return rows_of(got)
 
 
 def extra_columns(rows: Any, tpl: Template) -> list[str]:

@@ -702,6 +702,7 @@ class OpenAIModel(Model):
         pool = self._pool
         pending: set[Future[None]] = set()
         weight: dict[Future[None], int] = {}
+        fatal: str | None = None
         try:
             for fn, w in jobs:
                 fut = pool.submit(guarded(fn))
@@ -714,17 +715,16 @@ class OpenAIModel(Model):
                     if progress:
                         progress(weight[fut])
         except _Fatal as exc:
+            fatal = str(exc)
+        finally:
             stop.set()  # requests still waiting to retry give up
             for fut in pending:
                 fut.cancel()
+        if fatal is not None:
             # those already running end soon (answered, or failed the same way): wait, so
             # their results are in before the caller reads what finished
             wait(pending)
-            raise APIRequestError(str(exc)) from None
-        finally:
-            stop.set()
-            for fut in pending:
-                fut.cancel()
+            raise APIRequestError(fatal)
 
     @property
     def _cache(self) -> Any:
