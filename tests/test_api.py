@@ -396,6 +396,49 @@ def test_several_prompts_per_request_give_the_same_scores(server, proxy):
     assert [s.error is not None for s in got] == [True] * 4 + [False] * 6
 
 
+def test_a_pack_sends_only_prompts_not_answered_before(server, proxy, tmp_path):
+    """The cache is keyed per prompt: adding a variant (or a choice) to a packed run sends and
+    bills the new prompt alone, and the scores are those of a fresh run."""
+    model = _proxied(proxy, server, cache=True, cache_path=tmp_path / "cache.sqlite",
+                     prompts_per_request=16)
+    prompts = [f"Question {i}: is it" for i in range(4)]
+    model.score(prompts[:3], [" yes"] * 3)
+    before = proxy.counts["/v1/completions"]
+    model.begin_run("choices", chat=False)
+    got = model.score(prompts + prompts[:1], [" yes"] * 4 + [" no"])
+    info = model.run_info()
+    assert proxy.counts["/v1/completions"] == before + 1 and info["cached"] == 0
+    fresh = _proxied(proxy, server, prompts_per_request=16)
+    fresh.begin_run("choices", chat=False)
+    want = fresh.score([prompts[3], prompts[0]], [" yes", " no"])
+    assert info["prompt_tokens"] == fresh.run_info()["prompt_tokens"]  # the 2 new texts only
+    alone = fresh.score(prompts + prompts[:1], [" yes"] * 4 + [" no"])
+    assert [s.logprob for s in got] == pytest.approx([s.logprob for s in alone], abs=1e-5)
+    assert [got[3].logprob, got[4].logprob] == pytest.approx([s.logprob for s in want], abs=1e-5)
+    model.begin_run("choices", chat=False)
+    sent = proxy.counts["/v1/completions"]
+    again = model.score(prompts + prompts[:1], [" yes"] * 4 + [" no"])
+    assert proxy.counts["/v1/completions"] == sent  # all five from the cache now
+    assert model.run_info()["cached"] == model.run_info()["requests"] == 1
+    assert [s.logprob for s in again] == [s.logprob for s in got]
+
+
+def test_a_prompt_the_server_rejects_fails_alone_in_its_pack(server, proxy):
+    """vLLM rejects a prompt longer than its context (HTTP 400), and with it the whole
+    request: the pack is sent again one prompt per request, so the others are scored."""
+    packed = _proxied(proxy, server, prompts_per_request=4)
+    prompts = [f"Question {i}: is it" for i in range(4)]
+    prompts[2] = "word " * 400  # past the server's 256-token context
+    got = packed.score(prompts, [" yes"] * 4)
+    assert [s.error is not None for s in got] == [False, False, True, False]
+    assert "400" in got[2].error
+    single = _proxied(proxy, server).score([prompts[i] for i in (0, 1, 3)], [" yes"] * 3)
+    assert [got[i].logprob for i in (0, 1, 3)] == pytest.approx([s.logprob for s in single],
+                                                                abs=1e-5)
+    bad = packed.token_logprobs([[5] * 300, [5, 6, 7]], [8, 8], batch=2)
+    assert bad[0] == (-math.inf, 0) and math.isfinite(bad[1][0])
+
+
 def test_cache_makes_a_rerun_free_and_can_be_turned_off(server, proxy, capsys):
     model = _proxied(proxy, server, cache=True)
     first = promptscope.run_prompt(TEMPLATE, model, vars=CITIES, choices=" yes| no")

@@ -104,6 +104,11 @@ class _Failed(Exception):
     """A request that failed for good; the message is safe to show (no key)."""
 
 
+class _Rejected(_Failed):
+    """A request the server refused as bad (HTTP 400, 413, 422: a prompt too long for the
+    model, say): in a pack of prompts, one bad prompt may be the whole reason."""
+
+
 class _Fatal(Exception):
     """A failure that every further request would repeat (auth, unknown model)."""
 
@@ -359,18 +364,18 @@ class OpenAIModel(Model):
             else:
                 text = prompt
             texts += [text + c for c in conts]
-        body = {"model": self.model_id, "prompt": texts, "echo": True,
+        body = {"model": self.model_id, "echo": True,
                 "logprobs": 1, "max_tokens": self._echo_max_tokens, "temperature": 0.0}
         if chat:
             body["extra_body"] = {"add_special_tokens": False}  # the template has its BOS
-        data = self._request("completions", body, cacheable=True, expect=len(texts))
-        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
-        if len(choices) != len(texts):
-            raise _Failed(f"malformed response: {len(choices)} choices for {len(texts)} prompts")
-        out, it = [], iter(choices)
+        it = iter(self._request_each(body, texts))
+        out = []
         for prompt, conts in wanted:
-            out.append({c: _echo_score(prompt, c, next(it).get("logprobs") or {},
-                                       self._echo_max_tokens) for c in conts})
+            got = {c: next(it) for c in conts}
+            failed = next((g for g in got.values() if isinstance(g, _Failed)), None)
+            out.append({c: _failed_score(str(failed)) if failed is not None else
+                        _echo_score(prompt, c, g.get("logprobs") or {}, self._echo_max_tokens)
+                        for c, g in got.items()})
         return out
 
     def _score_top(self, prompt: str, conts: list[str]) -> dict[str, Score]:
@@ -576,21 +581,14 @@ class OpenAIModel(Model):
             idx = range(lo, min(lo + batch, len(prompts)))
 
             def run() -> None:
-                body = {"model": self.model_id, "prompt": [[*map(int, prompts[i]), int(targets[i])]
-                                                           for i in idx],
-                        "echo": True, "logprobs": 1, "max_tokens": self._echo_max_tokens,
-                        "temperature": 0.0,
+                body = {"model": self.model_id, "echo": True, "logprobs": 1,
+                        "max_tokens": self._echo_max_tokens, "temperature": 0.0,
                         "extra_body": {"return_tokens_as_token_ids": True,
                                        "add_special_tokens": False}}
-                try:
-                    data = self._request("completions", body, cacheable=True, expect=len(idx))
-                except _Failed:
-                    return
-                choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
-                if len(choices) != len(idx):
-                    return
-                for i, ch in zip(idx, choices):
-                    out[i] = _target_logprob(ch, len(prompts[i]), int(targets[i]))
+                items = [[*map(int, prompts[i]), int(targets[i])] for i in idx]
+                for i, ch in zip(idx, self._request_each(body, items)):
+                    if not isinstance(ch, _Failed):
+                        out[i] = _target_logprob(ch, len(prompts[i]), int(targets[i]))
             return run
 
         starts = range(0, len(prompts), batch)
@@ -738,6 +736,45 @@ class OpenAIModel(Model):
                                    else ResponseCache.default())
         return self._cache_obj
 
+    def _request_each(self, body: dict[str, Any], items: list[Any]) -> list[Any]:
+        """The completions choice for each of ``items`` (prompts sent as ``body["prompt"]``),
+        or the ``_Failed`` that stopped it; deterministic requests only.
+
+        The cache is keyed per item, as if each were sent alone: a prompt answered before is
+        neither sent nor billed again when others join it (a new variant, a new choice). The
+        rest go in one request. When the server rejects that request (one prompt too long
+        for the model, say), each prompt is sent alone, so only the bad one fails.
+        """
+        cache = self._cache
+        keys = [cache.key(self.base_url, self.model_id, "completions", {**body, "prompt": [x]})
+                if cache is not None else None for x in items]
+        got: list[Any] = [cache.get(k) if k is not None else None for k in keys]
+        got = [g["choices"][0] if g is not None else None for g in got]
+        todo = [i for i, g in enumerate(got) if g is None]
+        if not todo:
+            self._tally.add(requests=1, cached=1)
+            return got
+        try:
+            data = self._request("completions", {**body, "prompt": [items[i] for i in todo]},
+                                 cacheable=False, expect=len(todo))
+        except _Rejected as exc:
+            if len(todo) == 1:
+                got[todo[0]] = exc
+                return got
+            for i in todo:
+                got[i] = self._request_each(body, [items[i]])[0]
+            return got
+        except _Failed as exc:
+            for i in todo:
+                got[i] = exc
+            return got
+        choices = sorted(data["choices"], key=lambda ch: ch.get("index", 0))
+        for i, choice in zip(todo, choices):
+            got[i] = choice
+            if cache is not None:
+                cache.put(keys[i], {"choices": [{**choice, "index": 0}]})
+        return got
+
     def _request(self, kind: str, body: dict[str, Any], *, cacheable: bool,
                  probe: bool = False, expect: int | None = None) -> dict[str, Any]:
         """One request through the cache, with retries; raises ``_Failed`` or ``_Fatal``.
@@ -790,7 +827,8 @@ class OpenAIModel(Model):
                     raise _Fatal(str(exc)) from None
                 if probe:
                     raise
-                raise _Failed(str(exc)) from None
+                raise (_Rejected if exc.status in (400, 413, 422) else _Failed)(str(exc)) \
+                    from None
         tally.add(requests=1)
         if key is not None:
             cache.put(key, data)
