@@ -126,21 +126,21 @@ def child(args: argparse.Namespace) -> None:
                 torch.randn(size, generator=g), dim=0) for i in range(n_layers)}, size, "icv")
             strength = 0.1
 
-    def generate(steered: bool = True) -> str:
+    def generate(steered: bool = True) -> Any:
         if vector is not None and steered:
             with promptscope.steer(model, vector=vector, strength=strength):
-                return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
+                return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0]
         if args.child.startswith("promptscope"):
             kernel = "flex" if args.child.endswith("flex") else "sdpa"
             with promptscope.steer(model, heads=HEADS, alpha=ALPHA, emphasis=key, kernel=kernel):
-                return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
-        return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0].text
+                return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0]
+        return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0]
 
     generate()  # warm-up
     if model.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, plain_times = [], []
+    times, plain_times, generated = [], [], set()
     for _ in range(args.repeats):
         # Vector rows also time plain generation in the same process, alternating with the
         # steered runs, so a shared machine's load drift hits both alike.
@@ -150,11 +150,13 @@ def child(args: argparse.Namespace) -> None:
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             (times if steered else plain_times).append(time.perf_counter() - t0)
+            generated.add(len(out.tokens))  # a run that stops early at EOS times less work
             if steered:
-                text = out
+                text = out.text
     peak = (torch.cuda.max_memory_allocated() / 2**20 if model.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps({"seconds": min(times), "peak_mb": peak, "text": text,
+                      "generated": sorted(generated),
                       "plain_seconds": min(plain_times) if plain_times else None,
                       "tokens": len(model.encode_prompt(prompt))}))
 
@@ -178,6 +180,18 @@ def dispatch_counts(fn) -> tuple[int, int | None]:
     return ops, kernels
 
 
+def profile_table(fn) -> dict[str, tuple[int, float]]:
+    """{call name: (count, total host ms)} of one call of ``fn`` under torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return {e.key: (e.count, e.cpu_time_total / 1e3) for e in prof.key_averages()}
+
+
 def hook_cost(args: argparse.Namespace) -> None:
     """The vector hooks' own cost per decoding step (pre-hook + one hook per steered layer),
     timed alone (end-to-end ratios on a shared machine are dominated by load noise), and what
@@ -198,7 +212,7 @@ def hook_cost(args: argparse.Namespace) -> None:
     cfg = model.model.config
     ids = torch.tensor([model.encode_prompt("Context: Ann lives in Rome. Where does Ann live?")],
                        device=model.device)
-    mask = torch.ones(1, ids.shape[1] + 1, dtype=torch.long, device=model.device)
+    pos = torch.tensor([[ids.shape[1]]], device=model.device)
     x = torch.randn(1, 1, cfg.hidden_size, device=model.device, dtype=model.model.dtype)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     print(f"{args.model}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
@@ -217,7 +231,8 @@ def hook_cost(args: argparse.Namespace) -> None:
         fns = [hooks.layer_hook(i) for i in layers]
 
         def step(hooks: _Hooks = hooks, fns: list = fns) -> None:
-            hooks.pre(None, (), {"input_ids": ids[:, :1], "attention_mask": mask})
+            # what transformers' generate passes an unpadded prompt's decoding step: no mask
+            hooks.pre(None, (), {"input_ids": ids[:, :1], "position_ids": pos})
             for fn in fns:
                 fn(None, None, x)
 
@@ -257,19 +272,31 @@ def hook_cost(args: argparse.Namespace) -> None:
     icv = SteeringVector({i: torch.nn.functional.normalize(torch.randn(cfg.hidden_size), dim=0)
                           for i in every}, cfg.hidden_size, "icv")
     prompt = "Context: Ann lives in Rome. Where does Ann live?"
+    runs, tables = {}, {}
     for label, vector in (("plain", None), ("ICV", icv)):
-        def run(vector: Any = vector) -> None:
+        def run(vector: Any = vector, label: str = label) -> None:
             with (promptscope.steer(model, vector=vector, strength=0.1) if vector is not None
                   else contextlib.nullcontext()):
-                model.generate([prompt], max_new_tokens=16)
+                gen = model.generate([prompt], max_new_tokens=16)[0][0]
             sync()
+            assert len(gen.tokens) == 16 or gen.finish_reason == "stop"
+            runs[label] = len(gen.tokens)
 
         run()
         took = min(timeit.repeat(run, number=1, repeat=5))
         ops, kernels = dispatch_counts(run)
+        tables[label] = profile_table(run)
         launched = f", {kernels} CUDA kernels" if kernels is not None else ""
-        print(f"promptscope generate, 16 new tokens, {label}: {took * 1e3:.1f} ms; {ops} aten "
-              f"ops{launched}")
+        print(f"promptscope generate, 16 new tokens, {label}: {took * 1e3:.1f} ms, "
+              f"{runs[label]} tokens generated; {ops} aten ops{launched}")
+    # Where the ICV's extra time goes: the calls (aten ops, CUDA runtime calls such as
+    # cudaLaunchKernel / cudaStreamSynchronize) whose total host time grew most.
+    plain, steered = tables["plain"], tables["ICV"]
+    grown = sorted(steered, key=lambda k: plain.get(k, (0, 0.0))[1] - steered[k][1])[:12]
+    print("calls whose host time grew most under the ICV (count, ms: plain -> ICV):")
+    for name in grown:
+        (n0, t0), (n1, t1) = plain.get(name, (0, 0.0)), steered[name]
+        print(f"  {name[:60]:<60} {n0:>6} -> {n1:<6} {t0:8.2f} -> {t1:8.2f}")
 
 
 def _random_llama(args: argparse.Namespace) -> str:
@@ -351,6 +378,8 @@ def main() -> None:
 
 
 def _row(method: str, r: dict, base: float, flag: str) -> str:
+    short = [n for n in r["generated"] if n != max(r["generated"])]
+    flag += f" (some runs stopped at {short} tokens)" if short else ""
     return (f"{r['tokens']:>7} {method:<17}{r['seconds']:>9.3f}{r['seconds'] / base:>9.2f}x"
             f"{r['peak_mb']:>10.0f}{flag:>20}")
 

@@ -268,26 +268,53 @@ def test_generation_with_kv_cache_equals_no_cache_reference(any_tiny_model, star
     with promptscope.steer(m, vector=v, strength=4.0, start=start):
         gens = m.generate(prompts, max_new_tokens=6)  # batched, left-padded, KV cache
     plain = m.generate(prompts, max_new_tokens=6)
-    eos = set(m.stop_ids)
     for prompt, (g,) in zip(prompts, gens):
-        seq = torch.tensor([m.encode_prompt(prompt)], device=m.device)
-        first = seq.shape[1] - 1 if start == "last" else start
-        new, logprob = [], 0.0
-        with AddHook(m, LAYER, v.vectors[LAYER], 4.0, start=first):
-            for _ in range(6):  # full recompute each step: no cache
-                with torch.no_grad():
-                    logits = m.model(input_ids=seq).logits[0, -1].float()
-                nxt = logits.argmax().item()
-                logprob += torch.log_softmax(logits, -1)[nxt].item()
-                new.append(nxt)
-                if nxt in eos:
-                    break
-                seq = torch.cat([seq, torch.tensor([[nxt]], device=m.device)], dim=1)
-        kept = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
-        assert g.text == m.tokenizer.decode(kept, skip_special_tokens=True)
+        first = len(m.encode_prompt(prompt)) - 1 if start == "last" else start
+        text, logprob = _recomputed_generation(m, prompt, v, 4.0, first, 6)
+        assert g.text == text
         # the log-probs too: the same text can come out of steps left unsteered
         assert g.logprob == pytest.approx(logprob, abs=2e-3)
     assert any(abs(a[0].logprob - b[0].logprob) > 1e-3 for a, b in zip(gens, plain))
+
+
+def _recomputed_generation(m, prompt, v, strength, first, steps):
+    """(text, log-prob) of greedy generation with ``v`` added at LAYER from token ``first``
+    on, recomputing the whole sequence at each step (no cache, no mask)."""
+    eos = set(m.stop_ids)
+    seq = torch.tensor([m.encode_prompt(prompt)], device=m.device)
+    new, logprob = [], 0.0
+    with AddHook(m, LAYER, v.vectors[LAYER], strength, start=first):
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = m.model(input_ids=seq).logits[0, -1].float()
+            nxt = logits.argmax().item()
+            logprob += torch.log_softmax(logits, -1)[nxt].item()
+            new.append(nxt)
+            if nxt in eos:
+                break
+            seq = torch.cat([seq, torch.tensor([[nxt]], device=m.device)], dim=1)
+    kept = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+    return m.tokenizer.decode(kept, skip_special_tokens=True), logprob
+
+
+def test_unpadded_generation_is_steered_at_every_step_without_a_host_sync(tiny_llama):
+    """transformers' generate drops an all-ones mask: the hooks then steer every token and
+    ask the device nothing (on a GPU each question is a host sync, every decoding step)."""
+    m = tiny_llama
+    v = _vector(m, scale=0.5)
+
+    def host_syncs(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fn()
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense"
+                   ), out
+
+    plain, _ = host_syncs(lambda: m.generate([PROMPTS[0]], max_new_tokens=6))
+    with promptscope.steer(m, vector=v, strength=4.0):
+        steered, gens = host_syncs(lambda: m.generate([PROMPTS[0]], max_new_tokens=6))
+    assert plain > 0 and steered == plain
+    text, logprob = _recomputed_generation(m, PROMPTS[0], v, 4.0, 0, 6)
+    assert gens[0][0].text == text and gens[0][0].logprob == pytest.approx(logprob, abs=2e-3)
 
 
 # ------------------------------------------------------------- ICV

@@ -358,6 +358,12 @@ class _Hooks:
             return
         q = ids.shape[1]
         masked = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        if not masked and self.s.start == 0:
+            # Every token is real and at or after 0: steer them all, with no host sync (on a
+            # GPU, asking about the positions waits for every queued kernel). transformers'
+            # generate drops an all-ones mask, so this is each step of unpadded generation.
+            self.gate = None
+            return
         if masked:  # noted for later calls without a mask (Mamba's decoding steps)
             self._note(cache, mask.long().sum(-1, keepdim=True))
             before: Any = 0
