@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from vllm_server import ENV_PYTHON, server_model_dir, vllm_python, vllm_server
 
 import promptscope
 from promptscope.errors import CapabilityError, ModelLoadError, PromptscopeError
+from promptscope.models import openai_api
 from promptscope.models.openai_api import APIRequestError, OpenAIModel
 
 TEMPLATE = "Is {city} in {{Europe|Asia}}? Answer:"
@@ -528,6 +530,23 @@ def test_a_server_briefly_away_does_not_turn_off_chat_scoring(server, proxy):
     text = model._templated(ChatText("Hello there"))
     assert text is not None and "Hello there" in text
     assert proxy.counts["/tokenize"] == 2
+    # A stopped run does not wait out the retries' backoff (a worker thread holds the run's
+    # stop event).
+    slow = _proxied(proxy, server, backoff=20.0, max_backoff=20.0)
+    proxy.inject("500", "500", path="/tokenize")
+    stop, took = threading.Event(), []
+
+    def worker() -> None:
+        openai_api._local.stop = stop
+        t0 = time.perf_counter()
+        took.append((slow._templated(ChatText("Good day")), time.perf_counter() - t0))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.5)
+    stop.set()
+    thread.join(timeout=30)
+    assert took and took[0][0] is None and took[0][1] < 5
 
 
 def test_a_request_that_keeps_failing_is_a_failed_row_and_the_run_goes_on(server, proxy,

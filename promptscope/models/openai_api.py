@@ -499,6 +499,7 @@ class OpenAIModel(Model):
         import httpx
 
         headers = {"Authorization": f"Bearer {self._secrets[0]}"} if self._secrets else {}
+        stop: threading.Event = getattr(_local, "stop", None) or threading.Event()
         for attempt in range(self.max_retries + 1):
             try:
                 resp = httpx.post(url, json=body, headers=headers,
@@ -511,8 +512,9 @@ class OpenAIModel(Model):
                 if resp.status_code in (400, 404, 405, 501):
                     raise _Unsupported(f"HTTP {resp.status_code}")
                 error = OSError(f"HTTP {resp.status_code}")
-            if attempt < self.max_retries:
-                time.sleep(min(self.max_backoff, self.backoff * 2 ** attempt))
+            if attempt < self.max_retries and stop.wait(
+                    min(self.max_backoff, self.backoff * 2 ** attempt)):
+                raise OSError("cancelled")  # the run was stopped: no more waiting
         raise error
 
     # ------------------------------------------------------------------ token level
