@@ -102,6 +102,27 @@ def test_api_model_states_what_it_cannot_do():
     assert "api_key" not in str(model.describe()) and model.per_request_errors
 
 
+def test_top_logprobs_match_choices_by_their_bytes():
+    """OpenAI's chat answer names a token that holds part of a character by its bytes (the
+    documented ``bytes`` field; its ``token`` is ``"bytes:\\xf0\\x9f"``): such a token is
+    the start of a choice like an emoji, and a whole-character token still matches as text."""
+    from promptscope.models.openai_api import _first_top_logprobs, _match_top
+
+    thumb = "👍".encode()
+    data = {"choices": [{"logprobs": {"content": [{"token": "x", "logprob": -3.0,
+                                                   "top_logprobs": [
+        {"token": "bytes:\\xf0\\x9f", "bytes": list(thumb[:2]), "logprob": -0.5},
+        {"token": "是", "bytes": list("是".encode()), "logprob": -1.0},
+        {"token": " no", "bytes": list(b" no"), "logprob": -2.0}]}]}}]}
+    top = _first_top_logprobs(data, chat=True)
+    assert _match_top(" 👍", top).logprob == pytest.approx(-0.5)
+    assert _match_top("是", top).logprob == pytest.approx(-1.0)
+    assert _match_top(" no", top).logprob == pytest.approx(-2.0)
+    assert _match_top(" yes", top).logprob == -math.inf
+    plain = {"choices": [{"logprobs": {"top_logprobs": [{" 是": -0.25, " no": -1.5}]}}]}
+    assert _match_top("是", _first_top_logprobs(plain, chat=False)).logprob == -0.25
+
+
 # ---------------------------------------------------------------------- the real server
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):

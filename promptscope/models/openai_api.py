@@ -1062,20 +1062,25 @@ def _target_logprob(choice: dict[str, Any], pos: int, target: int) -> tuple[floa
     return value, 1 if value >= best else 2
 
 
-def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[str, float] | None:
-    """``{token: logprob}`` of the first generated token, or ``None``."""
+def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[bytes, float] | None:
+    """``{token's UTF-8 bytes: logprob}`` of the first generated token, or ``None``.
+
+    A chat answer gives each token's ``bytes``: a token that holds part of a character (a rare
+    CJK character, an emoji) has no text of its own (OpenAI writes ``"bytes:\\xe6\\x97"``)."""
     try:
         lp = data["choices"][0]["logprobs"]
         if chat:
-            return {t["token"]: t["logprob"] for t in lp["content"][0]["top_logprobs"]}
-        return dict(lp["top_logprobs"][0])
-    except (KeyError, IndexError, TypeError):
+            return {bytes(t["bytes"]) if t.get("bytes") else str(t["token"]).encode():
+                    t["logprob"] for t in lp["content"][0]["top_logprobs"]}
+        return {str(t).encode(): v for t, v in lp["top_logprobs"][0].items()}
+    except (KeyError, IndexError, TypeError, ValueError):
         return None
 
 
-def _match_top(choice: str, top: dict[str, float]) -> Score:
-    """A choice's log-prob among the first token's top log-probs (see module docs)."""
-    want = choice.strip()
+def _match_top(choice: str, top: dict[bytes, float]) -> Score:
+    """A choice's log-prob among the first token's top log-probs (see module docs), matched
+    on UTF-8 bytes, so a first token that holds part of the choice's first character counts."""
+    want = choice.strip().encode()
     hits = [t for t in top if t.strip() == want] or \
         [t for t in top if t.strip() and want.startswith(t.strip())]
     if not hits:
@@ -1083,7 +1088,8 @@ def _match_top(choice: str, top: dict[str, float]) -> Score:
     vals = [top[t] for t in hits]
     best = max(vals)
     total = best + math.log(math.fsum(math.exp(v - best) for v in vals))
-    return Score(logprob=total, token_logprobs=vals, tokens=hits, prompt_tokens=0)
+    return Score(logprob=total, token_logprobs=vals,
+                 tokens=[t.decode(errors="replace") for t in hits], prompt_tokens=0)
 
 
 def _generation(ch: dict[str, Any], chat: bool, prompt_tokens: int) -> Generation:
