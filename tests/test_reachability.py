@@ -4,6 +4,7 @@ bound, sessions, interrupts and the %%reach magic."""
 from __future__ import annotations
 
 import copy
+import math
 import random
 import sys
 
@@ -194,6 +195,70 @@ def test_interrupt_keeps_found_rows_in_the_session(tiny_llama):
     assert (eps["reached"] < 1).all()  # not a curve of the successes only
     loaded = promptscope.load(partial.session_id)
     assert loaded.status == "interrupted" and len(loaded.df) == len(partial.df)
+    assert {"time_s", "unverified_claims"} <= set(loaded.params)
+
+
+def test_a_pair_stopped_before_its_search_reports_its_state_without_control(tiny_llama):
+    """Stopped before the first step, every pair's best attempt is no control at all: its
+    probability and rank are its base ones, not 0 (a rank of 0 read as better than argmax)."""
+    with pytest.raises(KeyboardInterrupt) as info:
+        promptscope.reachability(tiny_llama, STATES, "random:2", k_max=2, method="gcg",
+                                 should_stop=lambda: True, bound=False, **FAST)
+    df = info.value.partial_result.df
+    assert (df["method"] == "stopped").all() and (df["control"] == "").all()
+    assert (df["rank"] == df["base_rank"]).all() and (df["prob"] == df["base_prob"]).all()
+    assert (df["rank"] > 1).all()
+
+
+def test_targets_as_tensors_arrays_and_texts_with_a_bar(tiny_llama):
+    import numpy as np
+
+    from promptscope.analyses.reachability import _split_targets
+
+    ids = tiny_llama.model(torch.tensor([tiny_llama.encode_prompt(STATES[1])])).logits[0, -1] \
+        .topk(3).indices
+    for given in (ids, ids.numpy(), list(ids.numpy())):
+        run = promptscope.reachability(tiny_llama, STATES[1:], given, k_max=1, method="greedy",
+                                       bound=False, progress=False)
+        assert sorted(run.df["target_id"]) == sorted(ids.tolist())
+        assert promptscope.load(run.session_id).params["targets"] == ids.tolist()
+    one = promptscope.reachability(tiny_llama, STATES[1:], np.int64(int(ids[0])), k_max=1,
+                                   method="greedy", bound=False, save=False, progress=False)
+    assert one.df["target_id"].tolist() == [int(ids[0])]
+    # '|' separates token texts in a string; a list's items are taken as they are
+    assert _split_targets(" Paris| Rome") == [" Paris", " Rome"]
+    assert _split_targets([" |", "top:2", 5]) == [" |", "top:2", 5]
+    with pytest.raises(ReachabilityError, match="empty token text"):
+        _split_targets(" |")
+    with pytest.raises(ReachabilityError, match="3 lists .* for 2 x0s"):
+        promptscope.reachability(tiny_llama, STATES, [[40], [41], [42]], save=False)
+
+
+def test_top_targets_come_from_tokens_with_a_known_score(tiny_llama):
+    """An API model scores only the server's top tokens (the rest -inf), and a special token
+    among them is no target: top:N never fills up with unscored tokens."""
+    from promptscope.analyses.reachability import _Search
+
+    search = _Search(tiny_llama, None, 0)
+    states, true_next = search.parse_states(STATES[:1])
+    logits = torch.full((search.vocab,), -math.inf)
+    eos = tiny_llama.tokenizer.eos_token_id
+    for rank, tid in enumerate([eos, 40, 41, 42]):
+        logits[tid] = -float(rank)
+    pairs = search.resolve_targets("top:3", states, true_next, [logits])
+    assert [p.target for p in pairs] == [40, 41, 42]
+    with pytest.raises(ReachabilityError, match="only 3 of the tokens"):
+        search.resolve_targets("top:4", states, true_next, [logits])
+
+
+def test_k_epsilon_leaves_lengths_a_fixed_k_run_did_not_try_empty(tiny_llama):
+    run = promptscope.reachability(tiny_llama, STATES, [[40], [41, 42]], k_min=2, k_max=2,
+                                   init_control=[7, 7], method="gcg", bound=False, save=False,
+                                   **FAST)
+    table = k_epsilon(run.df, 2, 2).set_index(["target_set", "k"])["reached"]
+    assert table.isna().tolist() == [False, True, False]  # k = 0, 1 (not tried), 2
+    trace = next(t for t in run.figure().data if t.name and t.name.startswith("given"))
+    assert math.isnan(trace.y[1]) and not math.isnan(trace.y[2])
 
 
 def test_a_target_two_sets_ask_for_is_searched_once_and_counted_in_both(tiny_llama):

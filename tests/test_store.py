@@ -3,6 +3,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -58,7 +59,15 @@ def test_list_filters_search_rename_delete(tmp_path):
     assert [r.id for r in store.list(limit=1)] == [b]
     store.rename(a, "capital cities")
     assert store.get(a).name == "capital cities"
+    c = store.create("prompt", name="Ärger über Café")
+    assert [r.id for r in store.list(search="ärger CAFÉ")] == [c]  # case in any script
+    assert store.list(search="%") == [] and store.list(search="Ärger_") == []  # no wildcards
+    # A run still going in a live kernel (this one) is not deleted under it
+    with pytest.raises(PromptscopeError, match="still running"):
+        store.delete(b)
+    store.finish(b, "done")
     store.delete(b)
+    store.delete(c, force=True)
     assert [r.id for r in store.list()] == [a]
     with pytest.raises(PromptscopeError, match="No session"):
         store.get(b)
@@ -129,6 +138,103 @@ def test_a_figure_that_fails_does_not_cost_the_finished_run(tmp_path, monkeypatc
         rec.add(pd.DataFrame({"x": [1]}))
     assert store.get(rec.session_id).status == "done"
     assert "figure could not be" in capsys.readouterr().err
+
+
+class _FillingStore(Store):
+    """A store whose disk fills up after its first chunk: SQLite's own "database or disk is
+    full", from a page limit set on every connection once ``full``."""
+
+    full = False
+
+    @contextmanager
+    def _connect(self):
+        with super()._connect() as conn:
+            if self.full:
+                conn.execute("PRAGMA max_page_count = 1")  # (no lower than the file's size)
+            yield conn
+
+    def append(self, *args, **kwargs):
+        super().append(*args, **kwargs)
+        self.full = True
+
+
+def test_a_store_that_cannot_be_written_loses_no_computed_row(tmp_path, capsys):
+    """The disk fills mid-run: the error says what to do, every row computed so far is in
+    ``exc.partial_result``, and the session does not stay "running"."""
+    from promptscope.analyses._recorder import Recorder
+
+    store = _FillingStore(tmp_path / "s.sqlite")
+    chunk = pd.DataFrame({"text": ["x" * 20000]})  # needs pages the full disk lacks
+    with pytest.raises(PromptscopeError, match="cannot be written.*PROMPTSCOPE_HOME") as info:
+        with Recorder("prompt", store=store) as rec:
+            rec.add(chunk)
+            rec.add(chunk.assign(text="y" * 20000))
+    assert len(info.value.partial_result.df) == 2
+    assert store.get(rec.session_id).status == "failed" and len(store.table(rec.session_id)) == 1
+    assert "could not record" in capsys.readouterr().err
+    # A run that ends well but cannot be saved does not pass for saved either.
+    store = _FillingStore(tmp_path / "t.sqlite")
+    with pytest.raises(PromptscopeError, match="could not be saved") as info:
+        with Recorder("prompt", store=store) as rec:
+            rec.add(chunk)
+            rec.params["big"] = "z" * 20000
+    assert info.value.partial_result.params["big"] and len(info.value.partial_result.df) == 1
+
+
+def test_a_chunk_whose_write_was_interrupted_is_written_when_the_run_ends(tmp_path):
+    from promptscope.analyses._recorder import Recorder
+
+    class InterruptedWrite(Store):
+        calls = 0
+
+        def append(self, *args, **kwargs):
+            InterruptedWrite.calls += 1
+            if InterruptedWrite.calls == 2:
+                raise KeyboardInterrupt  # Ctrl-C while the chunk was being written
+            super().append(*args, **kwargs)
+
+    store = InterruptedWrite(tmp_path / "s.sqlite")
+    with pytest.raises(KeyboardInterrupt) as info:
+        with Recorder("prompt", store=store) as rec:
+            rec.add(pd.DataFrame({"i": [1]}))
+            rec.add(pd.DataFrame({"i": [2]}))
+    partial = info.value.partial_result
+    assert partial.df["i"].tolist() == [1, 2]
+    assert store.table(rec.session_id)["i"].tolist() == [1, 2]
+    assert store.get(rec.session_id).n_rows == 2
+
+
+def test_a_read_only_store_can_be_read_and_a_run_says_what_to_do(tmp_path):
+    import os
+
+    folder = tmp_path / "ws"
+    store = Store(folder / "s.sqlite")
+    sid = store.create("prompt", name="kept")
+    store.append(sid, "rows", pd.DataFrame({"i": [1]}))
+    store.finish(sid, "done")
+    (folder / "s.sqlite").chmod(0o444)
+    try:
+        if os.access(folder / "s.sqlite", os.W_OK):
+            pytest.skip("running as a user that writes read-only files (root)")
+        again = Store(folder / "s.sqlite")  # a new kernel: reading needs no write
+        assert [r.name for r in again.list()] == ["kept"]
+        assert again.table(sid)["i"].tolist() == [1]
+        with pytest.raises(PromptscopeError, match="cannot be written.*save=False"):
+            again.create("prompt")
+    finally:
+        (folder / "s.sqlite").chmod(0o644)
+
+
+def test_cells_json_cannot_write_as_they_are_are_saved(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    sid = store.create("prompt", params={"by_id": {np.int64(3): 0.5}})
+    df = pd.DataFrame({"d": [{np.int64(1): 0.5, (1, 2): "pair"}, {"a": pd.NA}],
+                       "s": [{"x", "y"}, None]})
+    store.append(sid, "rows", df)
+    back = store.table(sid)
+    assert back["d"].tolist() == [{"1": 0.5, "(1, 2)": "pair"}, {"a": None}]
+    assert sorted(back["s"].tolist()[0]) == ["x", "y"]
+    assert store.get(sid).params == {"by_id": {"3": 0.5}}
 
 
 def _writer(path: str, tag: str, n: int) -> None:

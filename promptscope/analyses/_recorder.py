@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from promptscope.errors import PromptscopeError
 from promptscope.result import Result
 from promptscope.store import Store
 
@@ -31,6 +32,7 @@ class Recorder:
         self.store = (store or Store.default()) if save else None
         self.session_id: str | None = None
         self.frames: dict[str, list[Any]] = {}
+        self.unsaved: list[tuple[str, Any]] = []  # chunks kept here but not (yet) in the store
         self.figure: Any = None
 
     def __enter__(self) -> Recorder:
@@ -43,10 +45,19 @@ class Recorder:
         return self
 
     def add(self, df: Any, table: str = "rows") -> None:
-        """Keep ``df`` and append it to the session's ``table`` right away."""
+        """Keep ``df`` and append it to the session's ``table`` right away. (Kept in memory
+        first: a store that cannot be written, or an interrupt during the write, loses no row;
+        the chunk is written again when the run ends.)"""
         self.frames.setdefault(table, []).append(df)
         if self.store is not None and self.session_id:
-            self.store.append(self.session_id, table, df)
+            self.unsaved.append((table, df))
+            self._save_chunks()
+
+    def _save_chunks(self) -> None:
+        while self.unsaved:
+            table, df = self.unsaved[0]
+            self.store.append(self.session_id, table, df)  # type: ignore[union-attr]
+            self.unsaved.pop(0)
 
     def result(self, status: str = "done") -> Result:
         import pandas as pd
@@ -63,43 +74,65 @@ class Recorder:
         info = model.run_info()
         if not info:
             return
-        self.params["api"] = info
-        if self.store is not None and self.session_id:
-            self.store.update_params(self.session_id, self.params)
+        self.params["api"] = info  # (saved with the other params when the run ends)
         if verbose or info.get("failed"):
             print(api_note(info), file=sys.stderr)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            if self.store is not None and self.session_id:
-                result = self.result()
-                try:  # a figure that cannot be drawn must not cost the finished run
-                    fig = result.figure()
-                    if fig is not None:
-                        self.store.save_figure(self.session_id, "main", fig)
-                except Exception as exc:  # any plotting error
-                    print(f"The run is saved, but its figure could not be: "
-                          f"{type(exc).__name__}: {exc}", file=sys.stderr)
-                finally:
-                    self.store.finish(self.session_id, "done", summary={"rows": len(result.df)})
-            return
-        # Hand what was computed to the caller: ``exc.partial_result`` (the magics show it).
-        status = "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed"
-        partial = self.result(status)
-        try:
-            exc.partial_result = partial
-        except AttributeError:  # an exception type that refuses attributes
-            pass
+        status = ("done" if exc_type is None else
+                  "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        result = self.result(status)
+        if exc_type is not None:
+            # Hand what was computed to the caller: ``exc.partial_result`` (the magics show it).
+            try:
+                exc.partial_result = result
+            except AttributeError:  # an exception type that refuses attributes
+                pass
         if self.store is None or not self.session_id:
             return
+        try:
+            self._finish(status, result, exc_type, exc)
+        except Exception as failed:  # e.g. a full disk: the run's rows must still reach the user
+            print(f"The session store could not record the end of the run ({failed}); all "
+                  f"{len(result.df)} rows are in the "
+                  f"{'result' if exc_type is None else 'exception: exc.partial_result'}.",
+                  file=sys.stderr)
+            if exc_type is None:  # a run that was not saved must not pass for saved
+                err = PromptscopeError(f"The run finished, but its session {self.session_id} "
+                                       f"could not be saved: {failed}")
+                err.partial_result = result  # type: ignore[attr-defined]
+                raise err from None
         if status == "interrupted":
-            self.store.finish(self.session_id, status, summary={"rows": len(partial.df)})
-            print(f"Interrupted: {len(partial.df)} rows kept in session {self.session_id} "
+            print(f"Interrupted: {len(result.df)} rows kept in session {self.session_id} "
                   f"(status interrupted); promptscope.load('{self.session_id}') brings them back.",
                   file=sys.stderr)
-        else:
-            self.store.finish(self.session_id, status, error=f"{exc_type.__name__}: {exc}",
-                              summary={"rows": len(partial.df)})
+
+    def _finish(self, status: str, result: Result, exc_type: Any, exc: Any) -> None:
+        """Write what the store still lacks (chunks, the params as they ended, the figure),
+        then the final status; raises the first write that failed, after the status."""
+        assert self.store is not None and self.session_id is not None
+        error = "" if exc_type is None or status == "interrupted" else f"{exc_type.__name__}: {exc}"
+        failed: Exception | None = None
+        for write in (self._save_chunks,
+                      lambda: self.store.update_params(self.session_id, self.params)):
+            try:
+                write()
+            except Exception as err:  # noqa: PERF203 (each write is tried)
+                failed = failed or err
+        if failed is not None and status == "done":
+            status, error = "failed", f"the session store could not be written: {failed}"
+        if status == "done":
+            try:  # a figure that cannot be drawn must not cost the finished run
+                fig = result.figure()
+                if fig is not None:
+                    self.store.save_figure(self.session_id, "main", fig)
+            except Exception as err:  # any plotting error
+                print(f"The run is saved, but its figure could not be: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr)
+        saved = len(result.df) - sum(len(df) for table, df in self.unsaved if table == "rows")
+        self.store.finish(self.session_id, status, error=error, summary={"rows": saved})
+        if failed is not None:
+            raise failed
 
 
 def api_note(info: Mapping[str, Any]) -> str:

@@ -26,6 +26,7 @@ it is reported. Control prompts are token sequences: ``control`` is their decode
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import re
 import time
@@ -289,13 +290,11 @@ def reachability(
                     p.done, p.method = True, "stopped"
                     row = {**search.row(p), "complete": False}
                     rows_pending.extend({**row, "target_set": s} for s in [p.target_set, *p.also])
+            rec.params["time_s"] = round(time.perf_counter() - t0, 3)
+            rec.params["unverified_claims"] = search.unverified
             flush(rec)
             bar.close()
-        rec.params["time_s"] = round(time.perf_counter() - t0, 3)
-        rec.params["unverified_claims"] = search.unverified
         rec.save_run_info(mdl, verbose=progress)
-        if rec.store is not None and rec.session_id:
-            rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
 
 
@@ -356,12 +355,13 @@ def next_tokens(model: Model | str | None, x0: str, control_ids: Sequence[int] =
                          "prob": probs[order].tolist(), "rank": range(1, len(ids) + 1)})
 
 
-def k_epsilon(df: Any, k_max: int | None = None) -> Any:
+def k_epsilon(df: Any, k_max: int | None = None, k_min: int = 1) -> Any:
     """The k-epsilon table: per target set and k, the fraction of pairs reached with a control
-    prompt of at most k tokens (``1 - epsilon``).
+    prompt of at most k tokens (``1 - epsilon``). A run that searched from ``k_min`` on
+    (``run.params["k_min"]``) did not try the lengths between 0 and ``k_min``: NaN there.
 
     Example:
-        >>> k_epsilon(run.df)                                                   # doctest: +SKIP
+        >>> k_epsilon(run.df, run.params["k_max"], run.params["k_min"])        # doctest: +SKIP
     """
     import pandas as pd
 
@@ -371,7 +371,8 @@ def k_epsilon(df: Any, k_max: int | None = None) -> Any:
     for tset, g in df.groupby("target_set", sort=False):
         gk = ks[g.index]
         for k in range(0, top + 1):
-            frac = float((g["reached"].astype(bool) & (gk <= k)).mean())
+            frac = (math.nan if 0 < k < k_min
+                    else float((g["reached"].astype(bool) & (gk <= k)).mean()))
             rows.append({"target_set": tset, "k": k, "reached": frac, "epsilon": 1 - frac,
                          "n": len(g)})
     return pd.DataFrame(rows)
@@ -496,8 +497,12 @@ class _Search:
                         base: Any) -> list[_Pair]:
         import torch
 
-        per_state = (isinstance(targets, (list, tuple)) and len(targets) == len(states)
+        per_state = (isinstance(targets, (list, tuple)) and bool(targets)
                      and all(isinstance(t, (list, tuple)) for t in targets))
+        if per_state and len(targets) != len(states):
+            raise ReachabilityError(f"targets has {len(targets)} lists (one per x0) for "
+                                    f"{len(states)} x0s: give one list per x0, or one flat "
+                                    "list for all of them.")
         shared = None if per_state else _split_targets(targets)
         pairs: list[_Pair] = []
         for s in range(len(states)):
@@ -520,7 +525,14 @@ class _Search:
                                 "promptscope.analyses.reachability.heldout_states(model, texts).")
                         ids = [int(true_next[s])]  # type: ignore[arg-type]
                     elif kind == "top":
-                        ids = ranked[:n]
+                        # (an API model scores only the server's top tokens: the rest are
+                        # -inf, and special tokens among those top ones are not targetable)
+                        ids = [i for i in ranked[:n] if math.isfinite(float(logits[i]))]
+                        if len(ids) < n:
+                            raise ReachabilityError(
+                                f"targets 'top:{n}': after x0 {s} only {len(ids)} of the "
+                                "tokens with a known score can be targets (special tokens "
+                                f"are not); use top:{len(ids)} or fewer.")
                     elif kind == "bottom":
                         ids = ranked[::-1][:n]
                     else:
@@ -819,6 +831,8 @@ class _Search:
     # ------------------------------------------------------------------ rows
     def row(self, p: _Pair) -> dict[str, Any]:
         control = p.control if p.reached else p.best
+        # A pair stopped before its first evaluation: its best so far is no control at all.
+        tried = p.reached or bool(p.best)
         text = self.tok.decode(control) if control else ""
         state_text = self.state_text[p.state]
         full = self.seq(p.state, control)
@@ -832,7 +846,8 @@ class _Search:
             "base_prob": p.base_prob, "base_rank": p.base_rank, "reached": p.reached,
             "k": float(p.k) if p.reached else math.nan, "control": text,
             "control_ids": list(control),
-            "prob": p.prob, "rank": p.rank, "steps": p.steps, "method": p.method,
+            "prob": p.prob if tried else p.base_prob, "rank": p.rank if tried else p.base_rank,
+            "steps": p.steps, "method": p.method,
             "text_roundtrip": roundtrip, "time_s": round(time.perf_counter() - p.started, 4),
         }
 
@@ -864,9 +879,10 @@ class _EndpointSearch(_Search):
     def resolve_targets(self, targets: Any, states: list[str], true_next: list[int | None],
                         base: Any) -> list[_Pair]:
         n_top = self.mdl.top_logprobs  # type: ignore[attr-defined]
-        given = targets if isinstance(targets, (list, tuple)) else [targets]
-        specs = [s for t in given  # per-x0 target lists too
-                 for s in _split_targets(list(t) if isinstance(t, (list, tuple)) else t)]
+        per_state = (isinstance(targets, (list, tuple)) and bool(targets)
+                     and all(isinstance(t, (list, tuple)) for t in targets))
+        specs = ([s for t in targets for s in _split_targets(list(t))] if per_state
+                 else _split_targets(targets))
         for spec in specs:
             kind, _, num = str(spec).partition(":")
             if kind == "bottom" or (kind == "top" and num.isdigit() and int(num) > n_top):
@@ -979,6 +995,8 @@ def _split_targets(targets: Any) -> list[Any]:
     if targets is None:
         raise ReachabilityError("Give targets: 'true', 'top:N', 'random:N', 'bottom:N', "
                                 "token texts or ids.")
+    if hasattr(targets, "tolist") and not isinstance(targets, str):  # a tensor or an array
+        targets = targets.tolist()
     if isinstance(targets, str):
         parts = [t.strip() for t in targets.split(",")]
         if all(_SET_SPEC.match(t) for t in parts):
@@ -993,16 +1011,22 @@ def _split_targets(targets: Any) -> list[Any]:
                 f"Cannot read targets {targets!r}: sets are joined by ',' (top:5,random:5) and "
                 "token texts by '|' ( Paris| Rome); to mix them pass a list, e.g. "
                 f"{[t if _SET_SPEC.match(t) else ' ' + t for t in parts]}.")
-        return [t for t in targets.split("|") if t]
-    if isinstance(targets, int):
-        return [targets]
-    out: list[Any] = []
-    for t in targets:
-        out += _split_targets(t) if isinstance(t, str) and "|" in t else [t]
-    return out
+        pieces = targets.split("|")
+        if "" in pieces:
+            raise ReachabilityError(
+                f"targets {targets!r} has an empty token text: '|' separates token texts. To "
+                "target a text that holds '|', pass a list (e.g. [' |']).")
+        return pieces
+    if isinstance(targets, numbers.Integral):
+        return [int(targets)]
+    # A list's items are taken as they are: a set spec, a token text ('|' included) or an id.
+    return [int(t) if isinstance(t, numbers.Integral) else t
+            for t in (x.tolist() if hasattr(x, "tolist") else x for x in targets)]
 
 
 def _jsonable(targets: Any) -> Any:
+    if hasattr(targets, "tolist"):  # a tensor, an array or a numpy number
+        targets = targets.tolist()
     if isinstance(targets, (str, int)):
         return targets
     if isinstance(targets, (list, tuple)):

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from promptscope.errors import PromptscopeError
-from promptscope.store import SCHEMA_VERSION, STATUSES, Store, orphaned, search_clauses
+from promptscope.store import (
+    SCHEMA_VERSION,
+    STATUSES,
+    Store,
+    orphaned,
+    search_clauses,
+    with_casefold,
+)
 
 # Ids are made by Store.create ("20261125-101500-1a2b3c"); allowing only this alphabet rules out
 # path tricks in URLs and code injection when the panel writes an id into a notebook cell.
@@ -62,8 +69,14 @@ class StoreReader(Store):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"Cannot open the session store {self.path}: {exc}.") from exc
         try:
+            with_casefold(conn)
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError as exc:  # not the file: its folder or its rights
+                raise StoreUnavailable(
+                    f"The session store {self.path} cannot be opened here ({exc}): SQLite "
+                    "needs to write beside it (its -wal and -shm files), so its folder must be "
+                    "writable for the Jupyter server's user.") from exc
             except sqlite3.DatabaseError as exc:
                 raise StoreUnavailable(
                     f"The session store {self.path} is damaged or not a promptscope store "

@@ -147,22 +147,49 @@ class Store:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        if not self._ready:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30.0)
+        try:
+            if not self._ready:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unwritable(exc) from exc
         try:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 30000")
+            with_casefold(conn)
             if not self._ready:
                 self._migrate(conn)
                 self._ready = True
             with conn:  # one transaction
                 yield conn
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if "readonly" in text or "unable to open" in text or "disk i/o" in text \
+                    or "disk is full" in text:
+                raise self._unwritable(exc) from exc
+            raise
         finally:
             conn.close()
 
+    def _unwritable(self, exc: BaseException) -> PromptscopeError:
+        return PromptscopeError(
+            f"The session store {self.path} cannot be written ({exc}): a read-only folder, a "
+            "full disk? Set PROMPTSCOPE_HOME to a writable folder, or run without saving "
+            "(save=False; in a magic, --no-save).")
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA journal_mode = WAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if version == SCHEMA_VERSION and mode == "wal":
+            return  # nothing to write: a read-only copy of a store can still be read
+        for attempt in range(300):
+            try:  # (a new file switching to WAL ignores the busy timeout: wait here instead)
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 299:
+                    raise
+                time.sleep(0.1)
         conn.execute("BEGIN IMMEDIATE")  # one kernel migrates; others wait, then see it done
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -254,8 +281,14 @@ class Store:
             conn.execute("UPDATE sessions SET name=?, updated=? WHERE id=?",
                          (name, time.time(), session_id))
 
-    def delete(self, session_id: str) -> None:
-        self.get(session_id)
+    def delete(self, session_id: str, *, force: bool = False) -> None:
+        """Delete a session and its tables. A session still running in a live kernel is kept
+        (that kernel's next rows would fail) unless ``force``."""
+        rec = self.get(session_id)
+        if rec.status == "running" and not force:
+            raise PromptscopeError(
+                f"Session '{session_id}' is still running (in {rec.owner or 'another kernel'}); "
+                "stop it first, or delete it with force=True.")
         with self._connect() as conn:
             conn.execute("DELETE FROM sessions WHERE id=?", (session_id,))
 
@@ -332,16 +365,20 @@ ORPHAN_ERROR = ("The process that ran it ended before it finished (kernel restar
 
 def search_clauses(search: str | None) -> tuple[list[str], list[str]]:
     """SQL conditions (and their arguments) for a text search: every word must occur in the
-    name, source, model or id; ``%`` and ``_`` typed by the user match literally."""
-    import re
-
+    name, source, model or id, ignoring case in any script, as typed (no wildcards). The
+    connection needs :func:`with_casefold`."""
     clauses, args = [], []
-    for word in (search or "").split():
-        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
-        clauses.append("(name LIKE ? ESCAPE '\\' OR source LIKE ? ESCAPE '\\' "
-                       "OR model LIKE ? ESCAPE '\\' OR id LIKE ? ESCAPE '\\')")
-        args += [pattern] * 4
+    for word in (search or "").split():  # casefold(): SQL's LIKE folds ASCII letters only
+        clauses.append("(instr(casefold(name), ?) OR instr(casefold(source), ?) "
+                       "OR instr(casefold(model), ?) OR instr(casefold(id), ?))")
+        args += [word.casefold()] * 4
     return clauses, args
+
+
+def with_casefold(conn: sqlite3.Connection) -> None:
+    """Give ``conn`` the SQL function ``casefold(text)`` that :func:`search_clauses` uses."""
+    conn.create_function("casefold", 1, lambda v: v.casefold() if isinstance(v, str) else v,
+                         deterministic=True)
 
 
 #: A ``running`` session without a recorded owner (schema 1) that has written nothing for
@@ -376,17 +413,34 @@ def _record(row: sqlite3.Row) -> SessionRecord:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=plain_json, ensure_ascii=False)
+    return json.dumps(_plain_keys(obj), default=plain_json, ensure_ascii=False)
+
+
+def _plain_keys(obj: Any) -> Any:
+    """``obj`` with dict keys JSON can write: a numpy number as the number, another key (a
+    tuple, say) as its text. (Keys come back as text: JSON has no other.)"""
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, (str, int, float, bool)) or k is None
+                 else k.item() if hasattr(k, "item") else str(k)): _plain_keys(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain_keys(v) for v in obj]
+    return obj
 
 
 def plain_json(value: Any) -> Any:
     """JSON for what ``json`` cannot write (its ``default=``): numpy scalars and arrays as
     numbers and lists (``np.float32(0.5)`` stays 0.5, not "0.5"), bytes as text (undecodable
-    ones replaced); anything else as its text."""
+    ones replaced), pandas' missing values (``pd.NA``, ``pd.NaT``) as null, sets as lists;
+    anything else as its text."""
     if hasattr(value, "tolist") and hasattr(value, "dtype"):
         return value.tolist()
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
+    if type(value).__name__ in ("NAType", "NaTType"):
+        return None
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
     return str(value)
 
 

@@ -23,7 +23,7 @@ def figure(result: Any) -> Any:
     from promptscope.analyses.reachability import PAPER_HEADLINE, k_epsilon
 
     k_max = int(result.params.get("k_max", 1))
-    table = k_epsilon(result.df, k_max)
+    table = k_epsilon(result.df, k_max, int(result.params.get("k_min", 1)))
     bound = result.tables.get("bound")
     has_bound = bound is not None and len(bound)
     fig = make_subplots(rows=1, cols=2 if has_bound else 1, column_widths=[0.6, 0.4]

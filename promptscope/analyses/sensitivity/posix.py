@@ -341,8 +341,6 @@ def posix(
                           "left out of the means (their 'change' is NaN).",
                           stacklevel=2)
         rec.save_run_info(mdl)
-        if rec.store is not None and rec.session_id:
-            rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
 
 

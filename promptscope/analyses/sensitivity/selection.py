@@ -270,8 +270,6 @@ def select_prompt(
                     table["accuracy_used"].rank())),
             })
         rec.add(table, "candidates")
-        if rec.store is not None and rec.session_id:
-            rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
 
 

@@ -301,8 +301,6 @@ def format_spread(
                           "rows say failed=True); each format's accuracy is over the rest "
                           "(the formats table's 'failed' column).", stacklevel=2)
         rec.save_run_info(mdl)
-        if rec.store is not None and rec.session_id:
-            rec.store.update_params(rec.session_id, rec.params)
     return rec.result()
 
 
