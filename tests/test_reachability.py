@@ -171,6 +171,13 @@ def test_errors_say_what_to_fix(tiny_llama):
     with pytest.raises(ReachabilityError, match="init_control"):
         promptscope.reachability(tiny_llama, STATES, "top:2", k_min=2, k_max=2,
                                  init_control=[5], save=False)
+    special = tiny_llama.tokenizer.eos_token_id
+    with pytest.raises(ReachabilityError, match="not control tokens"):
+        promptscope.reachability(tiny_llama, STATES, "top:2", k_min=2, k_max=2,
+                                 init_control=[5, special], method="gcg", save=False)
+    with pytest.raises(ReachabilityError, match="method='greedy'"):
+        promptscope.reachability(tiny_llama, STATES, "top:2", k_min=1, k_max=1,
+                                 init_control=[5], method="greedy", save=False)
     with pytest.raises(CapabilityError, match="next-token log-probabilities"):
         promptscope.reachability(_APIModel(), STATES, "top:2", save=False)
     with pytest.raises(CapabilityError, match="gradients"):

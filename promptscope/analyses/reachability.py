@@ -194,6 +194,16 @@ def reachability(
         raise ReachabilityError("steps, search_width and top_k must each be at least 1.")
 
     search = (_Search if white else _EndpointSearch)(mdl, control_tokens, seed)
+    if init_control is not None:
+        allowed = set(search.allowed.tolist())
+        if method == "greedy":
+            raise ReachabilityError("init_control starts GCG's search; method='greedy' builds "
+                                    "its controls token by token: drop init_control, or use "
+                                    "method='gcg' or 'both'.")
+        if not all(isinstance(t, numbers.Integral) and int(t) in allowed for t in init_control):
+            raise ReachabilityError(f"init_control {list(init_control)!r} has ids that are not "
+                                    "control tokens (the vocabulary's non-special tokens, or "
+                                    "control_tokens=).")
     states, true_next = search.parse_states(x0s)
     base = search.base_logits(states)
     pairs = search.resolve_targets(targets, states, true_next, base)
@@ -522,7 +532,8 @@ class _Search:
                             raise ReachabilityError(
                                 "targets='true' needs the true next token of each x0: pass x0s "
                                 "as (text, next token) pairs, e.g. from "
-                                "promptscope.analyses.reachability.heldout_states(model, texts).")
+                                "promptscope.analyses.reachability.heldout_states(model, texts) "
+                                "(in %%reach: lines 'text||next token').")
                         ids = [int(true_next[s])]  # type: ignore[arg-type]
                     elif kind == "top":
                         # (an API model scores only the server's top tokens: the rest are
