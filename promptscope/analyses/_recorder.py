@@ -100,8 +100,9 @@ class Recorder:
             if exc_type is None:  # a run that was not saved must not pass for saved
                 err = PromptscopeError(f"The run finished, but its session {self.session_id} "
                                        f"could not be saved: {failed}")
-                err.partial_result = result  # type: ignore[attr-defined]
+                err.partial_result = self.result("failed")  # type: ignore[attr-defined]
                 raise err from None
+            return
         if status == "interrupted":
             print(f"Interrupted: {len(result.df)} rows kept in session {self.session_id} "
                   f"(status interrupted); promptscope.load('{self.session_id}') brings them back.",

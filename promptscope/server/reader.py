@@ -72,11 +72,12 @@ class StoreReader(Store):
             with_casefold(conn)
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-            except sqlite3.OperationalError as exc:  # not the file: its folder or its rights
-                raise StoreUnavailable(
-                    f"The session store {self.path} cannot be opened here ({exc}): SQLite "
-                    "needs to write beside it (its -wal and -shm files), so its folder must be "
-                    "writable for the Jupyter server's user.") from exc
+            except sqlite3.OperationalError as exc:  # not the file: its folder, its rights
+                hint = (": SQLite needs to write beside it (its -wal and -shm files), so its "
+                        "folder must be writable for the Jupyter server's user"
+                        if "readonly" in str(exc) or "unable to open" in str(exc) else "")
+                raise StoreUnavailable(f"The session store {self.path} cannot be opened here "
+                                       f"({exc}){hint}.") from exc
             except sqlite3.DatabaseError as exc:
                 raise StoreUnavailable(
                     f"The session store {self.path} is damaged or not a promptscope store "
