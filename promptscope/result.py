@@ -60,9 +60,9 @@ class Result:
             return NotImplemented
         same_tables = self.tables.keys() == other.tables.keys() and all(
             _frames_equal(self.tables[k], other.tables[k]) for k in self.tables)
-        return (self.kind, self.params, self.session_id, self.source, self.name) == (
-            other.kind, other.params, other.session_id, other.source, other.name
-        ) and _frames_equal(self.df, other.df) and same_tables
+        fields = ("kind", "status", "params", "model", "session_id", "source", "name")
+        return all(getattr(self, f) == getattr(other, f) for f in fields) \
+            and _frames_equal(self.df, other.df) and same_tables
 
     def _header(self) -> str:
         model = self.model.get("name", "")
