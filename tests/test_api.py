@@ -119,8 +119,20 @@ def test_top_logprobs_match_choices_by_their_bytes():
     assert _match_top("是", top).logprob == pytest.approx(-1.0)
     assert _match_top(" no", top).logprob == pytest.approx(-2.0)
     assert _match_top(" yes", top).logprob == -math.inf
-    plain = {"choices": [{"logprobs": {"top_logprobs": [{" 是": -0.25, " no": -1.5}]}}]}
+    plain = {"choices": [{"logprobs": {"top_logprobs": [{" 是": -0.25, "\u00a0no": -1.5}]}}]}
     assert _match_top("是", _first_top_logprobs(plain, chat=False)).logprob == -0.25
+    assert _match_top(" no", _first_top_logprobs(plain, chat=False)).logprob == -1.5  # nbsp
+    assert _first_top_logprobs({"choices": [{"logprobs": {"top_logprobs": [None]}}]},
+                               chat=False) is None
+
+
+def test_choices_without_an_index_keep_their_order():
+    from promptscope.models.openai_api import _in_order
+
+    assert [c["text"] for c in _in_order([{"index": 1, "text": "b"}, {"index": 0, "text": "a"}])
+            ] == ["a", "b"]
+    assert [c["text"] for c in _in_order([{"index": None, "text": "x"}, {"text": "y"}])
+            ] == ["x", "y"]
 
 
 # ---------------------------------------------------------------------- the real server
@@ -460,6 +472,26 @@ def test_a_prompt_the_server_rejects_fails_alone_in_its_pack(server, proxy):
                                                                 abs=1e-5)
     bad = packed.token_logprobs([[5] * 300, [5, 6, 7]], [8, 8], batch=2)
     assert bad[0] == (-math.inf, 0) and math.isfinite(bad[1][0])
+    packed.begin_run("choices", chat=False)
+    packed.score(prompts, [" yes"] * 4)
+    assert packed.run_info()["failed"] == 1  # the bad prompt's request, not the pack's too
+    # A stopped run sends no more of a rejected pack's prompts one by one.
+    sent = proxy.counts["/v1/completions"]
+    stop, got = threading.Event(), []
+    stop.set()
+
+    def worker() -> None:
+        openai_api._local.stop = stop
+        body = {"model": packed.model_id, "echo": True, "logprobs": 1,
+                "max_tokens": packed._echo_max_tokens,
+                "temperature": 0.0}
+        got.extend(packed._request_each(body, [p + " no" for p in prompts]))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=60)
+    assert proxy.counts["/v1/completions"] == sent + 1  # the pack only
+    assert all("cancelled" in str(g) for g in got)
 
 
 def test_cache_makes_a_rerun_free_and_can_be_turned_off(server, proxy, capsys):

@@ -260,7 +260,8 @@ def test_top_targets_come_from_tokens_with_a_known_score(tiny_llama):
 
 def test_k_epsilon_leaves_lengths_a_fixed_k_run_did_not_try_empty(tiny_llama):
     run = promptscope.reachability(tiny_llama, STATES, [[40], [41, 42]], k_min=2, k_max=2,
-                                   init_control=[7, 7], method="gcg", bound=False, save=False,
+                                   init_control=torch.tensor([7, 7]), method="gcg", bound=False,
+                                   save=False,
                                    **FAST)
     table = k_epsilon(run.df, 2, 2).set_index(["target_set", "k"])["reached"]
     assert table.isna().tolist() == [False, True, False]  # k = 0, 1 (not tried), 2

@@ -204,6 +204,45 @@ def test_a_chunk_whose_write_was_interrupted_is_written_when_the_run_ends(tmp_pa
     assert store.get(rec.session_id).n_rows == 2
 
 
+def test_a_chunk_written_just_before_an_interrupt_is_not_written_twice(tmp_path):
+    from promptscope.analyses._recorder import Recorder
+
+    class CommittedThenInterrupted(Store):
+        calls = 0
+
+        def append(self, *args, **kwargs):
+            super().append(*args, **kwargs)
+            CommittedThenInterrupted.calls += 1
+            if CommittedThenInterrupted.calls == 2:
+                raise KeyboardInterrupt  # after the commit, before the recorder knew
+
+    store = CommittedThenInterrupted(tmp_path / "s.sqlite")
+    with pytest.raises(KeyboardInterrupt):
+        with Recorder("prompt", store=store) as rec:
+            rec.add(pd.DataFrame({"i": [1]}))
+            rec.add(pd.DataFrame({"i": [2]}))
+    assert store.table(rec.session_id)["i"].tolist() == [1, 2]
+    assert store.get(rec.session_id).n_rows == 2
+
+
+def test_an_interrupt_while_the_run_is_being_finished_does_not_leave_it_running(
+        tmp_path, monkeypatch):
+    from promptscope.analyses._recorder import Recorder
+    from promptscope.result import Result
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Result, "figure", interrupted)  # Ctrl-C while the figure is drawn
+    store = Store(tmp_path / "s.sqlite")
+    with pytest.raises(KeyboardInterrupt) as info:
+        with Recorder("prompt", store=store) as rec:
+            rec.add(pd.DataFrame({"i": [1, 2]}))
+    assert store.get(rec.session_id).status == "interrupted"
+    assert info.value.partial_result.df["i"].tolist() == [1, 2]
+    store.delete(rec.session_id)  # not "still running"
+
+
 def test_a_read_only_store_can_be_read_and_a_run_says_what_to_do(tmp_path):
     import os
 

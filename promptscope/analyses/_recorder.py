@@ -32,7 +32,8 @@ class Recorder:
         self.store = (store or Store.default()) if save else None
         self.session_id: str | None = None
         self.frames: dict[str, list[Any]] = {}
-        self.unsaved: list[tuple[str, Any]] = []  # chunks kept here but not (yet) in the store
+        # chunks kept here but not (yet) in the store: (table, number in the table, rows)
+        self.unsaved: list[tuple[str, int, Any]] = []
         self.figure: Any = None
 
     def __enter__(self) -> Recorder:
@@ -50,13 +51,14 @@ class Recorder:
         the chunk is written again when the run ends.)"""
         self.frames.setdefault(table, []).append(df)
         if self.store is not None and self.session_id:
-            self.unsaved.append((table, df))
+            self.unsaved.append((table, len(self.frames[table]) - 1, df))
             self._save_chunks()
 
     def _save_chunks(self) -> None:
         while self.unsaved:
-            table, df = self.unsaved[0]
-            self.store.append(self.session_id, table, df)  # type: ignore[union-attr]
+            table, seq, df = self.unsaved[0]
+            # numbered: one written just before an interrupt is not written twice
+            self.store.append(self.session_id, table, df, seq=seq)  # type: ignore[union-attr]
             self.unsaved.pop(0)
 
     def result(self, status: str = "done") -> Result:
@@ -92,6 +94,10 @@ class Recorder:
             return
         try:
             self._finish(status, result, exc_type, exc)
+        except KeyboardInterrupt as stop:  # while finishing: the rows go with it
+            if exc_type is None:
+                stop.partial_result = self.result("interrupted")  # type: ignore[attr-defined]
+            raise
         except Exception as failed:  # e.g. a full disk: the run's rows must still reach the user
             print(f"The session store could not record the end of the run ({failed}); all "
                   f"{len(result.df)} rows are in the "
@@ -110,28 +116,35 @@ class Recorder:
 
     def _finish(self, status: str, result: Result, exc_type: Any, exc: Any) -> None:
         """Write what the store still lacks (chunks, the params as they ended, the figure),
-        then the final status; raises the first write that failed, after the status."""
+        then the final status, also when interrupted meanwhile; raises the first write that
+        failed, after the status."""
         assert self.store is not None and self.session_id is not None
         error = "" if exc_type is None or status == "interrupted" else f"{exc_type.__name__}: {exc}"
         failed: Exception | None = None
-        for write in (self._save_chunks,
-                      lambda: self.store.update_params(self.session_id, self.params)):
-            try:
-                write()
-            except Exception as err:  # noqa: PERF203 (each write is tried)
-                failed = failed or err
-        if failed is not None and status == "done":
-            status, error = "failed", f"the session store could not be written: {failed}"
-        if status == "done":
-            try:  # a figure that cannot be drawn must not cost the finished run
-                fig = result.figure()
-                if fig is not None:
-                    self.store.save_figure(self.session_id, "main", fig)
-            except Exception as err:  # any plotting error
-                print(f"The run is saved, but its figure could not be: "
-                      f"{type(err).__name__}: {err}", file=sys.stderr)
-        saved = len(result.df) - sum(len(df) for table, df in self.unsaved if table == "rows")
-        self.store.finish(self.session_id, status, error=error, summary={"rows": saved})
+        try:
+            for write in (self._save_chunks,
+                          lambda: self.store.update_params(self.session_id, self.params)):
+                try:
+                    write()
+                except Exception as err:  # noqa: PERF203 (each write is tried)
+                    failed = failed or err
+            if failed is not None and status == "done":
+                status, error = "failed", f"the session store could not be written: {failed}"
+            if status == "done":
+                try:  # a figure that cannot be drawn must not cost the finished run
+                    fig = result.figure()
+                    if fig is not None:
+                        self.store.save_figure(self.session_id, "main", fig)
+                except Exception as err:  # any plotting error
+                    print(f"The run is saved, but its figure could not be: "
+                          f"{type(err).__name__}: {err}", file=sys.stderr)
+        except BaseException:  # an interrupt while finishing: the session must not stay running
+            status, error = "interrupted", ""
+            raise
+        finally:
+            saved = len(result.df) - sum(len(df) for table, _, df in self.unsaved
+                                         if table == "rows")
+            self.store.finish(self.session_id, status, error=error, summary={"rows": saved})
         if failed is not None:
             raise failed
 

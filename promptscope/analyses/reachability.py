@@ -194,6 +194,8 @@ def reachability(
         raise ReachabilityError("steps, search_width and top_k must each be at least 1.")
 
     search = (_Search if white else _EndpointSearch)(mdl, control_tokens, seed)
+    if hasattr(init_control, "tolist"):  # a tensor or an array
+        init_control = init_control.tolist()  # type: ignore[union-attr]
     if init_control is not None:
         allowed = set(search.allowed.tolist())
         if method == "greedy":

@@ -671,7 +671,7 @@ class OpenAIModel(Model):
                 body["logprobs"] = 1
         data = self._request("chat" if chat else "completions", body,
                              cacheable=temperature == 0, expect=n)
-        choices = sorted(data.get("choices") or [], key=lambda ch: ch.get("index", 0))
+        choices = _in_order(data.get("choices") or [])
         if len(choices) != n:
             raise _Failed(f"malformed response: {len(choices)} choices, expected {n}")
         prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
@@ -763,15 +763,18 @@ class OpenAIModel(Model):
             if len(todo) == 1:
                 got[todo[0]] = exc
                 return got
+            # The pack's failure is not the prompts': each gets its own answer (or failure).
+            self._tally.add(failed=-1)
+            stop = getattr(_local, "stop", None)
             for i in todo:
-                got[i] = self._request_each(body, [items[i]])[0]
+                got[i] = (_Failed("cancelled") if stop is not None and stop.is_set()
+                          else self._request_each(body, [items[i]])[0])
             return got
         except _Failed as exc:
             for i in todo:
                 got[i] = exc
             return got
-        choices = sorted(data["choices"], key=lambda ch: ch.get("index", 0))
-        for i, choice in zip(todo, choices):
+        for i, choice in zip(todo, _in_order(data["choices"])):
             got[i] = choice
             if cache is not None:
                 cache.put(keys[i], {"choices": [{**choice, "index": 0}]})
@@ -1062,6 +1065,12 @@ def _target_logprob(choice: dict[str, Any], pos: int, target: int) -> tuple[floa
     return value, 1 if value >= best else 2
 
 
+def _in_order(choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Choices in the order of their ``index`` (a server may leave it out: then as given)."""
+    return sorted(choices, key=lambda ch: ch.get("index") if isinstance(ch.get("index"), int)
+                  else 0)
+
+
 def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[bytes, float] | None:
     """``{token's UTF-8 bytes: logprob}`` of the first generated token, or ``None``.
 
@@ -1073,7 +1082,7 @@ def _first_top_logprobs(data: dict[str, Any], chat: bool) -> dict[bytes, float] 
             return {bytes(t["bytes"]) if t.get("bytes") else str(t["token"]).encode():
                     t["logprob"] for t in lp["content"][0]["top_logprobs"]}
         return {str(t).encode(): v for t, v in lp["top_logprobs"][0].items()}
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -1081,8 +1090,8 @@ def _match_top(choice: str, top: dict[bytes, float]) -> Score:
     """A choice's log-prob among the first token's top log-probs (see module docs), matched
     on UTF-8 bytes, so a first token that holds part of the choice's first character counts."""
     want = choice.strip().encode()
-    hits = [t for t in top if t.strip() == want] or \
-        [t for t in top if t.strip() and want.startswith(t.strip())]
+    hits = [t for t in top if _stripped(t) == want] or \
+        [t for t in top if _stripped(t) and want.startswith(_stripped(t))]
     if not hits:
         return Score(logprob=-math.inf, token_logprobs=[], tokens=[], prompt_tokens=0)
     vals = [top[t] for t in hits]
@@ -1090,6 +1099,12 @@ def _match_top(choice: str, top: dict[bytes, float]) -> Score:
     total = best + math.log(math.fsum(math.exp(v - best) for v in vals))
     return Score(logprob=total, token_logprobs=vals,
                  tokens=[t.decode(errors="replace") for t in hits], prompt_tokens=0)
+
+
+def _stripped(token: bytes) -> bytes:
+    """A token's bytes without surrounding whitespace (any script's, as ``str.strip``), its
+    bytes that are no whole character kept as they are."""
+    return token.decode(errors="surrogateescape").strip().encode(errors="surrogateescape")
 
 
 def _generation(ch: dict[str, Any], chat: bool, prompt_tokens: int) -> Generation:

@@ -27,7 +27,7 @@ from promptscope.server.reader import (
     session_html,
     valid_name,
 )
-from promptscope.store import Store, plain_json
+from promptscope.store import Store, StoreUnwritable, plain_json
 
 T = TypeVar("T")
 # A few threads are plenty: requests are short and SQLite serialises writers anyway.
@@ -56,6 +56,8 @@ class _Base(APIHandler):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(_POOL, lambda: fn(*args, **kwargs))
+        except StoreUnwritable as exc:  # a read-only folder, a full disk
+            raise web.HTTPError(503, str(exc)) from exc
         except PromptscopeError as exc:  # unknown id
             raise web.HTTPError(404, str(exc)) from exc
         except StoreUnavailable as exc:

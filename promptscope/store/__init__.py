@@ -33,6 +33,10 @@ from promptscope.errors import PromptscopeError
 
 STATUSES = ("running", "done", "interrupted", "failed")
 
+
+class StoreUnwritable(PromptscopeError):
+    """The session store's file or folder cannot be written (read-only, a full disk)."""
+
 # Each entry upgrades the schema by one version; never edit an entry once released.
 _MIGRATIONS: list[str] = [
     """
@@ -171,8 +175,8 @@ class Store:
         finally:
             conn.close()
 
-    def _unwritable(self, exc: BaseException) -> PromptscopeError:
-        return PromptscopeError(
+    def _unwritable(self, exc: BaseException) -> StoreUnwritable:
+        return StoreUnwritable(
             f"The session store {self.path} cannot be written ({exc}): a read-only folder, a "
             "full disk? Set PROMPTSCOPE_HOME to a writable folder, or run without saving "
             "(save=False; in a magic, --no-save).")
@@ -237,18 +241,25 @@ class Store:
         conn.executemany("UPDATE sessions SET status='interrupted', error=?, updated=? WHERE id=?",
                          [(ORPHAN_ERROR, time.time(), sid) for sid in dead])
 
-    def append(self, session_id: str, table: str, df: Any) -> None:
+    def append(self, session_id: str, table: str, df: Any, seq: int | None = None) -> None:
         """Append rows (a DataFrame) to one of the session's tables. A table's first chunk is
-        kept even when it has no rows: it carries the columns of a run that produced none."""
+        kept even when it has no rows: it carries the columns of a run that produced none.
+
+        ``seq`` numbers the chunk (0, 1, ...; default: the next); writing a numbered chunk that
+        is already there does nothing, so a write retried after an interrupt is not doubled.
+        """
         blob = _to_parquet(df)
         with self._connect() as conn:
-            seq = conn.execute(
-                "SELECT COALESCE(MAX(seq), -1) + 1 FROM chunks WHERE session_id=? AND name=?",
-                (session_id, table),
-            ).fetchone()[0]
+            if seq is None:
+                seq = conn.execute(
+                    "SELECT COALESCE(MAX(seq), -1) + 1 FROM chunks WHERE session_id=? AND name=?",
+                    (session_id, table),
+                ).fetchone()[0]
             if len(df) == 0 and seq > 0:
                 return
-            conn.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (session_id, table, seq, blob))
+            if not conn.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
+                                (session_id, table, seq, blob)).rowcount:
+                return  # written before
             conn.execute("UPDATE sessions SET n_rows = n_rows + ?, updated = ? WHERE id = ?",
                          (len(df) if table == "rows" else 0, time.time(), session_id))
 
