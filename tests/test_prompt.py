@@ -203,6 +203,25 @@ def test_a_choice_may_hold_an_escaped_bar():
     assert parse_choices([" a|b", " c"]) == [" a|b", " c"]
 
 
+def test_figures_show_a_prompts_markup_as_text(tiny_llama):
+    """Plotly reads <b>, <br>, <s>... in labels as markup: a Llama prompt's "<s>Paris" came out
+    struck through. Variants, choices, names and titles are shown as typed."""
+    import plotly.graph_objects as go
+
+    from promptscope.viz.style import apply_style
+
+    run = promptscope.run_prompt("Is {{<s>Paris|<b>Rome</b>|a<br>b & c}} big?", tiny_llama,
+                                 choices=" <yes>| no", save=False, progress=False)
+    fig = run.figure()
+    assert list(fig.data[0].x) == ["&lt;s&gt;Paris", "&lt;b&gt;Rome&lt;/b&gt;",
+                                   "a&lt;br&gt;b &amp; c"]
+    assert fig.data[0].name == "' &lt;yes&gt;'"
+    assert "&lt;yes&gt;" in fig.data[0].hovertemplate  # the <extra> box names the choice
+    heat = apply_style(go.Figure(go.Heatmap(z=[[1, 2]], x=["<s>", "<|bos|>"], y=[0])), "<i>t")
+    assert list(heat.data[0].x) == ["&lt;s&gt;", "&lt;|bos|&gt;"] and list(heat.data[0].y) == [0]
+    assert heat.layout.title.text == "&lt;i&gt;t"
+
+
 def test_figures_of_runs_with_gaps_and_failures():
     """A label column with a missing value (pandas 3 keeps NaN through astype(str)), and the
     heatmap form (over 40 variants) with a failed variant or every variant failed."""

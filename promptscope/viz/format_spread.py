@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptscope.viz.style import apply_style
+from promptscope.viz.style import apply_style, plain
 
 
 def _formats(result: Any) -> Any:
@@ -32,7 +32,7 @@ def _formats(result: Any) -> Any:
 
 
 def _hover(pattern: str) -> str:
-    return pattern.replace("\n", "⏎<br>").replace("\t", "⇥")
+    return plain(pattern).replace("\n", "⏎<br>").replace("\t", "⇥")
 
 
 def figure(result: Any) -> Any:

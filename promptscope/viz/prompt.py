@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptscope.viz.style import apply_style
+from promptscope.viz.style import apply_style, plain
 
 _FIXED = ["variant", "prompt", "choice", "logprob", "prob", "rank", "chosen", "n_tokens",
           "tokens", "time_ms", "target", "logprob_per_token", "sample", "output",
@@ -83,7 +83,7 @@ def figure(result: Any) -> Any:
         else:
             fig = go.Figure([
                 go.Bar(name=repr(c), x=x[df["choice"] == c], y=df.loc[df["choice"] == c, "prob"],
-                       hovertemplate="%{x}<br>p=%{y:.3f}<extra>" + repr(c) + "</extra>")
+                       hovertemplate="%{x}<br>p=%{y:.3f}<extra>" + plain(repr(c)) + "</extra>")
                 for c in choices
             ])
             fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},

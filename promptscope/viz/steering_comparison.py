@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptscope.viz.style import apply_style
+from promptscope.viz.style import apply_style, plain
 
 
 def figure(result: Any) -> Any:
@@ -21,7 +21,7 @@ def figure(result: Any) -> Any:
         "accuracy gain vs strength", "accuracy gain vs side effect" if cost_col else None))
     for i, (label, part) in enumerate(df.groupby("method", sort=False)):
         part = part.sort_values("strength")
-        hover = [f"{label} {s}={v:g}<br>accuracy {a:.3f} ({d:+.3f})" +
+        hover = [f"{plain(label)} {s}={v:g}<br>accuracy {a:.3f} ({d:+.3f})" +
                  (f"<br>control {c:+.3f}" if "d_control" in part else "") +
                  (f"<br>text log-prob/token {t:+.3f}" if "d_text" in part else "")
                  for s, v, a, d, c, t in zip(part["setting"], part["value"], part["accuracy"],

@@ -10,8 +10,26 @@ from typing import Any
 
 
 def apply_style(fig: Any, title: str) -> Any:
-    """Common title, margins and template."""
-    fig.update_layout(title={"text": title, "x": 0.01}, template="plotly_white",
+    """Common title, margins and template; the title, the traces' names and their text
+    categories (variants, tokens, formats: a prompt's own text) shown as they are
+    (:func:`plain`)."""
+    for trace in fig.data:
+        for axis in ("x", "y"):
+            values = trace[axis] if axis in trace else None
+            if values is not None and any(isinstance(v, str) for v in values):
+                trace[axis] = [plain(v) for v in values]
+        if isinstance(trace.name, str):
+            trace.name = plain(trace.name)
+    fig.update_layout(title={"text": plain(title), "x": 0.01}, template="plotly_white",
                       margin={"l": 60, "r": 20, "t": 50, "b": 60}, hoverlabel={"namelength": -1})
     return fig
+
+
+def plain(text: Any) -> Any:
+    """``text`` to show as it is in a figure: plotly reads ``<b>``, ``<br>``, ``<s>``... in
+    labels as markup (a Llama prompt's ``<s>Paris`` would come out struck through), so ``&``,
+    ``<`` and ``>`` become the entities plotly turns back into those characters."""
+    if not isinstance(text, str):
+        return text
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
