@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptscope.viz.style import apply_style
+from promptscope.viz.style import apply_style, plain
 
 
 def figure(result: Any) -> Any:
@@ -22,7 +22,7 @@ def figure(result: Any) -> Any:
         go.Box(x=items["type"], y=items["posix"], name="per intent", boxpoints="all",
                jitter=0.4, pointpos=0, fillcolor="rgba(0,0,0,0)", line={"color": "#444"},
                marker={"size": 5}, hovertemplate="intent %{text}: %{y:.3f}<extra></extra>",
-               text=items["item"].astype(str)),
+               text=items["item"].astype(str).map(plain)),
     ])
     fig.update_layout(yaxis={"title": "POSIX (mean |Δ log-likelihood| per response token)"},
                       xaxis={"title": "variant type"}, showlegend=False)
