@@ -782,6 +782,31 @@ def test_crossfit_scores_each_half_with_the_setting_picked_on_the_other():
     assert "d_crossfit" not in Result("steering_comparison", df, params=params).summary()
 
 
+def test_crossfit_interval_holds_the_uncertainty_of_the_choice():
+    """Two settings tie on the tuning rows, but only the first (the pick, ties to the first)
+    is right on the test rows: resampled tuning rows pick the other one often, and the
+    interval must show it (with the picks held fixed it sits near the point gain)."""
+    from promptscope.analyses.compare_steering import _gain_interval, crossfit
+    from promptscope.result import Result
+
+    tune_a, test_a = [1, 1, 0, 0] * 3, [1, 1, 1, 1] * 3
+    tune_b, test_b = [0, 0, 1, 1] * 3, [0, 0, 0, 0] * 3
+    rights = {-1: [0] * 24, 0: tune_a + test_a, 1: tune_b + test_b}
+    per = pd.concat([pd.DataFrame({"row": range(24), "right": [bool(x) for x in r],
+                                   "logprob": -1.0, "setting_index": k})
+                     for k, r in rights.items()], ignore_index=True)
+    df = pd.DataFrame({"method": ["A", "A"], "setting": "strength", "value": [1.0, 2.0],
+                       "tune_accuracy": [0.5, 0.5], "tune_logprob": [-1.0, -1.0]})
+    params = {"tune_share": 0.5, "tune_rows": list(range(12)),
+              "test_rows": list(range(12, 24)), "seed": 0}
+    got = crossfit(Result("steering_comparison", df, params=params,
+                          tables={"row_outcomes": per})).iloc[0]
+    assert got["d_crossfit"] == 0.75  # test rows by setting 0; tuning rows by setting 0
+    fixed_low, _ = _gain_interval([bool(x) for x in tune_a + test_a], [False] * 24, 0)
+    assert fixed_low > 0.55 and got["d_crossfit_low"] < 0.45
+    assert got["d_crossfit_high"] >= 0.75
+
+
 def test_gain_interval_and_split():
     from promptscope.analyses.compare_steering import _gain_interval, _split
 
