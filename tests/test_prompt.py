@@ -220,6 +220,12 @@ def test_figures_show_a_prompts_markup_as_text(tiny_llama):
     heat = apply_style(go.Figure(go.Heatmap(z=[[1, 2]], x=["<s>", "<|bos|>"], y=[0])), "<i>t")
     assert list(heat.data[0].x) == ["&lt;s&gt;", "&lt;|bos|&gt;"] and list(heat.data[0].y) == [0]
     assert heat.layout.title.text == "&lt;i&gt;t"
+    gap = apply_style(go.Figure(go.Bar(x=pd.array(["a<b", pd.NA], dtype="string"), y=[1, 2])),
+                      "t")  # a "string" column's gap stays a gap
+    assert list(gap.data[0].x) == ["a&lt;b", None]
+    target = promptscope.run_prompt("Is {{Paris|Rome}} big?", tiny_llama, target=" <b>yes</b>",
+                                    save=False, progress=False)
+    assert "&lt;b&gt;" in target.figure().layout.yaxis.title.text
 
 
 def test_figures_of_runs_with_gaps_and_failures():

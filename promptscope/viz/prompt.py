@@ -92,7 +92,7 @@ def figure(result: Any) -> Any:
     if mode == "target":
         fig = go.Figure(go.Bar(x=x, y=df["logprob"],
                                hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
-        fig.update_layout(yaxis_title=f"log p({result.params.get('target')!r})")
+        fig.update_layout(yaxis_title=f"log p({plain(repr(result.params.get('target')))})")
         return apply_style(fig, "Target log-probability per variant")
     return None
 

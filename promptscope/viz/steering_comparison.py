@@ -41,7 +41,7 @@ def figure(result: Any) -> Any:
     fig.add_trace(go.Scatter(
         x=picked["strength"], y=picked["d_accuracy"], mode="markers", name=_CHOSEN,
         marker={"symbol": "circle-open", "size": 15, "color": "black", "line": {"width": 2}},
-        hovertext=[f"{m}: chosen on the tuning rows" for m in picked["method"]],
+        hovertext=[f"{plain(m)}: chosen on the tuning rows" for m in picked["method"]],
         hoverinfo="text"), row=1, col=1)
     # a knob's values may be zero or negative: then the strength axis stays linear
     log = bool((df["strength"] > 0).all())

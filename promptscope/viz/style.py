@@ -17,12 +17,17 @@ def apply_style(fig: Any, title: str) -> Any:
         for axis in ("x", "y"):
             values = trace[axis] if axis in trace else None
             if values is not None and any(isinstance(v, str) for v in values):
-                trace[axis] = [plain(v) for v in values]
+                trace[axis] = [None if _missing(v) else plain(v) for v in values]
         if isinstance(trace.name, str):
             trace.name = plain(trace.name)
     fig.update_layout(title={"text": plain(title), "x": 0.01}, template="plotly_white",
                       margin={"l": 60, "r": 20, "t": 50, "b": 60}, hoverlabel={"namelength": -1})
     return fig
+
+
+def _missing(value: Any) -> bool:
+    """pandas' NA (a "string" column's gap), which plotly cannot compare."""
+    return type(value).__name__ == "NAType"
 
 
 def plain(text: Any) -> Any:

@@ -14,6 +14,7 @@ whole cell timeout (600 s) for a cell that had finished.
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import ipywidgets as w
@@ -39,7 +40,8 @@ class FigureBox(w.Output):
 
         self.figure = figure
         bundle = pio.renderers["plotly_mimetype"].to_mimebundle(figure.to_dict())
-        bundle["text/plain"] = f"<plotly figure: {figure.layout.title.text or 'untitled'}>"
+        title = html.unescape(figure.layout.title.text or "untitled")  # (escaped: style.plain)
+        bundle["text/plain"] = f"<plotly figure: {title}>"
         self.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
 
     def clear(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import ipywidgets as w
 
 from promptscope.viz.prompt import plain_vs_steered
+from promptscope.viz.style import plain
 from promptscope.widgets._figure import FigureBox
 from promptscope.widgets.steering import answers_status
 
@@ -109,7 +110,8 @@ class SteeringLab(w.VBox):
         star = {"symbol": "star", "size": 16, "color": "black"}
         fig.add_trace(go.Scatter(x=[x], y=[gain], mode="markers", marker=star,
                                  name="current setting", hovertext=[
-                                     f"{self.method.value} at {x:g}: gain {gain:+.3f} "
+                                     f"{plain(self.method.value)} at {x:g}: gain "
+                                     f"{gain:+.3f} "
                                      "(read off the curve)"], hoverinfo="text"), row=1, col=1)
         cost = next((c for c in ("d_text", "d_control") if c in part), None)
         if cost is not None:
