@@ -194,8 +194,7 @@ def reachability(
         raise ReachabilityError("steps, search_width and top_k must each be at least 1.")
 
     search = (_Search if white else _EndpointSearch)(mdl, control_tokens, seed)
-    if hasattr(init_control, "tolist"):  # a tensor or an array
-        init_control = init_control.tolist()  # type: ignore[union-attr]
+    init_control = _python(init_control)
     if init_control is not None:
         allowed = set(search.allowed.tolist())
         if method == "greedy":
@@ -509,8 +508,7 @@ class _Search:
                         base: Any) -> list[_Pair]:
         import torch
 
-        per_state = (isinstance(targets, (list, tuple)) and bool(targets)
-                     and all(isinstance(t, (list, tuple)) for t in targets))
+        per_state = _per_state(targets)
         if per_state and len(targets) != len(states):
             raise ReachabilityError(f"targets has {len(targets)} lists (one per x0) for "
                                     f"{len(states)} x0s: give one list per x0, or one flat "
@@ -892,9 +890,7 @@ class _EndpointSearch(_Search):
     def resolve_targets(self, targets: Any, states: list[str], true_next: list[int | None],
                         base: Any) -> list[_Pair]:
         n_top = self.mdl.top_logprobs  # type: ignore[attr-defined]
-        per_state = (isinstance(targets, (list, tuple)) and bool(targets)
-                     and all(isinstance(t, (list, tuple)) for t in targets))
-        specs = ([s for t in targets for s in _split_targets(list(t))] if per_state
+        specs = ([s for t in targets for s in _split_targets(list(t))] if _per_state(targets)
                  else _split_targets(targets))
         for spec in specs:
             kind, _, num = str(spec).partition(":")
@@ -1008,8 +1004,7 @@ def _split_targets(targets: Any) -> list[Any]:
     if targets is None:
         raise ReachabilityError("Give targets: 'true', 'top:N', 'random:N', 'bottom:N', "
                                 "token texts or ids.")
-    if hasattr(targets, "tolist") and not isinstance(targets, str):  # a tensor or an array
-        targets = targets.tolist()
+    targets = _python(targets)
     if isinstance(targets, str):
         parts = [t.strip() for t in targets.split(",")]
         if all(_SET_SPEC.match(t) for t in parts):
@@ -1034,12 +1029,22 @@ def _split_targets(targets: Any) -> list[Any]:
         return [int(targets)]
     # A list's items are taken as they are: a set spec, a token text ('|' included) or an id.
     return [int(t) if isinstance(t, numbers.Integral) else t
-            for t in (x.tolist() if hasattr(x, "tolist") else x for x in targets)]
+            for t in map(_python, targets)]
+
+
+def _per_state(targets: Any) -> bool:
+    """Whether ``targets`` is one list of targets per x0."""
+    return (isinstance(targets, (list, tuple)) and bool(targets)
+            and all(isinstance(t, (list, tuple)) for t in targets))
+
+
+def _python(value: Any) -> Any:
+    """A tensor, an array or a numpy number as Python lists and numbers; anything else as is."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, str) else value
 
 
 def _jsonable(targets: Any) -> Any:
-    if hasattr(targets, "tolist"):  # a tensor, an array or a numpy number
-        targets = targets.tolist()
+    targets = _python(targets)
     if isinstance(targets, (str, int)):
         return targets
     if isinstance(targets, (list, tuple)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptscope.viz.style import apply_style, plain
+from promptscope.viz.style import apply_style, hover_lines
 
 
 def _formats(result: Any) -> Any:
@@ -31,10 +31,6 @@ def _formats(result: Any) -> Any:
     return g
 
 
-def _hover(pattern: str) -> str:
-    return plain(pattern).replace("\n", "⏎<br>").replace("\t", "⇥")
-
-
 def figure(result: Any) -> Any:
     """Accuracy per format, sorted, with 95 % Wilson intervals; best and worst formats coloured
     and the spread (max - min) marked between two lines."""
@@ -49,7 +45,7 @@ def figure(result: Any) -> Any:
         marker={"color": colors, "size": 9},
         error_y={"type": "data", "symmetric": False, "array": t["ci_high"] - t["accuracy"],
                  "arrayminus": t["accuracy"] - t["ci_low"], "color": "#bbbbbb"},
-        customdata=list(zip(t["evaluations"], [_hover(p) for p in t["pattern"]])),
+        customdata=list(zip(t["evaluations"], [hover_lines(p) for p in t["pattern"]])),
         hovertemplate="format %{x}: %{y:.3f} (n=%{customdata[0]})<br>%{customdata[1]}"
                       "<extra></extra>"))
     lo, hi = result.params.get("interval", [t["accuracy"].min(), t["accuracy"].max()])
@@ -150,7 +146,7 @@ def scatter(a: Any, b: Any) -> Any:
         else float("nan")
     fig = go.Figure(go.Scatter(
         x=m["accuracy_a"], y=m["accuracy_b"], mode="markers", marker={"size": 9},
-        customdata=[_hover(p) for p in m["pattern_a"]],
+        customdata=[hover_lines(p) for p in m["pattern_a"]],
         hovertemplate="A %{x:.3f} · B %{y:.3f}<br>%{customdata}<extra></extra>"))
     fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "#aaa"})
     fig.update_layout(xaxis={"title": f"accuracy, {name_a}", "range": [0, 1.02]},

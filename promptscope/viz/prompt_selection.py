@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from promptscope.viz.style import apply_style, plain
+from promptscope.viz.style import apply_style, hover_lines
 
 
 def figure(result: Any) -> Any:
@@ -22,7 +22,7 @@ def figure(result: Any) -> Any:
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Bar(x=labels, y=t["score"], name=f"MI{' (CBM)' if cal else ''}",
                          marker_color=["#f58518" if s else "#4c78a8" for s in t["selected"]],
-                         customdata=t["prompt"].map(lambda p: plain(p).replace("\n", "⏎<br>")),
+                         customdata=t["prompt"].map(hover_lines),
                          hovertemplate="%{x}: MI %{y:.3f}<br>%{customdata}<extra></extra>"),
                   secondary_y=False)
     if "accuracy_used" in t.columns:

@@ -25,6 +25,12 @@ def apply_style(fig: Any, title: str) -> Any:
     return fig
 
 
+def hover_lines(text: str) -> str:
+    """A prompt's text for hover boxes: shown as typed, its newlines as ``⏎`` and a line break,
+    its tabs as ``⇥``."""
+    return plain(text).replace("\n", "⏎<br>").replace("\t", "⇥")
+
+
 def _missing(value: Any) -> bool:
     """pandas' NA (a "string" column's gap), which plotly cannot compare."""
     return type(value).__name__ == "NAType"
