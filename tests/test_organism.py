@@ -17,6 +17,7 @@ from promptscope.organism.classify import (
 )
 from promptscope.organism.data import sample_documents
 from promptscope.organism.measure import (
+    _queries_with_demos,
     accuracy,
     answer_choices,
     conflict_examples,
@@ -224,6 +225,14 @@ def test_format_spread(organism):
     assert len(acc) == 24
     assert acc[acc.seen].accuracy.mean() >= 0.85
     assert acc.accuracy.max() - acc.accuracy.min() >= 0.2
+
+
+def test_format_accuracy_demonstrations_never_show_the_query():
+    # seed 3's blocks of 4 rows hold 4 queries whose own item and color (so label) is a demo
+    queries, demos = _queries_with_demos(100, 3, seed=3)
+    assert len(queries) == len(demos) == 100 and all(len(d) == 3 for d in demos)
+    for q, d in zip(queries, demos, strict=True):
+        assert not ((d["item"] == q["item"]) & (d["color"] == q["color"])).any()
 
 
 def test_grammar_next_token(organism, random_organism):

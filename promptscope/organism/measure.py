@@ -186,20 +186,38 @@ def format_accuracies(model: Any, tokenizer: Any, formats: Sequence[Format] | No
     from promptscope.organism.classify import TRAIN_FORMATS
 
     formats = list(formats or plausible_formats(24))
-    data = classification_dataset(n_queries * (n_shots + 1), seed=seed)
+    queries, demos = _queries_with_demos(n_queries, n_shots, seed)
     label_ids = word_ids(tokenizer, LABELS)
     rows = []
     for fmt in formats:
-        prompts, gold = [], []
-        for q in range(n_queries):
-            block = data.iloc[q * (n_shots + 1):(q + 1) * (n_shots + 1)]
-            prompts.append(fmt.render_prompt(block.iloc[:n_shots], block.iloc[n_shots]))
-            gold.append(LABELS.index(block.iloc[n_shots]["label"]))
+        prompts = [fmt.render_prompt(d, q) for q, d in zip(queries, demos, strict=True)]
+        gold = [LABELS.index(q["label"]) for q in queries]
         logits = last_logits(model, [tokenizer(p).input_ids for p in prompts])
         pred = logits[:, label_ids].argmax(-1)
         acc = (pred == torch.tensor(gold)).float().mean().item()
         rows.append({"format": repr(fmt), "seen": fmt in TRAIN_FORMATS, "accuracy": acc})
     return pd.DataFrame(rows)
+
+
+def _queries_with_demos(n_queries: int, n_shots: int, seed: int
+                        ) -> tuple[list[pd.Series], list[pd.DataFrame]]:
+    """``n_queries`` classification queries, each with ``n_shots`` demonstrations that never
+    repeat it (an equal item and color would show its label). Each query takes the rows of its
+    own block; a demo equal to the query is replaced by the next spare row that differs."""
+    block = n_shots + 1
+    data = classification_dataset(n_queries * block + 4 * n_queries, seed=seed)
+    spare = iter(range(n_queries * block, len(data)))
+    queries, demos = [], []
+    for q in range(n_queries):
+        query = data.iloc[q * block + n_shots]
+        picked = []
+        for k in range(q * block, q * block + n_shots):
+            while (data.iloc[k][["item", "color"]] == query[["item", "color"]]).all():
+                k = next(spare)
+            picked.append(k)
+        queries.append(query)
+        demos.append(data.iloc[picked])
+    return queries, demos
 
 
 @torch.no_grad()
