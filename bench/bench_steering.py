@@ -13,7 +13,11 @@ Ways to generate the same greedy continuation of one prompt:
 - ``vector ICV``: an in-context vector on every layer with the norm-preserving shift (target at
   most 1.05x plain); on CUDA one Triton kernel per layer (``models/icv_kernel.py``);
 - ``vector ICV ops``: the same with the shift as aten ops (what CUDA ran before the kernel, and
-  what runs where Triton cannot).
+  what runs where Triton cannot);
+- ``vector add all``: the add vector on every layer, as many hooks as the ICV but one add each;
+- ``null hooks``: the ICV's hooks (a model pre-hook, one hook per layer) doing nothing.
+  These two rows say where the ICV's extra time goes: the hook machinery itself (``null
+  hooks``), hooks that change every layer's output (``vector add all``), or the ICV's shift.
 
 Each (method, prompt length) runs in its own subprocess, so peak RSS is its own. Target: PASTA
 at most 1.15x the plain time.
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("plain", "promptscope", "promptscope flex", "eager PASTA", "vector add", "vector ICV",
-           "vector ICV ops")
+           "vector ICV ops", "vector add all", "null hooks")
 HEADS = {1: [0, 2], 2: [1, 3]}  # a typical PASTA head set: a few heads in a few layers
 # Random llama shapes built when no --model is given: "small" for CPUs; "0.6b" (about 0.6 B
 # parameters, head size 64, GQA 4:1) to see steering's cost where attention is real GPU work.
@@ -114,8 +118,9 @@ def child(args: argparse.Namespace) -> None:
 
         size, n_layers = model.model.config.hidden_size, model.model.config.num_hidden_layers
         g = torch.Generator().manual_seed(0)
-        if args.child == "vector add":  # a contrastive vector on two middle layers
-            vector = SteeringVector({i: torch.randn(size, generator=g) for i in (1, 2)}, size)
+        if args.child.startswith("vector add"):  # a contrastive vector: two layers, or all
+            layers = (1, 2) if args.child == "vector add" else range(n_layers)
+            vector = SteeringVector({i: torch.randn(size, generator=g) for i in layers}, size)
             strength = 2.0
         else:  # an ICV: unit directions on every layer, norm-preserving shift
             if args.child == "vector ICV ops":
@@ -126,7 +131,25 @@ def child(args: argparse.Namespace) -> None:
                 torch.randn(size, generator=g), dim=0) for i in range(n_layers)}, size, "icv")
             strength = 0.1
 
+    @contextlib.contextmanager
+    def null_hooks() -> Any:
+        """Hooks where the ICV has them (model pre-hook with kwargs, every layer), doing nothing."""
+        from promptscope.models.vectors import decoder_layers
+
+        hf = model.model
+        handles = [hf.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)]
+        handles += [layer.register_forward_hook(lambda m, a, o: None)
+                    for layer in decoder_layers(hf)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     def generate(steered: bool = True) -> Any:
+        if args.child == "null hooks" and steered:
+            with null_hooks():
+                return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0]
         if vector is not None and steered:
             with promptscope.steer(model, vector=vector, strength=strength):
                 return model.generate([prompt], max_new_tokens=args.new_tokens)[0][0]
@@ -144,7 +167,8 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         # Vector rows also time plain generation in the same process, alternating with the
         # steered runs, so a shared machine's load drift hits both alike.
-        for steered in ((False, True) if vector is not None else (True,)):
+        paired = vector is not None or args.child == "null hooks"
+        for steered in ((False, True) if paired else (True,)):
             t0 = time.perf_counter()
             out = generate(steered)
             if model.device.type == "cuda":
@@ -343,8 +367,9 @@ def main() -> None:
     print(f"\nGreedy generation of {args.new_tokens} tokens, batch 1, {what}, "
           f"{where}, {args.threads} threads; steered heads "
           f"{HEADS}, alpha {ALPHA}; vector add: layers 1-2, strength 2; vector ICV: every layer, "
-          f"lambda 0.1. Times are the best of {args.repeats}; vector rows are compared with plain "
-          f"runs alternated in their own process (the plain row's time in brackets).\n")
+          f"lambda 0.1. Times are the best of {args.repeats}; vector and null-hook rows are "
+          f"compared with plain runs alternated in their own process (the plain row's time in "
+          f"brackets).\n")
     print(f"{'tokens':>7} {'method':<17}{'seconds':>9}{'vs plain':>10}{'peak MB':>10}"
           f"{'same text as eager':>20}", flush=True)
     # Each row prints as soon as its run ends, so a run cut short still leaves its rows.

@@ -25,9 +25,11 @@ fi
 timeout 130 python3 bench/bench_steering.py --hook-cost --device cuda --dtype bf16 --preset 0.6b \
   > "$out/hook_cost.log" 2>&1
 echo "hook cost: exit $?" >> "$out/summary.txt"
-# (PASTA's rows, 0.78-0.95x on an H200 in session 32, are left out to fit the call.)
+# (PASTA's rows, 0.78-0.95x on an H200 in session 32, and the vector add on 2 layers, 1.03x, and
+# the ICV as aten ops, 1.18x, are left out to fit the call.) The null-hook and add-on-every-layer
+# rows tell the hook machinery's share of the ICV's extra time from the shift's.
 timeout 250 python3 bench/bench_steering.py --device cuda --threads 8 --preset 0.6b \
-  --lengths 128 2048 --methods plain "vector add" "vector ICV" "vector ICV ops" --repeats 3 \
+  --lengths 128 2048 --methods plain "null hooks" "vector add all" "vector ICV" --repeats 3 \
   > "$out/bench.log" 2>&1
 echo "bench: exit $?" >> "$out/summary.txt"
 PROMPTSCOPE_TEST_DEVICE=cuda timeout 160 python3 -m pytest -q --tb=short -p no:cacheprovider \
