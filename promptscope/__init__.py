@@ -32,7 +32,7 @@ from promptscope.analyses.reachability import reachability
 from promptscope.analyses.sensitivity import format_spread, posix, select_prompt
 from promptscope.analyses.steering_vectors import contrastive_vector, in_context_vector
 from promptscope.errors import PromptscopeError
-from promptscope.models import load_model, loaded_models
+from promptscope.models import default_model, load_model, loaded_models
 from promptscope.result import Result
 from promptscope.store import Store
 from promptscope.templates import parse_template
@@ -110,7 +110,7 @@ def sessions(*, kind: str | None = None, model: str | None = None, search: str |
         _check_kind(kind)
     cols = ["id", "name", "kind", "model", "status", "n_rows", "created"]
     df = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in records], columns=cols)
-    df["created"] = pd.to_datetime(df["created"], unit="s").dt.tz_localize("UTC")
+    df["created"] = pd.to_datetime(df["created"], unit="s").dt.floor("s").dt.tz_localize("UTC")
     return df
 
 
@@ -131,10 +131,17 @@ def _check_kind(kind: str) -> None:
 
 
 def list_models() -> Any:
-    """Models loaded in this kernel, as a DataFrame (the last one is the default)."""
+    """Models loaded in this kernel, oldest first, as a DataFrame; ``default`` marks the one a
+    call without ``model=`` (a ``%%prompt`` cell without ``--model``) uses.
+
+    Example:
+        >>> promptscope.list_models()[["name", "backend", "default"]]    # doctest: +SKIP
+    """
     import pandas as pd
 
-    return pd.DataFrame([m.describe() for m in loaded_models()])
+    default = default_model()
+    rows = [{**m.describe(), "default": m is default} for m in loaded_models()]
+    return pd.DataFrame(rows, columns=None if rows else ["name", "backend", "default"])
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -197,13 +197,32 @@ def _usage() -> str:
             + "\n" + _reach_parser().format_help())
 
 
+def _without_comment(line: str) -> str:
+    """``line`` without a trailing ``# comment``: a ``#`` that starts a word outside quotes (as
+    in a shell; ``--choices "#1|#2"`` and ``a#b`` keep theirs)."""
+    quote, i = None, 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and quote != "'":
+            i += 2  # an escaped character, whatever it is
+            continue
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+        i += 1
+    return line
+
+
 @magics_class
 class PromptscopeMagics(Magics):
     """The promptscope magics; ``%promptscope help`` lists everything."""
 
     def _parse(self, parser: _Parser, line: str) -> argparse.Namespace | None:
         try:
-            return parser.parse_args(shlex.split(line))
+            return parser.parse_args(shlex.split(_without_comment(line)))
         except ValueError as exc:  # unbalanced quotes
             raise UsageError(f"Could not read the arguments ({exc}); check the quotes.") from None
         except _HelpShown as shown:
@@ -240,6 +259,10 @@ class PromptscopeMagics(Magics):
             print(f"Loaded {model!r}; it is now the default model.")
             return None
         if args.command == "models":
+            if not promptscope.loaded_models():
+                print("No model loaded yet: `%promptscope model organism` (the bundled model), "
+                      "a model folder, or openai:MODEL.")
+                return None
             return promptscope.list_models()
         if args.command == "sessions":
             return promptscope.sessions(kind=args.kind, model=args.model, search=args.search,
@@ -400,6 +423,10 @@ def _fill_options(args: argparse.Namespace, ns: dict[str, Any], rows: Any) -> No
                 raise UsageError(f"--choices {value}: the notebook's {known(whole)} is a "
                                  f"{type(picked).__name__}; give a list of strings or ' a| b'.")
             setattr(args, opt, picked)
+        elif (opt == "choices" and value.isidentifier() and value in ns
+              and not isinstance(ns[value], str)):  # `--choices answers` meant the list
+            raise UsageError(f"--choices {value} is one answer, the text '{value}'. For the "
+                             f"notebook's {value}, write --choices {{{value}}}.")
         else:
             setattr(args, opt, _NOTEBOOK_NAME.sub(fill, value))
 

@@ -64,22 +64,36 @@ class Result:
         return all(getattr(self, f) == getattr(other, f) for f in fields) \
             and _frames_equal(self.df, other.df) and same_tables
 
-    def _header(self) -> str:
-        model = self.model.get("name", "")
-        status = "" if self.status == "done" else f" · <b>{html.escape(self.status)}</b>"
-        sid = f" · session <code>{html.escape(self.session_id)}</code>" if self.session_id else ""
-        return (f"<div><b>{html.escape(self.kind)}</b> · {html.escape(model)} · "
-                f"{len(self.df)} rows{status}{sid}</div>")
+    def _header(self, table: Any, markup: bool) -> str:
+        """kind · model · row count (and the summary's, where it differs) · status · session,
+        as HTML or as text."""
+        def tag(name: str, text: str) -> str:
+            return f"<{name}>{html.escape(text)}</{name}>" if markup else text
+
+        rows = f"{len(self.df)} rows"
+        if len(table) != len(self.df):  # the summary groups them (e.g. one row per variant)
+            rows += f" (the summary below: {len(table)}; all in .df)"
+        esc = html.escape if markup else str
+        parts = [tag("b", self.kind), esc(self.model.get("name", "")), esc(rows),
+                 tag("b", self.status) if self.status != "done" else "",
+                 "session " + tag("code", self.session_id) if self.session_id else ""]
+        return " · ".join(p for p in parts if p)
 
     def _repr_html_(self) -> str:
         table = self.summary()
         body = table.to_html(max_rows=40, max_cols=20, escape=True) if len(table) else ""
-        return self._header() + body
+        return f"<div>{self._header(table, markup=True)}</div>" + body
+
+    def _repr_text(self) -> str:
+        """What a terminal or a text export shows: the header line and the summary table."""
+        table = self.summary()
+        body = "\n" + table.to_string(max_rows=40, max_cols=20) if len(table) else ""
+        return self._header(table, markup=False) + body
 
     def _ipython_display_(self) -> None:
-        from IPython.display import HTML, display
+        from IPython.display import display
 
-        display(HTML(self._repr_html_()))
+        display({"text/html": self._repr_html_(), "text/plain": self._repr_text()}, raw=True)
         make_widget = getattr(_viz(self.kind), "widget", None)
         shown = make_widget(self) if make_widget and len(self.df) else None
         if shown is None:

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
@@ -235,7 +236,7 @@ class Template:
                 elif name in namespace:
                     values[name] = namespace[name]
                 else:
-                    raise TemplateError(_missing_message(name, row, labelled))
+                    raise TemplateError(_missing_message(name, row, labelled, row_label))
             for choice in itertools.product(*(range(len(g.options)) for g in groups)):
                 picks = {g.name: i for g, i in zip(groups, choice)}
                 text, spans = _render(self.parts, values, picks)
@@ -342,8 +343,7 @@ def check_rows(template: Template, rows: Any, namespace: Mapping[str, Any] | Non
                                 "list of dicts (one per run) or a DataFrame.")
         for name in template.variables:
             if name not in row and name not in namespace:
-                where = f" (row {i})" if labelled else ""
-                raise TemplateError(_missing_message(name, row, labelled) + where)
+                raise TemplateError(_missing_message(name, row, labelled, i))
 
 
 def parse_template(source: str) -> Template:
@@ -353,6 +353,15 @@ def parse_template(source: str) -> Template:
         >>> parse_template("Say {{hi|hello}} to <<{name}>>").variables
         ['name']
     """
+    if not isinstance(source, str):
+        several = " For several prompts, write one template with {{a|b}} alternatives, or " \
+            "'{prompt}' with vars=[{'prompt': ...}, ...]." if isinstance(source, (list, tuple)) \
+            else ""
+        raise TemplateError(f"A template is a string (the prompt, with {{variables}} and "
+                            f"{{{{a|b}}}} alternatives); got {type(source).__name__}.{several}")
+    if not source.strip():
+        raise TemplateError("The template is empty: write the prompt (in a notebook, on the "
+                            "lines below %%prompt).")
     parser = _Parser(source)
     parts = parser.parse_sequence(stop=())
     template = Template(source=source, parts=tuple(parts))
@@ -578,10 +587,12 @@ def _label_value(v: Any) -> Any:
     return str(v)
 
 
-def _missing_message(name: str, row: Mapping[str, Any], labelled: bool) -> str:
+def _missing_message(name: str, row: Mapping[str, Any], labelled: bool, label: Any) -> str:
     have = ", ".join(sorted(map(str, row))) or "none"
-    where = f" (row columns: {have})" if labelled else ""
+    where = f" (row {label!r} has the columns {have})" if labelled else ""
+    close = difflib.get_close_matches(name, [str(k) for k in row], n=1)
+    hint = f"Did you mean {{{close[0]}}}? Else define" if close else "Define"
     return (
-        f"Template variable {{{name}}} has no value{where}. Define `{name}` in the notebook, "
+        f"Template variable {{{name}}} has no value{where}. {hint} `{name}` in the notebook, "
         f"or pass rows with a '{name}' column via --vars / vars=."
     )

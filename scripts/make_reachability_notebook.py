@@ -53,7 +53,8 @@ as a session; an interrupt keeps the pairs already finished."""),
                                k_max=2, method="gcg", steps=5, search_width=32, top_k=32,
                                name="organism k-epsilon", progress=False)
 table = k_epsilon(run.df, 2)
-print(f"{len(run.df)} pairs in {run.params['time_s']:.0f} s; "
+print(f"{run.df['pair'].nunique()} pairs searched in {run.params['time_s']:.0f} s "
+      f"({len(run.df)} rows: a pair in two target sets has a row in each); "
       f"unverified claims: {run.params['unverified_claims']}")
 print(table.pivot(index="target_set", columns="k", values="reached").round(2))
 run.summary()"""),

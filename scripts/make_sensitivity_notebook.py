@@ -83,10 +83,19 @@ convergence(search)"""),
     ("md", """### Which atomic change matters
 
 Mean accuracy of the formats with each feature value, against the mean format (from the
-exhaustive run), and for pairs of formats that differ in one feature only:"""),
+exhaustive run):"""),
     ("code", """features_figure(spread)"""),
+    ("md", """Sampled formats seldom differ in one feature alone, so for the atomic changes
+themselves take a training format and every format one change away from it
+(`FormatGrammar.neighbours`). `atomic` then averages the accuracy change over each pair of
+formats that differs in that feature alone (`pairs` of them):"""),
     ("code", """import pandas as pd
-pd.DataFrame(spread.params["atomic"]).T"""),
+center = formats[0]
+near = FormatGrammar.organism().neighbours(center, inputs=["item", "color"])
+atomic = promptscope.format_spread(data, model, formats=[center, *near], shots=3,
+                                   name="organism atomic changes")
+print(f"{center.key()} and its {len(near)} neighbours")
+pd.DataFrame(atomic.params["atomic"]).T.round(3)"""),
     ("md", """The same from the magic, sampling formats from the organism's grammar (the magic
 is a thin parser over `format_spread`):"""),
     ("code", "%promptscope spread data --grammar organism --formats 8 --budget 0.3 -o magic "

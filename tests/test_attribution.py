@@ -382,13 +382,14 @@ def test_part_names_that_cannot_be_told_apart_are_refused(tiny_llama):
                               baselines={"X": "a city"}, save=False, progress=False)
 
 
-def test_variant_labels_stay_apart_when_the_long_columns_are_left_out():
+def test_variant_labels_stay_apart_when_long_values_are_cut_alike():
     from promptscope.viz.attribution import _variant_labels
 
     df = pd.DataFrame({"variant": [0, 1, 2, 3], "ctx": ["a long context sentence, one"] * 2 +
                        ["a long context sentence, two"] * 2, "alt1": ["lives", "stays"] * 2})
-    assert list(_variant_labels(df).values()) == ["#0 lives", "#1 stays", "#2 lives",
-                                                  "#3 stays"]
+    assert list(_variant_labels(df, "{ctx} Ann {{lives|stays}}").values()) == [
+        "#0 a long context sentence… · lives", "#1 a long context sentence… · stays",
+        "#2 a long context sentence… · lives", "#3 a long context sentence… · stays"]
 
 
 def test_across_variants_averages_the_answers_and_labels_by_what_varies(tiny_llama):
@@ -485,6 +486,7 @@ def test_session_is_saved_and_reloads_equal(tiny_llama):
     back = promptscope.load(att.session_id)
     assert back == att
     assert back.figure().data[0].type == "bar"
+    assert back.figure().layout.xaxis.title.text == "template part"
     assert promptscope.sessions(kind="attribution")["name"].tolist() == ["who carries it"]
 
 

@@ -49,8 +49,48 @@ def test_vars_of_the_wrong_shape(loaded, value, match):
 
 def test_generation_settings_are_checked_first(loaded):
     loaded.user_ns["rows"] = [{"city": "Paris"}]
-    _refused(loaded, "--vars rows --n 0", CELL, r"n >= 1 \(got 0\)")
-    _refused(loaded, "--vars rows --temperature -1", CELL, r"temperature >= 0 \(got -1.0\)")
+    _refused(loaded, "--vars rows --n 0", CELL, r"^Generation: n \(--n\) must be at least 1, "
+             r"not 0\.$")
+    # only the wrong setting is named, with its flag
+    _refused(loaded, "--vars rows --temperature -1", CELL,
+             r"^Generation: temperature \(--temperature\) must be >= 0 \(0: greedy\), not -1.0\.$")
+
+
+def test_a_bare_notebook_name_as_choices_says_to_write_it_in_braces(loaded):
+    loaded.user_ns["rows"] = [{"city": "Paris"}]
+    loaded.user_ns["answers"] = [" yes", " no"]
+    _refused(loaded, "--vars rows --choices answers", CELL,
+             r"--choices answers is one answer.*write --choices \{answers\}")
+    run = loaded.run_cell_magic("prompt", "--vars rows --choices {answers} --no-save", CELL)
+    assert run.params["choices"] == [" yes", " no"]
+
+
+def test_an_empty_cell_is_refused(loaded):
+    _refused(loaded, '--choices " yes| no"', "  \n", "template is empty: write the prompt")
+
+
+def test_a_trailing_comment_on_a_magic_line_is_ignored(loaded, tiny_llama_dir, capsys):
+    loaded.run_line_magic("promptscope", f"model {tiny_llama_dir} --as bad-input-llama  "
+                          "# the test model")
+    assert "it is now the default model" in capsys.readouterr().out
+    run = loaded.run_cell_magic("prompt", '--choices "#1|#2" --no-save  # comment', "Pick:")
+    assert run.df["choice"].tolist() == ["#1", "#2"]  # a quoted '#' is text
+
+
+def test_a_model_loaded_by_name_in_a_call_is_not_the_default(ip, tiny_llama_dir, monkeypatch):
+    from promptscope import models
+
+    monkeypatch.setattr(models, "_default", [])
+    promptscope.run_prompt("Hi", str(tiny_llama_dir), target=" there", save=False)
+    assert not promptscope.list_models()["default"].any()
+    with pytest.raises(UsageError, match=r"No default model: .* loaded but not the default\. "
+                                         r"Name one \(--model"):
+        ip.run_cell_magic("prompt", "--target ' there' --no-save", "Hi")
+
+
+def test_a_misspelt_model_name_gets_a_suggestion(ip):
+    with pytest.raises(UsageError, match="No model 'organsim': did you mean 'organism'?"):
+        ip.run_line_magic("promptscope", "model organsim")
 
 
 def test_one_choice_is_not_a_ranking(loaded):

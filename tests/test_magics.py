@@ -169,3 +169,12 @@ def test_notebook_variables_fill_options_but_row_columns_come_first(ip, tiny_lla
     assert run.df["target"].tolist() == [" {answer}"] * 2  # a column: left to the rows
     with pytest.raises(UsageError, match="the notebook's unset_choices is a NoneType"):
         ip.run_cell_magic("prompt", '--choices "$unset_choices"', "Is it?")
+
+
+def test_models_listing_with_nothing_loaded_says_how_to_load(ip, capsys, monkeypatch):
+    from promptscope import models
+
+    monkeypatch.setattr(models, "_loaded", {})
+    monkeypatch.setattr(models, "_default", [])
+    assert ip.run_line_magic("promptscope", "models") is None
+    assert "No model loaded yet: `%promptscope model organism`" in capsys.readouterr().out

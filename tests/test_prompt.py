@@ -34,6 +34,8 @@ def test_choices_mode_rows_probabilities_and_labels(tiny_llama):
     assert {"top_choice", "p(top_choice)", "p(' yes')"} <= set(summary.columns)
     fig = run.figure()
     assert [t.name for t in fig.data] == ["' yes'", "' no'"]
+    assert fig.layout.xaxis.title.text == "variant"
+    assert list(fig.data[0].x[:2]) == ["Paris · Europe", "Paris · Asia"]  # row number left out
     assert math.isclose(sum(fig.data[0].y) + sum(fig.data[1].y), 6.0, rel_tol=1e-6)
 
 
@@ -141,6 +143,7 @@ def test_no_model_loaded_is_a_clear_error(monkeypatch):
     import promptscope.models as models
 
     monkeypatch.setattr(models, "_default", [])
+    monkeypatch.setattr(models, "_loaded", {})
     with pytest.raises(ModelLoadError, match="No model loaded"):
         promptscope.run_prompt("Hi", progress=False)
 
@@ -152,7 +155,8 @@ def test_load_model_caches_and_sets_default(tiny_llama_dir):
     from promptscope.models import default_model
 
     assert default_model() is a
-    assert "cached" in promptscope.list_models()["name"].tolist()
+    listed = promptscope.list_models().set_index("name")
+    assert listed.loc["cached", "default"] and listed["default"].sum() == 1
 
 
 def test_row_columns_travel_with_their_variants(tiny_llama):
@@ -194,6 +198,29 @@ def test_variant_labels_stay_apart_when_cut_alike():
                                            "#1 Answer the following qu…"]
     df = pd.DataFrame({"variant": [0, 1], "alt1": ["short", "other"]})
     assert variant_labels(df).tolist() == ["short", "other"]
+
+
+def test_variant_labels_show_the_templates_own_choices_not_carried_columns():
+    from promptscope.viz.prompt import variant_labels
+
+    df = pd.DataFrame({"variant": [0, 1, 2, 3], "row": [0, 0, 1, 1],
+                       "city": ["Paris", "Paris", "Tokyo", "Tokyo"],
+                       "answer": ["Europe", "Europe", "Asia", "Asia"],  # carried from the rows
+                       "alt1": ["", "please ", "", "please "]})
+    template = "{{|please }}Is {city} in Europe?"
+    assert variant_labels(df, template).tolist() == ["Paris · ∅", "Paris · please ",
+                                                     "Tokyo · ∅", "Tokyo · please "]
+    # the row label only where nothing else tells variants apart
+    same = df.assign(city="Paris")
+    assert variant_labels(same, template).tolist() == ["0 · ∅", "0 · please ", "1 · ∅",
+                                                       "1 · please "]
+    # without the template every varying label column counts
+    assert variant_labels(df).tolist()[0] == "Paris · Europe · ∅"
+    # many long values: a label stays near 60 characters
+    wide = pd.DataFrame({"variant": [0, 1], **{f"v{i}": [f"{'x' * 30}{i}a", f"{'y' * 30}{i}b"]
+                                                 for i in range(6)}})
+    labels = variant_labels(wide, " ".join(f"{{v{i}}}" for i in range(6)))
+    assert labels.str.len().max() <= 6 * 10 + 5 * 3
 
 
 def test_a_choice_may_hold_an_escaped_bar():
@@ -257,3 +284,38 @@ def test_widget_status_escapes_the_users_text():
                        "chosen": [True, True]})
     status = answers_status("<i>mine</i>", Result("prompt", df, params={}))
     assert "<i>" not in status and "&lt;img" in status and "<b>&lt;i&gt;" in status
+
+
+def test_rows_the_template_never_reads_give_a_warning(tiny_llama):
+    rows = [{"city": "Paris"}, {"city": "Tokyo"}]
+    with pytest.warns(UserWarning, match=r"uses none of vars' columns \(city\), so its 2 rows "
+                                         r"give the same prompt"):
+        run = promptscope.run_prompt("Is {city in Europe?", tiny_llama, vars=rows,
+                                     choices=" yes| no", progress=False, save=False)
+    assert run.df["prompt"].unique().tolist() == ["Is {city in Europe?"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a column read by the target alone counts as read
+        promptscope.run_prompt("Is it in Europe?", tiny_llama, vars=rows, target=" {city}",
+                               progress=False, save=False)
+
+
+def test_a_result_shows_as_text_too_and_counts_its_summary(tiny_llama, monkeypatch):
+    import IPython.display
+
+    run = promptscope.run_prompt(TEMPLATE, tiny_llama, vars=CITIES, choices=" yes| no",
+                                 progress=False)
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: shown.append((a, k)))
+    run._ipython_display_()
+    (bundle,), raw = shown[0]
+    assert raw == {"raw": True} and bundle["text/plain"] == run._repr_text()
+    assert bundle["text/html"] == run._repr_html_()
+    text = run._repr_text()
+    head = text.splitlines()[0]
+    assert head.startswith("prompt · ") and "12 rows (the summary below: 6; all in .df)" in head
+    assert run.session_id in head and "Is Paris in Asia? Answer:" in text
+    assert "12 rows (the summary below: 6; all in .df)" in run._repr_html_()
+    # an unnamed session is named after its template, not its id again
+    assert promptscope.sessions()["name"].iloc[0] == f"prompt: {TEMPLATE}"

@@ -490,6 +490,7 @@ def test_select_prompt_over_one_templates_alternatives(tiny_llama):
     assert a["sep"].tolist() == ["\n", " ", "\n", " "]
     # the figure names each bar by its options, the title the pick's
     bars = one.figure().data[0].x
+    assert one.figure().layout.xaxis.title.text.startswith("candidate prompt")
     assert [b.rstrip(" ★") for b in bars] == ["#0 Is · ⏎", "#1 Is · ␣", "#2 Q: is · ⏎",
                                               "#3 Q: is · ␣"]
     assert bars[one.params["selected"]].endswith("★") and one.params["groups"] == ["q", "sep"]
@@ -802,6 +803,7 @@ def test_a_stopped_spread_reloads_with_its_formats_named():
     table = run.summary()
     assert not table["pattern"].str.startswith("format ").any()
     assert len(features_figure(run).data) >= 1
+    assert features_figure(run).layout.xaxis.title.text == "feature = value"
     with pytest.raises(PromptscopeError, match="stopped before its search trace"):
         convergence(run)
     assert run.source.count("{text}") == 3  # shots=2: two demonstrations and the query

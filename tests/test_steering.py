@@ -464,7 +464,9 @@ def test_profile_heads_scores_each_head_alone(tiny_llama):
     assert row["d_logprob"] == pytest.approx(row["logprob"] - prof.params["baseline"]["logprob"])
     ranked = prof.summary()
     assert ranked["d_accuracy"].is_monotonic_decreasing or ranked["d_accuracy"].nunique() == 1
-    assert prof.figure().data[0].type == "heatmap"
+    fig = prof.figure()
+    assert fig.data[0].type == "heatmap" and fig.layout.yaxis.title.text == "layer"
+    assert fig.layout.xaxis.title.text == "head" and "gain" in fig.data[0].colorbar.title.text
     assert promptscope.load(prof.session_id) == prof
 
 

@@ -100,8 +100,12 @@ def test_bad_templates_give_clear_errors(source, fragment):
 
 def test_missing_variable_names_the_columns():
     t = parse_template("{city} {country}")
-    with pytest.raises(TemplateError, match=r"\{country\}.*row columns: city"):
+    with pytest.raises(TemplateError, match=r"\{country\}.*row 0 has the columns city\)\. "
+                                            r"Define `country`"):
         list(t.expand([{"city": "Paris"}]))
+    with pytest.raises(TemplateError, match=r"\{cty\} has no value \(row 'a' has the columns "
+                                            r"city\)\. Did you mean \{city\}\?"):
+        list(parse_template("{cty}").expand(pd.DataFrame({"city": ["Paris"]}, index=["a"])))
 
 
 def test_bad_rows_type():
@@ -109,6 +113,13 @@ def test_bad_rows_type():
         list(parse_template("{a}").expand("abc"))
     with pytest.raises(TemplateError, match="row 1"):
         list(parse_template("{a}").expand([{"a": 1}, 5]))
+
+
+def test_an_empty_template_or_a_list_of_prompts_is_refused_with_what_to_write():
+    with pytest.raises(TemplateError, match="empty: write the prompt"):
+        parse_template(" \n ")
+    with pytest.raises(TemplateError, match=r"got list\. For several prompts"):
+        parse_template(["Is Paris in Europe?", "Is Tokyo in Europe?"])
 
 
 def test_expansion_is_lazy():
@@ -128,6 +139,10 @@ _options = st.lists(_plain, min_size=2, max_size=3)
 @given(st.lists(st.tuples(_plain, _options), max_size=4), _plain)
 def test_fuzz_spans_locate_every_choice(pieces, tail):
     source = "".join(text + "{{" + "|".join(opts) + "}}" for text, opts in pieces) + tail
+    if not source.strip():
+        with pytest.raises(TemplateError, match="empty"):
+            parse_template(source)
+        return
     t = parse_template(source)
     for v in t.expand():
         for span in v.spans:
@@ -138,6 +153,10 @@ def test_fuzz_spans_locate_every_choice(pieces, tail):
 
 @given(_plain)
 def test_fuzz_plain_text_is_unchanged(text):
+    if not text.strip():
+        with pytest.raises(TemplateError, match="empty"):
+            parse_template(text)
+        return
     (v,) = parse_template(text).expand()
     assert v.text == text
 

@@ -9,6 +9,7 @@ import contextlib
 import math
 import re
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,20 @@ def parse_choices(choices: str | Sequence[str] | None) -> list[str] | None:
     if len(set(items)) != len(items):
         raise PromptscopeError(f"--choices has a duplicate answer: {items}.")
     return items
+
+
+def _warn_if_rows_unused(tpl: Template, rows: Any, target: str | None) -> None:
+    """Several rows that neither the template nor the target reads give the same prompt, run
+    once per row: most likely a placeholder written wrong (``{city in`` is plain text)."""
+    if count_rows(rows) < 2:
+        return
+    columns = ({str(c) for c in rows.columns} if hasattr(rows, "columns")
+               else {str(k) for r in rows if isinstance(r, Mapping) for k in r})
+    read = set(tpl.variables) | set(re.findall(r"\{(\w+)\}", target or ""))
+    if columns and not columns & read:
+        warnings.warn(f"The template uses none of vars' columns ({', '.join(sorted(columns))}), "
+                      f"so its {count_rows(rows)} rows give the same prompt. A variable is "
+                      "written {name}.", stacklevel=3)
 
 
 def run_prompt(
@@ -117,12 +132,14 @@ def run_prompt(
     tpl = template if isinstance(template, Template) else parse_template(template)
     picks = parse_choices(choices)
     if picks is not None and target is not None:
-        raise PromptscopeError("Give either --choices or --target, not both.")
+        raise PromptscopeError("Give either choices or a target (--choices / --target), not "
+                               "both.")
     if picks is not None and len(picks) < 2:
         raise PromptscopeError(f"Ranking needs at least two choices, got {picks}: separate them "
-                               "with '|' (\" yes| no\"); to score one continuation use --target.")
+                               "with '|' (\" yes| no\"); to score one continuation give it as "
+                               "the target (--target).")
     if target == "":
-        raise PromptscopeError("--target is empty; give the continuation to score.")
+        raise PromptscopeError("The target (--target) is empty; give the continuation to score.")
     clash = RESERVED & (set(tpl.variables) | {g.name for g in tpl.groups})
     if clash:
         raise TemplateError(f"Template name(s) {sorted(clash)} clash with result columns; "
@@ -134,6 +151,7 @@ def run_prompt(
     if mode == "generate":
         check_generation(max_new_tokens, n, temperature, top_p)
     check_rows(tpl, vars, namespace)  # a missing variable fails before a session exists
+    _warn_if_rows_unused(tpl, vars, target)
     total = tpl.n_variants(count_rows(vars))
     variants = tpl.expand(vars, namespace, carry=extra_columns(vars, tpl))
     chunk_size = chunk_size or CHUNK_SIZE
@@ -325,7 +343,7 @@ def _choice_rows(chunk: list[Variant], choices: list[str], scores: list[Any],
     import pandas as pd
 
     rows = []
-    per = elapsed * 1000 / max(1, len(chunk))
+    per = round(elapsed * 1000 / max(1, len(chunk)), 2)  # a share of its chunk's time
     for j, v in enumerate(chunk):
         mine = scores[j * len(choices):(j + 1) * len(choices)]
         lps = [s.logprob for s in mine]
@@ -356,7 +374,7 @@ def _target_rows(chunk: list[Variant], target: str | None, scores: list[Any],
                  elapsed: float, errors: bool = False) -> Any:
     import pandas as pd
 
-    per = elapsed * 1000 / max(1, len(chunk))
+    per = round(elapsed * 1000 / max(1, len(chunk)), 2)  # a share of its chunk's time
     return pd.DataFrame([
         {**_base(v), "target": target, "logprob": s.logprob,
          "logprob_per_token": s.logprob / len(s.tokens) if s.tokens else math.nan,
@@ -370,7 +388,7 @@ def _generation_rows(chunk: list[Variant], gens: list[Any], elapsed: float,
                      errors: bool = False) -> Any:
     import pandas as pd
 
-    per = elapsed * 1000 / max(1, len(chunk))
+    per = round(elapsed * 1000 / max(1, len(chunk)), 2)  # a share of its chunk's time
     return pd.DataFrame([
         {**_base(v), "sample": k, "output": g.text, "logprob": g.logprob,
          "n_tokens": len(g.tokens), "finish_reason": g.finish_reason, "time_ms": per,

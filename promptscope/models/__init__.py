@@ -7,6 +7,7 @@ loaded is the default for ``%%prompt`` and ``run_prompt``.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,16 @@ def load_model(
             model = HFModel.from_pretrained(path, device=device, dtype=dtype,
                                             name=alias or ORGANISM_NAME, **kwargs)
         else:
-            model = HFModel.from_pretrained(name, device=device, dtype=dtype, name=alias,
-                                            **kwargs)
+            try:
+                model = HFModel.from_pretrained(name, device=device, dtype=dtype, name=alias,
+                                                **kwargs)
+            except ModelLoadError as exc:  # a typo of a name this kernel knows?
+                known = [ORGANISM_NAME, *(m.name for m in loaded_models())]
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+                if close and not os.path.exists(name):
+                    raise ModelLoadError(f"No model '{name}': did you mean '{close[0]}'? "
+                                         f"({exc})") from None
+                raise
         _loaded[key] = model
     if make_default:
         _default[:] = [model]
@@ -139,6 +148,13 @@ def resolve_model(model: Model | str | os.PathLike | None) -> Model:
                              "order of the arguments.")
     if _default:
         return _default[0]
+    names = [m.name for m in loaded_models()]
+    if names:  # loaded by name inside a call (model="..."), which picks no default
+        raise ModelLoadError(
+            f"No default model: {', '.join(names)} {'is' if len(names) == 1 else 'are'} loaded "
+            f"but not the default. Name one (--model {names[-1]} / model={names[-1]!r}) or "
+            f"make it the default: `%promptscope model {names[-1]}` / "
+            f"promptscope.load_model({names[-1]!r}).")
     raise ModelLoadError(
         "No model loaded. Load one first: `%promptscope model organism` in a notebook, or "
         "promptscope.load_model('organism') / a model folder in Python."

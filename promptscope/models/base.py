@@ -56,10 +56,14 @@ class Generation:
 
 def check_generation(max_new_tokens: int, n: int, temperature: float, top_p: float) -> None:
     """The one check of generation settings (backends and ``run_prompt``, before a session)."""
-    if max_new_tokens < 1 or n < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise PromptscopeError(
-            f"Generation needs max_new_tokens >= 1 (got {max_new_tokens}), n >= 1 (got {n}), "
-            f"temperature >= 0 (got {temperature}) and top_p in (0, 1] (got {top_p}).")
+    wrong = [f"{name} (--{name.replace('_', '-')}) must be {rule}, not {value}"
+             for name, value, ok, rule in [
+                 ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "at least 1"),
+                 ("n", n, n >= 1, "at least 1"),
+                 ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
+                 ("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")] if not ok]
+    if wrong:
+        raise PromptscopeError("Generation: " + "; ".join(wrong) + ".")
 
 
 class Model(ABC):

@@ -229,7 +229,8 @@ class Store:
                 "INSERT INTO sessions (id, name, kind, model, model_info, params, source, "
                 "status, created, updated, owner) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
-                (sid, name or f"{kind} {sid}", kind, model, _dumps(model_info or {}),
+                (sid, name or _default_name(kind, source, sid), kind, model,
+                 _dumps(model_info or {}),
                  _dumps(params or {}), source, now, now, _owner()),
             )
         return sid
@@ -531,3 +532,12 @@ def _lists(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _lists(v) for k, v in value.items()}
     return value
+
+
+def _default_name(kind: str, source: str, sid: str) -> str:
+    """An unnamed session's name: its kind and the start of its source (the template), which
+    says more in a list of sessions than the id beside it; the id where there is no source."""
+    first = next((line.strip() for line in source.splitlines() if line.strip()), "")
+    if not first:
+        return f"{kind} {sid}"
+    return f"{kind}: {first if len(first) <= 60 else first[:59] + '…'}"

@@ -115,6 +115,7 @@ def bar(result: Any, variant: int | None = None) -> Any:
                     hovertemplate="%{x}: %{y:.4f}<extra>" + (label or "") + "</extra>")
     which = "mean over variants" if variant is None else f"variant {variant}"
     fig.update_layout(barmode="group", yaxis_title="attribution (log-prob)",
+                      xaxis_title="template part",
                       showlegend=len(groups) > 1)
     return apply_style(fig, f"Attribution per part ({which}, {result.params.get('method')})")
 
@@ -127,7 +128,7 @@ def across_variants(result: Any, parts: list[str] | None = None, share: bool = F
     key = "segment_part" if _unit(result) == "token" else "part"
     col = "share" if share else "attribution"
     parts = parts or list(dict.fromkeys(df[key]))
-    labels = _variant_labels(df)
+    labels = _variant_labels(df, result.params.get("template"))
     fig = go.Figure()
     conds = [None] if "steered" not in df.columns else sorted(df["steered"].unique())
     for cond in conds:
@@ -147,21 +148,13 @@ def across_variants(result: Any, parts: list[str] | None = None, share: bool = F
     return apply_style(fig, f"Attribution {'share ' if share else ''}across variants")
 
 
-def _variant_labels(df: Any) -> dict[int, str]:
-    """Short labels per variant: the alternatives and short variable values that vary."""
-    from promptscope.analyses.attribution import COLUMNS
+def _variant_labels(df: Any, template: str | None) -> dict[int, str]:
+    """Short labels per variant (:func:`promptscope.viz.prompt.variant_labels` of each
+    variant's first row)."""
+    from promptscope.viz.prompt import variant_labels
 
-    skip = COLUMNS | {"variant", "steered", "prompt", "target", "logprob", "chosen", "row",
-                      "error"}
-    first = df.drop_duplicates("variant").set_index("variant")
-    cols = [c for c in first.columns if c not in skip and first[c].nunique() > 1
-            and first[c].astype(str).str.len().max() <= 24]
-    if not cols:
-        return {int(i): f"v{i}" for i in first.index}
-    labels = {int(i): " · ".join(str(first.at[i, c]) for c in cols[:3]) for i in first.index}
-    if len(set(labels.values())) < len(labels):  # alike once long columns are left out
-        labels = {i: f"#{i} {text}" for i, text in labels.items()}
-    return labels
+    first = df.drop_duplicates("variant")
+    return dict(zip(first["variant"].astype(int), variant_labels(first, template), strict=True))
 
 
 def figure(result: Any) -> Any:

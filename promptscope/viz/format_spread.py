@@ -121,7 +121,8 @@ def features_figure(result: Any) -> Any:
             customdata=part["n_formats"],
             hovertemplate="%{x}<br>effect %{y:+.3f} (%{customdata} formats)<extra></extra>"))
     fig.update_layout(yaxis={"title": "accuracy difference from the mean format"},
-                      xaxis={"tickangle": 45})
+                      xaxis={"title": "feature = value", "tickangle": 45},
+                      legend_title="feature")
     return apply_style(fig, "Which atomic change matters: accuracy by feature value")
 
 

@@ -17,9 +17,11 @@ def figure(result: Any) -> Any:
     limit = float(abs(grid.values).max() or 1)
     fig = go.Figure(go.Heatmap(
         z=grid.values, x=[f"h{h}" for h in grid.columns], y=[f"L{lay}" for lay in grid.index],
-        colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit, colorbar={"title": metric},
+        colorscale="RdBu", zmid=0, zmin=-limit, zmax=limit,
+        colorbar={"title": {"d_accuracy": "accuracy gain", "d_logprob": "log-prob gain"}[metric]},
         hovertemplate="%{y} %{x}<br>" + metric + ": %{z:+.3f}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_xaxes(title_text="head")
     base = result.params.get("baseline", {})
     return apply_style(fig, f"Gain from steering each head alone (alpha={result.params['alpha']}; "
                             f"unsteered accuracy {base.get('accuracy', float('nan')):.2f})")

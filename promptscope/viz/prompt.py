@@ -16,19 +16,57 @@ def label_columns(df: Any) -> list[str]:
     return [c for c in df.columns if c not in _FIXED]
 
 
-def variant_labels(df: Any) -> Any:
-    """A short text label per row: its varying label values joined with ' · '."""
-    cols = [c for c in label_columns(df) if df[c].nunique(dropna=False) > 1]
-    if not cols:
+def variant_labels(df: Any, template: str | None = None) -> Any:
+    """A short text label per row of ``df``: what tells its variant apart, joined with ' · '.
+
+    With the run's ``template`` only its own variables and alternatives groups count (columns
+    carried along from the rows, such as a gold answer, are left out); the row label only where
+    nothing else tells the variants apart. An empty alternative shows as '∅', and long values
+    are cut so that a label stays near 60 characters.
+    """
+    names = _template_names(template)
+    cols = [c for c in label_columns(df) if df[c].nunique(dropna=False) > 1
+            and (names is None or c in names or c in ("row", "steered"))]
+    keep = [c for c in cols if c != "row"]
+    labels = _joined(df, keep) if keep else None
+    if "row" in cols and (labels is None or _ambiguous(df, labels)):
+        keep = ["row", *keep]
+        labels = _joined(df, keep)
+    if labels is None:
         return df["variant"].map(lambda i: f"#{i}")
-    shown = df[cols].apply(lambda col: col.map(lambda v: _short(str(v))))  # NaN: "nan"
-    if "steered" in cols:
-        shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
-    labels = shown.agg(" · ".join, axis=1)
-    if labels.groupby(labels).transform(lambda g: df.loc[g.index, "variant"].nunique()).gt(1).any():
+    if _ambiguous(df, labels):
         # values cut alike ("Answer the following qu…"): the variant number tells them apart
         labels = "#" + df["variant"].astype(str) + " " + labels
     return labels
+
+
+def _template_names(template: str | None) -> set[str] | None:
+    """The variables and groups of ``template`` (None: not given, or it does not parse)."""
+    if not template:
+        return None
+    from promptscope.errors import TemplateError
+    from promptscope.templates import parse_template
+
+    try:
+        tpl = parse_template(template)
+    except TemplateError:
+        return None
+    return set(tpl.variables) | {g.name for g in tpl.groups}
+
+
+def _joined(df: Any, cols: list[str]) -> Any:
+    width = max(10, min(24, 60 // len(cols)))
+    shown = df[cols].apply(lambda col: col.map(
+        lambda v: "∅" if v == "" else _short(str(v), width)))  # NaN: "nan"
+    if "steered" in cols:
+        shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
+    return shown.agg(" · ".join, axis=1)
+
+
+def _ambiguous(df: Any, labels: Any) -> bool:
+    """Whether two variants share a label."""
+    return bool(labels.groupby(labels).transform(
+        lambda g: df.loc[g.index, "variant"].nunique()).gt(1).any())
 
 
 def _short(text: str, width: int = 24) -> str:
@@ -66,7 +104,7 @@ def figure(result: Any) -> Any:
 
     df = result.df
     mode = result.params.get("mode")
-    x = variant_labels(df)
+    x = variant_labels(df, result.params.get("template"))
     if mode == "choices":
         choices = result.params["choices"]
         n_variants = len(x.unique())
@@ -79,7 +117,8 @@ def figure(result: Any) -> Any:
                                        y=list(wide.index), colorscale="Viridis", zmin=0, zmax=1,
                                        colorbar={"title": "p"},
                                        hovertemplate="%{y}<br>%{x}: %{z:.3f}<extra></extra>"))
-            fig.update_layout(height=min(1200, 200 + 14 * n_variants))
+            fig.update_layout(height=min(1200, 200 + 14 * n_variants),
+                              xaxis_title="choice", yaxis_title="variant")
         else:
             fig = go.Figure([
                 go.Bar(name=repr(c), x=x[df["choice"] == c], y=df.loc[df["choice"] == c, "prob"],
@@ -87,12 +126,13 @@ def figure(result: Any) -> Any:
                 for c in choices
             ])
             fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
-                              legend_title="choice")
+                              xaxis_title="variant", legend_title="choice")
         return apply_style(fig, "Choice probability per variant")
     if mode == "target":
         fig = go.Figure(go.Bar(x=x, y=df["logprob"],
                                hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
-        fig.update_layout(yaxis_title=f"log p({plain(repr(result.params.get('target')))})")
+        fig.update_layout(yaxis_title=f"log p({plain(repr(result.params.get('target')))})",
+                          xaxis_title="variant")
         return apply_style(fig, "Target log-probability per variant")
     return None
 
@@ -102,11 +142,13 @@ def plain_vs_steered(run: Any) -> Any:
     variant, choice and steered/plain."""
     import plotly.graph_objects as go
 
-    df = run.df.assign(label=variant_labels(run.df.assign(steered=False)))
+    df = run.df.assign(label=variant_labels(run.df.assign(steered=False),
+                                            run.params.get("template")))
     fig = go.Figure([
         go.Bar(name=f"{'steered' if s else 'plain'} {c!r}", x=part["label"], y=part["prob"],
                hovertemplate="%{x}<br>p=%{y:.3f}<extra></extra>")
         for (s, c), part in df.groupby(["steered", "choice"], sort=True)
     ])
-    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]})
+    fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
+                      xaxis_title="variant")
     return apply_style(fig, "Answer probabilities, plain vs steered")

@@ -32,6 +32,7 @@ def figure(result: Any) -> Any:
                       secondary_y=True)
         fig.update_yaxes(title_text="accuracy (labels)", range=[0, 1.05], secondary_y=True)
     fig.update_yaxes(title_text="mutual information (nats)", secondary_y=False)
+    fig.update_xaxes(title_text="candidate prompt (★ selected)")
     p = result.params
     pick = t[t["candidate"] == p.get("selected")]
     title = "Label-free selection: " + (_name(pick.iloc[0], p.get("groups") or [], 60)

@@ -65,7 +65,8 @@ def figure(result: Any) -> Any:
 
 
 def _n_pairs(df: Any) -> int:
-    """Searched pairs: a row per pair and target set (a pair two sets share has two)."""
+    """Distinct searched pairs (``df`` has a row per pair and target set, so a pair two sets
+    share has two rows)."""
     return int(df["pair"].nunique()) if "pair" in df else len(df)
 
 

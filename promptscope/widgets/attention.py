@@ -62,10 +62,10 @@ class AttentionExplorer(w.VBox):
         self.mass.show(mass_heatmap(self.result, self.part.value))
 
 def _variant_labels(result: Any) -> dict[int, str]:
-    df = result.df
-    label_cols = [c for c in df.columns
-                  if c not in ("variant", "layer", "head", "part", "mass")
-                  and df[c].nunique() > 1]
-    first = df.drop_duplicates("variant").set_index("variant")
-    return {v: f"#{v} " + " · ".join(str(first.loc[v, c]) for c in label_cols)
-            for v in first.index}
+    """'#variant' and what tells it apart (the template's variables and alternatives)."""
+    from promptscope.viz.prompt import variant_labels
+
+    first = result.df.drop_duplicates("variant")
+    labels = variant_labels(first, result.params.get("template"))
+    return {int(v): text if text == f"#{v}" or text.startswith(f"#{v} ") else f"#{v} {text}"
+            for v, text in zip(first["variant"], labels, strict=True)}
