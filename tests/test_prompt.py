@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -319,3 +320,46 @@ def test_a_result_shows_as_text_too_and_counts_its_summary(tiny_llama, monkeypat
     assert "12 rows (the summary below: 6; all in .df)" in run._repr_html_()
     # an unnamed session is named after its template, not its id again
     assert promptscope.sessions()["name"].iloc[0] == f"prompt: {TEMPLATE}"
+
+
+def test_a_ctrl_c_anywhere_in_recording_leaves_no_session_running(tiny_llama):
+    """Wherever a Ctrl-C lands in the recorder, the store or the run's context managers
+    (creating the session, writing a chunk, finishing, a second Ctrl-C while finishing), the
+    exception carries the rows, the store holds exactly them, and no session stays "running":
+    one whose clean-up the Ctrl-C cut off at its very start is marked interrupted by the next
+    run."""
+    from ctrl_c import CtrlCAt
+
+    from promptscope.analyses._recorder import Recorder
+    from promptscope.store import Store
+
+    files = ("analyses/_recorder.py", "promptscope/store/__init__.py", "contextlib.py")
+    rows = [{"x": f"item{i}"} for i in range(4)]
+
+    def run() -> Any:
+        return promptscope.run_prompt("Is {x} big? A:", tiny_llama, vars=rows,
+                                      choices=" yes| no", chunk_size=2, progress=False)
+
+    store, k, stranded = Store.default(), 1, 0
+    while True:
+        before = {r.id for r in store.list()}
+        with CtrlCAt(k, files) as ctrl_c:
+            try:
+                run()
+            except KeyboardInterrupt as exc:
+                stopped = exc
+        if not ctrl_c.fired:
+            break
+        partial = getattr(stopped, "partial_result", None)
+        for r in (r for r in store.list() if r.id not in before):
+            stored = promptscope.load(r.id).df
+            assert r.n_rows == len(stored) and not stored.duplicated(["variant", "choice"]).any()
+            if r.status == "running":  # its clean-up never started: no live run owns it
+                assert r.id not in Recorder.live(), ctrl_c.where
+                stranded += 1
+            elif r.status == "interrupted" and partial is not None:
+                assert len(partial.df) == len(stored), ctrl_c.where
+        k += 1
+    assert k > 50 and stranded < k / 10  # every call was tried; most finish on their own
+    run()
+    assert all(r.status != "running" for r in store.list())

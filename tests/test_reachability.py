@@ -579,3 +579,28 @@ def test_layer0_log_g_is_x0s_share_as_it_stands_after_k_control_tokens(tiny_llam
                 for h in range(q.shape[1])]
         got = bound[(bound.k == k) & (bound.layer == 0)].sort_values("head")["log_g"]
         assert got.tolist() == pytest.approx(want, abs=1e-4)
+
+
+def test_a_ctrl_c_anywhere_keeps_every_pair_listed(tiny_llama):
+    """Wherever a Ctrl-C lands in the search's bookkeeping, the partial result lists every
+    pair once per target set (unfinished ones as not complete), as the finished run does."""
+    from ctrl_c import CtrlCAt
+
+    def run():
+        return promptscope.reachability(tiny_llama, STATES, "top:2", k_max=1, method="greedy",
+                                        progress=False, bound=False, save=False)
+
+    every = sorted(run().df["pair"].tolist())
+    k = 1
+    while True:
+        with CtrlCAt(k, ("analyses/reachability.py",)) as ctrl_c:
+            try:
+                run()
+            except KeyboardInterrupt as exc:
+                partial = getattr(exc, "partial_result", None)
+        if not ctrl_c.fired:
+            break
+        if partial is not None and len(partial.df):
+            assert sorted(partial.df["pair"].tolist()) == every, ctrl_c.where
+        k += 1
+    assert k > 30

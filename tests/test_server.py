@@ -77,8 +77,8 @@ def _session(store: Store, name: str, *, kind: str = "prompt", model: str = "tin
     if status != "running":
         store.finish(sid, status)
     if created is not None:  # ids sort by second; pin the order the test expects
-        with store._connect() as conn:
-            conn.execute("UPDATE sessions SET created=? WHERE id=?", (created, sid))
+        store._run(lambda conn: conn.execute("UPDATE sessions SET created=? WHERE id=?",
+                                             (created, sid)))
     return sid
 
 

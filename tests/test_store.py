@@ -3,11 +3,11 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import pytest
+from ctrl_c import CtrlCAt
 
 from promptscope.errors import PromptscopeError
 from promptscope.store import SCHEMA_VERSION, Store, workspace_dir
@@ -146,12 +146,13 @@ class _FillingStore(Store):
 
     full = False
 
-    @contextmanager
-    def _connect(self):
-        with super()._connect() as conn:
+    def _run(self, work):
+        def limited(conn):
             if self.full:
                 conn.execute("PRAGMA max_page_count = 1")  # (no lower than the file's size)
-            yield conn
+            return work(conn)
+
+        return super()._run(limited)
 
     def append(self, *args, **kwargs):
         super().append(*args, **kwargs)
@@ -390,3 +391,31 @@ def test_the_panel_reader_shows_a_dead_run_as_interrupted_without_writing(tmp_pa
     assert StoreReader(path).detail(sid)["status"] == "interrupted"
     raw = sqlite3.connect(path).execute("SELECT status FROM sessions").fetchone()[0]
     assert raw == "running"  # the reader never writes
+
+
+def test_a_ctrl_c_anywhere_in_a_store_write_leaves_no_lock(tmp_path):
+    """Wherever a Ctrl-C lands in an append, its transaction does not hold the store's write
+    lock afterwards, even while the traceback is kept (IPython keeps the last one)."""
+    path = tmp_path / "s.sqlite"
+    store = Store(path)
+    sid = store.create("prompt")
+    df = pd.DataFrame({"x": [1, 2]})
+    kept, k = [], 1
+    while True:
+        with CtrlCAt(k, ("promptscope/store/__init__.py", "contextlib.py"),
+                     ("line", "call")) as ctrl_c:
+            try:
+                store.append(sid, "rows", df)
+            except KeyboardInterrupt as exc:
+                kept.append(exc)  # its traceback (and every frame in it) stays alive
+        if not ctrl_c.fired:
+            break
+        other = sqlite3.connect(path, timeout=0.2)
+        try:  # another kernel's write goes through at once
+            other.execute("UPDATE sessions SET name=? WHERE id=?", (f"after {k}", sid))
+            other.commit()
+        finally:
+            other.close()
+        k += 1
+    assert k > 20 and len(kept) == k - 1  # every point of the write was tried
+    assert store.get(sid).name == f"after {k - 1}"

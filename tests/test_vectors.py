@@ -202,6 +202,67 @@ def test_hooks_removed_on_exit_exception_and_interrupt(tiny_model):
     _no_hooks_left(tiny_model)
 
 
+def test_a_ctrl_c_anywhere_in_steer_leaves_the_model_unsteered(tiny_llama):
+    """A Ctrl-C at any call of steer's set-up, a steered score and the clean-up (PASTA and a
+    vector at once) leaves no hook, no steering state and the model's own logits; a block
+    whose clean-up was cut off entirely is undone, with a warning, by the model's next use."""
+    from ctrl_c import CtrlCAt
+
+    from promptscope.models.steering import _current
+
+    m = tiny_llama
+    v = _vector(m)
+    base = _logits(m, PROMPTS[2])
+    files = ("promptscope/models/steering.py", "promptscope/models/vectors.py",
+             "contextlib.py", "torch/utils/hooks.py")
+    k = 1
+    while True:
+        with warnings.catch_warnings(), CtrlCAt(k, files) as ctrl_c:
+            warnings.simplefilter("ignore")  # transformers' own, as steering sets attention
+            try:
+                with promptscope.steer(m, method="pasta+vector", vector=v, strength=5.0,
+                                       heads="all", alpha=0.1, emphasis="big"):
+                    m.score(["Is it big? A:"], [" yes"])
+            except KeyboardInterrupt:
+                pass
+        if not ctrl_c.fired:
+            break
+        if m.steered_by is not None:  # cut off entirely: undone at the model's next use
+            with pytest.warns(UserWarning, match="left by a Ctrl-C was still steering"):
+                m.score(["Is it big? A:"], [" yes"])
+        assert m.steering is None and m.vector_steering is None, ctrl_c.where
+        assert _current() is None, ctrl_c.where
+        assert not [h for h in m.model._forward_pre_hooks.values()
+                    if "_Forward" in getattr(h, "__qualname__", "")], ctrl_c.where
+        _no_hooks_left(m)
+        k += 1
+    assert k > 50
+    assert torch.equal(_logits(m, PROMPTS[2]), base)
+
+
+def test_a_steer_block_whose_clean_up_never_ran_is_undone_at_the_next_use(tiny_llama):
+    m = tiny_llama
+    base = m.score(PROMPTS[:1], [" yes"])[0].logprob
+
+    def entered_and_never_left():  # as when a Ctrl-C lands on the block's __exit__
+        block = promptscope.steer(m, vector=_vector(m), strength=5.0)
+        block.__enter__()
+        assert m.score(PROMPTS[:1], [" yes"])[0].logprob != pytest.approx(base)
+        return block  # kept alive, like the traceback that holds it
+
+    held = entered_and_never_left()
+    with pytest.warns(UserWarning, match="left by a Ctrl-C was still steering the model"):
+        assert m.score(PROMPTS[:1], [" yes"])[0].logprob == pytest.approx(base, abs=1e-6)
+    _no_hooks_left(m)
+    with promptscope.steer(m, vector=_vector(m), strength=5.0):  # a new block is accepted
+        del held  # the old block's late clean-up must not undo the new one
+        import gc
+
+        gc.collect()
+        assert m.vector_steering is not None
+        assert m.score(PROMPTS[:1], [" yes"])[0].logprob != pytest.approx(base)
+
+
 def test_nested_steering_is_refused(tiny_llama):
     v = _vector(tiny_llama)
     with promptscope.steer(tiny_llama, vector=v):

@@ -8,17 +8,34 @@ carries it as ``exc.partial_result``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 from promptscope.errors import PromptscopeError
+from promptscope.interrupts import running_frames
 from promptscope.result import Result
-from promptscope.store import Store
+from promptscope.store import Store, default_session_name, new_session_id
 
 
 class Recorder:
     """Context manager that owns one session while an analysis runs."""
+
+    #: This process's sessions whose run has not finished, and the frame of the function that
+    #: runs each. One whose frame is no longer running lost its clean-up to a Ctrl-C (it landed
+    #: as a ``with`` block was left, before any ``__exit__`` code ran): the next run marks it
+    #: interrupted.
+    unfinished: dict[str, Any] = {}
+
+    @classmethod
+    def live(cls) -> set[str]:
+        """The unfinished sessions whose run is still going on some thread."""
+        running = running_frames()
+        for sid, frame in list(cls.unfinished.items()):
+            if id(frame) not in running:
+                del cls.unfinished[sid]
+        return set(cls.unfinished)
 
     def __init__(self, kind: str, *, name: str = "", model: Any = None,
                  params: dict[str, Any] | None = None, source: str = "", save: bool = True,
@@ -35,14 +52,36 @@ class Recorder:
         # chunks kept here but not (yet) in the store: (table, number in the table, rows)
         self.unsaved: list[tuple[str, int, Any]] = []
         self.figure: Any = None
+        self.finished = False  # the session's final status is written
 
     def __enter__(self) -> Recorder:
         if self.store is not None:
-            self.session_id = self.store.create(
-                self.kind, name=self.name, model=self.model_info.get("name", ""),
-                model_info=self.model_info, params=self.params, source=self.source)
-            if not self.name:
-                self.name = self.store.get(self.session_id).name
+            # The id is known before the session is written, so a Ctrl-C that lands as the
+            # write returns cannot leave a session no one marks as interrupted.
+            self.session_id = new_session_id()
+            self.name = self.name or default_session_name(self.kind, self.source,
+                                                          self.session_id)
+            Recorder.unfinished[self.session_id] = sys._getframe(1)  # the analysis' frame
+            try:
+                self.store.create(
+                    self.kind, name=self.name, model=self.model_info.get("name", ""),
+                    model_info=self.model_info, params=self.params, source=self.source,
+                    session_id=self.session_id, live=Recorder.live())
+            except BaseException:
+                with contextlib.suppress(Exception):  # it may or may not have been written
+                    self.store.finish(self.session_id, "interrupted")
+                Recorder.unfinished.pop(self.session_id, None)
+                self.session_id = None
+                raise
+        return self
+
+    def enter(self, stack: contextlib.ExitStack) -> Recorder:
+        """``stack.enter_context(self)`` without its gap: the exit is registered first, so a
+        Ctrl-C that lands just after the session is created still finishes it."""
+        stack.push(self.__exit__)
+        self.__enter__()
+        if self.session_id:
+            Recorder.unfinished[self.session_id] = sys._getframe(1)
         return self
 
     def add(self, df: Any, table: str = "rows") -> None:
@@ -83,6 +122,18 @@ class Recorder:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         status = ("done" if exc_type is None else
                   "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        try:
+            self._exit(status, exc_type, exc)
+        except KeyboardInterrupt as stop:  # (another) Ctrl-C while finishing
+            stop.partial_result = self.result("interrupted")  # type: ignore[attr-defined]
+            if self.store is not None and self.session_id and not self.finished:
+                self.store.finish(self.session_id, "interrupted",
+                                  summary={"rows": self._saved_rows()})
+                self.finished = True
+                Recorder.unfinished.pop(self.session_id, None)
+            raise
+
+    def _exit(self, status: str, exc_type: Any, exc: Any) -> None:
         result = self.result(status)
         if exc_type is not None:
             # Hand what was computed to the caller: ``exc.partial_result`` (the magics show it).
@@ -94,10 +145,6 @@ class Recorder:
             return
         try:
             self._finish(status, result, exc_type, exc)
-        except KeyboardInterrupt as stop:  # while finishing: the rows go with it
-            if exc_type is None:
-                stop.partial_result = self.result("interrupted")  # type: ignore[attr-defined]
-            raise
         except Exception as failed:  # e.g. a full disk: the run's rows must still reach the user
             print(f"The session store could not record the end of the run ({failed}); all "
                   f"{len(result.df)} rows are in the "
@@ -113,6 +160,11 @@ class Recorder:
             print(f"Interrupted: {len(result.df)} rows kept in session {self.session_id} "
                   f"(status interrupted); promptscope.load('{self.session_id}') brings them back.",
                   file=sys.stderr)
+
+    def _saved_rows(self) -> int:
+        """Rows of the ``rows`` table that are in the store (the unsaved chunks aside)."""
+        return sum(len(df) for df in self.frames.get("rows", [])) - sum(
+            len(df) for table, _, df in self.unsaved if table == "rows")
 
     def _finish(self, status: str, result: Result, exc_type: Any, exc: Any) -> None:
         """Write what the store still lacks (chunks, the params as they ended, the figure),
@@ -142,9 +194,10 @@ class Recorder:
             status, error = "interrupted", ""
             raise
         finally:
-            saved = len(result.df) - sum(len(df) for table, _, df in self.unsaved
-                                         if table == "rows")
-            self.store.finish(self.session_id, status, error=error, summary={"rows": saved})
+            self.store.finish(self.session_id, status, error=error,
+                              summary={"rows": self._saved_rows()})
+            self.finished = True
+            Recorder.unfinished.pop(self.session_id, None)
         if failed is not None:
             raise failed
 

@@ -172,8 +172,8 @@ def attention(
         steering = stack.enter_context(_steer_block(mdl, steer, tpl))
         if steering is not None:
             params["steer"] = steering.to_json()
-        rec = stack.enter_context(Recorder("attention", name=name, model=mdl, params=params,
-                                           source=tpl.source, save=save, store=store))
+        rec = Recorder("attention", name=name, model=mdl, params=params,
+                             source=tpl.source, save=save, store=store).enter(stack)
         try:
             for chunk in chunks(variants, CHUNK_SIZE, steered=steering is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]

@@ -335,8 +335,8 @@ def attribute(
 
             steering = stack.enter_context(_steer(mdl, **steer_opts))
             params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2}
-        rec = stack.enter_context(Recorder("attribution", name=name, model=mdl, params=params,
-                                           source=tpl.source, save=save, store=store))
+        rec = Recorder("attribution", name=name, model=mdl, params=params,
+                             source=tpl.source, save=save, store=store).enter(stack)
         try:
             for chunk in chunks(tpl.expand(vars, namespace, carry=carry), CHUNK_SIZE,
                                 steered=steering is not None):

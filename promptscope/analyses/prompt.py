@@ -190,8 +190,8 @@ def run_prompt(
             attn = _attention_part(steering)
             params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2,
                                "auto": auto}
-        rec = stack.enter_context(Recorder("prompt", name=name, model=mdl, params=params,
-                                           source=tpl.source, save=save, store=store))
+        rec = Recorder("prompt", name=name, model=mdl, params=params,
+                             source=tpl.source, save=save, store=store).enter(stack)
         try:
             for chunk in chunks(variants, chunk_size, steered=attn is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]

@@ -247,10 +247,13 @@ def reachability(
     def finish(pair: _Pair, method_name: str) -> None:
         if pair.done:
             return
-        pair.done = True
         pair.method = method_name if pair.reached else method
         row = {**search.row(pair), "complete": True}
-        rows_pending.extend({**row, "target_set": s} for s in [pair.target_set, *pair.also])
+        rows = [{**row, "target_set": s} for s in [pair.target_set, *pair.also]]
+        # Marked done only with its rows in hand: a Ctrl-C before this leaves the pair to the
+        # "stopped" rows below, not out of the result.
+        pair.done = True
+        rows_pending.extend(rows)
         bar.update(1)
         if pair.reached:
             bar.set_postfix(reached=sum(p.reached for p in pairs))
@@ -264,6 +267,21 @@ def reachability(
         if trace_pending:
             rec.add(pd.DataFrame(trace_pending), table="trace")
             trace_pending.clear()
+
+    def wrap_up(rec: Recorder) -> None:
+        # A stopped or failed run still lists every pair: one it did not finish counts as
+        # not reached (so far), so k-epsilon stays honest (a lower bound on reached).
+        for p in pairs:
+            if not p.done:
+                p.method = "stopped"
+                row = {**search.row(p), "complete": False}
+                rows = [{**row, "target_set": s} for s in [p.target_set, *p.also]]
+                p.done = True
+                rows_pending.extend(rows)
+        rec.params["time_s"] = round(time.perf_counter() - t0, 3)
+        rec.params["unverified_claims"] = search.unverified
+        flush(rec)
+        bar.close()
 
     with Recorder(KIND, name=name, model=mdl, params=params, source=source, save=save,
                   store=store) as rec:
@@ -294,17 +312,11 @@ def reachability(
                     for p in pairs:
                         finish(p, "gcg")
         finally:
-            # A stopped or failed run still lists every pair: one it did not finish counts as
-            # not reached (so far), so k-epsilon stays honest (a lower bound on reached).
-            for p in pairs:
-                if not p.done:
-                    p.done, p.method = True, "stopped"
-                    row = {**search.row(p), "complete": False}
-                    rows_pending.extend({**row, "target_set": s} for s in [p.target_set, *p.also])
-            rec.params["time_s"] = round(time.perf_counter() - t0, 3)
-            rec.params["unverified_claims"] = search.unverified
-            flush(rec)
-            bar.close()
+            try:
+                wrap_up(rec)
+            except KeyboardInterrupt:  # (another) Ctrl-C as it began: it is safe to redo
+                wrap_up(rec)
+                raise
         rec.save_run_info(mdl, verbose=progress)
     return rec.result()
 

@@ -87,6 +87,7 @@ class HFModel(Model):
         self._warned_context = False
         self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
         self.vector_steering: Any = None  # an active VectorSteering (hooks on the layers)
+        self.steered_by: Any = None  # (the frame whose block steers, its undo): see steer()
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -308,7 +309,12 @@ class HFModel(Model):
                           "computes past that is unreliable.", stacklevel=4)
 
     def _emphasis_flags(self, texts: Sequence[str]) -> list[list[bool]] | None:
-        """Per prompt, which tokens are emphasised (None when not steering)."""
+        """Per prompt, which tokens are emphasised (None when not steering). (Every scoring and
+        generation call starts here, so a steer() block a Ctrl-C cut off is undone first.)"""
+        if self.steered_by is not None:
+            from promptscope.models.steering import release_stale_steering
+
+            release_stale_steering(self)
         if self.steering is None:
             return None
         from promptscope.models.steering import token_emphasis

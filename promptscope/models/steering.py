@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ except ImportError:  # torch < 2.5: kernel="flex" is refused (see steer); sdpa s
     flex_attention = None
 
 from promptscope.errors import CapabilityError, PromptscopeError
+from promptscope.interrupts import running_frames, with_frame
 from promptscope.models.fused import fused_on_cuda
 from promptscope.models.hf import forward_inputs
 
@@ -212,16 +214,20 @@ def _current() -> _Forward | None:
 def forward_context(state: _Forward, model: Any = None) -> Iterator[None]:
     """Make ``state`` visible to the attention function while the block runs; with ``model``
     (a transformers model), keep ``state.end`` up to date on each of its forward calls."""
-    previous = _current()
-    _local.forward = state
-    handle = (model.register_forward_pre_hook(state.track, with_kwargs=True)
-              if model is not None else None)
-    try:
+    previous, handle = _current(), None
+    try:  # (set inside the try: a Ctrl-C between two steps still undoes the first)
+        _local.forward = state
+        if model is not None:
+            handle = model.register_forward_pre_hook(state.track, with_kwargs=True)
         yield
     finally:
-        if handle is not None:
-            handle.remove()
         _local.forward = previous
+        if handle is not None:
+            try:
+                handle.remove()
+            except KeyboardInterrupt:  # landed as remove() began: remove, then stop
+                handle.remove()
+                raise
 
 
 def token_emphasis(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]],
@@ -628,6 +634,8 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
     """
     which = parse_method(method, vector)
     require_steerable(model, which)
+    owner = with_frame()  # whose block this is
+    release_stale_steering(model)
     if (getattr(model, "steering", None) is not None
             or getattr(model, "vector_steering", None) is not None):
         raise PromptscopeError("This model is already being steered; leave the other "
@@ -640,20 +648,56 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
     elif vector is not None:
         raise PromptscopeError("vector= is given but method='pasta'; use method='vector' or "
                                "'pasta+vector'.")
-    with contextlib.ExitStack() as stack:
-        attn = None
-        if "pasta" in which:
-            attn = stack.enter_context(_pasta(model, heads, alpha, mode, emphasis, kernel))
-        if vec_steering is not None:
-            from promptscope.models.vectors import vector_hooks
+    try:
+        with contextlib.ExitStack() as stack:
+            # Each undo is registered before what it undoes, so a Ctrl-C anywhere in the set-up
+            # leaves nothing behind; the owner's frame is noted so that a block whose clean-up
+            # a Ctrl-C cut off entirely is undone later (release_stale_steering).
+            stack.callback(_clear, model, "steered_by", owner)
+            model.steered_by = owner
+            attn = None
+            if "pasta" in which:
+                attn = stack.enter_context(_pasta(model, heads, alpha, mode, emphasis, kernel))
+            if vec_steering is not None:
+                from promptscope.models.vectors import vector_hooks
 
-            model.vector_steering = vec_steering
-            stack.callback(setattr, model, "vector_steering", None)
-            stack.enter_context(vector_hooks(model.model, vec_steering))
-        if attn is not None and vec_steering is not None:
-            yield CombinedSteering(attn, vec_steering)
-        else:
-            yield attn if attn is not None else vec_steering
+                stack.callback(_clear, model, "vector_steering", vec_steering)
+                model.vector_steering = vec_steering
+                stack.enter_context(vector_hooks(model.model, vec_steering))
+            if attn is not None and vec_steering is not None:
+                yield CombinedSteering(attn, vec_steering)
+            else:
+                yield attn if attn is not None else vec_steering
+    except KeyboardInterrupt:  # it may have cut a step of the clean-up short: redo them all
+        unsteer(model)
+        raise
+
+
+def release_stale_steering(model: Any) -> None:
+    """Undo a ``steer`` block whose code is no longer running but whose clean-up never ran (a
+    Ctrl-C that landed as the block was left, at the entry of an ``__exit__``; see
+    :mod:`promptscope.interrupts`), with a warning. The model would stay steered otherwise."""
+    owner = getattr(model, "steered_by", None)
+    if owner is None or id(owner) in running_frames():
+        return
+    unsteer(model)
+    warnings.warn("A steer() block left by a Ctrl-C was still steering the model; it is undone "
+                  "now. (steer() steers only inside its `with` block.)", stacklevel=3)
+
+
+def _clear(model: Any, name: str, value: Any) -> None:
+    """Set ``model.<name>`` back to None if it still holds ``value``: a block undone long after
+    (its generator collected late) must not clear a newer block's state."""
+    if getattr(model, name, None) is value:
+        setattr(model, name, None)
+
+
+def unsteer(model: Any) -> None:
+    """Undo everything a ``steer`` block puts on ``model`` (idempotent)."""
+    from promptscope.models.vectors import remove_steering_hooks
+
+    model.steering = model.vector_steering = model.steered_by = None
+    remove_steering_hooks(model.model)
 
 
 @contextlib.contextmanager
@@ -682,4 +726,4 @@ def _pasta(model: Any, heads: Any, alpha: float, mode: str,
     try:
         yield steering
     finally:
-        model.steering = None
+        _clear(model, "steering", steering)

@@ -457,6 +457,7 @@ class _Hooks:
             v = self._vec(layer, h.device, h.dtype if mode == "add" else torch.float32,
                           scaled=mode != "set")
             return with_block_state(output, self.shift(h, v), self.stream)
+        hook.steering_hook = True  # type: ignore[attr-defined]  (see remove_steering_hooks)
         return hook
 
     def shift(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -527,15 +528,37 @@ def vector_hooks(hf_model: Any, steering: VectorSteering) -> Iterator[VectorStee
     """Register the hooks of ``steering`` on a transformers model for the block's duration."""
     hooks = _Hooks(steering, residual_stream(hf_model))
     layers = decoder_layers(hf_model)
-    handles = []
+    handles: list[Any] = []
     try:
         handles.append(hf_model.register_forward_pre_hook(hooks.pre, with_kwargs=True))
         for layer in steering.layers:
             handles.append(layers[layer].register_forward_hook(hooks.layer_hook(layer)))
         yield steering
     finally:  # also on exceptions and KeyboardInterrupt
-        for h in handles:
-            h.remove()
+        remove_all(handles)
+
+
+def remove_all(handles: list[Any]) -> None:
+    """Remove hook handles; a Ctrl-C while doing so removes the rest before it goes on."""
+    try:
+        while handles:
+            handles[-1].remove()
+            handles.pop()
+    except KeyboardInterrupt:
+        while handles:
+            handles.pop().remove()
+        raise
+
+
+def remove_steering_hooks(hf_model: Any) -> None:
+    """Remove every hook :func:`vector_hooks` put on ``hf_model``, handles or not (what a Ctrl-C
+    that cut a clean-up short can leave)."""
+    for module in hf_model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, fn in list(hooks.items()):
+                if getattr(fn, "steering_hook", False) or isinstance(
+                        getattr(fn, "__self__", None), _Hooks):
+                    hooks.pop(key, None)
 
 
 def resolve_vector(vector: Any, store: Any = None) -> SteeringVector:
@@ -637,13 +660,14 @@ def collect_states(model: Any, prompts: Sequence[str], layers: Sequence[int],
                 got[j] = block_state(output, stream).float()
             return hook
 
-        handles = [blocks[layer].register_forward_hook(keep(j)) for j, layer in enumerate(layers)]
+        handles: list[Any] = []
         try:
+            for j, layer in enumerate(layers):
+                handles.append(blocks[layer].register_forward_hook(keep(j)))
             model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                         use_cache=False, **model.every_position(width))
         finally:
-            for h in handles:
-                h.remove()
+            remove_all(handles)
         for r, u in enumerate(batch):
             n = len(ids[u])
             for j in range(len(layers)):

@@ -19,11 +19,11 @@ import json
 import math
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from promptscope.errors import PromptscopeError
 from promptscope.store import (
@@ -34,6 +34,8 @@ from promptscope.store import (
     search_clauses,
     with_casefold,
 )
+
+_T = TypeVar("_T")
 
 # Ids are made by Store.create ("20261125-101500-1a2b3c"); allowing only this alphabet rules out
 # path tricks in URLs and code injection when the panel writes an id into a notebook cell.
@@ -57,6 +59,12 @@ class StoreReader(Store):
     def __init__(self, path: str | Path, *, timeout: float = 10.0) -> None:
         super().__init__(path)
         self.timeout = timeout
+
+    def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """The inherited readers (``get``, ``table``...) on a reading connection. (The server
+        takes no Ctrl-C, so a generator context manager is safe here.)"""
+        with self._connect() as conn:
+            return work(conn)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -23,13 +23,14 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from promptscope.errors import PromptscopeError
+
+_T = TypeVar("_T")
 
 STATUSES = ("running", "done", "interrupted", "failed")
 
@@ -149,8 +150,15 @@ class Store:
         """The store of the current workspace (see the module docstring)."""
         return cls(workspace_dir() / "sessions.sqlite")
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work(conn)`` as one transaction: committed when it returns; rolled back (the
+        connection closed uncommitted) when it raises.
+
+        One function frame rather than a ``with`` over a generator: a Ctrl-C that lands as such
+        a block is left skips the generator's clean-up for as long as the traceback lives (in
+        IPython, until the next error), and the open transaction would keep the store's write
+        lock from every kernel.
+        """
         try:
             if not self._ready:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,8 +172,9 @@ class Store:
             if not self._ready:
                 self._migrate(conn)
                 self._ready = True
-            with conn:  # one transaction
-                yield conn
+            result = work(conn)
+            conn.commit()
+            return result
         except sqlite3.OperationalError as exc:
             text = str(exc).lower()
             if "readonly" in text or "unable to open" in text or "disk i/o" in text \
@@ -215,32 +224,41 @@ class Store:
     # ------------------------------------------------------------------ writing
     def create(self, kind: str, *, name: str = "", model: str = "",
                model_info: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
-               source: str = "") -> str:
-        """Start a session in status ``running``; returns its id (sortable by time).
+               source: str = "", session_id: str | None = None,
+               live: Collection[str] | None = None) -> str:
+        """Start a session in status ``running``; returns its id (sortable by time; give one
+        from :func:`new_session_id` to know it even if this call is interrupted).
 
         Sessions left ``running`` by a process of this machine that no longer exists (a kernel
         that died or was restarted mid-run) are marked ``interrupted`` first; their rows stay.
+        With ``live`` (the sessions this process is running), so are this process's other
+        ``running`` sessions: a Ctrl-C that landed as a run's clean-up began left them so.
         """
         now = time.time()
-        sid = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
-        with self._connect() as conn:
-            self._reap_orphans(conn)
+        sid = session_id or new_session_id(now)
+        row = (sid, name or default_session_name(kind, source, sid), kind, model,
+               _dumps(model_info or {}), _dumps(params or {}), source, now, now, _owner())
+
+        def insert(conn: sqlite3.Connection) -> None:
+            self._reap_orphans(conn, live)
             conn.execute(
                 "INSERT INTO sessions (id, name, kind, model, model_info, params, source, "
                 "status, created, updated, owner) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
-                (sid, name or _default_name(kind, source, sid), kind, model,
-                 _dumps(model_info or {}),
-                 _dumps(params or {}), source, now, now, _owner()),
-            )
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)", row)
+
+        self._run(insert)
         return sid
 
     @staticmethod
-    def _reap_orphans(conn: sqlite3.Connection) -> None:
+    def _reap_orphans(conn: sqlite3.Connection, live: Collection[str] | None = None) -> None:
         running = conn.execute("SELECT id, owner, updated FROM sessions WHERE status='running'")
-        dead = [sid for sid, owner, updated in running if orphaned("running", owner, updated)]
+        me = _owner()
+        dead = [(ORPHAN_ERROR if owner != me else STRANDED_ERROR, sid)
+                for sid, owner, updated in running
+                if orphaned("running", owner, updated)
+                or (live is not None and owner == me and sid not in live)]
         conn.executemany("UPDATE sessions SET status='interrupted', error=?, updated=? WHERE id=?",
-                         [(ORPHAN_ERROR, time.time(), sid) for sid in dead])
+                         [(error, time.time(), sid) for error, sid in dead])
 
     def append(self, session_id: str, table: str, df: Any, seq: int | None = None) -> None:
         """Append rows (a DataFrame) to one of the session's tables. A table's first chunk is
@@ -250,48 +268,49 @@ class Store:
         is already there does nothing, so a write retried after an interrupt is not doubled.
         """
         blob = _to_parquet(df)
-        with self._connect() as conn:
-            if seq is None:
-                seq = conn.execute(
+
+        def write(conn: sqlite3.Connection) -> None:
+            number = seq
+            if number is None:
+                number = conn.execute(
                     "SELECT COALESCE(MAX(seq), -1) + 1 FROM chunks WHERE session_id=? AND name=?",
                     (session_id, table),
                 ).fetchone()[0]
-            if len(df) == 0 and seq > 0:
+            if len(df) == 0 and number > 0:
                 return
             if not conn.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
-                                (session_id, table, seq, blob)).rowcount:
+                                (session_id, table, number, blob)).rowcount:
                 return  # written before
             conn.execute("UPDATE sessions SET n_rows = n_rows + ?, updated = ? WHERE id = ?",
                          (len(df) if table == "rows" else 0, time.time(), session_id))
 
+        self._run(write)
+
     def save_figure(self, session_id: str, name: str, figure: Any) -> None:
         """Save a plotly figure (or its JSON string) under ``name``."""
         spec = figure if isinstance(figure, str) else figure.to_json()
-        with self._connect() as conn:
-            conn.execute("INSERT OR REPLACE INTO figures VALUES (?, ?, ?)",
-                         (session_id, name, spec))
+        self._run(lambda conn: conn.execute("INSERT OR REPLACE INTO figures VALUES (?, ?, ?)",
+                                            (session_id, name, spec)))
 
     def finish(self, session_id: str, status: str, *, error: str = "",
                summary: dict[str, Any] | None = None) -> None:
         """Set the final status (``done``, ``interrupted`` or ``failed``)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}")
-        with self._connect() as conn:
-            conn.execute(
-                "UPDATE sessions SET status=?, error=?, summary=?, updated=? WHERE id=?",
-                (status, error, _dumps(summary or {}), time.time(), session_id),
-            )
+        values = (status, error, _dumps(summary or {}), time.time(), session_id)
+        self._run(lambda conn: conn.execute(
+            "UPDATE sessions SET status=?, error=?, summary=?, updated=? WHERE id=?", values))
 
     def update_params(self, session_id: str, params: dict[str, Any]) -> None:
-        with self._connect() as conn:
-            conn.execute("UPDATE sessions SET params=?, updated=? WHERE id=?",
-                         (_dumps(params), time.time(), session_id))
+        values = (_dumps(params), time.time(), session_id)
+        self._run(lambda conn: conn.execute(
+            "UPDATE sessions SET params=?, updated=? WHERE id=?", values))
 
     def rename(self, session_id: str, name: str) -> None:
         self.get(session_id)
-        with self._connect() as conn:
-            conn.execute("UPDATE sessions SET name=?, updated=? WHERE id=?",
-                         (name, time.time(), session_id))
+        values = (name, time.time(), session_id)
+        self._run(lambda conn: conn.execute(
+            "UPDATE sessions SET name=?, updated=? WHERE id=?", values))
 
     def delete(self, session_id: str, *, force: bool = False) -> None:
         """Delete a session and its tables. A session still running in a live kernel is kept
@@ -301,14 +320,15 @@ class Store:
             raise PromptscopeError(
                 f"Session '{session_id}' is still running (in {rec.owner or 'another kernel'}); "
                 "stop it first, or delete it with force=True.")
-        with self._connect() as conn:
-            conn.execute("DELETE FROM sessions WHERE id=?", (session_id,))
+        self._run(lambda conn: conn.execute("DELETE FROM sessions WHERE id=?", (session_id,)))
 
     # ------------------------------------------------------------------ reading
     def get(self, session_id: str) -> SessionRecord:
-        with self._connect() as conn:
+        def read(conn: sqlite3.Connection) -> Any:
             conn.row_factory = sqlite3.Row
-            row = conn.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+            return conn.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+
+        row = self._run(read)
         if row is None:
             raise PromptscopeError(
                 f"No session '{session_id}' in {self.path}. promptscope.sessions() lists them."
@@ -319,10 +339,9 @@ class Store:
         """All chunks of one table, concatenated in the order they were written."""
         import pandas as pd
 
-        with self._connect() as conn:
-            blobs = [b for (b,) in conn.execute(
-                "SELECT data FROM chunks WHERE session_id=? AND name=? ORDER BY seq",
-                (session_id, name))]
+        blobs = self._run(lambda conn: [b for (b,) in conn.execute(
+            "SELECT data FROM chunks WHERE session_id=? AND name=? ORDER BY seq",
+            (session_id, name))])
         if not blobs:
             return pd.DataFrame()
         frames = [_from_parquet(b) for b in blobs]
@@ -330,16 +349,13 @@ class Store:
         return pd.concat(filled or frames[:1], ignore_index=True)
 
     def table_names(self, session_id: str) -> list[str]:
-        with self._connect() as conn:
-            return [n for (n,) in conn.execute(
-                "SELECT DISTINCT name FROM chunks WHERE session_id=? ORDER BY name",
-                (session_id,))]
+        return self._run(lambda conn: [n for (n,) in conn.execute(
+            "SELECT DISTINCT name FROM chunks WHERE session_id=? ORDER BY name", (session_id,))])
 
     def figures(self, session_id: str) -> dict[str, str]:
         """Figure name -> plotly JSON."""
-        with self._connect() as conn:
-            return dict(conn.execute(
-                "SELECT name, spec FROM figures WHERE session_id=? ORDER BY name", (session_id,)))
+        return self._run(lambda conn: dict(conn.execute(
+            "SELECT name, spec FROM figures WHERE session_id=? ORDER BY name", (session_id,))))
 
     def list(self, *, kind: str | None = None, model: str | None = None,
              search: str | None = None, limit: int | None = None,
@@ -362,15 +378,19 @@ class Store:
         args += [-1 if limit is None else limit, offset]
         if not self.path.exists():
             return []
-        with self._connect() as conn:
+        def read(conn: sqlite3.Connection) -> list[SessionRecord]:
             conn.row_factory = sqlite3.Row
             return [_record(r) for r in conn.execute(sql, args)]
+
+        return self._run(read)
 
 
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"  # at call time: a forked child is not us
 
 
+STRANDED_ERROR = ("A Ctrl-C stopped it as its run was being finished, before its status was "
+                  "written; the rows saved until then are kept.")
 ORPHAN_ERROR = ("The process that ran it ended before it finished (kernel restarted or died); "
                 "the rows saved until then are kept.")
 
@@ -534,7 +554,13 @@ def _lists(value: Any) -> Any:
     return value
 
 
-def _default_name(kind: str, source: str, sid: str) -> str:
+def new_session_id(now: float | None = None) -> str:
+    """A new session id: the local time to the second and 6 random hex digits."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
+
+
+def default_session_name(kind: str, source: str, sid: str) -> str:
     """An unnamed session's name: its kind and the start of its source (the template), which
     says more in a list of sessions than the id beside it; the id where there is no source."""
     first = next((line.strip() for line in source.splitlines() if line.strip()), "")
