@@ -43,6 +43,27 @@ def test_scores_do_not_depend_on_batch_size(tiny_llama):
     assert one == pytest.approx(auto, abs=1e-4)
 
 
+def test_many_long_choices_keep_each_pass_within_the_token_budget(tiny_llama, monkeypatch):
+    """Every multi-token continuation is a row over its prompt's cache in the second pass, so
+    batches count both passes, and a prompt with more such rows than one pass takes is split:
+    no forward holds more tokens (rows x keys) than the budget, and the scores do not move."""
+    conts = [f" answer number {i} is long" for i in range(30)] + [" yes"]
+    prompts = [PROMPTS[0]] * len(conts) + [PROMPTS[2]] * len(conts)
+    conts = conts * 2
+    whole = [s.logprob for s in tiny_llama.score(prompts, conts)]
+    sizes = []
+    hook = tiny_llama.model.register_forward_pre_hook(
+        lambda m, a, k: sizes.append(k["attention_mask"].numel()), with_kwargs=True)
+    monkeypatch.setattr(HFModel, "token_budget", property(lambda self: 120))
+    try:
+        split = [s.logprob for s in tiny_llama.score(prompts, conts)]
+    finally:
+        hook.remove()
+    assert split == pytest.approx(whole, abs=1e-4)
+    assert max(sizes) <= 120 and len(sizes) > 4
+    assert split[0] == pytest.approx(naive_logprob(tiny_llama, prompts[0], conts[0]), abs=1e-4)
+
+
 def test_progress_counts_every_pair(tiny_llama):
     seen = []
     tiny_llama.score(PROMPTS * 2, CONTS * 2, progress=seen.append)

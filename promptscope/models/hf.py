@@ -469,12 +469,31 @@ class HFModel(Model):
             by_prompt[unique[p]].append(i)
 
         flags = self._emphasis_flags(list(unique))
+        # A unit: a prompt and some of its continuations. Each multi-token continuation adds
+        # a row over the prompt's cache in the second pass, so a prompt with many of them is
+        # split into units that each fit the token budget, and batches count both passes.
+        units, costs = [], []
+        for u, ids in enumerate(prompt_ids):
+            group, cost = [], len(ids)
+            for i in by_prompt[u]:
+                extra = len(ids) + len(cont_ids[i]) if len(cont_ids[i]) > 1 else 0
+                if group and cost + extra > self.token_budget:
+                    units.append((u, group))
+                    costs.append(cost)
+                    group, cost = [], len(ids)
+                group.append(i)
+                cost += extra
+            units.append((u, group))
+            costs.append(cost)
+        unit_ids = [prompt_ids[u] for u, _ in units]
+        unit_conts = [group for _, group in units]
+        unit_flags = [flags[u] for u, _ in units] if flags is not None else None
         results: list[Score | None] = [None] * len(prompts)
-        for batch in self._batches([len(ids) for ids in prompt_ids]):
+        for batch in self._batches(costs):
             self._run_adaptive(batch, lambda b: self._score_batch(
-                b, prompt_ids, cont_ids, by_prompt, results, flags))
+                b, unit_ids, cont_ids, unit_conts, results, unit_flags))
             if progress:
-                progress(sum(len(by_prompt[u]) for u in batch))
+                progress(sum(len(unit_conts[u]) for u in batch))
         return results  # type: ignore[return-value]
 
     def _run_adaptive(self, batch: list[int], fn: Any) -> None:

@@ -55,18 +55,27 @@ def _template_names(template: str | None) -> set[str] | None:
 
 
 def _joined(df: Any, cols: list[str]) -> Any:
+    """The columns' values as text (cut to fit, '∅' for empty), joined with ' · '; whole
+    columns at a time (a run has thousands of rows)."""
     width = max(10, min(24, 60 // len(cols)))
-    shown = df[cols].apply(lambda col: col.map(
-        lambda v: "∅" if v == "" else _short(str(v), width)))  # NaN: "nan"
-    if "steered" in cols:
-        shown["steered"] = df["steered"].map({True: "steered", False: "plain"})
-    return shown.agg(" · ".join, axis=1)
+    parts = []
+    for c in cols:
+        if c == "steered":
+            parts.append(df[c].map({True: "steered", False: "plain"}).astype(str))
+            continue
+        text = df[c].map(str)  # NaN: "nan" (astype(str) keeps it missing in pandas 3)
+        cut = text.str.len() > width
+        text = text.where(~cut, text.str[: width - 1] + "…")
+        parts.append(text.mask(df[c].eq(""), "∅"))
+    labels = parts[0]
+    for part in parts[1:]:
+        labels = labels + " · " + part
+    return labels
 
 
 def _ambiguous(df: Any, labels: Any) -> bool:
     """Whether two variants share a label."""
-    return bool(labels.groupby(labels).transform(
-        lambda g: df.loc[g.index, "variant"].nunique()).gt(1).any())
+    return bool(df["variant"].groupby(labels.to_numpy()).nunique().gt(1).any())
 
 
 def _short(text: str, width: int = 24) -> str:
@@ -104,6 +113,8 @@ def figure(result: Any) -> Any:
 
     df = result.df
     mode = result.params.get("mode")
+    if mode not in ("choices", "target"):
+        return None  # generation: the outputs are text, read in the table
     x = variant_labels(df, result.params.get("template"))
     if mode == "choices":
         choices = result.params["choices"]
@@ -128,13 +139,11 @@ def figure(result: Any) -> Any:
             fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
                               xaxis_title="variant", legend_title="choice")
         return apply_style(fig, "Choice probability per variant")
-    if mode == "target":
-        fig = go.Figure(go.Bar(x=x, y=df["logprob"],
-                               hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
-        fig.update_layout(yaxis_title=f"log p({plain(repr(result.params.get('target')))})",
-                          xaxis_title="variant")
-        return apply_style(fig, "Target log-probability per variant")
-    return None
+    fig = go.Figure(go.Bar(x=x, y=df["logprob"],
+                           hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
+    fig.update_layout(yaxis_title=f"log p({plain(repr(result.params.get('target')))})",
+                      xaxis_title="variant")
+    return apply_style(fig, "Target log-probability per variant")
 
 
 def plain_vs_steered(run: Any) -> Any:
