@@ -102,6 +102,40 @@ def test_api_model_states_what_it_cannot_do():
     assert "api_key" not in str(model.describe()) and model.per_request_errors
 
 
+def test_a_ctrl_c_keeps_the_api_rows_already_answered(monkeypatch):
+    """Answered requests were billed: a Ctrl-C part way through a chunk keeps their rows (in
+    the exception and the session); the requests not sent say so."""
+    from promptscope.analyses import prompt as prompt_module
+    from promptscope.models.base import Generation
+
+    model = OpenAIModel("m", base_url=f"http://127.0.0.1:{_closed_port()}/v1", check=False,
+                        max_concurrency=1, cache=False)
+    monkeypatch.setattr(model, "_generate_one", lambda prompt, **kw: [
+        Generation(text=f" {prompt[-2]}", tokens=["t"], logprob=-1.0, prompt_tokens=3)])
+
+    class Bar:  # the run's progress bar: the Ctrl-C lands as the third answer is counted
+        n = 0
+
+        def update(self, k=1):
+            self.n += k
+            if self.n == 3:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(prompt_module, "_progress_bar", lambda *a: Bar())
+    rows = [{"x": str(i)} for i in range(6)]
+    with pytest.raises(KeyboardInterrupt) as stop:
+        promptscope.run_prompt("Say {x}:", model, vars=rows, max_new_tokens=2, progress=False)
+    df = stop.value.partial_result.df
+    answered = df[df["error"].isna()]
+    assert len(answered) >= 3 and answered["output"].tolist()[:3] == [" 0", " 1", " 2"]
+    assert (df.loc[df["error"].notna(), "error"] == "not sent: interrupted (Ctrl-C)").all()
+    saved = promptscope.load(stop.value.partial_result.session_id)
+    assert saved.status == "interrupted" and len(saved.df) == len(df) == 6
+
+
 def test_top_logprobs_match_choices_by_their_bytes():
     """OpenAI's chat answer names a token that holds part of a character by its bytes (the
     documented ``bytes`` field; its ``token`` is ``"bytes:\\xf0\\x9f"``): such a token is

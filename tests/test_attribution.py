@@ -603,3 +603,24 @@ def test_perturbations_on_a_tokenizer_without_bos(tiny_llama_dir, tmp_path):
                                     target_part="ans", method=method, n_samples=4, save=False,
                                     progress=False)
         assert att.df["attribution"].notna().sum() == 3
+
+
+def test_an_interrupt_keeps_every_variant_attributed_so_far(tiny_llama, monkeypatch):
+    from promptscope.analyses import attribution as attribution_module
+
+    real, calls = attribution_module._Engine.run, []
+
+    def third_is_interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(attribution_module._Engine, "run", third_is_interrupted)
+    rows = [{"fact": f"{name} lives in Rome.", "who": name} for name in ("Ann", "Bob", "Cy", "Di")]
+    with pytest.raises(KeyboardInterrupt) as stop:
+        promptscope.attribute(TEMPLATE, tiny_llama, vars=rows, target=" Rome",
+                              method="ablation", progress=False)
+    partial = stop.value.partial_result
+    assert sorted(partial.df["variant"].unique()) == [0, 1]  # within one chunk of 8
+    assert promptscope.load(partial.session_id).df.equals(partial.df)

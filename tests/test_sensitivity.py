@@ -405,6 +405,31 @@ def test_posix_stopped_while_scoring_keeps_the_prompts_and_responses(tmp_path):
     assert again.status == "failed" and len(again.tables["variants"]) == 2
 
 
+def test_posix_interrupted_keeps_the_responses_and_scores_so_far(tmp_path):
+    """Responses are generated a chunk of 16 sets at a time, each chunk saved with its
+    scores: a Ctrl-C in the second chunk's generation keeps the first's."""
+    store = promptscope.Store(tmp_path / "store")
+    model = ScriptedModel({}, {})
+    calls = []
+
+    def generate(prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [[Generation(" " + p[0].lower(), ["t"], -1.0, 1)] for p in prompts]
+
+    model.generate = generate
+    rows = [{"y": str(i % 10) * (1 + i // 10)} for i in range(20)]  # 20 items: 2 chunks
+    with pytest.raises(KeyboardInterrupt) as info:
+        promptscope.posix(rows, model, template="{{A|B}}{y}", types=["template"],
+                          progress=False, store=store)
+    partial = info.value.partial_result
+    assert calls == [32, 8] and len(partial.tables["variants"]) == 32
+    assert len(partial.tables["items"]) == 16
+    again = promptscope.load(partial.session_id, store=store)
+    assert again.status == "interrupted" and len(again.tables["variants"]) == 32
+
+
 def test_posix_variant_sources_and_paraphrase_forms():
     """Each prompt says where it came from (a duplicate is left out, so ids are places in the
     set); a column of single texts is one paraphrase per row; a list of plain texts for several

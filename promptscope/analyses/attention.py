@@ -173,7 +173,7 @@ def attention(
         if steering is not None:
             params["steer"] = steering.to_json()
         rec = Recorder("attention", name=name, model=mdl, params=params,
-                             source=tpl.source, save=save, store=store).enter(stack)
+                       source=tpl.source, save=save, store=store).enter(stack)
         try:
             for chunk in chunks(variants, CHUNK_SIZE, steered=steering is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]

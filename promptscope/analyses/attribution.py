@@ -71,7 +71,7 @@ LEVELS = ("parts", "tokens")
 COLUMNS = {"method", "segment", "part", "kind", "text", "start", "end", "attribution", "share",
            "position", "token", "segment_part", "baseline_logprob", "ig_gap", "ig_steps"}
 
-#: Variants per step (their rows are saved before the next step starts).
+#: Variants per step: a generate-mode chunk's answers come from one batched generate call.
 CHUNK_SIZE = 8
 
 #: Where ``n_steps=None`` stops doubling integrated gradients' steps.
@@ -336,11 +336,10 @@ def attribute(
             steering = stack.enter_context(_steer(mdl, **steer_opts))
             params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2}
         rec = Recorder("attribution", name=name, model=mdl, params=params,
-                             source=tpl.source, save=save, store=store).enter(stack)
+                       source=tpl.source, save=save, store=store).enter(stack)
         try:
             for chunk in chunks(tpl.expand(vars, namespace, carry=carry), CHUNK_SIZE,
                                 steered=steering is not None):
-                frames = []
                 answers = None
                 if mode == "generate":  # the model's own (unsteered or steered) answer
                     answers = {}
@@ -361,12 +360,8 @@ def attribute(
                         rows = engine.run(v, targets, target_part, mode == "choices")
                         if steering is not None:
                             rows.insert(1, "steered", steered)
-                        frames.append(rows)
+                        rec.add(rows)  # each variant's, at once: a Ctrl-C loses none
                         bar.update(1)
-                if frames:
-                    import pandas as pd
-
-                    rec.add(pd.concat(frames, ignore_index=True))
                 if steering is not None:
                     mdl.steering = steering  # type: ignore[attr-defined]
         finally:

@@ -191,7 +191,7 @@ def run_prompt(
             params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2,
                                "auto": auto}
         rec = Recorder("prompt", name=name, model=mdl, params=params,
-                             source=tpl.source, save=save, store=store).enter(stack)
+                       source=tpl.source, save=save, store=store).enter(stack)
         try:
             for chunk in chunks(variants, chunk_size, steered=attn is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
@@ -211,7 +211,9 @@ def run_prompt(
                                           dict(max_new_tokens=max_new_tokens,
                                                temperature=temperature, top_p=top_p, n=n,
                                                seed=seed))
-                    except PromptscopeError as exc:  # rows answered before a refusal: kept
+                    except (PromptscopeError, KeyboardInterrupt) as exc:
+                        # the rows an API run answered (and billed) before a refusal or a
+                        # Ctrl-C are kept
                         rows, refused = getattr(exc, "partial_rows", None), exc
                         if rows is None:
                             raise
@@ -256,9 +258,9 @@ def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],
         else:
             got = mdl.score([t for t in texts for _ in conts], conts * len(texts),
                             progress=_every(len(conts), bar.update))
-    except PromptscopeError as exc:
-        # an API run refused part way: the rows of what it had finished (and was billed for)
-        # ride on the error, so the session keeps them
+    except (PromptscopeError, KeyboardInterrupt) as exc:
+        # an API run refused or stopped part way: the rows of what it had finished (and was
+        # billed for) ride on the exception, so the session keeps them
         if getattr(exc, "partial", None) is not None:
             exc.partial_rows = rows_of(exc.partial)  # type: ignore[attr-defined]
         raise

@@ -328,9 +328,10 @@ class OpenAIModel(Model):
         try:
             self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
                            progress)
-        except APIRequestError as exc:  # keep what was answered (and billed)
-            exc.partial = [r if r is not None else _failed_score(f"not sent: {exc}")
-                           for r in results]
+        except (APIRequestError, KeyboardInterrupt) as exc:  # keep what was answered (billed)
+            why = _stopped_by(exc)
+            exc.partial = [r if r is not None else _failed_score(f"not sent: {why}")
+                           for r in results]  # type: ignore[attr-defined]
             raise
         return results  # type: ignore[return-value]
 
@@ -647,9 +648,10 @@ class OpenAIModel(Model):
 
         try:
             self._run_jobs([(job(i), 1) for i in range(len(prompts))], progress)
-        except APIRequestError as exc:  # keep what was answered (and billed)
-            exc.partial = [r if r is not None else _failed_generations(f"not sent: {exc}", n)
-                           for r in results]
+        except (APIRequestError, KeyboardInterrupt) as exc:  # keep what was answered (billed)
+            why = _stopped_by(exc)
+            exc.partial = [r if r is not None else _failed_generations(f"not sent: {why}", n)
+                           for r in results]  # type: ignore[attr-defined]
             raise
         return results  # type: ignore[return-value]
 
@@ -1002,6 +1004,11 @@ def _message(exc: Any) -> str:
 def _failed_generations(error: str, n: int) -> list[Generation]:
     return [Generation(text="", tokens=[], logprob=math.nan, prompt_tokens=0,
                        finish_reason="error", error=error) for _ in range(n)]
+
+
+def _stopped_by(exc: BaseException) -> str:
+    """Why the rows not sent were not: the fatal error, or a Ctrl-C."""
+    return "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
 
 
 def _failed_score(error: str) -> Score:

@@ -293,24 +293,28 @@ def posix(
                   store=store) as rec:
         try:
             texts = [mdl.chat_prompt(v["prompt"]) if chat else v["prompt"] for v in variants]
-            if given is None:
-                gens = mdl.generate(texts, max_new_tokens=max_new_tokens, temperature=0.0)
-                for v, g in zip(variants, gens):
-                    # a failed generation has no response (left out, as an empty one is)
-                    # and says why
-                    v["response"] = "" if g[0].error else g[0].text
-                    v["error"] = g[0].error
-            else:
-                for v in variants:
-                    v["response"] = given[v["item"]]
-            rec.add(pd.DataFrame(variants), "variants")  # kept if the scoring below fails
             sets: dict[tuple[int, str], list[int]] = {}
             for k, v in enumerate(variants):
                 sets.setdefault((v["item"], v["type"]), []).append(k)
-            # One backend call per chunk of sets: all N x N (prompt, response) pairs at once.
+            # Per chunk of sets, one generate call (the responses) and one score call (all
+            # N x N (prompt, response) pairs), each chunk saved before the next: a Ctrl-C or
+            # an error keeps the responses and scores so far.
             keys = list(sets)
             for start in range(0, len(keys), 16):
                 chunk = keys[start:start + 16]
+                members = [k for key in chunk for k in sets[key]]
+                if given is None:
+                    gens = mdl.generate([texts[k] for k in members],
+                                        max_new_tokens=max_new_tokens, temperature=0.0)
+                    for k, g in zip(members, gens):
+                        # a failed generation has no response (left out, as an empty one is)
+                        # and says why
+                        variants[k]["response"] = "" if g[0].error else g[0].text
+                        variants[k]["error"] = g[0].error
+                else:
+                    for k in members:
+                        variants[k]["response"] = given[variants[k]["item"]]
+                rec.add(pd.DataFrame([variants[k] for k in members]), "variants")
                 pairs = [(a, b) for key in chunk for a in sets[key] for b in sets[key]
                          if variants[b]["response"]]  # an empty response has nothing to score
                 scores = mdl.score([texts[a] for a, _ in pairs],
