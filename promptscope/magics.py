@@ -199,19 +199,24 @@ def _usage() -> str:
 
 def _without_comment(line: str) -> str:
     """``line`` without a trailing ``# comment``: a ``#`` that starts a word outside quotes (as
-    in a shell; ``--choices "#1|#2"`` and ``a#b`` keep theirs)."""
-    quote, i = None, 0
+    in a shell; ``--choices "#1|#2"``, ``a#b`` and ``run\\ #2`` keep theirs)."""
+    quote, word_start, i = None, True, 0
     while i < len(line):
         c = line[i]
         if c == "\\" and quote != "'":
-            i += 2  # an escaped character, whatever it is
+            i += 2  # an escaped character, whatever it is, is part of a word
+            word_start = False
             continue
         if quote:
             quote = None if c == quote else quote
         elif c in "\"'":
-            quote = c
-        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            quote, word_start = c, False
+        elif c.isspace():
+            word_start = True
+        elif c == "#" and word_start:
             return line[:i]
+        else:
+            word_start = False
         i += 1
     return line
 

@@ -331,6 +331,7 @@ def test_a_ctrl_c_anywhere_in_recording_leaves_no_session_running(tiny_llama):
     from ctrl_c import CtrlCAt
 
     from promptscope.analyses._recorder import Recorder
+    from promptscope.interrupts import running_frames
     from promptscope.store import Store
 
     files = ("analyses/_recorder.py", "promptscope/store/__init__.py", "contextlib.py")
@@ -354,8 +355,8 @@ def test_a_ctrl_c_anywhere_in_recording_leaves_no_session_running(tiny_llama):
         for r in (r for r in store.list() if r.id not in before):
             stored = promptscope.load(r.id).df
             assert r.n_rows == len(stored) and not stored.duplicated(["variant", "choice"]).any()
-            if r.status == "running":  # its clean-up never started: no live run owns it
-                assert r.id not in Recorder.live(), ctrl_c.where
+            if r.status == "running":  # its clean-up never started: the next run marks it
+                assert id(Recorder.unfinished[r.id]) not in running_frames(), ctrl_c.where
                 stranded += 1
             elif r.status == "interrupted" and partial is not None:
                 assert len(partial.df) == len(stored), ctrl_c.where
@@ -363,3 +364,12 @@ def test_a_ctrl_c_anywhere_in_recording_leaves_no_session_running(tiny_llama):
     assert k > 50 and stranded < k / 10  # every call was tried; most finish on their own
     run()
     assert all(r.status != "running" for r in store.list())
+
+
+def test_a_session_made_by_hand_is_not_taken_for_a_stranded_run(tiny_llama):
+    from promptscope.store import Store
+
+    store = Store.default()
+    sid = store.create("prompt", name="by hand")  # create -> append -> finish, as documented
+    promptscope.run_prompt("Hi", tiny_llama, target=" there", progress=False)
+    assert store.get(sid).status == "running"

@@ -241,26 +241,56 @@ def test_a_ctrl_c_anywhere_in_steer_leaves_the_model_unsteered(tiny_llama):
 
 
 def test_a_steer_block_whose_clean_up_never_ran_is_undone_at_the_next_use(tiny_llama):
+    """A Ctrl-C that lands as a ``with steer(...)`` block is left (at the entry of contextlib's
+    ``__exit__``) skips its clean-up while the traceback keeps the block: the model's next use
+    undoes it, with a warning; a block entered by a wrapper's ``__enter__`` call is not taken
+    for one."""
+    import contextlib
+    import gc
+    import sys
+
     m = tiny_llama
     base = m.score(PROMPTS[:1], [" yes"])[0].logprob
 
-    def entered_and_never_left():  # as when a Ctrl-C lands on the block's __exit__
-        block = promptscope.steer(m, vector=_vector(m), strength=5.0)
-        block.__enter__()
-        assert m.score(PROMPTS[:1], [" yes"])[0].logprob != pytest.approx(base)
-        return block  # kept alive, like the traceback that holds it
+    def ctrl_c_at_exit(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "__exit__" \
+                and frame.f_code.co_filename == contextlib.__file__:
+            sys.settrace(None)
+            raise KeyboardInterrupt
 
-    held = entered_and_never_left()
+    def cut_off():
+        block = promptscope.steer(m, vector=_vector(m), strength=5.0)
+        with block:
+            assert m.score(PROMPTS[:1], [" yes"])[0].logprob != pytest.approx(base)
+            sys.settrace(ctrl_c_at_exit)
+
+    try:
+        cut_off()
+    except KeyboardInterrupt as exc:
+        kept = exc  # as IPython keeps the last traceback, and the block with it
+    assert m.vector_steering is not None  # its clean-up did not run
     with pytest.warns(UserWarning, match="left by a Ctrl-C was still steering the model"):
         assert m.score(PROMPTS[:1], [" yes"])[0].logprob == pytest.approx(base, abs=1e-6)
     _no_hooks_left(m)
     with promptscope.steer(m, vector=_vector(m), strength=5.0):  # a new block is accepted
-        del held  # the old block's late clean-up must not undo the new one
-        import gc
-
-        gc.collect()
+        del kept
+        gc.collect()  # the old block's late clean-up must not undo the new one
         assert m.vector_steering is not None
         assert m.score(PROMPTS[:1], [" yes"])[0].logprob != pytest.approx(base)
+
+    class Steered:  # a wrapper: its block outlives the frame that entered steer()
+        def __enter__(self):
+            self.block = promptscope.steer(m, vector=_vector(m), strength=5.0)
+            return self.block.__enter__()
+
+        def __exit__(self, *exc):
+            return self.block.__exit__(*exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Steered():
+            assert m.score(PROMPTS[:1], [" yes"])[0].logprob != pytest.approx(base)
+    _no_hooks_left(m)
 
 
 def test_nested_steering_is_refused(tiny_llama):

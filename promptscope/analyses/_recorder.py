@@ -29,13 +29,14 @@ class Recorder:
     unfinished: dict[str, Any] = {}
 
     @classmethod
-    def live(cls) -> set[str]:
-        """The unfinished sessions whose run is still going on some thread."""
+    def stranded(cls) -> list[str]:
+        """The unfinished sessions whose run no longer goes on on any thread (no longer
+        counted as unfinished once returned)."""
         running = running_frames()
-        for sid, frame in list(cls.unfinished.items()):
-            if id(frame) not in running:
-                del cls.unfinished[sid]
-        return set(cls.unfinished)
+        gone = [sid for sid, frame in cls.unfinished.items() if id(frame) not in running]
+        for sid in gone:
+            cls.unfinished.pop(sid, None)
+        return gone
 
     def __init__(self, kind: str, *, name: str = "", model: Any = None,
                  params: dict[str, Any] | None = None, source: str = "", save: bool = True,
@@ -66,7 +67,7 @@ class Recorder:
                 self.store.create(
                     self.kind, name=self.name, model=self.model_info.get("name", ""),
                     model_info=self.model_info, params=self.params, source=self.source,
-                    session_id=self.session_id, live=Recorder.live())
+                    session_id=self.session_id, stranded=Recorder.stranded())
             except BaseException:
                 with contextlib.suppress(Exception):  # it may or may not have been written
                     self.store.finish(self.session_id, "interrupted")

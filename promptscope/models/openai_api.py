@@ -329,8 +329,8 @@ class OpenAIModel(Model):
             self._run_jobs([(job(pack), sum(len(idx) for _, idx in pack)) for pack in packs],
                            progress)
         except (APIRequestError, KeyboardInterrupt) as exc:  # keep what was answered (billed)
-            why = _stopped_by(exc)
-            exc.partial = [r if r is not None else _failed_score(f"not sent: {why}")
+            why = _unanswered(exc)
+            exc.partial = [r if r is not None else _failed_score(why)
                            for r in results]  # type: ignore[attr-defined]
             raise
         return results  # type: ignore[return-value]
@@ -649,8 +649,8 @@ class OpenAIModel(Model):
         try:
             self._run_jobs([(job(i), 1) for i in range(len(prompts))], progress)
         except (APIRequestError, KeyboardInterrupt) as exc:  # keep what was answered (billed)
-            why = _stopped_by(exc)
-            exc.partial = [r if r is not None else _failed_generations(f"not sent: {why}", n)
+            why = _unanswered(exc)
+            exc.partial = [r if r is not None else _failed_generations(why, n)
                            for r in results]  # type: ignore[attr-defined]
             raise
         return results  # type: ignore[return-value]
@@ -1006,9 +1006,12 @@ def _failed_generations(error: str, n: int) -> list[Generation]:
                        finish_reason="error", error=error) for _ in range(n)]
 
 
-def _stopped_by(exc: BaseException) -> str:
-    """Why the rows not sent were not: the fatal error, or a Ctrl-C."""
-    return "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+def _unanswered(exc: BaseException) -> str:
+    """The error of a row with no answer when ``exc`` stopped the run: after a fatal error the
+    requests still waiting were not sent; after a Ctrl-C some may have been (and billed)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "no answer: interrupted (Ctrl-C; the request may have been sent)"
+    return f"not sent: {exc}"
 
 
 def _failed_score(error: str) -> Score:

@@ -634,7 +634,7 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
     """
     which = parse_method(method, vector)
     require_steerable(model, which)
-    owner = with_frame()  # whose block this is
+    owner = with_frame() or _UNTRACKED  # whose block this is
     release_stale_steering(model)
     if (getattr(model, "steering", None) is not None
             or getattr(model, "vector_steering", None) is not None):
@@ -673,12 +673,17 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
         raise
 
 
+#: The owner of a block entered other than by a ``with`` statement (see ``with_frame``): it is
+#: never taken for one a Ctrl-C cut off.
+_UNTRACKED = object()
+
+
 def release_stale_steering(model: Any) -> None:
     """Undo a ``steer`` block whose code is no longer running but whose clean-up never ran (a
     Ctrl-C that landed as the block was left, at the entry of an ``__exit__``; see
     :mod:`promptscope.interrupts`), with a warning. The model would stay steered otherwise."""
     owner = getattr(model, "steered_by", None)
-    if owner is None or id(owner) in running_frames():
+    if owner is None or owner is _UNTRACKED or id(owner) in running_frames():
         return
     unsteer(model)
     warnings.warn("A steer() block left by a Ctrl-C was still steering the model; it is undone "

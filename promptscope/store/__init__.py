@@ -225,14 +225,14 @@ class Store:
     def create(self, kind: str, *, name: str = "", model: str = "",
                model_info: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
                source: str = "", session_id: str | None = None,
-               live: Collection[str] | None = None) -> str:
+               stranded: Collection[str] = ()) -> str:
         """Start a session in status ``running``; returns its id (sortable by time; give one
         from :func:`new_session_id` to know it even if this call is interrupted).
 
         Sessions left ``running`` by a process of this machine that no longer exists (a kernel
         that died or was restarted mid-run) are marked ``interrupted`` first; their rows stay.
-        With ``live`` (the sessions this process is running), so are this process's other
-        ``running`` sessions: a Ctrl-C that landed as a run's clean-up began left them so.
+        So are the ``stranded`` ones still ``running``: runs of this process whose clean-up a
+        Ctrl-C cut off before it began.
         """
         now = time.time()
         sid = session_id or new_session_id(now)
@@ -240,7 +240,7 @@ class Store:
                _dumps(model_info or {}), _dumps(params or {}), source, now, now, _owner())
 
         def insert(conn: sqlite3.Connection) -> None:
-            self._reap_orphans(conn, live)
+            self._reap_orphans(conn, stranded)
             conn.execute(
                 "INSERT INTO sessions (id, name, kind, model, model_info, params, source, "
                 "status, created, updated, owner) "
@@ -250,13 +250,11 @@ class Store:
         return sid
 
     @staticmethod
-    def _reap_orphans(conn: sqlite3.Connection, live: Collection[str] | None = None) -> None:
+    def _reap_orphans(conn: sqlite3.Connection, stranded: Collection[str] = ()) -> None:
         running = conn.execute("SELECT id, owner, updated FROM sessions WHERE status='running'")
-        me = _owner()
-        dead = [(ORPHAN_ERROR if owner != me else STRANDED_ERROR, sid)
+        dead = [(STRANDED_ERROR if sid in stranded else ORPHAN_ERROR, sid)
                 for sid, owner, updated in running
-                if orphaned("running", owner, updated)
-                or (live is not None and owner == me and sid not in live)]
+                if sid in stranded or orphaned("running", owner, updated)]
         conn.executemany("UPDATE sessions SET status='interrupted', error=?, updated=? WHERE id=?",
                          [(error, time.time(), sid) for error, sid in dead])
 

@@ -63,10 +63,12 @@ def _joined(df: Any, cols: list[str]) -> Any:
         if c == "steered":
             parts.append(df[c].map({True: "steered", False: "plain"}).astype(str))
             continue
-        text = df[c].map(str)  # NaN: "nan" (astype(str) keeps it missing in pandas 3)
+        # object first: a categorical column would refuse the new texts; NaN: "nan"
+        # (astype(str) keeps it missing in pandas 3)
+        text = df[c].astype(object).map(str)
         cut = text.str.len() > width
         text = text.where(~cut, text.str[: width - 1] + "…")
-        parts.append(text.mask(df[c].eq(""), "∅"))
+        parts.append(text.mask(df[c].astype(object).eq(""), "∅"))
     labels = parts[0]
     for part in parts[1:]:
         labels = labels + " · " + part
