@@ -128,10 +128,7 @@ class Recorder:
         except KeyboardInterrupt as stop:  # (another) Ctrl-C while finishing
             stop.partial_result = self.result("interrupted")  # type: ignore[attr-defined]
             if self.store is not None and self.session_id and not self.finished:
-                self.store.finish(self.session_id, "interrupted",
-                                  summary={"rows": self._saved_rows()})
-                self.finished = True
-                Recorder.unfinished.pop(self.session_id, None)
+                self._write_status("interrupted")
             raise
 
     def _exit(self, status: str, exc_type: Any, exc: Any) -> None:
@@ -162,10 +159,14 @@ class Recorder:
                   f"(status interrupted); promptscope.load('{self.session_id}') brings them back.",
                   file=sys.stderr)
 
-    def _saved_rows(self) -> int:
-        """Rows of the ``rows`` table that are in the store (the unsaved chunks aside)."""
-        return sum(len(df) for df in self.frames.get("rows", [])) - sum(
+    def _write_status(self, status: str, error: str = "") -> None:
+        """The session's final status, with the number of its rows in the store."""
+        assert self.store is not None and self.session_id is not None
+        saved = sum(len(df) for df in self.frames.get("rows", [])) - sum(
             len(df) for table, _, df in self.unsaved if table == "rows")
+        self.store.finish(self.session_id, status, error=error, summary={"rows": saved})
+        self.finished = True
+        Recorder.unfinished.pop(self.session_id, None)
 
     def _finish(self, status: str, result: Result, exc_type: Any, exc: Any) -> None:
         """Write what the store still lacks (chunks, the params as they ended, the figure),
@@ -195,10 +196,7 @@ class Recorder:
             status, error = "interrupted", ""
             raise
         finally:
-            self.store.finish(self.session_id, status, error=error,
-                              summary={"rows": self._saved_rows()})
-            self.finished = True
-            Recorder.unfinished.pop(self.session_id, None)
+            self._write_status(status, error)
         if failed is not None:
             raise failed
 
