@@ -112,12 +112,15 @@ def test_explorer_widget_follows_its_controls(tiny_llama):
 
     att = promptscope.attention(TEMPLATE, tiny_llama, vars=ROWS, progress=False)
     ex = AttentionExplorer(att)
+    assert ex.head.label == "mean"  # shown as chosen (a None value showed as nothing)
     assert len(ex.tokens.children) == 2  # two variants side by side
     z0 = ex.tokens.children[0].figure.data[0].z
     ex.layer.value = 1
     ex.head.value = 3
     assert not (ex.tokens.children[0].figure.data[0].z == z0).all()
     assert "head 3" in ex.tokens.children[0].figure.layout.title.text
+    ex.head.value = ex.head.options[0][1]
+    assert ex.head.label == "mean" and "mean" in ex.tokens.children[0].figure.layout.title.text
     ex.variants.value = (1,)
     assert len(ex.tokens.children) == 1
     ex.part.value = "name"

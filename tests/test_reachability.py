@@ -337,6 +337,12 @@ def test_reach_widget_runs_and_shows_the_moved_distribution(tiny_llama, monkeypa
     assert fig is not None and len(fig.data) == 2 and "→" in fig.layout.title.text
     assert len(set(fig.data[0].x)) == len(fig.data[0].x)  # byte tokens: one bar each
     widget.stop()  # after the run: harmless
+    # stopped at once: the table, the progress and the picker show every pair the run kept
+    always = type("Stopped", (), {"is_set": lambda self: True, "clear": lambda self: None})
+    monkeypatch.setattr(widget, "_stop", always())
+    widget.start(wait=True)
+    assert "Stopped" in widget.status.value and widget.table.value.count("<tr>") == 4
+    assert widget.pick.value is not None and widget.dist.figure is not None
     # a new run that fails before its first pair shows nothing of the last one
     from promptscope.analyses import reachability as module
 

@@ -679,13 +679,21 @@ def test_spread_widget_runs_and_redraws():
     model = RuleModel(dict(zip(df["text"], df["label"])))
     widget = SpreadWidget(df, models=[model], budget=0.3, n_formats=6, shots=1, batch=5)
     widget.n_formats.value = 5
+    assert widget.budget.value == 30  # percent, as typed into its readout
     run = widget.run()
     assert run is widget.result and run.params["n_formats"] == 5
     assert run.params["evaluations"] <= round(0.3 * 5 * 30)
     bars = widget.accuracy.figure.data[0]
     assert len(bars.x) == 5 and list(widget.trace.figure.data[0].x)[-1] == run.params[
         "evaluations"]
-    assert "spread" in widget.status.value
+    assert "spread" in widget.status.value and "session" in widget.status.value
+    # an error of a button's run shows in the widget, not in the log console
+    bad = SpreadWidget(df, models=[model], n_formats=4, shots=40, save=False)
+    bad.run_button.click()
+    assert bad.status.value.startswith("<b>Error:</b> PromptscopeError: 40 demonstrations")
+    quiet = SpreadWidget(df, models=[model], n_formats=4, shots=1, batch=5, save=False)
+    quiet.run()
+    assert "session" not in quiet.status.value  # none was saved
 
 
 # ----------------------------------------------------------------------------- review fixes

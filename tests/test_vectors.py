@@ -977,6 +977,19 @@ def test_steering_lab_marks_the_current_setting_on_the_comparison_curve(tiny_lla
     lab.layers.value = ()  # no layer: says so instead of steering every layer
     assert "Pick at least one layer" in lab.status.value and lab.last is before
     _no_hooks_left(tiny_llama)
+    # measured at one layer: the lab picks it, and draws no star at other layers
+    both = _vector(tiny_llama, layers=(0, 1), scale=0.5)
+    one = promptscope.compare_steering(
+        template, rows, tiny_llama, choices=[" Rome", " Oslo", " Lima"],
+        methods={"CAA": {"vector": both, "strength": [1.0, 4.0], "layers": [1]}},
+        save=False, progress=False)
+    lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
+                      vectors={"CAA": both}, comparison=one)
+    lab.method.value = "CAA"
+    assert lab.layers.value == (1,) and star().x[0] == pytest.approx(1.0)
+    lab.layers.value = (0, 1)
+    assert not [t for t in lab.curve.figure.data if t.name == "current setting"]
+    assert "not the layers the comparison measured" in lab.status.value
 
 
 # ------------------------------------------------------------- torch.compile

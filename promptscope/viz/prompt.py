@@ -139,7 +139,8 @@ def figure(result: Any) -> Any:
                 for c in choices
             ])
             fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
-                              xaxis_title="variant", legend_title="choice")
+                              xaxis_title="variant", legend_title="choice",
+                              **_room_for_labels(x))
         return apply_style(fig, "Choice probability per variant")
     fig = go.Figure(go.Bar(x=x, y=df["logprob"],
                            hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
@@ -161,5 +162,13 @@ def plain_vs_steered(run: Any) -> Any:
         for (s, c), part in df.groupby(["steered", "choice"], sort=True)
     ])
     fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
-                      xaxis_title="variant")
+                      xaxis_title="variant", **_room_for_labels(df["label"]))
     return apply_style(fig, "Answer probabilities, plain vs steered")
+
+
+def _room_for_labels(labels: Any) -> dict[str, Any]:
+    """Layout that keeps the bars readable under long, slanted variant labels: taller with
+    the labels' length, and the legend in a row above the plot rather than a scrolled column."""
+    longest = int(labels.astype(str).str.len().max()) if len(labels) else 0
+    return {"height": 420 + min(240, 4 * longest),
+            "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0}}

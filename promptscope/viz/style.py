@@ -20,8 +20,10 @@ def apply_style(fig: Any, title: str) -> Any:
                 trace[axis] = [None if _missing(v) else plain(v) for v in values]
         if isinstance(trace.name, str):
             trace.name = plain(trace.name)
+    legend_on_top = fig.layout.legend.orientation == "h" and (fig.layout.legend.y or 0) >= 1
     fig.update_layout(title={"text": plain(title), "x": 0.01}, template="plotly_white",
-                      margin={"l": 60, "r": 20, "t": 50, "b": 60}, hoverlabel={"namelength": -1})
+                      margin={"l": 60, "r": 20, "t": 85 if legend_on_top else 50, "b": 60},
+                      hoverlabel={"namelength": -1})
     return fig
 
 

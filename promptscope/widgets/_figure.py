@@ -48,3 +48,9 @@ class FigureBox(w.Output):
         """Show nothing (a new run has no figure yet)."""
         self.figure = None
         self.outputs = ()
+
+
+def row_wrap() -> w.Layout:
+    """A row of figures that wraps onto the next line where the notebook is too narrow for
+    them side by side (two 700 px figures do not fit a 1000 px cell)."""
+    return w.Layout(flex_flow="row wrap")

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 
 from promptscope.viz.style import apply_style
 from promptscope.widgets._figure import FigureBox
+from promptscope.widgets._status import shows_errors
 
 
 class ReachWidget(w.VBox):
@@ -36,7 +37,8 @@ class ReachWidget(w.VBox):
         self._thread: threading.Thread | None = None
         self.x0 = w.Text(value=x0, description="x0", placeholder="initial state text",
                          layout=w.Layout(width="60%"))
-        self.rank_button = w.Button(description="Rank next tokens", icon="list")
+        self.rank_button = w.Button(description="Rank next tokens", icon="list",
+                                    layout=w.Layout(width="auto"))
         self.targets = w.SelectMultiple(options=[], rows=10, description="targets",
                                         layout=w.Layout(width="60%"))
         self.k = w.IntSlider(value=k_max, min=1, max=10, description="k max")
@@ -51,10 +53,11 @@ class ReachWidget(w.VBox):
         self.table = w.HTML()
         self.pick = w.Dropdown(options=[], description="show")
         self.dist = FigureBox()
-        self.rank_button.on_click(lambda _: self.rank())
-        self.start_button.on_click(lambda _: self.start())
+        self.rank_button.on_click(shows_errors(self.status, lambda _: self.rank()))
+        self.start_button.on_click(shows_errors(self.status, lambda _: self.start()))
         self.stop_button.on_click(lambda _: self.stop())
-        self.pick.observe(lambda _: self.show_distribution(), names="value")
+        self.pick.observe(shows_errors(self.status, lambda _: self.show_distribution()),
+                          names="value")
         super().__init__([
             w.HBox([self.x0, self.rank_button]), self.targets,
             w.HBox([self.k, self.method, self.steps]),
@@ -120,10 +123,14 @@ class ReachWidget(w.VBox):
         finally:
             self.start_button.disabled, self.stop_button.disabled = False, True
         if self.result is not None and len(self.result.df):
+            # every pair the run kept (on_pair reports only those finished on the way)
             df = self.result.df.drop_duplicates("pair")  # a pair two target sets share
+            self.table.value = _table(df.to_dict("records"))
+            self.progress.value = int(df["complete"].sum()) if "complete" in df else len(df)
             self.pick.options = [
                 (f"{r.target!r} ({f'k={int(r.k)}' if r.reached else 'not reached'})",
                  int(r.pair)) for r in df.itertuples()]
+            self.pick.value = int(df["pair"].iloc[0])
 
     def _on_pair(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -11,7 +11,8 @@ import ipywidgets as w
 import plotly.graph_objects as go
 
 from promptscope.viz.style import apply_style
-from promptscope.widgets._figure import FigureBox
+from promptscope.widgets._figure import FigureBox, row_wrap
+from promptscope.widgets._status import shows_errors
 
 
 class SpreadWidget(w.VBox):
@@ -40,9 +41,9 @@ class SpreadWidget(w.VBox):
                        for m in (models or loaded_models())}
         self.result: Any = None
         self.model = w.Dropdown(options=list(self.models), description="model")
-        self.budget = w.FloatSlider(value=budget, min=0.05, max=1.0, step=0.05,
-                                    description="budget", readout_format=".0%",
-                                    continuous_update=False)
+        # in percent: a readout of "30%" that one edits by typing takes 50 for 50 %
+        self.budget = w.IntSlider(value=round(budget * 100), min=5, max=100, step=5,
+                                  description="budget %", continuous_update=False)
         self.n_formats = w.IntSlider(value=n_formats, min=2, max=64, description="formats",
                                      continuous_update=False)
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
@@ -50,9 +51,10 @@ class SpreadWidget(w.VBox):
                              "formats and a model, then Run.")
         self.accuracy = FigureBox()  # plotly mime output, no plotly.js in the widget state
         self.trace = FigureBox()
-        self.run_button.on_click(lambda _: self.run())
+        self.run_button.on_click(shows_errors(self.status, lambda _: self.run()))
         super().__init__([w.HBox([self.model, self.n_formats, self.budget, self.run_button]),
-                          self.status, w.HBox([self.accuracy, self.trace])])
+                          self.status,
+                          w.HBox([self.accuracy, self.trace], layout=row_wrap())])
 
     def run(self) -> Any:
         """Run the search with the current settings, redrawing after every round."""
@@ -62,15 +64,16 @@ class SpreadWidget(w.VBox):
         self.status.value = "Running…"
         self.result = promptscope.format_spread(
             self.data, self.models[self.model.value], formats=self.n_formats.value,
-            budget=float(self.budget.value) if self.budget.value < 1 else None,
+            budget=self.budget.value / 100 if self.budget.value < 100 else None,
             on_round=self._draw, progress=False, **self.kwargs)
         p = self.result.params
         self.status.value = (f"<b>spread {p['spread'] * 100:.0f} points</b>: worst format "
                              f"#{p['worst']['format']} {p['interval'][0]:.2f}, best "
                              f"#{p['best']['format']} {p['interval'][1]:.2f}; "
                              f"{p['evaluations']} of {p['exhaustive_evaluations']} evaluations "
-                             f"({p['fraction_of_exhaustive']:.0%}); session "
-                             f"<code>{self.result.session_id}</code>")
+                             f"({p['fraction_of_exhaustive']:.0%})"
+                             + (f"; session <code>{self.result.session_id}</code>"
+                                if self.result.session_id else ""))
         return self.result
 
     def _draw(self, bandit: Any) -> None:

@@ -10,7 +10,8 @@ import plotly.graph_objects as go
 
 from promptscope.viz.prompt import plain_vs_steered
 from promptscope.viz.style import apply_style
-from promptscope.widgets._figure import FigureBox
+from promptscope.widgets._figure import FigureBox, row_wrap
+from promptscope.widgets._status import shows_errors
 
 
 def head_options(model: Any) -> list[str]:
@@ -50,11 +51,11 @@ class SteeringWidget(w.VBox):
         self.status = w.HTML()
         self.answers = FigureBox()
         self.attention = FigureBox()
-        self.alpha.observe(self.update, names="value")
-        self.heads.observe(self.update, names="value")
+        for control in (self.alpha, self.heads):
+            control.observe(shows_errors(self.status, self.update), names="value")
         self.update()
         super().__init__([w.HBox([self.alpha, self.heads]), self.status,
-                          w.HBox([self.answers, self.attention])])
+                          w.HBox([self.answers, self.attention], layout=row_wrap())])
 
     def steering(self) -> dict[str, Any]:
         return {"heads": self.heads.value, "alpha": self.alpha.value}

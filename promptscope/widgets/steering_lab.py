@@ -11,7 +11,8 @@ import ipywidgets as w
 
 from promptscope.viz.prompt import plain_vs_steered
 from promptscope.viz.style import plain
-from promptscope.widgets._figure import FigureBox
+from promptscope.widgets._figure import FigureBox, row_wrap
+from promptscope.widgets._status import shows_errors
 from promptscope.widgets.steering import answers_status
 
 
@@ -54,12 +55,13 @@ class SteeringLab(w.VBox):
         self.answers = FigureBox()
         self.comparison = comparison
         self.curve = FigureBox()
+        self._on_change = shows_errors(self.status, self.update)
         for control in (self.method, self.alpha, self.strength, self.layers):
-            control.observe(self.update, names="value")
+            control.observe(self._on_change, names="value")
         self._sync_controls()
         self.update()
         super().__init__([w.HBox([self.method, self.alpha, self.strength, self.layers]),
-                          self.status, w.HBox([self.answers, self.curve])])
+                          self.status, w.HBox([self.answers, self.curve], layout=row_wrap())])
 
     def _sync_controls(self) -> None:
         vector = self.method.value != "PASTA"
@@ -68,10 +70,25 @@ class SteeringLab(w.VBox):
         self.layers.layout.display = None if vector else "none"
         if vector:
             have = self.vectors[self.method.value].layers
-            self.layers.unobserve(self.update, names="value")
+            # the layers the comparison measured this vector at, so the star sits on its curve
+            compared = [layer for layer in self._compared().get("layers") or have
+                        if layer in have] or have
+            self.layers.unobserve(self._on_change, names="value")
             self.layers.options = have
-            self.layers.value = tuple(have)
-            self.layers.observe(self.update, names="value")
+            self.layers.value = tuple(compared)
+            self.layers.observe(self._on_change, names="value")
+
+    def _compared(self) -> dict[str, Any]:
+        """The current method's settings in the comparison (empty without one)."""
+        if self.comparison is None:
+            return {}
+        return self.comparison.params.get("methods", {}).get(self.method.value, {})
+
+    def _off_curve(self) -> bool:
+        """Whether the current layers differ from those the comparison measured."""
+        layers = self._compared().get("layers")
+        return (self.method.value != "PASTA" and layers is not None
+                and sorted(self.layers.value) != sorted(layers))
 
     def steering(self) -> dict[str, Any]:
         """The ``steer=`` options of the current controls."""
@@ -97,6 +114,8 @@ class SteeringLab(w.VBox):
         if part.empty:
             return fig
         x = self.current_strength()
+        if self._off_curve():
+            return fig  # measured at other layers: the curve says nothing of this setting
         if x <= 0 and bool((self.comparison.df["strength"] > 0).all()):
             return fig  # strength 0 (no steering) lies off the log axis: no star to place
         log = bool((part["strength"] > 0).all()) and x > 0
@@ -135,4 +154,6 @@ class SteeringLab(w.VBox):
         self.answers.show(plain_vs_steered(run))
         if self.comparison is not None:
             self.curve.show(self.curve_figure())
-        self.status.value = answers_status(self.method.value, run)
+        self.status.value = answers_status(self.method.value, run) + (
+            " · (not the layers the comparison measured: no star on its curve)"
+            if self.comparison is not None and self._off_curve() else "")
