@@ -265,8 +265,9 @@ class PromptscopeMagics(Magics):
             return None
         if args.command == "models":
             if not promptscope.loaded_models():
-                print("No model loaded yet: `%promptscope model organism` (the bundled model), "
-                      "a model folder, or openai:MODEL.")
+                from promptscope.models import HOW_TO_LOAD
+
+                print(f"No model loaded yet: {HOW_TO_LOAD}")
                 return None
             return promptscope.list_models()
         if args.command == "sessions":

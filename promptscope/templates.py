@@ -354,9 +354,10 @@ def parse_template(source: str) -> Template:
         ['name']
     """
     if not isinstance(source, str):
-        several = " For several prompts, write one template with {{a|b}} alternatives, or " \
-            "'{prompt}' with vars=[{'prompt': ...}, ...]." if isinstance(source, (list, tuple)) \
-            else ""
+        several = ""
+        if isinstance(source, (list, tuple)):
+            several = (" For several prompts, write one template with {{a|b}} alternatives, or "
+                       "'{prompt}' with vars=[{'prompt': ...}, ...].")
         raise TemplateError(f"A template is a string (the prompt, with {{variables}} and "
                             f"{{{{a|b}}}} alternatives); got {type(source).__name__}.{several}")
     if not source.strip():

@@ -123,6 +123,11 @@ def _load_api_model(name: str, *, base_url: str | None, api_key: str | None,
     return model
 
 
+#: How to load a model, for the messages that find none.
+HOW_TO_LOAD = ("`%promptscope model organism` (the bundled model; or a model folder, or "
+               "openai:MODEL) in a notebook, or promptscope.load_model('organism') in Python.")
+
+
 def loaded_models() -> list[Model]:
     """Models loaded in this kernel, oldest first."""
     return list(dict.fromkeys(_loaded.values()))
@@ -155,7 +160,4 @@ def resolve_model(model: Model | str | os.PathLike | None) -> Model:
             f"but not the default. Name one (--model {names[-1]} / model={names[-1]!r}) or "
             f"make it the default: `%promptscope model {names[-1]}` / "
             f"promptscope.load_model({names[-1]!r}).")
-    raise ModelLoadError(
-        "No model loaded. Load one first: `%promptscope model organism` in a notebook, or "
-        "promptscope.load_model('organism') / a model folder in Python."
-    )
+    raise ModelLoadError(f"No model loaded. Load one first: {HOW_TO_LOAD}")

@@ -87,7 +87,7 @@ class HFModel(Model):
         self._warned_context = False
         self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
         self.vector_steering: Any = None  # an active VectorSteering (hooks on the layers)
-        self.steered_by: Any = None  # (the frame whose block steers, its undo): see steer()
+        self.steered_by: Any = None  # the frame whose `with` block steers: see steer()
         # transformers 5.x renamed forward's ``past_key_values`` to ``cache``; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

@@ -331,7 +331,7 @@ class OpenAIModel(Model):
         except (APIRequestError, KeyboardInterrupt) as exc:  # keep what was answered (billed)
             why = _unanswered(exc)
             exc.partial = [r if r is not None else _failed_score(why)
-                           for r in results]  # type: ignore[attr-defined]
+                           for r in results]
             raise
         return results  # type: ignore[return-value]
 
@@ -651,7 +651,7 @@ class OpenAIModel(Model):
         except (APIRequestError, KeyboardInterrupt) as exc:  # keep what was answered (billed)
             why = _unanswered(exc)
             exc.partial = [r if r is not None else _failed_generations(why, n)
-                           for r in results]  # type: ignore[attr-defined]
+                           for r in results]
             raise
         return results  # type: ignore[return-value]
 

@@ -80,11 +80,6 @@ def _ambiguous(df: Any, labels: Any) -> bool:
     return bool(df["variant"].groupby(labels.to_numpy()).nunique().gt(1).any())
 
 
-def _short(text: str, width: int = 24) -> str:
-    """Long label values (a whole context sentence) cut to fit an axis."""
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def summary(result: Any) -> Any:
     """One row per variant (and steering condition): labels, prompt, the answer and each
     choice's probability."""
