@@ -232,12 +232,46 @@ def test_spread_bandit_respects_budget_and_streams_rows():
     rounds = []
     run = promptscope.format_spread(df, model, formats=8, budget=0.25, batch=6, seed=3,
                                     progress=False, on_round=lambda b: rounds.append(b.spent))
-    assert run.params["evaluations"] <= round(0.25 * 8 * 60) and len(run.df) == rounds[-1]
+    assert run.params["evaluations"] == rounds[-1] <= round(0.25 * 8 * 60)
     assert rounds == sorted(rounds) and len(run.tables["trace"]) == len(rounds)
-    assert set(run.df["side"]) == {"best", "worst"}
+    search = run.df[run.df["side"] != "report"]
+    assert len(search) == rounds[-1] and set(search["side"]) == {"best", "worst"}
     acc = run.tables["formats"].set_index("format")["accuracy"]
     best = run.params["best"]["format"]
     assert acc[best] == acc.max()
+
+
+def test_a_budgeted_spread_reports_the_named_formats_exact_accuracies():
+    """The search names the extremes from partial samples, which run wide (a format that looked
+    extreme on a few examples is the one named); as in the paper's code, the two named formats
+    are then evaluated on every example, outside the budget, and the interval is theirs."""
+    df = _qdata(90)
+    gold = dict(zip(df["text"], df["label"]))
+    fmts = sample_formats(12, seed=1, inputs=["text"])
+    whole = promptscope.format_spread(df, RuleModel(gold), formats=fmts, shots=0,
+                                      progress=False, save=False)
+    exact = whole.tables["formats"].set_index("format")["accuracy"]
+    widened = 0
+    for seed in range(4):
+        kwargs = dict(formats=fmts, shots=0, budget=0.2, batch=5, seed=seed, progress=False,
+                      save=False)
+        run = promptscope.format_spread(df, RuleModel(gold), **kwargs)
+        p = run.params
+        b, w = p["best"]["format"], p["worst"]["format"]
+        assert p["interval"] == [exact[w], exact[b]]  # measured on every example
+        assert p["best"]["evaluations"] == p["worst"]["evaluations"] == 90
+        assert p["evaluations"] <= round(0.2 * 12 * 90)  # the budget is the search's
+        report = run.df[run.df["side"] == "report"]
+        assert len(report) == p["report_evaluations"] > 0
+        assert set(report["format"]) <= {b, w}
+        assert len(run.df) == p["evaluations"] + p["report_evaluations"]
+        estimate = promptscope.format_spread(df, RuleModel(gold), exact_interval=False,
+                                             **kwargs)
+        q = estimate.params
+        assert q["report_evaluations"] == 0 and "report" not in set(estimate.df["side"])
+        assert (q["best"]["format"], q["worst"]["format"]) == (b, w)  # the same search
+        widened += q["spread"] > p["spread"]
+    assert widened  # the partial-sample estimate overstates the spread in some seeds
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [
@@ -316,6 +350,44 @@ def test_posix_end_to_end_matches_direct_scores(tiny_llama):
     from promptscope.viz.posix import heatmap
 
     assert heatmap(run, "template").data[0].z.shape == (3, 3)
+
+
+def test_posix_scores_a_response_with_the_stop_token_that_ended_it():
+    """As POSIX's reference code scores the generated ids: y_j is the response and its stop
+    token, so log P(y_j | x_i) includes the choice to stop there and L_{y_j} counts it; a
+    response that is only the stop token is one token, not dropped."""
+    model = promptscope.load_model("organism")
+    eos = model.tokenizer.eos_token
+    rows = [{"entity": "Brafu"}]
+    kwargs = dict(template="Question: What color is {entity}?\nAnswer:", n_variants=3,
+                  max_new_tokens=6, progress=False, save=False)
+    run = promptscope.posix(rows, model, **kwargs)
+    v = run.tables["variants"]
+    assert (v["stop"] == eos).sum() >= 2  # the organism's answers end at its stop token
+    for (item, kind), part in v.groupby(["item", "type"]):
+        ys = [r + s for r, s in zip(part["response"], part["stop"])]
+        scores = [[model.score([p], [y])[0] for y in ys] for p in part["prompt"]]
+        lengths = [len(scores[j][j].tokens) for j in range(len(ys))]
+        assert lengths == [len(model.encode_continuation(r)) + (s == eos)
+                           for r, s in zip(part["response"], part["stop"])]
+        ll = [[s.logprob for s in row] for row in scores]
+        assert run.tables["items"].set_index(["item", "type"]).loc[(item, kind), "posix"] == \
+            pytest.approx(posix_index(ll, lengths), rel=1e-4)
+    text_only = promptscope.posix(rows, model, include_stop=False, **kwargs)
+    assert (text_only.tables["variants"]["stop"] == "").all()
+    assert text_only.params["posix"]["spelling"] != pytest.approx(run.params["posix"]["spelling"])
+    # a response that is only the stop token (here scripted) is scored as that one token
+    lp = {(p, eos): -1.0 - k for k, p in enumerate("AB")}
+
+    class Stops(ScriptedModel):
+        def generate(self, prompts, **kw):
+            return [[Generation("", [], -1.0, 1, "stop", extra={"stop": eos})] for _ in prompts]
+
+    only = promptscope.posix([{"x": "A"}], Stops(lp, {}), template="{{A|B}}", types=["template"],
+                             progress=False, save=False)
+    assert only.params["dropped_empty_responses"] == 0
+    # (|-2 + 1| + |-1 + 2|) / 2 pairs / 2 tokens (the scripted scores have two)
+    assert only.params["posix"]["template"] == pytest.approx(0.5)
 
 
 def test_posix_given_responses_and_errors(tiny_llama):

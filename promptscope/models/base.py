@@ -49,6 +49,8 @@ class Generation:
     logprob: float
     prompt_tokens: int
     finish_reason: str = "length"
+    #: Backend facts: ``"stop"``, the text of the stop token that ended it, where it scores
+    #: back as that token (transformers models; POSIX scores responses with it).
     extra: dict[str, Any] = field(default_factory=dict)
     #: Why this sample could not be generated (an API request that failed for good), else None.
     error: str | None = None

@@ -85,6 +85,7 @@ class HFModel(Model):
         self.max_positions = position_limit(model)
         self._trained_context = getattr(text_config(model), "max_position_embeddings", None)
         self._warned_context = False
+        self._stop_texts: dict[int, str] = {}  # stop_text's, per token id
         self.steering: Any = None  # an active AttentionSteering (see promptscope.steer)
         self.vector_steering: Any = None  # an active VectorSteering (hooks on the layers)
         self.steered_by: Any = None  # the frame whose `with` block steers: see steer()
@@ -247,6 +248,16 @@ class HFModel(Model):
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         return list(dict.fromkeys(ids))
+
+    def stop_text(self, token_id: int) -> str:
+        """The text of a stop token that scores back as that one token (its special-token
+        text, e.g. ``"</s>"``), or ``""`` when the tokenizer would read the text otherwise.
+        A response scored with it (POSIX) includes the model's choice to stop there."""
+        if token_id not in self._stop_texts:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            same = self.tokenizer(text, add_special_tokens=False)["input_ids"] == [token_id]
+            self._stop_texts[token_id] = text if same else ""
+        return self._stop_texts[token_id]
 
     def chat_prompt(self, user_message: str) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -683,6 +694,7 @@ class HFModel(Model):
                     logprob=float(chosen[row, :counted].sum()),
                     prompt_tokens=len(ids[u]),
                     finish_reason="stop" if stop is not None else "length",
+                    extra={"stop": self.stop_text(toks[stop])} if stop is not None else {},
                 ))
             results[u] = samples
 

@@ -60,6 +60,8 @@ def figure(result: Any) -> Any:
     done = p.get("evaluations", len(result.df))  # (an interrupted run: the rows it kept)
     how = ("exhaustive" if done >= p.get("exhaustive_evaluations", 1)
            else f"bandit, {done} of {p.get('exhaustive_evaluations')} evals")
+    if p.get("report_evaluations"):
+        how += f", + {p['report_evaluations']} to measure best and worst on every example"
     unseen = len(every) - len(t)  # a bandit may never pull a format it already rules out
     shown = f"{len(t)} formats" + (f" ({unseen} never evaluated)" if unseen else "")
     return apply_style(fig, f"Accuracy across {shown}: spread {spread * 100:.0f} points ({how})")

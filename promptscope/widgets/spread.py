@@ -72,6 +72,8 @@ class SpreadWidget(w.VBox):
                              f"#{p['best']['format']} {p['interval'][1]:.2f}; "
                              f"{p['evaluations']} of {p['exhaustive_evaluations']} evaluations "
                              f"({p['fraction_of_exhaustive']:.0%})"
+                             + (f", + {p['report_evaluations']} to measure these two on every "
+                                "example" if p.get("report_evaluations") else "")
                              + (f"; session <code>{self.result.session_id}</code>"
                                 if self.result.session_id else ""))
         return self.result

@@ -43,7 +43,7 @@ class Pull:
 
     format: int
     examples: tuple[int, ...]
-    side: str  # "best", "worst" or "all" (exhaustive)
+    side: str  # "best", "worst", "all" (exhaustive) or "report" (outside the budget)
 
 
 @dataclass
@@ -68,7 +68,8 @@ class SpreadBandit:
     successes: Any = None
     trials: Any = None  # examples used, scored or not (the next one is order[trials])
     failed: Any = None  # of which could not be scored
-    spent: int = 0
+    spent: int = 0  # evaluations of the search (the budget's)
+    reported: int = 0  # evaluations outside the budget: the named formats measured exactly
     trace: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -182,7 +183,17 @@ class SpreadBandit:
         self.successes[pull.format] += sum(1 for c in correct if c is not None and c)
         self.failed[pull.format] += sum(1 for c in correct if c is None)
         self.trials[pull.format] += len(correct)
-        self.spent += len(correct)
+        if pull.side == "report":
+            self.reported += len(correct)
+        else:
+            self.spent += len(correct)
+
+    def rest_of(self, formats: Sequence[int]) -> list[Pull]:
+        """Pulls (side ``"report"``, outside the budget) that evaluate each of ``formats`` on
+        every example it has not seen, so its accuracy is exact: FormatSpread measures the two
+        formats the search named this way, as the paper's code does before it reports them."""
+        return [Pull(int(f), tuple(int(i) for i in self.order[self.trials[f]:]), "report")
+                for f in dict.fromkeys(formats) if f >= 0 and self.trials[f] < self.n_examples]
 
     def _pick(self, sign: int, other_than: int = -1) -> int:
         seen = np.flatnonzero(self.scored > 0)

@@ -187,6 +187,7 @@ def posix(
     responses: Any = None,
     chat: bool = False,
     max_new_tokens: int = 24,
+    include_stop: bool = True,
     seed: int = 0,
     name: str = "",
     save: bool = True,
@@ -218,6 +219,12 @@ def posix(
             as the response to every prompt of the row's sets.
         chat: wrap every prompt in the model's chat template.
         max_new_tokens: length limit of greedy responses.
+        include_stop: a greedy response that ended at a stop token is scored with it (as
+            POSIX's reference code scores the generated ids): ``log P(y_j | x_i)`` then
+            includes the model's choice to stop there, and ``L_{y_j}`` counts it. Where the
+            backend does not say which token stopped (API models), and for given
+            ``responses``, a response is its text alone; ``False`` scores text alone
+            everywhere (to compare a local model with the same model behind an API).
 
     Returns:
         A Result of kind ``posix``: ``df`` has one row per ordered pair (item, type, i, j) with
@@ -277,7 +284,7 @@ def posix(
     params: dict[str, Any] = {"template": template, "types": types, "n_variants": n_variants,
                               "noise": noise, "chat": chat, "seed": seed, "n_items": len(rows),
                               "responses": "given" if given is not None else "greedy",
-                              "max_new_tokens": max_new_tokens,
+                              "max_new_tokens": max_new_tokens, "include_stop": include_stop,
                               "templates": [t for t in templates or [] if isinstance(t, str)]}
     bar = tqdm(total=len(variants), disable=not progress, desc="POSIX", unit="prompt",
                leave=False)
@@ -310,15 +317,21 @@ def posix(
                         # a failed generation has no response (left out, as an empty one is)
                         # and says why
                         variants[k]["response"] = "" if g[0].error else g[0].text
+                        variants[k]["stop"] = g[0].extra.get("stop", "") if include_stop \
+                            and not g[0].error else ""
                         variants[k]["error"] = g[0].error
                 else:
                     for k in members:
                         variants[k]["response"] = given[variants[k]["item"]]
+                        variants[k]["stop"] = ""
                 rec.add(pd.DataFrame([variants[k] for k in members]), "variants")
+                # y_j: the response and the token that ended it; an empty one has nothing to
+                # score (a response that is only the stop token is one token)
+                scored = {k: variants[k]["response"] + variants[k]["stop"] for k in members}
                 pairs = [(a, b) for key in chunk for a in sets[key] for b in sets[key]
-                         if variants[b]["response"]]  # an empty response has nothing to score
+                         if scored[b]]
                 scores = mdl.score([texts[a] for a, _ in pairs],
-                                   [variants[b]["response"] for _, b in pairs]) if pairs else []
+                                   [scored[b] for _, b in pairs]) if pairs else []
                 frame, items = _pair_rows(chunk, sets, variants, dict(zip(pairs, scores)),
                                           mdl.per_request_errors)
                 rec.add(frame)
@@ -331,8 +344,8 @@ def posix(
         rec.params["posix"] = {t: float(by_type.get(t, math.nan)) for t in types}
         rec.params["posix_all"] = float(table["posix"].mean())
         failed = sum(1 for v in variants if v.get("error"))
-        rec.params["dropped_empty_responses"] = int(sum(not v["response"] for v in variants)
-                                                    - failed)
+        rec.params["dropped_empty_responses"] = int(sum(not v["response"] + v["stop"]
+                                                        for v in variants) - failed)
         rec.params["failed_generations"] = failed
         if failed:
             warnings.warn(f"POSIX: {failed} responses could not be generated (a failed "

@@ -176,6 +176,7 @@ def format_spread(
     demos: Any = None,
     instruction: str = "",
     seed: int = 0,
+    exact_interval: bool = True,
     name: str = "",
     save: bool = True,
     store: Store | None = None,
@@ -188,7 +189,8 @@ def format_spread(
     every format) in each format; the label is the choice with the highest log-probability
     (``model.score``; API models score by their probed method). With a ``budget`` below
     exhaustive evaluation, a Thompson-sampling bandit spends it on the formats that may still be
-    the best or the worst, and stops early once both are settled (``params["evaluations"]``).
+    the best or the worst, and stops early once both are settled (``params["evaluations"]``);
+    then the two formats it named are evaluated on every example (``exact_interval``).
 
     Args:
         data: DataFrame or list of dicts: input columns and the ``label`` column.
@@ -205,6 +207,12 @@ def format_spread(
         demos: a DataFrame of demonstrations to use for every query instead.
         instruction: fixed text before the examples.
         seed: seeds format sampling, demonstrations and the bandit.
+        exact_interval: after a budgeted search, evaluate the two formats it named best and
+            worst on the examples they have not seen, outside the budget
+            (``params["report_evaluations"]``), so ``interval`` and ``spread`` are their exact
+            accuracies, as the paper's code reports them. ``False`` reports the search's
+            estimates, which run wide: the format named is the one that looked most extreme,
+            often on a small sample.
         on_round: called with the :class:`SpreadBandit` after each round (live plots).
 
     Returns:
@@ -213,7 +221,8 @@ def format_spread(
         format (pattern, features, evaluations, accuracy, 95 % Wilson interval, best/worst);
         ``tables["trace"]`` the search after each round; ``tables["features"]`` the accuracy by
         feature value. ``params`` holds ``interval``, ``spread``, ``best``, ``worst``,
-        ``evaluations`` and ``exhaustive_evaluations``.
+        ``evaluations`` (the budget's), ``report_evaluations`` (the named formats' exact
+        measurement) and ``exhaustive_evaluations``.
 
     Example:
         >>> from promptscope.organism.classify import classification_dataset
@@ -272,22 +281,31 @@ def format_spread(
         try:
             bandit = run_bandit(evaluate, len(fmts), len(task), spend, batch=batch, seed=seed,
                                 on_round=after)
+            named = bandit.best(), bandit.worst()
+            if named[0] < 0:
+                raise PromptscopeError(
+                    f"FormatSpread: none of the {bandit.spent} evaluations could be scored "
+                    "(see the rows' failed column, kept in the session); check the model or "
+                    "endpoint and run again.")
+            # A budgeted search names the extremes from partial samples; the paper's code
+            # then measures the two on every example, outside the budget, before reporting.
+            report = bandit.rest_of(named) if exact_interval else []
+            if report:
+                bar.total += sum(len(p.examples) for p in report)
+                for p, out in zip(report, evaluate(report)):
+                    bandit.update(p, out)
         finally:
             bar.close()
-        if bandit.best() < 0:
-            raise PromptscopeError(
-                f"FormatSpread: none of the {bandit.spent} evaluations could be scored (see "
-                "the rows' failed column, kept in the session); check the model or endpoint "
-                "and run again.")
         table = format_table(fmts, bandit.successes, bandit.scored, task.inputs,
-                             best=bandit.best(), worst=bandit.worst(), failed=bandit.failed)
+                             best=named[0], worst=named[1], failed=bandit.failed)
         rec.add(table, "formats")
         rec.add(pd.DataFrame(bandit.trace), "trace")
         effects, atomic = feature_effects(table)
         rec.add(effects, "features")
-        best, worst = table.loc[bandit.best()], table.loc[bandit.worst()]
+        best, worst = table.loc[named[0]], table.loc[named[1]]
         rec.params.update({
             "evaluations": int(bandit.spent),
+            "report_evaluations": int(bandit.reported),
             "fraction_of_exhaustive": bandit.spent / exhaustive,
             "interval": [float(worst["accuracy"]), float(best["accuracy"])],
             "spread": float(best["accuracy"] - worst["accuracy"]),
