@@ -125,3 +125,26 @@ def test_ipython_shows_the_message_not_promptscopes_frames(ip, capsys, monkeypat
     ip.run_cell(cell)
     out = capsys.readouterr().out
     assert "templates.py" in out and "is never closed" in out
+
+
+
+def test_an_emphasis_found_in_no_prompt_is_refused(no_work, tmp_path):
+    """An emphasis= string with a typo steered nothing, silently, in a run saved as steered."""
+    store = promptscope.Store(tmp_path / "s.db")
+    prompt = "Context: Ann lives in Rome. Bob lives in Oslo. Where does Ann live? Answer:"
+    with pytest.raises(PromptscopeError, match=r"emphasis \['Ann lives in Paris.'\] occurs in "
+                       "none of the prompts"):
+        promptscope.run_prompt(prompt, no_work, choices=" Rome| Oslo", store=store,
+                               steer={"heads": "all", "emphasis": "Ann lives in Paris."})
+    assert store.list() == []  # refused before a session existed
+
+
+def test_variants_an_emphasis_misses_are_counted_and_the_emphasis_saved(tiny_llama, tmp_path):
+    rows = [{"who": "Ann"}, {"who": "Eve"}]
+    with pytest.warns(UserWarning, match="1 of the variants contain none of the emphasis"):
+        run = promptscope.run_prompt("Context: {who} lives in Rome. Where? Answer:", tiny_llama,
+                                     vars=rows, choices=" Rome| Oslo", progress=False,
+                                     store=promptscope.Store(tmp_path / "s.db"),
+                                     steer={"heads": "all", "emphasis": "Ann lives in Rome."})
+    assert run.params["unsteered_variants"] == 1
+    assert run.params["steer"]["emphasis"] == ["Ann lives in Rome."]

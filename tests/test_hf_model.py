@@ -268,6 +268,10 @@ def test_prompts_past_a_learned_position_table_are_refused(tiny_gpt2, tiny_llama
     with pytest.raises(PromptscopeError, match="with its target"):
         promptscope.attribute("{x}", tiny_gpt2, vars=[{"x": fits}], target=" cat" * (514 - n),
                               level="tokens", save=False, progress=False)
+    with pytest.raises(PromptscopeError, match=rf"is {n + 40} tokens with 40 control tokens; "
+                                               r".* lower k_max or shorten x0"):
+        promptscope.reachability(tiny_gpt2, [fits], "bottom:1", k_max=40, method="greedy",
+                                 save=False, progress=False, bound=False)
     # Rotary positions have no hard limit: past the trained context (512 here) the model runs,
     # with one warning per model.
     llama = fresh_tiny_llama  # (warned once per model: one of its own)
@@ -298,3 +302,69 @@ def test_forwards_compute_logits_at_the_last_position_only(tiny_llama):
         hook.remove()
     assert seen == [(2, 1)] * 3
     assert all(s.logprob < 0 for s in scores)
+
+
+@pytest.mark.parametrize("family", ["jamba", "recurrent_gemma"])
+def test_a_cache_that_cannot_continue_several_tokens_is_scored_in_one_pass(family, tmp_path):
+    """Jamba's CPU path continues its cache over several tokens with other numbers than one
+    pass gives, and RecurrentGemma's output has no cache at all (it failed with a bare
+    AttributeError): a check on the first multi-token score sends both to the full pass."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from promptscope.testing import train_tokenizer
+
+    tok = train_tokenizer(512)
+    shape = dict(vocab_size=len(tok), hidden_size=64, num_attention_heads=4,
+                 intermediate_size=128, initializer_range=0.2, bos_token_id=tok.bos_token_id,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "jamba":
+        shape.update(num_hidden_layers=2, num_key_value_heads=2, num_experts=2,
+                     num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+                     expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                     use_mamba_kernels=False)
+    else:
+        shape.update(num_hidden_layers=3, num_key_value_heads=1, lru_width=64,
+                     attention_window_size=8, block_types=["recurrent", "attention"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **shape)).save_pretrained(
+        tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = HFModel.from_pretrained(tmp_path)
+    prompts = ["Is Paris in Europe? Answer:", "The cat sat on the mat. A dog"]
+    conts = [" yes it is in Europe", " ran in the park"]
+    got = model.score(prompts, conts)
+    assert not model.continues_cache_exactly()
+    for p, c, s in zip(prompts, conts, got):
+        pi, ci = model.encode_prompt(p), model.encode_continuation(c)
+        with torch.no_grad():
+            lp = model.model(input_ids=torch.tensor([pi + ci])).logits[0].float().log_softmax(-1)
+        assert s.logprob == pytest.approx(
+            sum(lp[len(pi) - 1 + k, t].item() for k, t in enumerate(ci)), abs=1e-4)
+
+
+def test_attention_models_continue_the_prompts_cache(tiny_llama):
+    assert tiny_llama.continues_cache_exactly()  # (their continuations reuse the prompt pass)
+
+
+def test_a_shared_attention_block_is_refused_for_what_it_is(tmp_path):
+    """Zamba2's one attention block serves several layers (layer index -1): it was refused as
+    "no attention layers (e.g. a state-space model)"."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from promptscope.testing import train_tokenizer
+
+    tok = train_tokenizer(512)
+    cfg = AutoConfig.for_model(
+        "zamba2", vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, mamba_d_state=8,
+        mamba_headdim=16, mamba_ngroups=1, n_mamba_heads=8, hybrid_layer_ids=[1],
+        num_mem_blocks=1, layers_block_type=["mamba", "hybrid"], adapter_rank=8,
+        use_mem_rope=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = HFModel.from_pretrained(tmp_path)
+    with pytest.raises(CapabilityError, match="has attention heads, but no decoder layer calls "
+                                              "attention as its own layer"):
+        promptscope.attention("Context: <<Ann lives in Rome.>> Where?", model, save=False,
+                              progress=False)

@@ -181,6 +181,8 @@ def run_prompt(
         from promptscope.models.steering import require_steerable
 
         require_steerable(mdl, _method(steer))  # an API model: say so before any request
+        if pasta and steer.get("emphasis") and not auto:
+            variants = _check_emphasis_found(variants, steer["emphasis"], chunk_size)
     mdl.begin_run(mode, chat)  # an API model settles how it scores, or says it cannot
     bar = _progress_bar(total * len(conditions), progress, mode)
     with contextlib.ExitStack() as stack:
@@ -192,6 +194,7 @@ def run_prompt(
                                "auto": auto}
         rec = Recorder("prompt", name=name, model=mdl, params=params,
                        source=tpl.source, save=save, store=store).enter(stack)
+        unsteered = 0  # variants in which PASTA found nothing to emphasise
         try:
             for chunk in chunks(variants, chunk_size, steered=attn is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
@@ -200,6 +203,8 @@ def run_prompt(
                     for v, text in zip(chunk, texts):
                         if v.emphasis:  # else steer={"emphasis": ...} strings still apply
                             attn.spans[text] = v.emphasis_in(text)
+                        elif not auto and not attn.spans_for(text):
+                            unsteered += 1
                     if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
                         keys = _auto_spans(mdl, texts, attn.spans, question)
                 for steered in conditions:
@@ -233,8 +238,29 @@ def run_prompt(
                     _set_steered(mdl, steering, True)
         finally:
             bar.close()
+            if unsteered:
+                rec.params["unsteered_variants"] = unsteered
+                warnings.warn(f"{unsteered} of the variants contain none of the emphasis "
+                              f"strings {attn.emphasis}, so PASTA left them as they were "
+                              "(params['unsteered_variants']).", stacklevel=3)
             rec.save_run_info(mdl, verbose=progress)
     return rec.result()
+
+
+def _check_emphasis_found(variants: Any, emphasis: str | Sequence[str], size: int) -> Any:
+    """``variants`` again, after refusing ``emphasis=`` strings that occur in none of the
+    first ``size`` prompts (a typo, another wording): PASTA would steer nothing, silently."""
+    import itertools
+
+    subs = [emphasis] if isinstance(emphasis, str) else list(emphasis)
+    first = list(itertools.islice(variants, size))
+    if first and not any(sub and sub in v.text for v in first for sub in subs):
+        where = f"the first {size} prompts" if len(first) == size else "the prompts"
+        raise PromptscopeError(
+            f"The emphasis {subs} occurs in none of {where}, so steering would change nothing. "
+            "It is matched exactly (case, spaces and punctuation included); or mark the text "
+            "with <<...>> in the template.")
+    return itertools.chain(first, variants)
 
 
 def _run_chunk(mdl: Model, mode: str, chunk: list[Variant], texts: list[str],

@@ -206,6 +206,10 @@ def reachability(
                                     "control tokens (the vocabulary's non-special tokens, or "
                                     "control_tokens=).")
     states, true_next = search.parse_states(x0s)
+    if white:  # x0 with k_max control tokens must fit a learned position table (GPT-2's)
+        for text, prefix, body in zip(states, search.prefix, search.body):
+            mdl.check_length(len(prefix) + k_max + len(body), text,  # type: ignore[attr-defined]
+                             f" with {k_max} control tokens", "lower k_max or shorten x0")
     base = search.base_logits(states)
     pairs = search.resolve_targets(targets, states, true_next, base)
     if not pairs:

@@ -99,6 +99,7 @@ class HFModel(Model):
         # A model without attention (Mamba) continues its cache one token per call: its
         # multi-token continuations are scored in one pass over prompt + continuation.
         self._attention_free = attention_free(model)
+        self._cache_ok: bool | None = None  # see continues_cache_exactly
 
     @classmethod
     def from_pretrained(
@@ -211,8 +212,14 @@ class HFModel(Model):
             ids = torch.tensor([[self.tokenizer.bos_token_id or 0] * 2], device=self.device)
             with forward_context(state), torch.no_grad():
                 self.model(input_ids=ids, use_cache=False)
-            if not seen:
+            if not seen and self._attention_free:
                 raise CapabilityError(NO_ATTENTION.format(type(self.model).__name__))
+            if not seen:  # heads, yet no layer of its own calls them (Zamba2's shared block)
+                raise CapabilityError(
+                    f"{type(self.model).__name__} has attention heads, but no decoder layer "
+                    "calls attention as its own layer (a block shared between layers?), so "
+                    "promptscope cannot tell whose attention to steer or capture. Vector "
+                    "steering (method='vector') and the black-box analyses work on it.")
             self._attention_layers = sorted(seen)
         return self._attention_layers
 
@@ -530,7 +537,8 @@ class HFModel(Model):
         pad = self.tokenizer.pad_token_id
         input_ids, mask = self._left_pad([prompt_ids[u] for u in batch], width)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        need_cache = any(len(cont_ids[i]) > 1 for u in batch for i in by_prompt[u])
+        need_cache = any(len(cont_ids[i]) > 1 for u in batch for i in by_prompt[u]) and \
+            self.continues_cache_exactly()
         with self.forward_state(flags, batch, width):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=need_cache, **self.keep_logits)
@@ -539,7 +547,7 @@ class HFModel(Model):
         # Rows of the second pass: every multi-token continuation, over its prompt's cache.
         rows = [(r, i) for r, u in enumerate(batch) for i in by_prompt[u] if len(cont_ids[i]) > 1]
         rest: dict[int, list[float]] = {}
-        if rows and self._attention_free:
+        if rows and not need_cache:
             rest = self._continuations_in_full(rows, batch, prompt_ids, cont_ids)
         elif rows:
             cache = _output_cache(out)
@@ -578,6 +586,45 @@ class HFModel(Model):
                     tokens=self.tokenizer.convert_ids_to_tokens(toks),
                     prompt_tokens=lengths[r],
                 )
+
+    def continues_cache_exactly(self) -> bool:
+        """Whether a multi-token pass over a prompt's cache gives the log-probs one pass over
+        prompt + continuation gives; checked once per model on a short text. Not so without
+        attention (Mamba continues one token per call), for RecurrentGemma (its output has no
+        cache) and for Jamba's CPU path; their continuations are scored in one full pass
+        (the same numbers, the prompt computed again)."""
+        if self._cache_ok is None:
+            self._cache_ok = not self._attention_free and self._cache_check()
+        return self._cache_ok
+
+    @torch.inference_mode()
+    def _cache_check(self) -> bool:
+        ids = self.encode_prompt("Checking the cache: one, two, three, four, five.")[:12]
+        if len(ids) < 4:
+            return False
+        cut = len(ids) - 3
+        x = torch.tensor([ids], device=self.device)
+        vector = self.vector_steering
+        enabled = vector is not None and vector.enabled
+        if vector is not None:
+            vector.enabled = False  # (a check inside a steer block: the model itself)
+        try:
+            whole = self.model(input_ids=x, attention_mask=torch.ones_like(x),
+                               use_cache=False).logits[0, cut:]
+            head = self.model(input_ids=x[:, :cut], attention_mask=torch.ones_like(x[:, :cut]),
+                              use_cache=True)
+            tail = self.model(input_ids=x[:, cut:], attention_mask=torch.ones_like(x),
+                              position_ids=torch.arange(cut, len(ids), device=self.device)[None],
+                              use_cache=False, **{self._cache_kwarg: _output_cache(head)})
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return False  # no cache to continue, or one that takes no multi-token pass
+        finally:
+            if vector is not None:
+                vector.enabled = enabled
+        a, b = (torch.log_softmax(t.float(), dim=-1) for t in (whole, tail.logits[0]))
+        # 16-bit weights differ between the two orders of summation by far more than fp32
+        tol = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 0.25
+        return bool((a - b).abs().max() <= tol)
 
     def _continuations_in_full(self, rows: list[tuple[int, int]], batch: list[int],
                                prompt_ids: list[list[int]], cont_ids: list[list[int]]

@@ -105,9 +105,12 @@ class AttentionSteering:
         return found
 
     def to_json(self) -> dict[str, Any]:
-        """PASTA's head config (``{"layer": [heads]}``) plus alpha and mode."""
+        """PASTA's head config (``{"layer": [heads]}``) plus alpha, mode and the
+        ``emphasis=`` strings (when given)."""
         out = {"heads": {str(k): v for k, v in sorted(self.heads.items())},
                "alpha": self.alpha, "mode": self.mode}
+        if self.emphasis:
+            out["emphasis"] = list(self.emphasis)
         if self.kernel != "sdpa":
             out["kernel"] = self.kernel
         return out
