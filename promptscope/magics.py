@@ -121,10 +121,15 @@ def _prompt_parser() -> _Parser:
     p.add_argument("--steer-layers", default=None, metavar="'2,3'", help="with --steer vector: "
                    "the layers to steer (default: all the vector has)")
     p.add_argument("--heads", default="all", help="heads to steer: 'all', '3.1,4.0' "
-                   "(layer.head) or 'L3' (default: all)")
+                   "(layer.head), 'L3' (every head of layer 3), or from a saved head profile "
+                   "(promptscope.profile_heads): 'top:8' (this model's newest) or "
+                   "'profile:NAME[:8]' (default: all)")
     p.add_argument("--alpha", type=float, default=0.01, help="PASTA's scaling of the "
                    "non-emphasised tokens, in (0, 1] (default 0.01)")
-    p.add_argument("--steer-mode", default="exclude", choices=["exclude", "include"])
+    p.add_argument("--steer-mode", default="exclude", choices=["exclude", "include"],
+                   help="with --steer: PASTA scales the attention to the non-emphasised tokens "
+                   "by --alpha (exclude), or to the emphasised ones (include; alpha > 1 "
+                   "up-weights them)")
     p.add_argument("--kernel", default="sdpa", choices=["sdpa", "flex"], help="with --steer: "
                    "PASTA's attention kernel (flex: flex_attention, no dense bias mask; fused "
                    "on CUDA)")

@@ -132,6 +132,8 @@ def test_missing_and_corrupt_store_give_an_empty_list_with_a_message(api, _isola
     code, body = api("GET", "sessions")
     assert code == 200 and body["sessions"] == [] and body["error"] == ""
     assert not (_isolated_store / "sessions.sqlite").exists()  # listing creates nothing
+    code, body = api("GET", "sessions", "20260101-000000-abcdef")  # no store: an unknown id
+    assert code == 404 and "No sessions yet" in body["message"]
     _isolated_store.mkdir(parents=True, exist_ok=True)
     (_isolated_store / "sessions.sqlite").write_bytes(b"this is not sqlite" * 100)
     code, body = api("GET", "sessions")

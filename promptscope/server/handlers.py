@@ -21,6 +21,7 @@ from tornado import web
 
 from promptscope.errors import PromptscopeError
 from promptscope.server.reader import (
+    NoSessionsYet,
     StoreReader,
     StoreUnavailable,
     json_safe,
@@ -58,7 +59,7 @@ class _Base(APIHandler):
             return await loop.run_in_executor(_POOL, lambda: fn(*args, **kwargs))
         except StoreUnwritable as exc:  # a read-only folder, a full disk
             raise web.HTTPError(503, str(exc)) from exc
-        except PromptscopeError as exc:  # unknown id
+        except (PromptscopeError, NoSessionsYet) as exc:  # unknown id
             raise web.HTTPError(404, str(exc)) from exc
         except StoreUnavailable as exc:
             raise web.HTTPError(503, str(exc)) from exc

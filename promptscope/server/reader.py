@@ -48,6 +48,10 @@ class StoreUnavailable(Exception):
     """The store cannot be read; ``str(exc)`` is a message for the user."""
 
 
+class NoSessionsYet(StoreUnavailable):
+    """No kernel has saved a session yet: every id is unknown (404, not 503)."""
+
+
 def valid_name(value: str) -> bool:
     """Whether ``value`` is a safe session id, table name or figure name."""
     return bool(NAME_RE.match(value)) and ".." not in value
@@ -69,7 +73,7 @@ class StoreReader(Store):
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         if not self.path.is_file():
-            raise StoreUnavailable(f"No sessions yet: {self.path} does not exist.")
+            raise NoSessionsYet(f"No sessions yet: {self.path} does not exist.")
         try:
             # mode=rw: never create the file (mode=ro cannot open a WAL file nobody has open).
             conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=rw", uri=True,
@@ -97,7 +101,7 @@ class StoreReader(Store):
                     f"environment to browse it.")
             if version < SCHEMA_VERSION:
                 if version == 0:  # created but not set up yet: a kernel is about to
-                    raise StoreUnavailable(f"No sessions yet in {self.path}.")
+                    raise NoSessionsYet(f"No sessions yet in {self.path}.")
                 try:  # an older schema: upgrade it as a kernel would
                     Store(self.path).list(limit=0)
                 except (sqlite3.Error, PromptscopeError) as exc:  # a foreign file, read-only...
