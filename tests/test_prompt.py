@@ -277,6 +277,24 @@ def test_figures_of_runs_with_gaps_and_failures():
     assert len(Result("prompt", failed, params=params).figure().data[0].y) == 45
 
 
+def test_a_huge_runs_figure_shows_its_first_variants_and_says_so(monkeypatch):
+    """A 250 k-variant run drew a 17 MB heatmap that froze JupyterLab for seconds."""
+    from promptscope.result import Result
+    from promptscope.viz import prompt as viz
+
+    monkeypatch.setattr(viz, "MAX_VARIANTS_SHOWN", 50)
+    rows = [{"variant": v, "x": f"v{v}", "prompt": "p", "choice": c, "logprob": -1.0,
+             "prob": 0.5, "rank": 1, "chosen": c == " a", "n_tokens": 1, "tokens": ["a"],
+             "time_ms": 1.0} for v in range(120) for c in (" a", " b")]
+    fig = Result("prompt", pd.DataFrame(rows),
+                 params={"mode": "choices", "choices": [" a", " b"]}).figure()
+    assert len(fig.data[0].y) == 50 and fig.data[0].y[0] == "v0"
+    assert "the first 50 of 120 variants" in fig.layout.title.text
+    target = pd.DataFrame([{**r, "target": " a"} for r in rows if r["choice"] == " a"])
+    fig = Result("prompt", target, params={"mode": "target", "target": " a"}).figure()
+    assert len(fig.data[0].x) == 50 and "of 120 variants" in fig.layout.title.text
+
+
 def test_widget_status_escapes_the_users_text():
     from promptscope.result import Result
     from promptscope.widgets.steering import answers_status

@@ -382,3 +382,40 @@ def test_search_matches_wildcards_literally(_isolated_store):
     assert [r.name for r in store.list(search="d_ad")] == []
     assert [r.name for r in store.list(search="dead_")] == ["dead_one"]
     assert [r.name for r in store.list(search="100%")] == ["100% done"]
+
+
+def test_summaries_are_computed_once_per_change_and_reports_capped(_isolated_store,
+                                                                   monkeypatch):
+    """A 500 k-row session took 6 s to summarise on every request, and the panel asks again
+    after each chunk a running session writes; its HTML report held every summary row (97 MB)."""
+    from promptscope.server import reader as reader_module
+    from promptscope.server.reader import session_html
+
+    store = Store.default()
+    done, running = _session(store, "done"), _session(store, "running", status="running")
+    calls: list[str] = []
+
+    def summary_frame(self, session_id):
+        calls.append(session_id)
+        return pd.DataFrame({"row": range(1500)})
+
+    monkeypatch.setattr(StoreReader, "summary_frame", summary_frame)
+    reader = StoreReader(store.path)
+    first = reader.detail(done)["summary_table"]
+    assert first["total"] == 1500 and len(first["rows"]) == 200
+    assert reader.detail(done)["summary_table"] == first and calls == [done]  # kept
+    store.rename(done, "renamed")  # the session changed: summarised again
+    reader.detail(done)
+    assert calls == [done, done]
+    reader.detail(running)
+    kept = reader_module._SUMMARIES[(str(store.path), running)]
+    store.append(running, "rows", pd.DataFrame({"prompt": ["more"], "p": [0.1]}))
+    kept.cost = 60.0  # a running session is summarised again only every 5 x its cost
+    reader.detail(running)
+    assert calls == [done, done, running]
+    kept.cost = 0.0
+    reader.detail(running)
+    assert calls == [done, done, running, running]
+    html = session_html(reader, done)
+    assert "The first 1,000 of 1,500 rows; the CSV export has every row." in html
+    assert html.count("<td>") == 1000  # one cell in each of the first 1,000 rows

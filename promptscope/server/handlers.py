@@ -33,6 +33,9 @@ from promptscope.store import Store, StoreUnwritable, plain_json
 T = TypeVar("T")
 # A few threads are plenty: requests are short and SQLite serialises writers anyway.
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="promptscope")
+# Summaries, figures and exports of large sessions take seconds: their own threads, so the
+# list (and rename, delete) never waits behind them.
+_HEAVY = ThreadPoolExecutor(max_workers=2, thread_name_prefix="promptscope-heavy")
 MAX_NAME = 200
 
 
@@ -53,10 +56,12 @@ class _Base(APIHandler):
             raise web.HTTPError(400, f"Invalid {what}.")
         return value
 
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, heavy: bool = False,
+                   **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(_POOL, lambda: fn(*args, **kwargs))
+            return await loop.run_in_executor(_HEAVY if heavy else _POOL,
+                                              lambda: fn(*args, **kwargs))
         except StoreUnwritable as exc:  # a read-only folder, a full disk
             raise web.HTTPError(503, str(exc)) from exc
         except (PromptscopeError, NoSessionsYet) as exc:  # unknown id
@@ -109,7 +114,7 @@ class SessionHandler(_Base):
     async def get(self, session_id: str) -> None:
         self.check_name(session_id)
         reader = self.reader()
-        detail = await self.call(reader.detail, session_id)
+        detail = await self.call(reader.detail, session_id, heavy=True)
         self.finish(json.dumps(json_safe(detail), default=str, allow_nan=False))
 
     @web.authenticated
@@ -153,7 +158,7 @@ class FigureHandler(_Base):
     async def get(self, session_id: str, name: str) -> None:
         self.check_name(session_id)
         self.check_name(name, "figure name")
-        spec = await self.call(self.reader().figure, session_id, name)
+        spec = await self.call(self.reader().figure, session_id, name, heavy=True)
         if spec is None:
             raise web.HTTPError(404, f"Session {session_id} has no figure {name!r}.")
         self.finish(spec)
@@ -176,11 +181,11 @@ class ExportHandler(_Base):
             names = await self.call(reader.table_names, session_id)
             if table not in names:
                 raise web.HTTPError(404, f"Session {session_id} has no table {table!r}.")
-            body = await self.call(table_csv, reader, session_id, table)  # off the event loop
+            body = await self.call(table_csv, reader, session_id, table, heavy=True)
             ctype = "text/csv; charset=utf-8"
             filename = f"{session_id}-{table}.csv"
         elif fmt == "html":
-            body = await self.call(session_html, reader, session_id)
+            body = await self.call(session_html, reader, session_id, heavy=True)
             ctype = "text/html; charset=utf-8"
             filename = f"{session_id}.html"
         else:

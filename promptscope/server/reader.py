@@ -19,9 +19,12 @@ import json
 import math
 import re
 import sqlite3
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +45,26 @@ _T = TypeVar("_T")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 LIST_FIELDS = ("id", "name", "kind", "model", "status", "created", "updated", "n_rows")
 MAX_LIMIT = 500
+#: Rows of a summary table the server keeps and sends (the panel shows 200; the HTML report
+#: this many; the CSV export has every row).
+SUMMARY_ROWS = 1000
+
+
+@dataclass
+class _Summary:
+    """A session's summary table as last computed: its first rows and how many there are."""
+
+    updated: float  # the session's ``updated`` it was computed at
+    at: float  # when (time.monotonic())
+    cost: float  # seconds it took
+    head: Any  # DataFrame of the first SUMMARY_ROWS rows, or None (no summary)
+    total: int
+
+
+# (store file, session id) -> its summary: a 500 k-row session took 6 s to summarise, and the
+# panel asks again after each chunk a running session writes.
+_SUMMARIES: OrderedDict[tuple[str, str], _Summary] = OrderedDict()
+_SUMMARIES_LOCK = threading.Lock()
 
 
 class StoreUnavailable(Exception):
@@ -202,9 +225,10 @@ class StoreReader(Store):
         out["summary_table"] = None
         out["summary_error"] = ""
         try:
-            table = self.summary_frame(session_id)
-            if table is not None and len(table.columns):
-                out["summary_table"] = frame_to_json(table, max_rows=max_rows)
+            summary = self.summary(session_id)
+            if summary.head is not None and len(summary.head.columns):
+                out["summary_table"] = frame_to_json(summary.head, max_rows=max_rows,
+                                                     total=summary.total)
         except StoreUnavailable:
             raise
         except Exception as exc:  # a plot module that cannot summarise a partial run, cells
@@ -219,6 +243,30 @@ class StoreReader(Store):
             return None
         return promptscope.load(session_id, store=self).summary()
 
+    def summary(self, session_id: str) -> _Summary:
+        """The session's summary table, computed again only when the session changed, and
+        for a running one at most every five times what computing it cost (each chunk a
+        long run writes would otherwise load every row again)."""
+        record = self.get(session_id)
+        key = (str(self.path), session_id)
+        with _SUMMARIES_LOCK:
+            kept = _SUMMARIES.get(key)
+        if kept is not None and (kept.updated == record.updated or (
+                record.status == "running" and time.monotonic() - kept.at < 5 * kept.cost)):
+            return kept
+        start = time.monotonic()
+        table = self.summary_frame(session_id)
+        now = time.monotonic()
+        made = _Summary(record.updated, now, now - start,
+                        None if table is None else table.head(SUMMARY_ROWS),
+                        0 if table is None else len(table))
+        with _SUMMARIES_LOCK:
+            _SUMMARIES[key] = made
+            _SUMMARIES.move_to_end(key)
+            while len(_SUMMARIES) > 32:
+                _SUMMARIES.popitem(last=False)
+        return made
+
 
 def json_safe(value: Any) -> Any:
     """``value`` with NaN and infinities as ``None`` (JSON has no such numbers, and the
@@ -232,8 +280,10 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def frame_to_json(df: Any, *, max_rows: int = 200) -> dict[str, Any]:
-    """A DataFrame as ``{columns, rows, total}``: cells JSON-safe, at most ``max_rows`` rows."""
+def frame_to_json(df: Any, *, max_rows: int = 200, total: int | None = None
+                  ) -> dict[str, Any]:
+    """A DataFrame as ``{columns, rows, total}``: cells JSON-safe, at most ``max_rows`` rows
+    (``total``: the whole table's length, when ``df`` is its head)."""
     import pandas as pd
 
     if not isinstance(df.index, pd.RangeIndex):
@@ -242,7 +292,7 @@ def frame_to_json(df: Any, *, max_rows: int = 200) -> dict[str, Any]:
     data = json.loads(head.to_json(orient="split", date_format="iso", default_handler=str,
                                    index=False))
     return {"columns": [str(c) for c in data["columns"]], "rows": data["data"],
-            "total": int(len(df))}
+            "total": int(len(df) if total is None else total)}
 
 
 def session_html(reader: StoreReader, session_id: str) -> str:
@@ -285,11 +335,15 @@ def session_html(reader: StoreReader, session_id: str) -> str:
         parts.append(pio.to_html(fig, include_plotlyjs=first, full_html=False))
         first = False
     try:
-        table = reader.summary_frame(session_id)
+        summary = reader.summary(session_id)
     except Exception:  # the report still has the figures and raw tables
-        table = None
-    if table is not None and len(table.columns):
-        parts.append("<h2>Summary</h2>" + table.to_html(index=False, escape=True, border=0))
+        summary = None
+    if summary is not None and summary.head is not None and len(summary.head.columns):
+        shown = len(summary.head)
+        note = (f"<p>The first {shown:,} of {summary.total:,} rows; the CSV export has every "
+                "row.</p>" if shown < summary.total else "")
+        parts.append("<h2>Summary</h2>" + note +
+                     summary.head.to_html(index=False, escape=True, border=0))
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -104,6 +104,11 @@ def summary(result: Any) -> Any:
     return df
 
 
+#: A run's figure shows at most this many variants: a 250 k-variant heatmap was a 17 MB figure
+#: that froze JupyterLab for seconds, with far more rows than pixels.
+MAX_VARIANTS_SHOWN = 2000
+
+
 def figure(result: Any) -> Any:
     """Probability of each choice per variant (choices), log-prob per variant (target)."""
     import plotly.graph_objects as go
@@ -113,6 +118,12 @@ def figure(result: Any) -> Any:
     if mode not in ("choices", "target"):
         return None  # generation: the outputs are text, read in the table
     x = variant_labels(df, result.params.get("template"))
+    names = x.unique()
+    note = ""
+    if len(names) > MAX_VARIANTS_SHOWN:  # more rows than a figure has pixels: the first ones
+        shown = x.isin(names[:MAX_VARIANTS_SHOWN])
+        df, x = df[shown], x[shown]
+        note = f" (the first {MAX_VARIANTS_SHOWN:,} of {len(names):,} variants; .df has all)"
     if mode == "choices":
         choices = result.params["choices"]
         n_variants = len(x.unique())
@@ -136,12 +147,12 @@ def figure(result: Any) -> Any:
             fig.update_layout(barmode="group", yaxis={"title": "probability", "range": [0, 1]},
                               xaxis_title="variant", legend_title="choice",
                               **_room_for_labels(x))
-        return apply_style(fig, "Choice probability per variant")
+        return apply_style(fig, "Choice probability per variant" + note)
     fig = go.Figure(go.Bar(x=x, y=df["logprob"],
                            hovertemplate="%{x}<br>log p=%{y:.3f}<extra></extra>"))
     fig.update_layout(yaxis_title=f"log p({plain(repr(result.params.get('target')))})",
                       xaxis_title="variant")
-    return apply_style(fig, "Target log-probability per variant")
+    return apply_style(fig, "Target log-probability per variant" + note)
 
 
 def plain_vs_steered(run: Any) -> Any:
