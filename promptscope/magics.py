@@ -190,7 +190,9 @@ def _promptscope_parser() -> _Parser:
     from promptscope.analyses.sensitivity.cli import add_spread_parser
 
     add_spread_parser(sub)  # %promptscope spread DATA ... (FormatSpread)
-    sub.add_parser("store", help="where this workspace's sessions are saved")
+    st = sub.add_parser("store", help="where this workspace's sessions are saved")
+    st.add_argument("--compact", action="store_true", help="give the space of deleted sessions "
+                    "back to the disk")
     sub.add_parser("help", help="show this help and the %%%%prompt and %%%%reach options")
     for sp in sub.choices.values():
         sp.__class__ = _Parser
@@ -286,7 +288,10 @@ class PromptscopeMagics(Magics):
                 self.shell.user_ns[args.out] = result
             return result
         if args.command == "store":
-            return str(promptscope.Store.default().path)
+            store = promptscope.Store.default()
+            if args.compact:
+                print(f"Freed {store.compact() / 2**20:.1f} MB.")
+            return str(store.path)
         result = promptscope.load(args.session_id)  # "load"
         if args.out:
             self.shell.user_ns[args.out] = result

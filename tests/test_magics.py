@@ -137,6 +137,10 @@ def test_promptscope_commands(ip, tiny_llama_dir, capsys):
     models = ip.run_line_magic("promptscope", "models")
     assert "magic-llama" in models["name"].tolist()
     assert ip.run_line_magic("promptscope", "store").endswith("sessions.sqlite")
+    capsys.readouterr()
+    assert ip.run_line_magic("promptscope", "store --compact").endswith("sessions.sqlite")
+    assert capsys.readouterr().out.startswith("Freed ")
+    assert promptscope.load(run.session_id) == run  # (the store still holds it)
     with pytest.raises(UsageError, match="invalid choice"):
         ip.run_line_magic("promptscope", "frobnicate")
     with pytest.raises(UsageError, match="No session"):
