@@ -173,9 +173,11 @@ def test_a_store_that_cannot_be_written_loses_no_computed_row(tmp_path, capsys):
     assert len(info.value.partial_result.df) == 2
     assert store.get(rec.session_id).status == "failed" and len(store.table(rec.session_id)) == 1
     assert "could not record" in capsys.readouterr().err
-    # A run that ends well but cannot be saved does not pass for saved either.
+    # A run that ends well but cannot be saved does not pass for saved either (here its rows
+    # are, and the error says so).
     store = _FillingStore(tmp_path / "t.sqlite")
-    with pytest.raises(PromptscopeError, match="could not be saved") as info:
+    with pytest.raises(PromptscopeError, match="all its rows are in session .* could not "
+                                               "record the rest") as info:
         with Recorder("prompt", store=store) as rec:
             rec.add(chunk)
             rec.params["big"] = "z" * 20000

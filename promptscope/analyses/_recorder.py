@@ -149,8 +149,13 @@ class Recorder:
                   f"{'result' if exc_type is None else 'exception: exc.partial_result'}.",
                   file=sys.stderr)
             if exc_type is None:  # a run that was not saved must not pass for saved
-                err = PromptscopeError(f"The run finished, but its session {self.session_id} "
-                                       f"could not be saved: {failed}")
+                err = PromptscopeError(
+                    f"The run finished and all its rows are in session {self.session_id}, but "
+                    f"the store could not record the rest ({failed}); the session may show as "
+                    "running until this kernel ends. The whole result is in "
+                    "exc.partial_result." if not self.unsaved else
+                    f"The run finished, but its session {self.session_id} could not be saved: "
+                    f"{failed}")
                 err.partial_result = self.result("failed")  # type: ignore[attr-defined]
                 raise err from None
             return
