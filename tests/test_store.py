@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 import time
 
@@ -354,6 +355,29 @@ def test_a_run_whose_process_died_shows_as_interrupted_and_keeps_rows(tmp_path):
     raw = sqlite3.connect(path).execute("SELECT name, status FROM sessions").fetchall()
     assert dict(raw) == {"dies": "interrupted", "alive": "running"}
     store.finish(live, "done")
+
+
+def test_a_process_id_given_to_a_later_process_does_not_keep_a_dead_run_running(tmp_path):
+    """A container restart hands low process ids out again: a dead kernel's session whose id
+    now belongs to another process stayed "running" for good, and could not be deleted."""
+    import socket
+
+    from promptscope.store import orphaned, process_start
+
+    me, host = os.getpid(), socket.gethostname()
+    start = process_start(me)
+    if not start:
+        pytest.skip("this OS does not tell when a process started")
+    store = Store(tmp_path / "s.sqlite")
+    live = store.create("prompt", name="live")
+    assert store.get(live).owner == f"{host}:{me}/{start}"
+    assert not orphaned("running", f"{host}:{me}/{start}")  # this very process
+    assert orphaned("running", f"{host}:{me}/{int(start) - 1}")  # an earlier one with our id
+    assert not orphaned("running", f"{host}:{me}")  # an owner written before start times
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE sessions SET owner=?", (f"{host}:{me}/{int(start) - 1}",))
+    assert store.get(live).status == "interrupted"
+    store.delete(live)
 
 
 def test_a_schema_1_file_is_upgraded_and_its_sessions_kept(tmp_path):

@@ -316,7 +316,8 @@ class Store:
         rec = self.get(session_id)
         if rec.status == "running" and not force:
             raise PromptscopeError(
-                f"Session '{session_id}' is still running (in {rec.owner or 'another kernel'}); "
+                f"Session '{session_id}' is still running (in "
+                f"{rec.owner.partition('/')[0] or 'another kernel'}); "
                 "stop it first, or delete it with force=True.")
         self._run(lambda conn: conn.execute("DELETE FROM sessions WHERE id=?", (session_id,)))
 
@@ -403,7 +404,21 @@ class Store:
 
 
 def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"  # at call time: a forked child is not us
+    """``host:pid``, with ``/start`` (the process's start time, where the OS tells it) so that
+    a later process given the same id is not taken for the one that ran the session."""
+    pid = os.getpid()  # at call time: a forked child is not us
+    start = process_start(pid)
+    return f"{socket.gethostname()}:{pid}" + (f"/{start}" if start else "")
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, Linux's ``/proc``), or ``""``."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            # fields after the command name (which may hold spaces), from the 3rd on
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 STRANDED_ERROR = ("A Ctrl-C stopped it as its run was being finished, before its status was "
@@ -440,7 +455,8 @@ def orphaned(status: str, owner: str, updated: float | None = None) -> bool:
     or, from before owners were recorded (schema 1), has not written for an hour."""
     if status == "running" and not owner:
         return updated is not None and time.time() - updated > STALE_WITHOUT_OWNER_S
-    host, _, pid = owner.rpartition(":")
+    host, _, proc = owner.rpartition(":")
+    pid, _, start = proc.partition("/")
     if status != "running" or host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -449,7 +465,8 @@ def orphaned(status: str, owner: str, updated: float | None = None) -> bool:
         return True
     except OSError:
         return False  # exists but is someone else's (or the platform cannot tell)
-    return False
+    # alive: the same process, or a later one that was given its id (a restarted container)
+    return bool(start) and process_start(int(pid)) not in ("", start)
 
 
 def _record(row: sqlite3.Row) -> SessionRecord:
