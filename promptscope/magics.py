@@ -120,6 +120,9 @@ def _prompt_parser() -> _Parser:
                    "vector's multiplier (ICV: lambda; default 1)")
     p.add_argument("--steer-layers", default=None, metavar="'2,3'", help="with --steer vector: "
                    "the layers to steer (default: all the vector has)")
+    p.add_argument("--steer-start", default="0", metavar="POS", help="with --steer vector: "
+                   "steer each prompt's tokens from this position on, or 'last' (its last "
+                   "token and what follows: where a knob is read and set; default 0)")
     p.add_argument("--heads", default="all", help="heads to steer: 'all', '3.1,4.0' "
                    "(layer.head), 'L3' (every head of layer 3), or from a saved head profile "
                    "(promptscope.profile_heads): 'top:8' (this model's newest) or "
@@ -478,7 +481,10 @@ def _check_ignored_options(args: argparse.Namespace, parser: argparse.ArgumentPa
          "of AutoPASTA)"),
         (_PASTA_OPTIONS, steer == "vector",
          "steer attention: only with --steer pasta or --steer pasta+vector"),
-        ((*_PASTA_OPTIONS, "strength", "steer_layers"), steer is None, "only with --steer"),
+        ((*_PASTA_OPTIONS, "strength", "steer_layers", "steer_start"), steer is None,
+         "only with --steer"),
+        (("vector", "strength", "steer_layers", "steer_start"), steer == "pasta",
+         "a vector's options: only with --steer vector or --steer pasta+vector"),
     ]
     for options, applies, why in rules:
         clash = [f"--{o.replace('_', '-')}" for o in options if o in given]
@@ -518,8 +524,12 @@ def _vector_options(args: argparse.Namespace, ns: dict[str, Any]) -> dict[str, A
         raise UsageError(f"--vector {args.vector}: the notebook variable is a "
                          f"{type(vector).__name__}, not a SteeringVector (make one with "
                          "promptscope.contrastive_vector, in_context_vector or find_knob).")
+    start = args.steer_start.strip()
+    if start != "last" and not start.isdigit():
+        raise UsageError(f"--steer-start {args.steer_start}: give a token position (0, 5) or "
+                         "'last'.")
     return {"method": args.steer, "vector": vector, "strength": args.strength,
-            "layers": args.steer_layers}
+            "layers": args.steer_layers, "start": start if start == "last" else int(start)}
 
 
 def _reach_parser() -> _Parser:

@@ -160,6 +160,12 @@ def test_api_model_steering_refused_before_any_request():
      r"--heads, --alpha: steer attention: only with --steer pasta"),
     ("--choices ' a| b' --alpha 0.1", r"--alpha: only with --steer"),
     ("--choices ' a| b' --layers 2", r"--layers: only with --attention"),
+    # PASTA alone ran, and said nothing of the vector
+    ("--choices ' a| b' --steer --vector v --strength 8 --steer-layers 1",
+     r"--vector, --strength, --steer-layers: a vector's options: only with --steer vector"),
+    ("--choices ' a| b' --steer pasta --steer-start last", r"--steer-start: a vector's"),
+    ("--choices ' a| b' --steer vector --vector v --steer-start two",
+     r"--steer-start two: give a token position"),
 ])
 def test_options_the_analysis_would_ignore_are_refused(loaded, line, match):
     _refused(loaded, line, "Context: <<Ann is in Rome.>> Where is Ann?", match)

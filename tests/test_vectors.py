@@ -693,6 +693,12 @@ def test_prompt_magic_steer_vector(ip, tiny_llama_dir, device_flags):
                              '--steer-layers 1 --target " x"', "Say {{hi|yo}} now")
     assert run2.df["logprob"].tolist() == pytest.approx(
         run.df[run.df.steered]["logprob"].tolist(), abs=1e-6)
+    last = ip.run_cell_magic("prompt", '--steer vector --vector myvec --strength 2 '
+                             '--steer-start last --target " x"', "Say {{hi|yo}} now")
+    assert last.params["steer"]["start"] == "last"  # (a knob is set where it was read)
+    with promptscope.steer(model, vector=v, strength=2, start="last"):
+        want = model.score(["Say hi now"], [" x"])[0].logprob
+    assert last.df["logprob"].iloc[0] == pytest.approx(want, abs=1e-6)
     with pytest.raises(UsageError, match="the methods are pasta"):
         ip.run_cell_magic("prompt", "--steer knob --target x", "a b")
     with pytest.raises(UsageError, match="needs --vector"):
@@ -849,8 +855,10 @@ def test_crossfit_scores_each_half_with_the_setting_picked_on_the_other():
     got = crossfit(result).set_index("method")
     assert got.loc["A", "value"] == 1.0 and got.loc["A", "value_on_test_rows"] == 2.0
     assert got.loc["A", "d_crossfit"] == 0.0
-    assert (got.loc["B", "d_crossfit"], got.loc["B", "d_crossfit_low"]) == (1.0, 1.0)
+    assert got.loc["B", "d_crossfit"] == 1.0
+    assert 0.2 < got.loc["B", "d_crossfit_low"] < 0.5  # 4 rows, all gained: little is known
     summary = result.summary().set_index("method")
+    assert (summary["n_test"] == 2).all()  # how many rows d_test and its interval rest on
     assert summary.loc["A", "d_test"] == 0.0 and summary.loc["A", "d_crossfit"] == 0.0
     assert list(summary.columns).index("d_crossfit") == list(summary.columns).index(
         "d_test_high") + 2  # beside the single-split gain, after the other pick
@@ -877,7 +885,7 @@ def test_crossfit_interval_holds_the_uncertainty_of_the_choice():
     """Two settings tie on the tuning rows, but only the first (the pick, ties to the first)
     is right on the test rows: resampled tuning rows pick the other one often, and the
     interval must show it (with the picks held fixed it sits near the point gain)."""
-    from promptscope.analyses.compare_steering import _gain_interval, crossfit
+    from promptscope.analyses.compare_steering import crossfit, paired_gain_interval
     from promptscope.result import Result
 
     tune_a, test_a = [1, 1, 0, 0] * 3, [1, 1, 1, 1] * 3
@@ -893,19 +901,27 @@ def test_crossfit_interval_holds_the_uncertainty_of_the_choice():
     got = crossfit(Result("steering_comparison", df, params=params,
                           tables={"row_outcomes": per})).iloc[0]
     assert got["d_crossfit"] == 0.75  # test rows by setting 0; tuning rows by setting 0
-    fixed_low, _ = _gain_interval([bool(x) for x in tune_a + test_a], [False] * 24, 0)
-    assert fixed_low > 0.55 and got["d_crossfit_low"] < 0.45
+    fixed_low, _ = paired_gain_interval([bool(x) for x in tune_a + test_a], [False] * 24)
+    assert fixed_low > 0.5 and got["d_crossfit_low"] < 0.45
     assert got["d_crossfit_high"] >= 0.75
 
 
 def test_gain_interval_and_split():
-    from promptscope.analyses.compare_steering import _gain_interval, _split
+    """A bootstrap of the rows gave "+0 (0 to 0)" when no test row changed and "+100 (100 to
+    100)" from 3 rows that all gained; the paired score interval keeps the uncertainty."""
+    from promptscope.analyses.compare_steering import _split, paired_gain_interval
 
-    assert _gain_interval([True] * 8, [True] * 8, seed=0) == (0.0, 0.0)
-    assert _gain_interval([True] * 8, [False] * 8, seed=0) == (1.0, 1.0)
+    low, high = paired_gain_interval([True] * 8, [True] * 8)
+    assert low == pytest.approx(-high) and 0.25 < high < 0.4  # 8 rows: little is known
+    low, high = paired_gain_interval([False] * 4 + [True] * 26, [False] * 4 + [True] * 26)
+    assert -0.15 < low < -0.05 and 0.05 < high < 0.15  # 30 rows, none changed
+    assert [round(x, 2) for x in paired_gain_interval([True] * 3, [False] * 3)] == [0.21, 1.0]
+    low, high = paired_gain_interval([True] * 8, [False] * 8)
+    assert 0.5 < low < 0.6 and high == 1.0
+    assert paired_gain_interval([False] * 8, [True] * 8) == pytest.approx((-1.0, -low))
     # half the rows gain: the interval is about 0.5 +- 1.96 * 0.5 / sqrt(n)
     steered, plain = [True] * 200, [True, False] * 100
-    low, high = _gain_interval(steered, plain, seed=1)
+    low, high = paired_gain_interval(steered, plain)
     assert low == pytest.approx(0.5 - 0.069, abs=0.02) and high == pytest.approx(0.5 + 0.069,
                                                                                 abs=0.02)
     tune, test = _split(10, 0.3, seed=4)
@@ -990,6 +1006,43 @@ def test_steering_lab_marks_the_current_setting_on_the_comparison_curve(tiny_lla
     lab.layers.value = (0, 1)
     assert not [t for t in lab.curve.figure.data if t.name == "current setting"]
     assert "not the layers the comparison measured" in lab.status.value
+
+
+def test_steering_lab_draws_a_star_only_for_what_the_comparison_measured(tiny_llama):
+    """The star sat on the curve of other heads (the lab steered all heads, the comparison
+    layer 1's), read the end point's gain beyond the measured strengths, and a knob could not
+    be set to its values (tens) nor at the token it was measured at."""
+    from promptscope.widgets import SteeringLab
+
+    template = "Context: <<{name} lives in {city}.>> Bob lives in Oslo. Where does {name} live?"
+    rows = [{"name": "Ann", "city": "Rome", "answer": " Rome"},
+            {"name": "Eve", "city": "Lima", "answer": " Lima"}]
+    knob = SteeringVector({1: torch.nn.functional.normalize(
+        torch.randn(tiny_llama.model.config.hidden_size), dim=0)},
+        tiny_llama.model.config.hidden_size, mode="set")
+    cmp = promptscope.compare_steering(
+        template, rows, tiny_llama, choices=[" Rome", " Oslo", " Lima"],
+        methods={"PASTA (L1)": {"heads": "L1", "alpha": [0.1, 0.01]},
+                 "knob": {"vector": knob, "strength": [30.0, 60.0], "start": "last"}},
+        save=False, progress=False)
+
+    def stars():
+        return [t for t in lab.curve.figure.data if t.name == "current setting"]
+
+    lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
+                      vectors={"knob": knob}, comparison=cmp)
+    assert lab.heads == "L1" and stars()  # the comparison's PASTA, whatever its label
+    lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
+                      vectors={"knob": knob}, comparison=cmp, heads="all")
+    assert not stars() and "PASTA steers heads all; the comparison measured L1" in \
+        lab.status.value
+    lab.method.value = "knob"
+    assert lab.strength.max >= 60 and lab.strength.value == 30.0
+    assert lab.steering()["start"] == "last" and lab.last.params["steer"]["start"] == "last"
+    assert stars() and stars()[0].x[0] == pytest.approx(30.0)
+    lab.strength.value = 100.0
+    assert not stars() and "strength 100 is outside the measured 30 to 60" in lab.status.value
+    _no_hooks_left(tiny_llama)
 
 
 # ------------------------------------------------------------- torch.compile

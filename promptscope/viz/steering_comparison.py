@@ -71,9 +71,9 @@ def chosen(df: Any) -> Any:
 
 def summary(result: Any) -> Any:
     """Per method, the setting picked on the tuning rows, its gain on the test rows (95 %
-    interval), the cross-fitted gain over all rows (``d_crossfit``: each half scored by the
-    setting picked on the other; ``value_on_test_rows`` is that other pick) and its side
-    effects."""
+    interval; ``n_test`` rows), the cross-fitted gain over all rows (``d_crossfit``: each half
+    scored by the setting picked on the other; ``value_on_test_rows`` is that other pick) and
+    its side effects."""
     from promptscope.analyses.compare_steering import crossfit
 
     df = result.df
@@ -83,6 +83,9 @@ def summary(result: Any) -> Any:
     if "tune_accuracy" not in df:
         cols[3:3] = ["accuracy", "d_accuracy"]
     table = chosen(df)[cols].reset_index(drop=True)
+    if "test_accuracy" in table and result.params.get("test_rows") is not None:
+        table.insert(table.columns.get_loc("test_accuracy") + 1, "n_test",
+                     len(result.params["test_rows"]))  # what d_test and its interval rest on
     crossed = crossfit(result)
     if crossed is None or not len(crossed):
         return table

@@ -28,8 +28,11 @@ class SteeringLab(w.VBox):
         vectors: name -> SteeringVector offered besides PASTA.
         comparison: a ``compare_steering`` Result whose accuracy/side-effect curve is shown;
             a star marks where the current setting falls on the curve of the method with the
-            same label (read off the measured points, interpolated between them).
-        heads: PASTA's heads.
+            same label (PASTA: the comparison's attention-only method, whatever its label),
+            read off the measured points, interpolated between them. No star where the
+            setting differs from what the comparison measured (heads, layers) or lies outside
+            its measured strengths; the status line says why.
+        heads: PASTA's heads (default: those of the comparison's PASTA, else all).
 
     Example:
         >>> SteeringLab(TEMPLATE, model, choices=colors, vars=rows.head(4),
@@ -38,11 +41,12 @@ class SteeringLab(w.VBox):
 
     def __init__(self, template: str, model: Any, *, choices: Any, vars: Any = None,
                  vectors: Mapping[str, Any] | None = None, comparison: Any = None,
-                 heads: str = "all") -> None:
+                 heads: Any = None) -> None:
         self.template, self.model, self.choices, self.rows = template, model, choices, vars
         self.vectors = dict(vectors or {})
-        self.heads = heads
+        self.comparison = comparison
         self.method = w.Dropdown(options=["PASTA", *self.vectors], description="method")
+        self.heads = heads if heads is not None else self._compared("PASTA").get("heads", "all")
         self.alpha = w.FloatLogSlider(value=0.01, base=10, min=-5, max=0, step=0.25,
                                       description="alpha", continuous_update=False,
                                       readout_format=".1e")
@@ -53,7 +57,6 @@ class SteeringLab(w.VBox):
                                        rows=min(n_layers, 6))
         self.status = w.HTML()
         self.answers = FigureBox()
-        self.comparison = comparison
         self.curve = FigureBox()
         self._on_change = shows_errors(self.status, self.update)
         for control in (self.method, self.alpha, self.strength, self.layers):
@@ -70,32 +73,64 @@ class SteeringLab(w.VBox):
         self.layers.layout.display = None if vector else "none"
         if vector:
             have = self.vectors[self.method.value].layers
+            spec = self._compared()
             # the layers the comparison measured this vector at, so the star sits on its curve
-            compared = [layer for layer in self._compared().get("layers") or have
-                        if layer in have] or have
-            self.layers.unobserve(self._on_change, names="value")
+            compared = [layer for layer in spec.get("layers") or have if layer in have] or have
+            # and strengths that reach its measured ones (a knob's values are tens)
+            values = [float(v) for v in spec.get("values", [])] if \
+                spec.get("swept") == "strength" else []
+            low, high = min([0.0, *values]), max([8.0, *(2 * v for v in values)])
+            for control in (self.layers, self.strength):
+                control.unobserve(self._on_change, names="value")
             self.layers.options = have
             self.layers.value = tuple(compared)
-            self.layers.observe(self._on_change, names="value")
+            self.strength.min, self.strength.max = -1e9, 1e9  # (no clamping while moved)
+            self.strength.min, self.strength.max = low, high
+            small = min([abs(v) for v in values if v] or [1.0])
+            self.strength.step = min((high - low) / 64, small / 4) if values else 0.25
+            if values and not min(values) <= self.strength.value <= max(values):
+                self.strength.value = values[0]  # a measured setting, not another method's
+            for control in (self.layers, self.strength):
+                control.observe(self._on_change, names="value")
 
-    def _compared(self) -> dict[str, Any]:
-        """The current method's settings in the comparison (empty without one)."""
-        if self.comparison is None:
-            return {}
-        return self.comparison.params.get("methods", {}).get(self.method.value, {})
+    def _label(self, method: str | None = None) -> str | None:
+        """The comparison's label of a lab method: the same name, or for PASTA the
+        comparison's attention-only method (named "PASTA (L1)", say)."""
+        method = method or self.method.value
+        methods = self.comparison.params.get("methods", {}) if self.comparison else {}
+        if method in methods:
+            return method
+        if method == "PASTA":
+            return next((k for k, spec in methods.items() if "vector" not in spec
+                         and not str(spec.get("method", "pasta")).startswith("vector")
+                         and "+" not in str(spec.get("method", ""))), None)
+        return None
 
-    def _off_curve(self) -> bool:
-        """Whether the current layers differ from those the comparison measured."""
-        layers = self._compared().get("layers")
-        return (self.method.value != "PASTA" and layers is not None
-                and sorted(self.layers.value) != sorted(layers))
+    def _compared(self, method: str | None = None) -> dict[str, Any]:
+        """A method's settings in the comparison (empty without one)."""
+        label = self._label(method)
+        return self.comparison.params["methods"][label] if label is not None else {}
+
+    def _off_curve(self) -> str:
+        """Why the comparison's curve says nothing of the current setting ("" when it does)."""
+        spec = self._compared()
+        if self.method.value == "PASTA":
+            heads = spec.get("heads", "all")
+            return "" if str(heads) == str(self.heads) else (
+                f"PASTA steers heads {self.heads}; the comparison measured {heads}")
+        layers = spec.get("layers")
+        if layers is not None and sorted(self.layers.value) != sorted(layers):
+            return "not the layers the comparison measured"
+        return ""
 
     def steering(self) -> dict[str, Any]:
         """The ``steer=`` options of the current controls."""
         if self.method.value == "PASTA":
             return {"heads": self.heads, "alpha": self.alpha.value}
+        start = self._compared().get("start")  # as measured (a knob: "last")
         return {"method": "vector", "vector": self.vectors[self.method.value],
-                "strength": self.strength.value, "layers": list(self.layers.value)}
+                "strength": self.strength.value, "layers": list(self.layers.value),
+                **({"start": start} if start is not None else {})}
 
     def current_strength(self) -> float:
         """The current setting on the comparison's strength axis (PASTA: 1/alpha)."""
@@ -109,13 +144,11 @@ class SteeringLab(w.VBox):
         import plotly.graph_objects as go
 
         fig = self.comparison.figure()
-        part = self.comparison.df[self.comparison.df["method"] == self.method.value]
+        part = self.comparison.df[self.comparison.df["method"] == self._label()]
         part = part.sort_values("strength")
-        if part.empty:
-            return fig
         x = self.current_strength()
-        if self._off_curve():
-            return fig  # measured at other layers: the curve says nothing of this setting
+        if part.empty or self._off_curve() or self._outside(part):
+            return fig  # the curve says nothing of this setting (the status line says why)
         if x <= 0 and bool((self.comparison.df["strength"] > 0).all()):
             return fig  # strength 0 (no steering) lies off the log axis: no star to place
         log = bool((part["strength"] > 0).all()) and x > 0
@@ -138,6 +171,23 @@ class SteeringLab(w.VBox):
                                      showlegend=False, hoverinfo="skip"), row=1, col=2)
         return fig
 
+    def _outside(self, part: Any) -> str:
+        """Why the current strength cannot be read off ``part``'s measured points ("" when
+        it can): it lies outside them."""
+        x, measured = self.current_strength(), part["strength"]
+        if measured.min() <= x <= measured.max():
+            return ""
+        return f"strength {x:g} is outside the measured {measured.min():g} to {measured.max():g}"
+
+    def _why_no_star(self) -> str:
+        if self.comparison is None:
+            return ""
+        label = self._label()
+        if label is None:
+            return f"the comparison has no {self.method.value} curve"
+        part = self.comparison.df[self.comparison.df["method"] == label]
+        return self._off_curve() or self._outside(part)
+
     def update(self, change: Any = None) -> None:
         """Re-run plain and steered on the current settings and redraw the answers."""
         import promptscope
@@ -154,6 +204,6 @@ class SteeringLab(w.VBox):
         self.answers.show(plain_vs_steered(run))
         if self.comparison is not None:
             self.curve.show(self.curve_figure())
+        why = self._why_no_star()
         self.status.value = answers_status(self.method.value, run) + (
-            " · (not the layers the comparison measured: no star on its curve)"
-            if self.comparison is not None and self._off_curve() else "")
+            f" · ({plain(why)}: no star on its curve)" if why else "")
