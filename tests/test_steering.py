@@ -747,3 +747,27 @@ def test_same_text_with_other_emphasis_is_steered_by_its_own_marks(tiny_llama):
         mine = att.df[att.df.variant == i].sort_values(["layer", "head", "part"])
         assert mine["mass"].tolist() == pytest.approx(
             alone.df.sort_values(["layer", "head", "part"])["mass"].tolist(), abs=1e-5)
+
+
+def test_run_prompt_inside_a_steer_block_emphasises_its_marks_and_an_empty_block_warns(
+        tiny_llama):
+    """A steer() block without emphasis= around run_prompt of a <<...>> template steered
+    nothing, silently (the docstring said run_prompt adds the marks)."""
+    template = "Context: <<Ann lives in Rome.>> Bob lives in Oslo. Where does Ann live?"
+    direct = promptscope.run_prompt(template, tiny_llama, choices=" Rome| Oslo", save=False,
+                                    progress=False, steer={"heads": "all", "alpha": 0.01})
+    plain = promptscope.run_prompt(template, tiny_llama, choices=" Rome| Oslo", save=False,
+                                   progress=False)
+    with promptscope.steer(tiny_llama, heads="all", alpha=0.01) as attn:
+        inside = promptscope.run_prompt(template, tiny_llama, choices=" Rome| Oslo",
+                                        save=False, progress=False)
+        assert not attn.spans  # its marks leave with the run
+        with pytest.warns(UserWarning, match="PASTA is on but has nothing to emphasise"):
+            bare = tiny_llama.score(["Ann lives in Rome. Where?"], [" Rome"])[0].logprob
+    assert inside.df["logprob"].tolist() == pytest.approx(direct.df["logprob"].tolist(),
+                                                          abs=1e-6)
+    assert inside.df["logprob"].tolist() != pytest.approx(plain.df["logprob"].tolist(),
+                                                          abs=1e-3)
+    assert inside.params["steer"]["by"] == "an enclosing steer() block"
+    assert bare == pytest.approx(tiny_llama.score(["Ann lives in Rome. Where?"],
+                                                  [" Rome"])[0].logprob, abs=1e-6)

@@ -165,6 +165,7 @@ def run_prompt(
         params.update(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       n=n, seed=seed)
     conditions: list[bool] = [False]
+    auto = False
     if steer is not None:
         steer = dict(steer)
         compare = steer.pop("compare", False)
@@ -192,6 +193,10 @@ def run_prompt(
             attn = _attention_part(steering)
             params["steer"] = {**steering.to_json(), "compare": len(conditions) == 2,
                                "auto": auto}
+        elif getattr(mdl, "steering", None) is not None and tpl.has_emphasis:
+            # inside the user's own steer() block: its PASTA emphasises the <<...>> marks too
+            attn = mdl.steering
+            params["steer"] = {**attn.to_json(), "by": "an enclosing steer() block"}
         rec = Recorder("prompt", name=name, model=mdl, params=params,
                        source=tpl.source, save=save, store=store).enter(stack)
         unsteered = 0  # variants in which PASTA found nothing to emphasise
@@ -232,9 +237,10 @@ def run_prompt(
                     rec.add(rows)
                     if refused is not None:
                         raise refused
+                if attn is not None:  # keep memory flat over long runs
+                    for text in texts:
+                        attn.spans.pop(text, None)
                 if steering is not None:
-                    if attn is not None:
-                        attn.spans.clear()  # keep memory flat over long runs
                     _set_steered(mdl, steering, True)
         finally:
             bar.close()

@@ -337,6 +337,13 @@ class HFModel(Model):
             return None
         from promptscope.models.steering import token_emphasis
 
+        if not self.steering.emphasis and not self.steering.spans:
+            import warnings
+
+            warnings.warn("PASTA is on but has nothing to emphasise, so it changes nothing: "
+                          "give steer(..., emphasis='the key sentence'), or run a template "
+                          "with <<...>> marks through promptscope.run_prompt inside the block.",
+                          stacklevel=4)
         flags = []
         for text in texts:
             enc = self.encode(text, offsets=True)

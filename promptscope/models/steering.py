@@ -614,8 +614,9 @@ def steer(model: Any, *, method: str | Sequence[str] | None = None, heads: Any =
         alpha: PASTA's scaling of the non-emphasised tokens (exclude mode, 0 < alpha <= 1), or of
             the emphasised tokens (include mode).
         mode: PASTA's ``"exclude"`` (default) or ``"include"``.
-        emphasis: PASTA: substring(s) to emphasise wherever they occur; ``run_prompt`` adds the
-            spans of ``<<...>>`` markers itself.
+        emphasis: PASTA: substring(s) to emphasise wherever they occur. ``run_prompt`` (with
+            ``steer=``, or inside this block) also emphasises its template's ``<<...>>``
+            marks; a block with neither steers nothing, and its first call warns so.
         vector: a SteeringVector or the name of a saved one.
         strength: the vector's multiplier (``h + strength * v``; ICV's lambda; a knob's value).
         layers: the vector's layers to steer (default: all the vector has).
