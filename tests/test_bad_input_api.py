@@ -148,3 +148,23 @@ def test_variants_an_emphasis_misses_are_counted_and_the_emphasis_saved(tiny_lla
                                      steer={"heads": "all", "emphasis": "Ann lives in Rome."})
     assert run.params["unsteered_variants"] == 1
     assert run.params["steer"]["emphasis"] == ["Ann lives in Rome."]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"vector": "v", "strenght": [1.0]}, r"Method 'bad': unknown option\(s\) \['strenght'\]"),
+    ({"vector": "v", "strength": [1.0], "layers": [9]}, r"Method 'bad': Layer 9 is out of range"),
+    ({"heads": "7.0", "alpha": [0.1]}, r"Method 'bad': Layer 7 is out of range"),
+])
+def test_every_compared_method_is_checked_before_any_sweep(no_work, spec, match):
+    """A bad last method failed after the other methods' sweeps had run, without its name."""
+    spec = {k: (_vector(no_work) if v == "v" else v) for k, v in spec.items()}
+    methods = {"PASTA": {"heads": "all", "alpha": [0.1]}, "bad": spec}
+    with pytest.raises(PromptscopeError, match=match):
+        _compare(no_work, ROWS, methods=methods)
+
+
+def test_a_control_task_error_says_it_is_the_control_tasks(no_work):
+    rows = [{k: v for k, v in r.items() if k != "answer"} for r in ROWS]
+    with pytest.raises(PromptscopeError, match=r"^The control task \(control=\(template, rows\)"
+                                               r"\): Every row needs an 'answer' column"):
+        _compare(no_work, ROWS, control=(TEMPLATE, rows))

@@ -730,6 +730,8 @@ def test_errors(tiny_llama, tiny_gpt2):
         promptscope.in_context_vector(DEMOS[:1], tiny_llama)
     with pytest.raises(PromptscopeError, match="at least one positive"):
         promptscope.contrastive_vector([], ["x"], tiny_llama)
+    with pytest.raises(PromptscopeError, match="the same, so their difference is zero"):
+        promptscope.contrastive_vector(["a", "b", "a"], ["b", "a", "a"], tiny_llama)
     with pytest.raises(PromptscopeError, match="Unknown steering method"):
         with promptscope.steer(tiny_llama, method="knob", vector=v):
             pass
@@ -811,7 +813,9 @@ def test_compare_steering_rows_equal_direct_measurements(tiny_llama):
     assert mine["logprob"].tolist() == pytest.approx([s.logprob for s in right], abs=1e-5)
     summary = cmp.summary()
     assert len(summary) == 2 and {"d_crossfit", "value_on_test_rows"} <= set(summary.columns)
-    assert len(cmp.figure().data) == 5  # 2 methods x 2 panels + the chosen settings
+    fig = cmp.figure()  # 2 methods x 3 panels (strength, text cost, control cost) + chosen
+    assert len(fig.data) == 7 and fig.layout.xaxis3.title.text == "cost: drop in control accuracy"
+    assert list(fig.data[2].x) == pytest.approx(list(-df[df.method == "PASTA"]["d_control"]))
     assert promptscope.load(cmp.session_id) == cmp
     _no_hooks_left(tiny_llama)
 

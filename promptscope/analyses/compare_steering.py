@@ -228,6 +228,28 @@ def _sweep(label: str, spec: Mapping[str, Any]) -> tuple[str, list[float], dict[
     return key, values, opts
 
 
+def _check_method(mdl: Model, label: str, opts: dict[str, Any], key: str,
+                  values: Sequence[float]) -> None:
+    """Refuse a method whose options ``steer`` would refuse, before any sweep runs (an error
+    in the last method came after the others' sweeps), naming the method."""
+    import inspect
+
+    from promptscope.models.steering import steer
+
+    known = set(inspect.signature(steer).parameters) - {"model"} | {"auto", "question"}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise PromptscopeError(f"Method '{label}': unknown option(s) {unknown}; steer options "
+                               f"are {sorted(known - {key})} and {key} (the values swept).")
+    checked = {o: v for o, v in opts.items() if o not in ("auto", "question")}
+    for value in values:
+        try:
+            with steer(mdl, **checked, **{key: value}):
+                pass
+        except PromptscopeError as exc:
+            raise type(exc)(f"Method '{label}': {exc}") from None
+
+
 def compare_steering(
     template: str | Template,
     data: Any,
@@ -272,12 +294,15 @@ def compare_steering(
         ``accuracy``, ``d_accuracy``, ``logprob``, ``control_accuracy``, ``d_control``,
         ``text_logprob``, ``d_text`` over all rows; ``tune_accuracy`` and ``tune_logprob``
         over the tuning rows; ``test_accuracy``, ``d_test`` and its 95 % interval
-        ``d_test_low``/``d_test_high`` over the test rows. The unsteered numbers are in
-        ``params["baseline"]``, the split in ``params["tune_rows"]``/``["test_rows"]``.
+        ``d_test_low``/``d_test_high`` over the test rows (Newcombe's paired interval). The
+        unsteered numbers are in ``params["baseline"]``, the split in
+        ``params["tune_rows"]``/``["test_rows"]`` as row positions in ``data``
+        (``data.iloc[...]``, not its index labels), as is ``tables["row_outcomes"].row``.
 
     Example:
         >>> cmp = promptscope.compare_steering(STEERING_TEMPLATE, rows, model,
         ...     methods={"CAA": {"vector": v, "strength": [1, 2, 4]}},
+        ...     choices=[" red", " blue", " green"],
         ...     text=["some unrelated text"])                                # doctest: +SKIP
         >>> cmp.figure(); cmp.summary()                                        # doctest: +SKIP
     """
@@ -295,10 +320,18 @@ def compare_steering(
     mdl = resolve_model(model)
     mdl.require("hidden_states", "Steering comparison")
     task = _Task(template, data, answer, choices)
-    ctrl = _Task(control[0], control[1], answer, choices) if control is not None else None
+    ctrl = None
+    if control is not None:
+        try:
+            ctrl = _Task(control[0], control[1], answer, choices)
+        except PromptscopeError as exc:  # (its rows and template, not the task's)
+            raise type(exc)(f"The control task (control=(template, rows)): {exc}") from None
     texts = list(text or [])
     tune_rows, test_rows = _split(len(task.prompts), tune_share, seed)
     sweeps = {label: _sweep(label, spec) for label, spec in methods.items()}
+    for label, (key, values, opts) in sweeps.items():  # every method's options, before any
+        _check_method(mdl, label, {o: v for o, v in opts.items() if o != "template"},
+                      key, values)
     tasks = {}  # a method's own template: same rows, other <<emphasis>>
     for label, (_, _, opts) in sweeps.items():
         own = opts.get("template")

@@ -151,7 +151,8 @@ def knob_sweep(
         ``params["baseline"]``. ``figure()`` draws one panel per layer.
 
     Example:
-        >>> sweep = promptscope.knob_sweep(STEERING_TEMPLATE, rows, knob)   # doctest: +SKIP
+        >>> sweep = promptscope.knob_sweep(STEERING_TEMPLATE, rows, knob,
+        ...                                choices=[" red", " blue", " green"])  # doctest: +SKIP
         >>> sweep.figure(); sweep.summary()                                   # doctest: +SKIP
     """
     import pandas as pd

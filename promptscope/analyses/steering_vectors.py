@@ -77,6 +77,11 @@ def contrastive_vector(
     if not pos or not neg:
         raise PromptscopeError(f"A contrastive vector needs at least one positive and one "
                                f"negative prompt (got {len(pos)} and {len(neg)}).")
+    if sorted(pos) == sorted(neg):  # (a run's df split by choice without .chosen: both sides)
+        raise PromptscopeError("The positive and negative prompts are the same, so their "
+                               "difference is zero and steering with it would do nothing; "
+                               "give two different sets (from a run's df, filter by "
+                               "df.chosen too).")
     n_layers = int(mdl.text_config.num_hidden_layers)  # type: ignore[attr-defined]
     chosen = check_layers(layers, n_layers) or list(range(n_layers))
     hp = collect_states(mdl, pos, chosen, position)

@@ -8,17 +8,18 @@ from promptscope.viz.style import apply_style, plain
 
 
 def figure(result: Any) -> Any:
-    """Left: accuracy gain vs strength (PASTA: 1/alpha), log scale. Right: accuracy gain vs the
-    cost to unrelated text (drop in log-prob per token), or to the control task."""
+    """Left: accuracy gain vs strength (PASTA: 1/alpha, or alpha in include mode), log scale.
+    Then accuracy gain vs each side-effect cost measured: to unrelated text (drop in log-prob
+    per token) and to the control task (drop in its accuracy)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     df = result.df
-    cost_col = "d_text" if "d_text" in df else "d_control" if "d_control" in df else None
-    cost_title = {"d_text": "cost: drop in log-prob/token of unrelated text",
-                  "d_control": "cost: drop in control accuracy"}.get(cost_col, "")
-    fig = make_subplots(rows=1, cols=2 if cost_col else 1, subplot_titles=(
-        "accuracy gain vs strength", "accuracy gain vs side effect" if cost_col else None))
+    costs = {c: t for c, t in (("d_text", "cost: drop in log-prob/token of unrelated text"),
+                               ("d_control", "cost: drop in control accuracy")) if c in df}
+    panels = {"d_text": "accuracy gain vs text cost", "d_control": "accuracy gain vs control cost"}
+    fig = make_subplots(rows=1, cols=1 + len(costs), subplot_titles=(
+        "accuracy gain vs strength", *(panels[c] for c in costs)))
     for i, (label, part) in enumerate(df.groupby("method", sort=False)):
         part = part.sort_values("strength")
         hover = [f"{plain(label)} {s}={v:g}<br>accuracy {a:.3f} ({d:+.3f})" +
@@ -32,11 +33,11 @@ def figure(result: Any) -> Any:
         fig.add_trace(go.Scatter(x=part["strength"], y=part["d_accuracy"], mode="lines+markers",
                                  name=label, legendgroup=label, line={"color": color},
                                  hovertext=hover, hoverinfo="text"), row=1, col=1)
-        if cost_col:
-            fig.add_trace(go.Scatter(x=-part[cost_col], y=part["d_accuracy"],
+        for col, cost in enumerate(costs, start=2):
+            fig.add_trace(go.Scatter(x=-part[cost], y=part["d_accuracy"],
                                      mode="lines+markers", name=label, legendgroup=label,
                                      showlegend=False, line={"color": color, "dash": "dot"},
-                                     hovertext=hover, hoverinfo="text"), row=1, col=2)
+                                     hovertext=hover, hoverinfo="text"), row=1, col=col)
     picked = chosen(df)
     fig.add_trace(go.Scatter(
         x=picked["strength"], y=picked["d_accuracy"], mode="markers", name=_CHOSEN,
@@ -46,10 +47,11 @@ def figure(result: Any) -> Any:
     # a knob's values may be zero or negative: then the strength axis stays linear
     log = bool((df["strength"] > 0).all())
     fig.update_xaxes(type="log" if log else "linear", row=1, col=1,
-                     title_text="strength (PASTA: 1/alpha; a knob: its value)")
+                     title_text="strength (PASTA: 1/alpha, include mode: alpha; a knob: its "
+                                "value)")
     fig.update_yaxes(title_text="accuracy gain over unsteered", row=1, col=1)
-    if cost_col:
-        fig.update_xaxes(title_text=cost_title, row=1, col=2)
+    for col, title in enumerate(costs.values(), start=2):
+        fig.update_xaxes(title_text=title, row=1, col=col)
     base = result.params.get("baseline", {})
     return apply_style(fig, f"Steering compared (unsteered accuracy "
                             f"{base.get('accuracy', float('nan')):.3f})")

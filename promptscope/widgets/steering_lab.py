@@ -165,10 +165,9 @@ class SteeringLab(w.VBox):
                                      f"{plain(self.method.value)} at {x:g}: gain "
                                      f"{gain:+.3f} "
                                      "(read off the curve)"], hoverinfo="text"), row=1, col=1)
-        cost = next((c for c in ("d_text", "d_control") if c in part), None)
-        if cost is not None:
+        for col, cost in enumerate((c for c in ("d_text", "d_control") if c in part), start=2):
             fig.add_trace(go.Scatter(x=[-read(cost)], y=[gain], mode="markers", marker=star,
-                                     showlegend=False, hoverinfo="skip"), row=1, col=2)
+                                     showlegend=False, hoverinfo="skip"), row=1, col=col)
         return fig
 
     def _outside(self, part: Any) -> str:
