@@ -99,35 +99,26 @@ def _split(n: int, tune_share: float, seed: int) -> tuple[list[int], list[int]]:
 def paired_gain_interval(steered: Sequence[bool], plain: Sequence[bool]
                          ) -> tuple[float, float]:
     """95 % interval of the accuracy gain ``mean(steered) - mean(plain)`` on the same rows:
-    Newcombe's hybrid score interval for paired proportions (his method 10), from the two
-    accuracies' Wilson intervals and the correlation of the pairs. Unlike a bootstrap of the
-    rows it does not shrink to a point when no row changes, or every row changes alike (30 rows,
-    none changed: about -0.08 to +0.08; 3 rows all gained: 0.21 to 1).
+    Agresti and Min's adjusted Wald interval for paired proportions (half a row added to each
+    of the four cells: right both ways, gained, lost, wrong both ways), within [-1, 1]. Unlike
+    a bootstrap of the rows, or Newcombe's score interval at 50 % accuracy, it does not shrink
+    to a point when no row changes, or every row changes alike (30 rows, none changed: about
+    -0.06 to +0.06; 3 rows all gained: 0.02 to 1).
 
     Example:
         >>> [round(x, 2) for x in paired_gain_interval([1, 1, 1], [0, 0, 0])]
-        [0.21, 1.0]
+        [0.02, 1.0]
     """
     import numpy as np
 
-    from promptscope.analyses.sensitivity.bandit import wilson_interval
-
     s, p = np.asarray(steered, dtype=bool), np.asarray(plain, dtype=bool)
-    n = len(s)
-    if n == 0:
+    if not len(s):
         return math.nan, math.nan
-    both, gained = int((s & p).sum()), int((s & ~p).sum())
-    lost, neither = int((~s & p).sum()), int((~s & ~p).sum())
-    p1, p2 = (both + gained) / n, (both + lost) / n
-    (l1, u1), (l2, u2) = (tuple(float(x) for x in wilson_interval(k, n))
-                          for k in (both + gained, both + lost))
-    margins = (both + gained) * (lost + neither) * (both + lost) * (gained + neither)
-    phi = (both * neither - gained * lost) / math.sqrt(margins) if margins else 0.0
-    low = p1 - p2 - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2)
-                                  + (u2 - p2) ** 2))
-    high = p1 - p2 + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2)
-                                   + (p2 - l2) ** 2))
-    return low, high
+    n = len(s) + 2.0  # four half rows
+    gained, lost = (int((s & ~p).sum()) + 0.5) / n, (int((~s & p).sum()) + 0.5) / n
+    gain = gained - lost
+    half = 1.959964 * math.sqrt((gained + lost - gain ** 2) / n)
+    return max(-1.0, gain - half), min(1.0, gain + half)
 
 
 def _crossfit_interval(right: Any, logprob: Any, plain: Any, tune: Sequence[int],
@@ -294,7 +285,7 @@ def compare_steering(
         ``accuracy``, ``d_accuracy``, ``logprob``, ``control_accuracy``, ``d_control``,
         ``text_logprob``, ``d_text`` over all rows; ``tune_accuracy`` and ``tune_logprob``
         over the tuning rows; ``test_accuracy``, ``d_test`` and its 95 % interval
-        ``d_test_low``/``d_test_high`` over the test rows (Newcombe's paired interval). The
+        ``d_test_low``/``d_test_high`` over the test rows (Agresti-Min paired interval). The
         unsteered numbers are in ``params["baseline"]``, the split in
         ``params["tune_rows"]``/``["test_rows"]`` as row positions in ``data``
         (``data.iloc[...]``, not its index labels), as is ``tables["row_outcomes"].row``.
