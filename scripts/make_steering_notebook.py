@@ -184,10 +184,10 @@ prior is the right answer), and the unrelated text comes from the organism's syn
 The curves are measured on all held-out questions. The best point of a noisy curve overstates
 its method's gain, so the comparison splits the questions once at random: each method's setting
 (the open circle) is picked on half of them, and the summary reports its gain on the other half,
-with a 95 % interval for a paired difference of proportions. It also cross-fits: the halves swap roles, so every question is
-scored once by a setting picked without it (`d_crossfit`, over all questions;
-`value_on_test_rows` is the other half's pick). Its interval redoes the picks in every bootstrap
-draw, so it also holds how much the choice of setting itself varies.
+with a 95 % interval for a paired difference of proportions. It also cross-fits: the halves
+swap roles, so every question is scored once by a setting picked without it (`d_crossfit`,
+over all questions; `value_on_test_rows` is the other half's pick). Its interval redoes the
+picks in every bootstrap draw, so it also holds how much the choice of setting itself varies.
 """)
 code("""
 promptscope.profile_heads(TEMPLATE, train.head(64), name="conflict heads", alpha=1e-4,
