@@ -137,6 +137,11 @@ def test_an_emphasis_found_in_no_prompt_is_refused(no_work, tmp_path):
         promptscope.run_prompt(prompt, no_work, choices=" Rome| Oslo", store=store,
                                steer={"heads": "all", "emphasis": "Ann lives in Paris."})
     assert store.list() == []  # refused before a session existed
+    # (the template's own <<...>> marks steer: an unmatched extra string is no mistake there)
+    marked = prompt.replace("Ann lives in Rome.", "<<Ann lives in Rome.>>")
+    with pytest.raises(AssertionError, match="before the input was checked"):
+        promptscope.run_prompt(marked, no_work, choices=" Rome| Oslo", save=False,
+                               steer={"heads": "all", "emphasis": "Ann lives in Paris."})
 
 
 def test_variants_an_emphasis_misses_are_counted_and_the_emphasis_saved(tiny_llama, tmp_path):

@@ -255,7 +255,9 @@ def test_a_budgeted_spread_reports_the_named_formats_exact_accuracies():
     for seed in range(4):
         kwargs = dict(formats=fmts, shots=0, budget=0.2, batch=5, seed=seed, progress=False,
                       save=False)
-        run = promptscope.format_spread(df, RuleModel(gold), **kwargs)
+        model = RuleModel(gold)
+        run = promptscope.format_spread(df, model, **kwargs)
+        assert max(model.calls) <= 2 * 5 * 2  # report calls no larger than a search round's
         p = run.params
         b, w = p["best"]["format"], p["worst"]["format"]
         assert p["interval"] == [exact[w], exact[b]]  # measured on every example
@@ -272,6 +274,18 @@ def test_a_budgeted_spread_reports_the_named_formats_exact_accuracies():
         assert (q["best"]["format"], q["worst"]["format"]) == (b, w)  # the same search
         widened += q["spread"] > p["spread"]
     assert widened  # the partial-sample estimate overstates the spread in some seeds
+
+    class StopsInTheReport(RuleModel):  # a Ctrl-C in the 3rd call after the search
+        def score(self, prompts, continuations, progress=None):
+            if len(self.calls) == stop_at:
+                raise KeyboardInterrupt
+            return super().score(prompts, continuations)
+
+    stop_at = len(run.tables["trace"]) + 2  # (one score call per search round)
+    with pytest.raises(KeyboardInterrupt) as info:
+        promptscope.format_spread(df, StopsInTheReport(gold), **kwargs)
+    kept = (info.value.partial_result.df["side"] == "report").sum()
+    assert 0 < kept < p["report_evaluations"]  # the report pieces done before it are kept
 
 
 @pytest.mark.parametrize(("kwargs", "fragment"), [

@@ -419,3 +419,24 @@ def test_summaries_are_computed_once_per_change_and_reports_capped(_isolated_sto
     html = session_html(reader, done)
     assert "The first 1,000 of 1,500 rows; the CSV export has every row." in html
     assert html.count("<td>") == 1000  # one cell in each of the first 1,000 rows
+
+
+def test_the_panel_is_found_where_a_wheel_or_an_editable_install_puts_it(tmp_path, monkeypatch):
+    """A wheel installs the panel under share/jupyter/labextensions only: the server logged
+    "not built, install Node.js" for every wheel install."""
+    import jupyter_core.paths
+
+    import promptscope.server as server
+
+    shared, package = tmp_path / "share", tmp_path / "pkg" / "promptscope" / "server"
+    package.mkdir(parents=True)
+    monkeypatch.setattr(server, "__file__", str(package / "__init__.py"))
+    monkeypatch.setattr(jupyter_core.paths, "jupyter_path", lambda *parts: [str(shared)])
+    assert not server._panel_installed()  # a clone installed without Node.js
+    (shared / "promptscope").mkdir(parents=True)
+    (shared / "promptscope" / "package.json").write_text("{}")
+    assert server._panel_installed()  # a wheel
+    (shared / "promptscope" / "package.json").unlink()
+    (tmp_path / "pkg" / "promptscope" / "labextension").mkdir()
+    (tmp_path / "pkg" / "promptscope" / "labextension" / "package.json").write_text("{}")
+    assert server._panel_installed()  # an editable install with Node.js

@@ -761,9 +761,24 @@ def test_run_prompt_inside_a_steer_block_emphasises_its_marks_and_an_empty_block
     with promptscope.steer(tiny_llama, heads="all", alpha=0.01) as attn:
         inside = promptscope.run_prompt(template, tiny_llama, choices=" Rome| Oslo",
                                         save=False, progress=False)
-        assert not attn.spans  # its marks leave with the run
+        assert not attn.spans  # its marks leave with the run...
+        real = tiny_llama.score
+        try:
+            tiny_llama.score = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+            with pytest.raises(KeyboardInterrupt):
+                promptscope.run_prompt(template, tiny_llama, choices=" Rome| Oslo",
+                                       save=False, progress=False)
+        finally:
+            del tiny_llama.score
+        assert tiny_llama.score == real and not attn.spans  # ...also when it is stopped
         with pytest.warns(UserWarning, match="PASTA is on but has nothing to emphasise"):
             bare = tiny_llama.score(["Ann lives in Rome. Where?"], [" Rome"])[0].logprob
+    for _ in range(2):  # said again by every new block (a notebook showed it once at most)
+        with promptscope.steer(tiny_llama, heads="all", alpha=0.01):
+            with pytest.warns(UserWarning, match="nothing to emphasise") as said:
+                tiny_llama.score(["Ann lives in Rome. Where?"], [" Rome"])
+                tiny_llama.score(["Ann lives in Rome. Where?"], [" Rome"])
+            assert len(said) == 1 and said[0].filename == __file__  # once, at the user's line
     assert inside.df["logprob"].tolist() == pytest.approx(direct.df["logprob"].tolist(),
                                                           abs=1e-6)
     assert inside.df["logprob"].tolist() != pytest.approx(plain.df["logprob"].tolist(),

@@ -1031,7 +1031,8 @@ def test_steering_lab_draws_a_star_only_for_what_the_comparison_measured(tiny_ll
         tiny_llama.model.config.hidden_size, mode="set")
     cmp = promptscope.compare_steering(
         template, rows, tiny_llama, choices=[" Rome", " Oslo", " Lima"],
-        methods={"PASTA (L1)": {"heads": "L1", "alpha": [0.1, 0.01]},
+        methods={"PASTA up": {"heads": "L1", "alpha": [2.0, 4.0], "mode": "include"},
+                 "PASTA (L1)": {"heads": "L1", "alpha": [0.1, 0.01]},
                  "knob": {"vector": knob, "strength": [30.0, 60.0], "start": "last"}},
         save=False, progress=False)
 
@@ -1040,7 +1041,8 @@ def test_steering_lab_draws_a_star_only_for_what_the_comparison_measured(tiny_ll
 
     lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
                       vectors={"knob": knob}, comparison=cmp)
-    assert lab.heads == "L1" and stars()  # the comparison's PASTA, whatever its label
+    assert lab._label() == "PASTA (L1)"  # the comparison's PASTA as the lab steers it
+    assert lab.heads == "L1" and stars() and stars()[0].x[0] == pytest.approx(100.0)
     lab = SteeringLab(template, tiny_llama, choices=" Rome| Oslo| Lima", vars=rows,
                       vectors={"knob": knob}, comparison=cmp, heads="all")
     assert not stars() and "PASTA steers heads all; the comparison measured L1" in \

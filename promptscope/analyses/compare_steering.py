@@ -11,8 +11,9 @@ measured against the unsteered model:
 Picking each method's best strength and reporting its gain on the same rows overstates it
 (the maximum of several noisy gains). So the rows are split once, at random: ``summary()``
 picks each method's setting on the tuning rows and reports its gain on the test rows, with a
-95 % paired-bootstrap interval. It also cross-fits (:func:`crossfit`): the halves swap roles,
-so every row is a test row once, which narrows the interval.
+95 % interval for a paired difference (:func:`paired_gain_interval`). It also cross-fits
+(:func:`crossfit`): the halves swap roles, so every row is a test row once, which narrows the
+interval.
 
 The result (kind ``steering_comparison``) has one row per (method, setting); its figure plots
 the accuracy gain against strength and against the side-effect cost.
@@ -227,7 +228,8 @@ def _check_method(mdl: Model, label: str, opts: dict[str, Any], key: str,
 
     from promptscope.models.steering import steer
 
-    known = set(inspect.signature(steer).parameters) - {"model"} | {"auto", "question"}
+    known = set(inspect.signature(steer).parameters) - {"model"} | {"auto", "question",
+                                                                     "template"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise PromptscopeError(f"Method '{label}': unknown option(s) {unknown}; steer options "
@@ -409,7 +411,9 @@ def crossfit(result: Result) -> Any:
     """Per method, the cross-fitted gain: the setting picked on the tuning rows is scored on
     the test rows, the one picked on the test rows on the tuning rows, so each row is scored by
     a setting chosen without it; the gain over unsteered is the mean over all rows, with a 95 %
-    bootstrap interval that redoes the picks in every draw (:func:`_crossfit_interval`). Picks
+    bootstrap interval that redoes the picks in every draw (:func:`_crossfit_interval`),
+    widened to at least the paired interval of those outcomes (:func:`paired_gain_interval`:
+    a bootstrap collapses to a point when the rows all agree). Picks
     go by accuracy, then the right answers' log-prob; ties to the first swept. None for
     sessions without per-row outcomes or without a split.
 

@@ -182,7 +182,7 @@ def run_prompt(
         from promptscope.models.steering import require_steerable
 
         require_steerable(mdl, _method(steer))  # an API model: say so before any request
-        if pasta and steer.get("emphasis") and not auto:
+        if pasta and steer.get("emphasis") and not auto and not tpl.has_emphasis:
             variants = _check_emphasis_found(variants, steer["emphasis"], chunk_size)
     mdl.begin_run(mode, chat)  # an API model settles how it scores, or says it cannot
     bar = _progress_bar(total * len(conditions), progress, mode)
@@ -200,6 +200,7 @@ def run_prompt(
         rec = Recorder("prompt", name=name, model=mdl, params=params,
                        source=tpl.source, save=save, store=store).enter(stack)
         unsteered = 0  # variants in which PASTA found nothing to emphasise
+        marked: list[str] = []  # this chunk's texts whose <<...>> spans attn holds
         try:
             for chunk in chunks(variants, chunk_size, steered=attn is not None):
                 texts = [mdl.chat_prompt(v.text) if chat else v.text for v in chunk]
@@ -208,6 +209,7 @@ def run_prompt(
                     for v, text in zip(chunk, texts):
                         if v.emphasis:  # else steer={"emphasis": ...} strings still apply
                             attn.spans[text] = v.emphasis_in(text)
+                            marked.append(text)
                         elif not auto and not attn.spans_for(text):
                             unsteered += 1
                     if auto:  # AutoPASTA: the model picks the sentence inside the <<region>>
@@ -238,12 +240,14 @@ def run_prompt(
                     if refused is not None:
                         raise refused
                 if attn is not None:  # keep memory flat over long runs
-                    for text in texts:
-                        attn.spans.pop(text, None)
+                    while marked:
+                        attn.spans.pop(marked.pop(), None)
                 if steering is not None:
                     _set_steered(mdl, steering, True)
         finally:
             bar.close()
+            while attn is not None and marked:  # (an enclosing block outlives the run)
+                attn.spans.pop(marked.pop(), None)
             if unsteered:
                 rec.params["unsteered_variants"] = unsteered
                 warnings.warn(f"{unsteered} of the variants contain none of the emphasis "

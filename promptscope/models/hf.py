@@ -337,13 +337,13 @@ class HFModel(Model):
             return None
         from promptscope.models.steering import token_emphasis
 
-        if not self.steering.emphasis and not self.steering.spans:
-            import warnings
-
-            warnings.warn("PASTA is on but has nothing to emphasise, so it changes nothing: "
-                          "give steer(..., emphasis='the key sentence'), or run a template "
-                          "with <<...>> marks through promptscope.run_prompt inside the block.",
-                          stacklevel=4)
+        if not self.steering.emphasis and not self.steering.spans \
+                and not self.steering.warned_empty:
+            self.steering.warned_empty = True
+            warn_from_caller("PASTA is on but has nothing to emphasise, so it changes nothing: "
+                             "give steer(..., emphasis='the key sentence'), or run a template "
+                             "with <<...>> marks through promptscope.run_prompt inside the "
+                             "block.")
         flags = []
         for text in texts:
             enc = self.encode(text, offsets=True)
@@ -751,6 +751,21 @@ class HFModel(Model):
                     extra={"stop": self.stop_text(toks[stop])} if stop is not None else {},
                 ))
             results[u] = samples
+
+
+def warn_from_caller(message: str) -> None:
+    """A UserWarning shown at the first frame outside promptscope, every time it is asked for
+    (the caller decides how often): ``warnings.warn`` shows a message once per code location,
+    and inside a notebook that location is IPython's, the same for every cell."""
+    import sys
+    import warnings
+
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+            "promptscope"):
+        frame = frame.f_back
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"))
 
 
 def forward_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:

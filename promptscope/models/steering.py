@@ -71,6 +71,8 @@ class AttentionSteering:
     emphasis: tuple[str, ...] = ()
     spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     kernel: str = "sdpa"
+    #: Whether this block has said it has nothing to emphasise (said once per block).
+    warned_empty: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:

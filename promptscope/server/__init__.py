@@ -67,13 +67,23 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     web_app.settings["promptscope_store_path"] = path
     web_app.add_handlers(".*$", handlers(web_app.settings["base_url"]))
     serverapp.log.info("promptscope: sessions panel serving %s", path)
-    if not (Path(__file__).parent.parent / "labextension" / "package.json").exists():
+    if not _panel_installed():
         # An editable install from a clone without Node.js: pip shows the build's warning
         # only with -v, so say it where the missing panel would be looked for.
         serverapp.log.warning(
             "promptscope: the JupyterLab sessions panel is not built, so the sidebar has no "
             "promptscope icon: install Node.js (>= 20) and run pip install -e . again (a wheel "
             "needs no Node.js).")
+
+
+def _panel_installed() -> bool:
+    """Whether JupyterLab finds the built panel: in one of its labextension folders (a wheel
+    puts it there), or in the package (an editable install links it from there)."""
+    from jupyter_core.paths import jupyter_path
+
+    places = [Path(p) / "promptscope" for p in jupyter_path("labextensions")]
+    places.append(Path(__file__).parent.parent / "labextension")
+    return any((place / "package.json").exists() for place in places)
 
 
 # jupyter_server < 2 looked for the unprefixed name.

@@ -330,15 +330,29 @@ class Store:
             >>> promptscope.Store.default().compact()                        # doctest: +SKIP
             73400320
         """
-        before = self.path.stat().st_size if self.path.exists() else 0
+        def size() -> int:  # the file and its write-ahead log
+            return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"))
+                       if p.exists())
+
+        before = size()
 
         def vacuum(conn: sqlite3.Connection) -> None:
             conn.commit()  # (VACUUM runs outside a transaction)
             conn.execute("VACUUM")
 
+        def shrink(conn: sqlite3.Connection) -> bool:
+            # The file shrinks once no other connection reads an older state; wait for that
+            # briefly, not the 30 s a write would.
+            conn.execute("PRAGMA busy_timeout = 2000")
+            return bool(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+
         self._run(vacuum)
-        self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
-        return max(0, before - self.path.stat().st_size)
+        if self._run(shrink):
+            import warnings
+
+            warnings.warn("Another kernel (or the panel) is reading the store: the file "
+                          "shrinks when the last connection to it closes.", stacklevel=2)
+        return max(0, before - size())
 
     # ------------------------------------------------------------------ reading
     def get(self, session_id: str) -> SessionRecord:

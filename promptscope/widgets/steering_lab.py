@@ -28,7 +28,8 @@ class SteeringLab(w.VBox):
         vectors: name -> SteeringVector offered besides PASTA.
         comparison: a ``compare_steering`` Result whose accuracy/side-effect curve is shown;
             a star marks where the current setting falls on the curve of the method with the
-            same label (PASTA: the comparison's attention-only method, whatever its label),
+            same label (PASTA: the comparison's exclude-mode PASTA on the template's marks,
+            whatever its label),
             read off the measured points, interpolated between them. No star where the
             setting differs from what the comparison measured (heads, layers) or lies outside
             its measured strengths; the status line says why.
@@ -100,10 +101,11 @@ class SteeringLab(w.VBox):
         methods = self.comparison.params.get("methods", {}) if self.comparison else {}
         if method in methods:
             return method
-        if method == "PASTA":
+        if method == "PASTA":  # as the lab steers: exclude mode, on the template's marks
             return next((k for k, spec in methods.items() if "vector" not in spec
-                         and not str(spec.get("method", "pasta")).startswith("vector")
-                         and "+" not in str(spec.get("method", ""))), None)
+                         and spec.get("method", "pasta") == "pasta"
+                         and spec.get("mode", "exclude") == "exclude"
+                         and not spec.get("auto") and "template" not in spec), None)
         return None
 
     def _compared(self, method: str | None = None) -> dict[str, Any]:

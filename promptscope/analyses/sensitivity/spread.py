@@ -233,7 +233,7 @@ def format_spread(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from promptscope.analyses.sensitivity.bandit import check_budget, run_bandit
+    from promptscope.analyses.sensitivity.bandit import Pull, check_budget, run_bandit
 
     task = FewShotTask(data, label=label, inputs=inputs, choices=choices, shots=shots,
                        demos=demos, instruction=instruction, seed=seed)
@@ -290,10 +290,11 @@ def format_spread(
             # A budgeted search names the extremes from partial samples; the paper's code
             # then measures the two on every example, outside the budget, before reporting.
             report = bandit.rest_of(named) if exact_interval else []
-            if report:
-                bar.total += sum(len(p.examples) for p in report)
-                for p, out in zip(report, evaluate(report)):
-                    bandit.update(p, out)
+            bar.total += sum(len(p.examples) for p in report)
+            for p in report:  # in pieces the size of a search round, each saved as it ends
+                for k in range(0, len(p.examples), 2 * batch):
+                    piece = Pull(p.format, p.examples[k:k + 2 * batch], "report")
+                    bandit.update(piece, evaluate([piece])[0])
         finally:
             bar.close()
         table = format_table(fmts, bandit.successes, bandit.scored, task.inputs,
