@@ -610,3 +610,20 @@ def test_a_ctrl_c_anywhere_keeps_every_pair_listed(tiny_llama):
             assert sorted(partial.df["pair"].tolist()) == every, ctrl_c.where
         k += 1
     assert k > 30
+
+
+def test_ranks_of_many_targets_equal_one_target_at_a_time():
+    """Thousands of targets of one x0 were ranked one column at a time, each a [rows, vocab]
+    temporary: a kernel went past 24 GB. Many targets now use one stable sort per row, with
+    the same ranks (ties to the lower id, as argmax)."""
+    import torch
+
+    from promptscope.analyses.reachability import _rank
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 3, (40, 300), generator=gen).float()  # many ties
+    targets = torch.randint(0, 300, (40, 30), generator=gen)
+    many = _rank(logits, targets)
+    one_by_one = torch.cat([_rank(logits, targets[:, j:j + 1]) for j in range(30)], 1)
+    assert torch.equal(many, one_by_one)
+    assert torch.equal(many == 1, targets == logits.argmax(-1, keepdim=True))

@@ -533,7 +533,11 @@ class _Engine:
         self.mdl.check_length(len(enc["input_ids"]) + len(target_ids) - 1, text,
                               " with its target")
         offsets = [tuple(o) for o in enc["offset_mapping"]]
-        keep = [b > a for a, b in offsets]  # special tokens (BOS, chat markers) are no feature
+        # Features are the user's message: not BOS, nor a chat template's markup around the
+        # message (its special tokens have text, and so character offsets, there)
+        specials = set(self.mdl.tokenizer.all_special_ids)
+        keep = [b > a and start < b and a < end and t not in specials
+                for (a, b), t in zip(offsets, enc["input_ids"])]
         self.runner.flags = _flags(self, text, v.emphasis_in(text), offsets)
         inp = _token_input(enc["input_ids"], keep, [text[a:b] for a, b in offsets],
                            self.mdl.tokenizer, self.baseline_id)

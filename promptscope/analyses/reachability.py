@@ -408,9 +408,17 @@ def k_epsilon(df: Any, k_max: int | None = None, k_min: int = 1) -> Any:
 def _rank(logits: Any, targets: Any) -> Any:
     """Rank (1 = the argmax) of each ``targets[i, j]`` in ``logits[i]``, in the order argmax
     uses: higher logits first, ties to the lower token id, so exactly one token has rank 1.
-    One target column at a time: never a ``[rows, targets, vocab]`` tensor."""
+    Never a ``[rows, targets, vocab]`` tensor: a few targets are compared one column at a
+    time; many (thousands of targets of one x0 took a kernel past 24 GB that way, one
+    ``[rows, vocab]`` temporary after another) are looked up in one stable sort per row."""
     import torch
 
+    if targets.shape[1] > 8:
+        order = torch.sort(-logits, dim=-1, stable=True).indices  # ties: the lower id first
+        place = torch.empty_like(order)
+        place.scatter_(1, order, torch.arange(logits.shape[-1], device=logits.device)
+                       .expand_as(order))
+        return place.gather(1, targets) + 1
     ids = torch.arange(logits.shape[-1], device=logits.device)
     cols = []
     for j in range(targets.shape[1]):
