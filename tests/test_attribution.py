@@ -392,7 +392,7 @@ def test_variant_labels_stay_apart_when_long_values_are_cut_alike():
         "#2 a long context sentence… · lives", "#3 a long context sentence… · stays"]
 
 
-def test_across_variants_averages_the_answers_and_labels_by_what_varies(tiny_llama):
+def test_across_variants_follows_the_chosen_answers_and_labels_by_what_varies(tiny_llama):
     from promptscope.viz.attribution import across_variants
 
     rows = [{"x": "Rome"}, {"x": "Oslo"}]
@@ -401,7 +401,7 @@ def test_across_variants_averages_the_answers_and_labels_by_what_varies(tiny_lla
     fig = across_variants(att)
     line = next(t for t in fig.data if t.name == "x")
     assert list(line.x) == ["Rome", "Oslo"]  # not IG's baseline columns
-    want = att.df[att.df.part == "x"].groupby("variant")["attribution"].mean()
+    want = att.df[(att.df.part == "x") & att.df.chosen].groupby("variant")["attribution"].sum()
     assert list(line.y) == pytest.approx(want.tolist())
 
 
@@ -437,6 +437,15 @@ def test_choices_mark_the_chosen_answer(tiny_llama):
                                  save=False, progress=False)
     got = att.df.drop_duplicates(["variant", "target"])
     assert got["chosen"].tolist() == run.df["chosen"].tolist()
+    # the bar chart and the table show the chosen answers, as the heatmap does (the mean
+    # with the rival answer mixed opposite signs: +3.8 and -3.4 showed as +0.19)
+    chosen = att.df[att.df["chosen"]]
+    want = chosen.groupby(["variant", "part"], sort=False)["attribution"].sum() \
+        .groupby(level="part").mean()
+    fig = att.figure()
+    assert dict(zip(fig.data[0].x, fig.data[0].y)) == pytest.approx(want.to_dict())
+    assert "chosen answers" in fig.layout.title.text
+    assert "chosen" in att.summary().columns
 
 
 def test_generated_answer_and_per_row_targets(tiny_llama):

@@ -94,12 +94,21 @@ def heatmap(result: Any, variant: int | None = None, steered: bool | None = None
     return HTML(heatmap_html(result, variant, steered, target))
 
 
+def _chosen(df: Any) -> Any:
+    """With ``--choices``: the rows of each variant's chosen answer (averaging in the other
+    choices mixed opposite signs: a sentence that helps one answer hurts its rival)."""
+    if "chosen" in df.columns and df["chosen"].any():
+        return df[df["chosen"].astype(bool)]
+    return df
+
+
 def bar(result: Any, variant: int | None = None) -> Any:
-    """Attribution per template part (mean over variants and targets, or one variant); a bar
-    per condition when the run compared plain and steered."""
+    """Attribution per template part (mean over variants, or one variant; with choices, of
+    each variant's chosen answer, as the heatmap shows); a bar per condition when the run
+    compared plain and steered."""
     import plotly.graph_objects as go
 
-    df = result.df
+    df = _chosen(result.df)
     if variant is not None:
         df = df[df["variant"] == variant]
     key = "segment_part" if _unit(result) == "token" else "part"
@@ -114,6 +123,8 @@ def bar(result: Any, variant: int | None = None) -> Any:
         fig.add_bar(x=order, y=mean.values, name=label or "attribution",
                     hovertemplate="%{x}: %{y:.4f}<extra>" + (label or "") + "</extra>")
     which = "mean over variants" if variant is None else f"variant {variant}"
+    if df is not result.df:
+        which = f"chosen answers, {which}"
     fig.update_layout(barmode="group", yaxis_title="attribution (log-prob)",
                       xaxis_title="template part",
                       showlegend=len(groups) > 1)
@@ -121,10 +132,11 @@ def bar(result: Any, variant: int | None = None) -> Any:
 
 
 def across_variants(result: Any, parts: list[str] | None = None, share: bool = False) -> Any:
-    """How each part's attribution moves across variants (a line per part; dashed: steered)."""
+    """How each part's attribution moves across variants (a line per part; dashed: steered;
+    with choices, for each variant's chosen answer)."""
     import plotly.graph_objects as go
 
-    df = result.df
+    df = _chosen(result.df)
     key = "segment_part" if _unit(result) == "token" else "part"
     col = "share" if share else "attribution"
     parts = parts or list(dict.fromkeys(df[key]))
@@ -166,7 +178,7 @@ def summary(result: Any) -> Any:
     """One row per variant x target (x condition): the attribution of each part as columns."""
     df = result.df
     key = "segment_part" if _unit(result) == "token" else "part"
-    index = [c for c in ("variant", "steered", "target", "logprob") if c in df.columns]
+    index = [c for c in ("variant", "steered", "target", "chosen", "logprob") if c in df.columns]
     # (a part without a value, e.g. target_part's own, stays NaN instead of summing to 0)
     per = df.groupby(index + [key], sort=False, dropna=False)["attribution"].sum(min_count=1)
     wide = per.unstack(key).reindex(df[index].drop_duplicates().set_index(index).index)
