@@ -156,6 +156,9 @@ def test_api_model_steering_refused_before_any_request():
      r"--compare, --auto-emphasis: not used by --attention"),
     ("--attribute --target ' a' --steer --auto-emphasis",
      r"--auto-emphasis: not used by --attribute.*<<...>>"),
+    ("--attribute --n 3", r"--n: not used by --attribute \(it explains greedy answers\)\.$"),
+    ("--target ' a' --max-new-tokens 5", r"--max-new-tokens: only when the answers are "
+                                         "generated"),
     ("--steer vector --vector v --alpha 0.1 --heads 1.0",
      r"--heads, --alpha: steer attention: only with --steer pasta"),
     ("--choices ' a| b' --alpha 0.1", r"--alpha: only with --steer"),

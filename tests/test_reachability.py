@@ -265,6 +265,9 @@ def test_k_epsilon_leaves_lengths_a_fixed_k_run_did_not_try_empty(tiny_llama):
                                    **FAST)
     table = k_epsilon(run.df, 2, 2).set_index(["target_set", "k"])["reached"]
     assert table.isna().tolist() == [False, True, False]  # k = 0, 1 (not tried), 2
+    # the Result itself: the run's k_max and k_min (rows alone stopped at the longest found)
+    assert k_epsilon(run).equals(k_epsilon(run.df, 2, 2))
+    assert run.summary()["reached_k<=1"].isna().all()  # one token was never tried
     trace = next(t for t in run.figure().data if t.name and t.name.startswith("given"))
     assert math.isnan(trace.y[1]) and not math.isnan(trace.y[2])
 

@@ -382,15 +382,24 @@ def next_tokens(model: Model | str | None, x0: str, control_ids: Sequence[int] =
                          "prob": probs[order].tolist(), "rank": range(1, len(ids) + 1)})
 
 
-def k_epsilon(df: Any, k_max: int | None = None, k_min: int = 1) -> Any:
+def k_epsilon(df: Any, k_max: int | None = None, k_min: int | None = None) -> Any:
     """The k-epsilon table: per target set and k, the fraction of pairs reached with a control
     prompt of at most k tokens (``1 - epsilon``). A run that searched from ``k_min`` on
     (``run.params["k_min"]``) did not try the lengths between 0 and ``k_min``: NaN there.
 
+    ``df`` is a reachability Result (its ``k_max`` and ``k_min`` then come from the run) or
+    its rows (then give them: without ``k_max`` the table stops at the longest control found).
+
     Example:
-        >>> k_epsilon(run.df, run.params["k_max"], run.params["k_min"])        # doctest: +SKIP
+        >>> k_epsilon(run)                                                       # doctest: +SKIP
     """
     import pandas as pd
+
+    if hasattr(df, "params") and hasattr(df, "df"):  # a Result
+        k_max = k_max if k_max is not None else df.params.get("k_max")
+        k_min = k_min if k_min is not None else df.params.get("k_min")
+        df = df.df
+    k_min = int(k_min or 1)
 
     ks = pd.to_numeric(df["k"], errors="coerce")
     top = int(k_max if k_max is not None else (ks.max() if ks.notna().any() else 1))

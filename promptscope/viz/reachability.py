@@ -111,7 +111,9 @@ def summary(result: Any) -> Any:
     for tset, g in df.groupby("target_set", sort=False):
         hit = g[g["reached"]]
         rows.append({"target_set": tset, "pairs": len(g), "reached": round(g["reached"].mean(), 3),
-                     "reached_k<=1": round((g["reached"] & (g["k"] <= 1)).mean(), 3),
+                     # (a search from k_min > 1 never tried one token)
+                     "reached_k<=1": round((g["reached"] & (g["k"] <= 1)).mean(), 3)
+                     if result.params.get("k_min", 1) <= 1 else None,
                      "mean_k": round(float(hit["k"].mean()), 2) if len(hit) else None,
                      "median_rank_before": float(g["base_rank"].median()),
                      "median_rank_after": float(g["rank"].median())})
