@@ -814,7 +814,7 @@ def test_compare_steering_rows_equal_direct_measurements(tiny_llama):
     summary = cmp.summary()
     assert len(summary) == 2 and {"d_crossfit", "value_on_test_rows"} <= set(summary.columns)
     fig = cmp.figure()  # 2 methods x 3 panels (strength, text cost, control cost) + chosen
-    assert len(fig.data) == 7 and fig.layout.xaxis3.title.text == "cost: drop in control accuracy"
+    assert len(fig.data) == 7 and fig.layout.xaxis3.title.text == "drop in control accuracy"
     assert list(fig.data[2].x) == pytest.approx(list(-df[df.method == "PASTA"]["d_control"]))
     assert promptscope.load(cmp.session_id) == cmp
     _no_hooks_left(tiny_llama)

@@ -15,8 +15,8 @@ def figure(result: Any) -> Any:
     from plotly.subplots import make_subplots
 
     df = result.df
-    costs = {c: t for c, t in (("d_text", "cost: drop in log-prob/token of unrelated text"),
-                               ("d_control", "cost: drop in control accuracy")) if c in df}
+    costs = {c: t for c, t in (("d_text", "drop in log-prob/token of unrelated text"),
+                               ("d_control", "drop in control accuracy")) if c in df}
     panels = {"d_text": "accuracy gain vs text cost", "d_control": "accuracy gain vs control cost"}
     fig = make_subplots(rows=1, cols=1 + len(costs), subplot_titles=(
         "accuracy gain vs strength", *(panels[c] for c in costs)))
@@ -47,8 +47,7 @@ def figure(result: Any) -> Any:
     # a knob's values may be zero or negative: then the strength axis stays linear
     log = bool((df["strength"] > 0).all())
     fig.update_xaxes(type="log" if log else "linear", row=1, col=1,
-                     title_text="strength (PASTA: 1/alpha, include mode: alpha; a knob: its "
-                                "value)")
+                     title_text="strength (PASTA 1/alpha; knob: value)")
     fig.update_yaxes(title_text="accuracy gain over unsteered", row=1, col=1)
     for col, title in enumerate(costs.values(), start=2):
         fig.update_xaxes(title_text=title, row=1, col=col)
