@@ -29,10 +29,9 @@ class SteeringLab(w.VBox):
         comparison: a ``compare_steering`` Result whose accuracy/side-effect curve is shown;
             a star marks where the current setting falls on the curve of the method with the
             same label (PASTA: the comparison's exclude-mode PASTA on the template's marks,
-            whatever its label),
-            read off the measured points, interpolated between them. No star where the
-            setting differs from what the comparison measured (heads, layers) or lies outside
-            its measured strengths; the status line says why.
+            whatever its label), read off the measured points, interpolated between them. No
+            star where the setting differs from what the comparison measured (heads, layers)
+            or lies outside its measured strengths; the status line says why.
         heads: PASTA's heads (default: those of the comparison's PASTA, else all).
 
     Example:
@@ -146,11 +145,11 @@ class SteeringLab(w.VBox):
         import plotly.graph_objects as go
 
         fig = self.comparison.figure()
+        if self._why_no_star():
+            return fig  # the curve says nothing of this setting (the status line says why)
         part = self.comparison.df[self.comparison.df["method"] == self._label()]
         part = part.sort_values("strength")
         x = self.current_strength()
-        if part.empty or self._off_curve() or self._outside(part):
-            return fig  # the curve says nothing of this setting (the status line says why)
         if x <= 0 and bool((self.comparison.df["strength"] > 0).all()):
             return fig  # strength 0 (no steering) lies off the log axis: no star to place
         log = bool((part["strength"] > 0).all()) and x > 0
@@ -181,12 +180,14 @@ class SteeringLab(w.VBox):
         return f"strength {x:g} is outside the measured {measured.min():g} to {measured.max():g}"
 
     def _why_no_star(self) -> str:
+        """Why the curve gets no star for the current setting ("" when it gets one; also
+        without a comparison, where there is no curve)."""
         if self.comparison is None:
             return ""
         label = self._label()
-        if label is None:
-            return f"the comparison has no {self.method.value} curve"
         part = self.comparison.df[self.comparison.df["method"] == label]
+        if label is None or part.empty:
+            return f"the comparison has no {self.method.value} curve"
         return self._off_curve() or self._outside(part)
 
     def update(self, change: Any = None) -> None:
